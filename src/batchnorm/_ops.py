@@ -1,0 +1,170 @@
+"""The batch-norm math registered as ``torch.library`` custom operators.
+
+Two forward ops and their closed-form backward ops:
+
+* ``batchnorm::train_forward(x, weight, bias, mask, eps, vbs) -> (y, mean, var, count)``
+  normalizes with the batch's own statistics (per ghost group), Algorithm 1.
+* ``batchnorm::apply_forward(x, mean, invstd, weight, bias) -> y`` normalizes with given
+  per-channel statistics (running statistics at inference, Algorithm 2; frozen layers).
+
+Each op runs on the backend that :func:`batchnorm.kernels.select` picks, has a fake (meta)
+implementation for ``torch.compile``/``torch.export``, and an autograd formula that calls the
+matching backward op, so no autograd graph is ever built through the forward's arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels.reference import acc_dtype, num_groups
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """Memory format of every output of these ops: channels_last for channels_last input."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@torch.library.custom_op("batchnorm::train_forward", mutates_args=())
+def train_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    eps: float,
+    vbs: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = kernels.select("forward_train", x, mask, vbs)
+    y, mean, var, count = backend.forward_train(x, weight, bias, mask, eps, vbs)
+    return y.contiguous(memory_format=_layout(x)), mean, var, count
+
+
+@train_forward.register_fake
+def _(x, weight, bias, mask, eps, vbs):
+    g = num_groups(x.shape[0], vbs)
+    acc = acc_dtype(x.dtype)
+    stat = x.new_empty((g, x.shape[1]), dtype=acc)
+    return _empty_like(x), stat, torch.empty_like(stat), x.new_empty((g,), dtype=acc)
+
+
+@torch.library.custom_op("batchnorm::train_backward", mutates_args=())
+def train_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    mask: Tensor | None,
+    count: Tensor,
+    eps: float,
+    vbs: int,
+    need_input_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    backend = kernels.select("backward_train", x, mask, vbs)
+    invstd = torch.rsqrt(var + eps)
+    dx, dw, db = backend.backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad)
+    dx = dx.contiguous(memory_format=_layout(x)) if dx is not None else x.new_empty(0)
+    return dx, dw, db
+
+
+@train_backward.register_fake
+def _(dy, x, mean, var, weight, mask, count, eps, vbs, need_input_grad):
+    acc = acc_dtype(x.dtype)
+    dx = _empty_like(x) if need_input_grad else x.new_empty(0)
+    return dx, x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+
+def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, mask, eps, vbs = inputs
+    _, mean, var, count = output
+    ctx.save_for_backward(x, weight, mask, mean, var, count)
+    ctx.eps, ctx.vbs = eps, vbs
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
+    x, weight, mask, mean, var, count = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.batchnorm.train_backward(
+        dy, x, mean, var, weight, mask, count, ctx.eps, ctx.vbs, need_x
+    )
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("batchnorm::train_forward", _train_grad, setup_context=_train_setup)
+
+
+# ---------------------------------------------------------------------- given statistics
+
+
+@torch.library.custom_op("batchnorm::apply_forward", mutates_args=())
+def apply_forward(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    backend = kernels.select("forward_apply", x)
+    return backend.forward_apply(x, mean, invstd, weight, bias).contiguous(memory_format=_layout(x))
+
+
+@apply_forward.register_fake
+def _(x, mean, invstd, weight, bias):
+    return _empty_like(x)
+
+
+@torch.library.custom_op("batchnorm::apply_backward", mutates_args=())
+def apply_backward(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_input_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    backend = kernels.select("backward_apply", x)
+    dx, dw, db = backend.backward_apply(dy, x, mean, invstd, weight, need_input_grad)
+    dx = dx.contiguous(memory_format=_layout(x)) if dx is not None else x.new_empty(0)
+    return dx, dw, db
+
+
+@apply_backward.register_fake
+def _(dy, x, mean, invstd, weight, need_input_grad):
+    acc = acc_dtype(x.dtype)
+    dx = _empty_like(x) if need_input_grad else x.new_empty(0)
+    return dx, x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+
+def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, mean, invstd, weight, bias = inputs
+    ctx.save_for_backward(x, mean, invstd, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
+    x, mean, invstd, weight = ctx.saved_tensors
+    need_x, _, _, need_w, need_b = ctx.needs_input_grad
+    dx, dw, db = torch.ops.batchnorm.apply_backward(dy, x, mean, invstd, weight, need_x)
+    return (
+        dx if need_x else None,
+        None,
+        None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+    )
+
+
+torch.library.register_autograd("batchnorm::apply_forward", _apply_grad, setup_context=_apply_setup)

@@ -1,0 +1,449 @@
+r"""Batch normalization, the math: one place, used by every layer, tool and experiment.
+
+Training (Ioffe & Szegedy 2015, Algorithm 1), per channel over the batch and spatial positions:
+
+.. math::
+
+    \mu_B = \frac1m \sum_i x_i,\quad \sigma_B^2 = \frac1m \sum_i (x_i-\mu_B)^2,\quad
+    \hat x_i = \frac{x_i-\mu_B}{\sqrt{\sigma_B^2+\epsilon}},\quad y_i = \gamma \hat x_i + \beta
+
+and the running estimates, PyTorch convention:
+``running = (1 - f) * running + f * batch_stat`` with ``f = momentum`` (or ``1 / t`` for the
+t-th update when the layer's momentum is ``None``); ``running_var`` receives the unbiased
+variance ``m / (m - 1) * sigma_B^2``.
+Inference (Algorithm 2): ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``.
+
+The arithmetic runs in :mod:`batchnorm._ops` custom operators on a backend from
+:mod:`batchnorm.kernels`; this module validates arguments, dispatches, merges statistics and
+updates the running buffers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _ops  # noqa: F401  (registers torch.ops.batchnorm.*)
+from .kernels import reference as _ref
+
+NONFINITE_MODES = ("skip", "raise", "propagate")
+
+SMALL_BATCH_REMEDIES = (
+    "Remedies: use drop_last=True in the DataLoader so no batch has a single sample; "
+    "freeze the statistics (batchnorm.freeze(model) or layer.use_running_stats = True); "
+    "or use a normalization that does not need a batch (GroupNorm/LayerNorm)."
+)
+
+
+class Stats(NamedTuple):
+    """Per-channel statistics of a batch: mean, biased variance and the number of values."""
+
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _dims_name(n: int) -> str:
+    return f"{n}D"
+
+
+def check_input(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool = False,
+    eps: float = 1e-5,
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming what is wrong with a batch-norm call.
+
+    Called before anything is computed or updated, so a rejected call changes nothing.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"expected a torch.Tensor input, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            f"expected a floating-point input, got {input.dtype}; convert it with .float() "
+            "(batch normalization of integer or bool tensors is not defined)"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"expected at least 2D input (got {input.dim()}D input) of shape (N, C, *); "
+            "for a single sample add a batch dimension with x.unsqueeze(0)"
+        )
+    channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise ValueError(
+                f"{name} should contain {channels} elements not {t.numel()}: the input has "
+                f"{channels} channels on its channel axis (shape {tuple(input.shape)}); "
+                "check num_features or which axis holds the features"
+            )
+    if training and eps <= 0:
+        raise ValueError(
+            f"batch_norm eps must be positive during training, but got {eps}; use e.g. eps=1e-5"
+        )
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be >= 0, but got {eps}")
+    if virtual_batch_size is not None and (
+        not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
+    ):
+        raise ValueError(f"virtual_batch_size must be a positive integer or None, got {virtual_batch_size!r}")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        target = (input.shape[0], *input.shape[2:])
+        try:
+            torch.broadcast_shapes(tuple(mask.shape), target)
+            ok = len(mask.shape) <= len(target) and torch.broadcast_shapes(tuple(mask.shape), target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the input without its "
+                f"channel axis {tuple(target)} (input shape {tuple(input.shape)}); "
+                "the mask marks valid positions, e.g. shape (N, L) for input (N, C, L)"
+            )
+    if training and input.numel() > 0 and input.numel() // channels == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.shape}. "
+            + SMALL_BATCH_REMEDIES
+        )
+
+
+def check_nonfinite_mode(nonfinite: str) -> str:
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    return nonfinite
+
+
+def _mask_for_kernels(mask: Tensor | None, input: Tensor) -> Tensor | None:
+    """``mask`` broadcast to ``(N, 1, *S)`` as bool (the kernels' convention)."""
+    if mask is None:
+        return None
+    target = (input.shape[0], *input.shape[2:])
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return m.to(input.device).expand(target).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def batch_stats(input: Tensor, mask: Tensor | None = None, virtual_batch_size: int | None = None) -> Stats:
+    """Statistics of ``input`` (N, C, *): per group when ghost batches are used.
+
+    Returns :class:`Stats` with ``mean`` and biased ``var`` of shape ``(C,)`` (``(G, C)`` with
+    ``virtual_batch_size``) and the valid ``count`` (shape ``()`` or ``(G,)``), accumulated in
+    float32, or float64 for float64 input. ``mask`` (broadcastable to ``input`` without the
+    channel axis) marks which positions count.
+    """
+    check_input(input, mask=mask, virtual_batch_size=virtual_batch_size)
+    mean, var, count = _ref.stats(input, _mask_for_kernels(mask, input), virtual_batch_size or 0)
+    if not virtual_batch_size:
+        return Stats(mean[0], var[0], count[0])
+    return Stats(mean, var, count)
+
+
+def combine_stats(mean: Tensor, var: Tensor, count: Tensor) -> Stats:
+    """Merge per-part statistics along dim 0 exactly (Chan et al.'s parallel algorithm).
+
+    ``mean``/``var`` have shape ``(P, C)`` (biased variances), ``count`` shape ``(P,)``. The result
+    is the mean, biased variance and count of the union of the parts, as if computed in one
+    pass; parts with count 0 contribute nothing. Computed in float64.
+    """
+    m = mean.double()
+    n = count.double().reshape(-1, 1)
+    total = n.sum(0)
+    safe = total.clamp_min(1)
+    mu = (n * m).sum(0) / safe
+    m2 = (n * var.double()).sum(0) + (n * (m - mu).square()).sum(0)
+    return Stats(mu, m2 / safe, total.reshape(()))
+
+
+def unbiased(var: Tensor, count: Tensor) -> Tensor:
+    """``var * n / (n - 1)``: the unbiased variance from a biased one over ``n`` values."""
+    n = count.to(var.dtype)
+    return var * n / (n - 1)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    stats: Stats,
+    momentum: float | Tensor,
+    nonfinite: str = "propagate",
+) -> Tensor:
+    """Move the running buffers towards the batch statistics, in place.
+
+    ``running = running + f * (batch - running)`` with ``f = momentum`` (a float or a 0-d tensor);
+    ``running_var`` receives the unbiased variance. Returns a 0-d bool tensor: whether the
+    update was applied. It is not applied when the batch has fewer than two valid values per
+    channel, nor, with ``nonfinite="skip"``, when a statistic is NaN/inf (a warning says so);
+    ``"raise"`` raises ``FloatingPointError`` instead and ``"propagate"`` writes them like torch.
+    """
+    mean, var_b, count = stats
+    var_u = unbiased(var_b.double(), count)
+    enough = count > 1
+    finite = torch.isfinite(mean).all() & torch.isfinite(var_u).all()
+    if nonfinite == "propagate":
+        accept = enough
+    else:
+        accept = enough & finite
+        if not _compiling() and bool(enough) and not bool(finite):
+            if nonfinite == "raise":
+                raise FloatingPointError(
+                    "batch statistics are not finite (NaN or inf in the batch); running statistics "
+                    "were left unchanged. Use nonfinite='skip' to skip such batches with a warning."
+                )
+            warnings.warn(
+                "batch statistics are not finite (NaN or inf in the batch): running statistics keep "
+                "their last good values (nonfinite='skip')",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    f = momentum if isinstance(momentum, Tensor) else torch.tensor(momentum, dtype=torch.float64)
+    f = f.to(device=running_mean.device, dtype=torch.float64)
+    rm, rv = running_mean.double(), running_var.double()
+    new_mean = rm + f * (mean.double().to(rm.device) - rm)
+    new_var = rv + f * (var_u.to(rv.device) - rv)
+    running_mean.copy_(torch.where(accept, new_mean, rm))
+    running_var.copy_(torch.where(accept, new_var, rv))
+    return accept
+
+
+def _whole_batch(mean: Tensor, var: Tensor, count: Tensor) -> Stats:
+    """Statistics of the whole batch from per-group ones (exact when there are several)."""
+    if mean.shape[0] == 1:
+        return Stats(mean[0], var[0], count[0])
+    return combine_stats(mean, var, count)
+
+
+# ------------------------------------------------------------------------------ forward
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    *,
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    nonfinite: str = "propagate",
+) -> Tensor:
+    """Batch normalization with the signature and semantics of ``torch.nn.functional.batch_norm``.
+
+    In training, normalizes with the batch's statistics and updates ``running_mean`` and
+    ``running_var`` in place (when given); otherwise normalizes with the running statistics
+    (or the batch's when both are ``None``). Extra keyword-only options:
+
+    * ``mask``: bool tensor broadcastable to ``input`` without its channel axis; statistics use
+      only the valid (True) positions, weighted by their counts. Every position is normalized.
+    * ``virtual_batch_size``: ghost batch normalization; in training each chunk of that many
+      samples is normalized with its own statistics; running statistics use the whole batch.
+    * ``nonfinite``: what a non-finite batch does to the running statistics (``"propagate"``
+      like torch, ``"skip"`` with a warning, or ``"raise"``).
+    """
+    y, _ = batch_norm_with_update(
+        input, running_mean, running_var, weight, bias,
+        normalize_with_batch=training or (running_mean is None and running_var is None),
+        update=training and running_mean is not None and running_var is not None,
+        momentum=momentum, eps=eps, mask=mask, virtual_batch_size=virtual_batch_size,
+        nonfinite=nonfinite,
+    )
+    return y
+
+
+def batch_norm_with_update(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    normalize_with_batch: bool,
+    update: bool,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    nonfinite: str = "propagate",
+) -> tuple[Tensor, Tensor | None]:
+    """The general form behind :func:`batch_norm` and every layer.
+
+    The two decisions that ``training`` conflates are separate: which statistics normalize
+    (``normalize_with_batch``) and whether the running statistics ``update``. Returns the
+    output and, when an update was attempted, the 0-d bool tensor telling whether it was applied.
+    """
+    check_nonfinite_mode(nonfinite)
+    check_input(
+        input, running_mean, running_var, weight, bias,
+        training=normalize_with_batch or update, eps=eps, mask=mask,
+        virtual_batch_size=virtual_batch_size,
+    )
+    if update and (running_mean is None or running_var is None):
+        raise ValueError("update=True needs running_mean and running_var tensors")
+    if not normalize_with_batch and (running_mean is None or running_var is None):
+        raise ValueError("normalizing with running statistics needs running_mean and running_var")
+    if input.numel() == 0:  # an empty batch: empty output, running statistics untouched
+        return input.clone(), (torch.zeros((), dtype=torch.bool) if update else None)
+    kmask = _mask_for_kernels(mask, input)
+    vbs = virtual_batch_size or 0
+    accepted = None
+    if normalize_with_batch:
+        y, mean, var, count = torch.ops.batchnorm.train_forward(input, weight, bias, kmask, eps, vbs)
+        if update:
+            stats = _whole_batch(mean.detach(), var.detach(), count)
+            accepted = update_running_stats(running_mean, running_var, stats, momentum, nonfinite)  # type: ignore[arg-type]
+        return y, accepted
+    assert running_mean is not None and running_var is not None
+    if update:
+        stats = _whole_batch(*_ref.stats(input.detach(), kmask, 0))
+        # statistics to normalize with are read before the update, as in the frozen-statistics case
+        y = apply_stats(input, running_mean.clone(), running_var.clone(), weight, bias, eps)
+        accepted = update_running_stats(running_mean, running_var, stats, momentum, nonfinite)
+        return y, accepted
+    return apply_stats(input, running_mean, running_var, weight, bias, eps), None
+
+
+def apply_stats(
+    input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with given per-channel statistics.
+
+    Algorithm 2 (inference) and frozen statistics; ``mean``/``var`` are treated as constants.
+    """
+    acc = _ref.acc_dtype(input.dtype)
+    invstd = torch.rsqrt(var.detach().to(acc) + eps)
+    return torch.ops.batchnorm.apply_forward(input, mean.detach().to(acc), invstd, weight, bias)
+
+
+# ----------------------------------------------------------------------- renormalization
+
+
+def renorm_limits(step: Tensor | int, rmax: float, dmax: float, warmup_steps: int,
+                  rmax_steps: int, dmax_steps: int) -> tuple[Tensor, Tensor]:
+    """Ioffe (2017)'s schedule for the clipping limits at a given training step.
+
+    Plain BN (``r_max = 1``, ``d_max = 0``) for the first ``warmup_steps``; then both limits are
+    relaxed linearly to reach ``rmax`` at step ``rmax_steps`` and ``dmax`` at ``dmax_steps``
+    (the paper: 5000, 40000, 25000). Limits already reached stay there.
+    """
+    s = torch.as_tensor(step, dtype=torch.float64)
+
+    def ramp(end_step: int) -> Tensor:
+        span = max(end_step - warmup_steps, 0)
+        if span == 0:
+            return (s >= warmup_steps).double()
+        return ((s - warmup_steps) / span).clamp(0.0, 1.0)
+
+    return 1.0 + (rmax - 1.0) * ramp(rmax_steps), dmax * ramp(dmax_steps)
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    rmax: float | Tensor,
+    dmax: float | Tensor,
+    training: bool,
+    update: bool = True,
+    momentum: float | Tensor = 0.01,
+    eps: float = 1e-5,
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    nonfinite: str = "propagate",
+) -> tuple[Tensor, Tensor | None]:
+    r"""Batch renormalization (Ioffe 2017), training forward.
+
+    .. math::
+        y = \gamma\,(r\,\hat x + d) + \beta,\quad
+        r = \mathrm{clip}_{[1/r_{max}, r_{max}]}\!\left(\frac{\sigma_B}{\sigma}\right),\quad
+        d = \mathrm{clip}_{[-d_{max}, d_{max}]}\!\left(\frac{\mu_B-\mu}{\sigma}\right)
+
+    with ``sigma = sqrt(running_var + eps)``, ``sigma_B = sqrt(var_B + eps)`` and ``r``, ``d``
+    treated as constants in the backward (stop-gradient). With ghost batches, each group uses
+    its own ``r`` and ``d``. In eval mode (``training=False``) it is plain Algorithm 2.
+    Returns ``(y, accepted)`` as :func:`batch_norm_with_update`.
+    """
+    if not training:
+        return batch_norm_with_update(
+            input, running_mean, running_var, weight, bias, normalize_with_batch=False,
+            update=False, eps=eps, mask=mask, virtual_batch_size=virtual_batch_size,
+            nonfinite=nonfinite,
+        )
+    check_nonfinite_mode(nonfinite)
+    check_input(input, running_mean, running_var, weight, bias, training=True, eps=eps, mask=mask,
+                virtual_batch_size=virtual_batch_size)
+    if input.numel() == 0:
+        return input.clone(), (torch.zeros((), dtype=torch.bool) if update else None)
+    vbs = virtual_batch_size or 0
+    xhat, mean, var, count = torch.ops.batchnorm.train_forward(
+        input, None, None, _mask_for_kernels(mask, input), eps, vbs
+    )
+    acc = mean.dtype
+    sigma = torch.sqrt(running_var.detach().to(acc) + eps)
+    rmax_t = torch.as_tensor(rmax, dtype=acc, device=mean.device)
+    dmax_t = torch.as_tensor(dmax, dtype=acc, device=mean.device)
+    r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / rmax_t, rmax_t).detach()  # (G, C)
+    d = ((mean - running_mean.detach().to(acc)) / sigma).clamp(-dmax_t, dmax_t).detach()
+    scale, shift = r, d
+    if weight is not None:
+        scale, shift = r * weight.to(acc), d * weight.to(acc)
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    xg = _ref.group(xhat, vbs).to(acc)
+    y = xg * _ref.per_channel(scale, xg.dim()) + _ref.per_channel(shift, xg.dim())
+    y = _ref.ungroup(y, input.shape[0]).to(input.dtype)
+    accepted = None
+    if update:
+        stats = _whole_batch(mean.detach(), var.detach(), count)
+        accepted = update_running_stats(running_mean, running_var, stats, momentum, nonfinite)
+    return y, accepted
+
+
+def keras_to_torch_momentum(keras_momentum: float) -> float:
+    """Keras/Flax ``moving = m * moving + (1 - m) * batch`` -> PyTorch's ``momentum = 1 - m``."""
+    if not 0.0 <= keras_momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {keras_momentum}")
+    return 1.0 - keras_momentum
+
+
+__all__ = [
+    "NONFINITE_MODES",
+    "Stats",
+    "apply_stats",
+    "batch_norm",
+    "batch_norm_with_update",
+    "batch_renorm",
+    "batch_stats",
+    "check_input",
+    "combine_stats",
+    "keras_to_torch_momentum",
+    "renorm_limits",
+    "unbiased",
+    "update_running_stats",
+]
+

@@ -1,0 +1,112 @@
+"""Kernels: the backends that compute the batch-norm math.
+
+Every backend is a module with the same functions (see :mod:`batchnorm.kernels.reference`
+for the conventions and the exact semantics):
+
+* ``forward_train(x, weight, bias, mask, eps, vbs) -> (y, mean, var, count)``
+* ``forward_apply(x, mean, invstd, weight, bias) -> y``
+* ``backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad)``
+* ``backward_apply(dy, x, mean, invstd, weight, need_input_grad)``
+* ``supports(op, x, mask, vbs) -> bool``: whether it can run ``op`` on this input.
+
+The dispatcher picks, per call, the first registered backend (in priority order) whose
+``supports`` says yes; ``reference`` supports everything and comes last. A user can force a
+backend with :func:`set_backend`, the :func:`use_backend` context manager, or the environment
+variable ``BATCHNORM_BACKEND``. A forced backend that cannot run a given call falls back to
+``reference`` (masks or ghost batches on a backend without them, for instance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+from torch import Tensor
+
+from . import reference
+
+# name -> (priority, module); lower priority runs first.
+_REGISTRY: dict[str, tuple[int, ModuleType]] = {"reference": (1000, reference)}
+_forced: str | None = None
+
+
+def register_backend(name: str, module: ModuleType, priority: int = 100) -> None:
+    """Make ``module`` a backend called ``name``; lower ``priority`` is tried first."""
+    _REGISTRY[name] = (priority, module)
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends, in the order the dispatcher tries them."""
+    return [name for name, _ in sorted(_REGISTRY.items(), key=lambda kv: kv[1][0])]
+
+
+def _check_name(name: str) -> str:
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(
+            f"unknown batch-norm backend {name!r}; available: {', '.join(['auto', *available_backends()])}"
+        )
+    return name
+
+
+def get_backend() -> str:
+    """The forced backend name, or ``"auto"`` (the environment variable counts as forcing)."""
+    if _forced is not None:
+        return _forced
+    return _check_name(os.environ.get("BATCHNORM_BACKEND", "auto") or "auto")
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every later call (``None`` or ``"auto"``: choose per call)."""
+    global _forced
+    _forced = None if name in (None, "auto") else _check_name(name)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager forcing a backend inside the ``with`` block."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def select(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> ModuleType:
+    """The backend module that will run ``op`` on this input."""
+    forced = get_backend()
+    if forced != "auto":
+        module = _REGISTRY[forced][1]
+        return module if module.supports(op, x, mask, vbs) else reference
+    for name in available_backends():
+        module = _REGISTRY[name][1]
+        if module.supports(op, x, mask, vbs):
+            return module
+    return reference
+
+
+def _register_optional() -> None:
+    """Register the fast backends that exist and whose dependencies are installed."""
+    import importlib
+
+    for modname in ("cpu", "triton_gpu"):
+        try:
+            importlib.import_module(f"{__name__}.{modname}")
+        except ImportError:
+            continue
+
+
+_register_optional()
+
+__all__ = [
+    "available_backends",
+    "get_backend",
+    "reference",
+    "register_backend",
+    "select",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,34 @@
+"""Batch-normalization layers (``torch.nn`` drop-ins and extensions)."""
+
+from .freeze import freeze, from_torch, is_batchnorm, unfreeze
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "freeze",
+    "from_torch",
+    "is_batchnorm",
+    "unfreeze",
+]
