@@ -43,7 +43,7 @@ class Stats(NamedTuple):
 
     mean: Tensor
     var: Tensor
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # (shadows tuple.count on purpose)
 
 
 def _compiling() -> bool:
@@ -196,6 +196,12 @@ def update_running_stats(
     channel, nor, with ``nonfinite="skip"``, when a statistic is NaN/inf (a warning says so);
     ``"raise"`` raises ``FloatingPointError`` instead and ``"propagate"`` writes them like torch.
     """
+    with torch.no_grad():
+        return _update_running_stats(running_mean, running_var, stats, momentum, nonfinite)
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stats,
+                          momentum: float | Tensor, nonfinite: str) -> Tensor:
     mean, var_b, count = stats
     var_u = unbiased(var_b.double(), count)
     enough = count > 1
@@ -214,7 +220,7 @@ def update_running_stats(
                 "batch statistics are not finite (NaN or inf in the batch): running statistics keep "
                 "their last good values (nonfinite='skip')",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
     f = momentum if isinstance(momentum, Tensor) else torch.tensor(momentum, dtype=torch.float64)
     f = f.to(device=running_mean.device, dtype=torch.float64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
@@ -23,8 +25,10 @@ def from_torch(bn: nn.Module) -> _NormBase:
         raise TypeError(f"expected a torch.nn batch-norm layer, got {type(bn).__name__}")
     cls = _FROM_TORCH.get(type(bn))
     ref = bn.weight if bn.weight is not None else bn.running_mean
-    kwargs = {"device": None if ref is None else ref.device, "dtype": None if ref is None else ref.dtype,
-              "bias": bn.bias is not None or not bn.affine, "weight": bn.weight is not None or not bn.affine}
+    kwargs: dict[str, Any] = {"device": None if ref is None else ref.device,
+                              "dtype": None if ref is None else ref.dtype,
+                              "bias": bn.bias is not None or not bn.affine,
+                              "weight": bn.weight is not None or not bn.affine}
     args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     ours = cls(*args, **kwargs) if cls is not None else BatchNorm(*args, axis=1, **kwargs)
     ours.load_state_dict(bn.state_dict())

@@ -19,6 +19,10 @@ class _FrozenBatchNorm(nn.Module):
     """
 
     _valid_dims: tuple[int, ...] = ()
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
@@ -35,11 +39,11 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     @classmethod
-    def from_module(cls, bn: nn.Module) -> _FrozenBatchNorm:
+    def from_module(cls, bn: Any) -> _FrozenBatchNorm:
         """A frozen copy of any batch-norm layer (ours or torch's) with running statistics."""
         if getattr(bn, "running_mean", None) is None:
             raise ValueError(f"{type(bn).__name__} has no running statistics (track_running_stats=False) to freeze")
-        rm = bn.running_mean
+        rm: Tensor = bn.running_mean  # type: ignore[assignment]
         frozen = cls(bn.num_features, eps=bn.eps, device=rm.device, dtype=rm.dtype)
         with torch.no_grad():
             frozen.running_mean.copy_(rm)
