@@ -23,11 +23,13 @@ from .nn import (
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
+    SyncBatchNorm,
     freeze,
     from_torch,
     is_batchnorm,
     unfreeze,
 )
+from .tools import convert, diagnose, fold, insert, recalibrate
 
 __version__ = "0.1.0"
 
@@ -45,12 +47,18 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "SyncBatchNorm",
     "available_backends",
+    "convert",
+    "diagnose",
+    "fold",
     "freeze",
     "from_torch",
     "functional",
+    "insert",
     "is_batchnorm",
     "kernels",
+    "recalibrate",
     "set_backend",
     "unfreeze",
     "use_backend",

@@ -12,6 +12,7 @@ from .modules import (
     LazyBatchNorm3d,
 )
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm",
@@ -27,6 +28,7 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "SyncBatchNorm",
     "freeze",
     "from_torch",
     "is_batchnorm",

@@ -1,0 +1,232 @@
+"""Swap batch-norm layers between implementations, keeping parameters, buffers and configuration.
+
+``convert(model, to)`` with ``to`` one of
+
+* ``"batchnorm"``: ours (:class:`batchnorm.BatchNorm1d`/``2d``/``3d``); a :class:`batchnorm.SyncBatchNorm`
+  goes back to the class it was converted from (or :class:`batchnorm.BatchNorm` on its axis);
+  a frozen layer becomes ours with frozen knobs (statistics fixed, gamma/beta not trained);
+* ``"torch"``: ``torch.nn.BatchNorm1d``/``2d``/``3d`` (``torch.nn.SyncBatchNorm`` for ours);
+* ``"sync"``: :class:`batchnorm.SyncBatchNorm` (replaces ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``,
+  which is GPU-only in torch and has no revert);
+* ``"frozen"``: :class:`batchnorm.FrozenBatchNorm1d`/``2d``/``3d`` (statistics and affine as buffers).
+
+The model is copied; the original is never changed, also when a layer cannot be converted
+(``ValueError`` naming it and why). A BN shared between several places stays shared.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from ..nn.modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    _LazyNormBase,
+    _NormBase,
+)
+from ..nn.renorm import _BatchRenormBase
+from ..nn.sync import SyncBatchNorm
+from ._common import TorchBatchNorm, replace_modules
+
+TARGETS = ("batchnorm", "torch", "sync", "frozen")
+
+_RANK_OF: dict[type, int] = {
+    nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3,
+    BatchNorm1d: 1, BatchNorm2d: 2, BatchNorm3d: 3,
+    FrozenBatchNorm1d: 1, FrozenBatchNorm2d: 2, FrozenBatchNorm3d: 3,
+}
+_OURS = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+_TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _rank(bn: nn.Module) -> int | None:
+    for cls in type(bn).__mro__:
+        if cls in _RANK_OF:
+            return _RANK_OF[cls]
+    return None
+
+
+def _factory(bn: nn.Module) -> dict[str, Any]:
+    ref = next((t for t in (getattr(bn, k, None) for k in ("weight", "running_mean")) if t is not None), None)
+    return {"device": None if ref is None else ref.device, "dtype": None if ref is None else ref.dtype}
+
+
+def _copy_state(src: nn.Module, dst: nn.Module) -> None:
+    """Copy weight, bias, buffers, requires_grad, training flag and our freezing knobs."""
+    with torch.no_grad():
+        for k in _STATE:
+            s, d = getattr(src, k, None), getattr(dst, k, None)
+            if s is not None and d is not None:
+                d.copy_(s)
+                if isinstance(s, nn.Parameter) and isinstance(d, nn.Parameter):
+                    d.requires_grad_(s.requires_grad)
+    dst.train(src.training)
+    if isinstance(src, _NormBase) and isinstance(dst, _NormBase):
+        dst.use_running_stats = src.use_running_stats
+        dst.update_running_stats = src.update_running_stats
+        dst.train_affine = src.train_affine
+        dst.nonfinite = src.nonfinite
+
+
+def _ours_kwargs(bn: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of ours describing a torch or our BN (not frozen)."""
+    kw: dict[str, Any] = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                              track_running_stats=bn.track_running_stats, **_factory(bn))
+    if bn.affine:
+        kw["weight"] = bn.weight is not None
+        kw["bias"] = bn.bias is not None
+    return kw
+
+
+def _why_not(bn: nn.Module, to: str) -> str | None:
+    """Why ``bn`` cannot become ``to`` (None when it can)."""
+    if isinstance(bn, (_LazyNormBase, nn.modules.batchnorm._LazyNormBase)) and bn.has_uninitialized_params():
+        return "it is a lazy layer that has not seen an input yet (run one batch first)"
+    if isinstance(bn, _BatchRenormBase) and to in ("torch", "sync"):
+        return "batch renormalization has no equivalent there (convert to 'frozen' for inference)"
+    if isinstance(bn, _NormBase):
+        if to == "torch":
+            if bn._axis != 1:
+                return f"features on axis {bn._axis}; torch's layers need them on axis 1"
+            if isinstance(bn, BatchNorm) and not isinstance(bn, SyncBatchNorm):
+                return "the input rank of BatchNorm(axis=1) is unknown; use BatchNorm1d/2d/3d"
+            if bn.affine and (bn.weight is None) != (bn.bias is None):
+                return "torch has no BN with only one of gamma/beta"
+            if bn.virtual_batch_size:
+                return "torch has no ghost batch normalization (virtual_batch_size)"
+            if bn.use_running_stats or not bn.update_running_stats:
+                return "torch's layers cannot hold frozen statistics (unfreeze it, or convert to 'frozen')"
+        if to == "sync" and bn.virtual_batch_size:
+            return "ghost batches (virtual_batch_size) are per rank and cannot be synchronized"
+    if isinstance(bn, _FrozenBatchNorm) and to == "torch":
+        return "torch has no frozen BN layer (keep ours, or torchvision's FrozenBatchNorm2d loads its state_dict)"
+    if to == "frozen" and not isinstance(bn, _FrozenBatchNorm):
+        if getattr(bn, "running_mean", None) is None:
+            return "it has no running statistics (track_running_stats=False) to freeze"
+        if getattr(bn, "_axis", 1) != 1:
+            return f"features on axis {bn._axis}; frozen layers take them on axis 1"
+    return None
+
+
+def _to_batchnorm(bn: nn.Module) -> nn.Module | None:
+    if isinstance(bn, SyncBatchNorm):
+        return _revert(bn, torch_ok=False)
+    if isinstance(bn, _NormBase):
+        return None
+    if isinstance(bn, _FrozenBatchNorm):
+        rank = _rank(bn)
+        kw = _factory(bn)
+        new: _NormBase = _OURS[rank](bn.num_features, bn.eps, **kw) if rank else \
+            BatchNorm(bn.num_features, bn.eps, axis=1, **kw)
+        _copy_state(bn, new)
+        new.use_running_stats, new.update_running_stats, new.train_affine = True, False, False
+        return new
+    if isinstance(bn, TorchBatchNorm):
+        rank = _rank(bn)
+        new = _OURS[rank](bn.num_features, **_ours_kwargs(bn)) if rank else \
+            BatchNorm(bn.num_features, axis=1, **_ours_kwargs(bn))
+        _copy_state(bn, new)
+        return new
+    return None
+
+
+def _to_torch(bn: nn.Module) -> nn.Module | None:
+    if isinstance(bn, SyncBatchNorm):
+        new: nn.Module = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                          process_group=bn.process_group, **_factory(bn))
+    elif isinstance(bn, _NormBase):
+        rank = _rank(bn)
+        assert rank is not None
+        new = _TORCH[rank](bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **_factory(bn))
+    else:
+        return None
+    _copy_state(bn, new)
+    return new
+
+
+def _to_sync(bn: nn.Module, process_group: Any) -> nn.Module | None:
+    if isinstance(bn, SyncBatchNorm) or isinstance(bn, _FrozenBatchNorm):
+        return None
+    if isinstance(bn, nn.SyncBatchNorm):
+        process_group = bn.process_group if process_group is None else process_group
+    if isinstance(bn, (_NormBase, TorchBatchNorm)):
+        kw = _ours_kwargs(bn)
+        if isinstance(bn, _NormBase):
+            kw["nonfinite"] = bn.nonfinite
+        new = SyncBatchNorm(bn.num_features, process_group=process_group, axis=getattr(bn, "_axis", 1), **kw)
+        _copy_state(bn, new)
+        new._converted_from = type(bn)  # type: ignore[assignment]
+        return new
+    return None
+
+
+def _revert(bn: SyncBatchNorm, torch_ok: bool = True) -> nn.Module:
+    cls = getattr(bn, "_converted_from", None)
+    if cls is not None and issubclass(cls, TorchBatchNorm) and torch_ok:
+        new: nn.Module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                             **_factory(bn))
+    elif cls is not None and issubclass(cls, _NormBase) and not issubclass(cls, BatchNorm) and cls is not SyncBatchNorm:
+        new = cls(bn.num_features, **_ours_kwargs(bn))
+    elif cls is not None and issubclass(cls, TorchBatchNorm) and _rank_cls(cls):
+        new = _OURS[_rank_cls(cls)](bn.num_features, **_ours_kwargs(bn))  # type: ignore[index]
+    else:
+        new = BatchNorm(bn.num_features, axis=bn._axis, **_ours_kwargs(bn))
+    _copy_state(bn, new)
+    return new
+
+
+def _rank_cls(cls: type) -> int | None:
+    return next((_RANK_OF[c] for c in cls.__mro__ if c in _RANK_OF), None)
+
+
+def _to_frozen(bn: nn.Module) -> nn.Module | None:
+    if isinstance(bn, _FrozenBatchNorm) or not isinstance(bn, (_NormBase, TorchBatchNorm)):
+        return None
+    rank = _rank(bn)
+    if rank is None and isinstance(bn, SyncBatchNorm) and getattr(bn, "_converted_from", None) is not None:
+        rank = _rank_cls(bn._converted_from)
+    cls = _FROZEN[rank] if rank else _FrozenBatchNorm
+    new = cls.from_module(bn)
+    new.train(bn.training)
+    return new
+
+
+def convert(model: nn.Module, to: str = "batchnorm", *, process_group: Any = None) -> nn.Module:
+    """A copy of ``model`` whose BN layers are of kind ``to`` (see the module docstring).
+
+    Parameters, buffers (running statistics, ``num_batches_tracked``), ``eps``, ``momentum``,
+    ``affine``/``track_running_stats``, ``requires_grad``, training flags and our freezing knobs
+    are preserved; ``process_group`` applies to ``to="sync"``. Layers that already are of the
+    target kind are kept as they are. ``model`` may itself be a BN layer.
+    """
+    if to not in (*TARGETS, "revert"):
+        raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
+    problems = []
+    for name, m in model.named_modules():
+        if isinstance(m, (_NormBase, TorchBatchNorm, _FrozenBatchNorm)):
+            why = _why_not(m, to)
+            if why is not None:
+                problems.append(f"{name or '<root>'} ({type(m).__name__}): {why}")
+    if problems:
+        raise ValueError(f"cannot convert to {to!r}; nothing was changed:\n  " + "\n  ".join(problems))
+    out = copy.deepcopy(model)
+    fn = {
+        "batchnorm": _to_batchnorm,
+        "torch": _to_torch,
+        "sync": lambda m: _to_sync(m, process_group),
+        "frozen": _to_frozen,
+        "revert": lambda m: _revert(m) if isinstance(m, SyncBatchNorm) else None,
+    }[to]
+    return replace_modules(out, fn)
+
+
+__all__ = ["TARGETS", "convert"]
