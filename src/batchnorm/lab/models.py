@@ -1,0 +1,431 @@
+"""Model zoo of the lab. Every model takes ``norm=`` and builds its normalization layers through
+:func:`make_norm`, the single place that decides which class implements a norm name.
+
+``norm`` is one of ``none | batchnorm | ghost | renorm | frozen``, a layer class (called as
+``cls(num_features)``), or a ``"module:ClassName"`` string naming such a class.
+
+Models expose two things the probes rely on:
+
+* ``model.hidden_acts``: the activation modules of the hidden layers, in order; the input of an
+  activation is the unit's pre-activation (after BN when BN is on), which Figure 1 tracks;
+* :func:`layer_groups`: parameters grouped per weight layer (a Linear/Conv and the norm after it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODELS",
+    "NORMS",
+    "ModelRecipe",
+    "build_model",
+    "layer_groups",
+    "make_norm",
+    "norm_name",
+    "recipe",
+    "resolve_norm",
+]
+
+NORMS = ("none", "batchnorm", "ghost", "renorm", "frozen")
+
+
+def _core():
+    """Our layers (``batchnorm``), or None while the core package is not importable."""
+    try:
+        import batchnorm as core
+
+        core.BatchNorm1d  # noqa: B018
+        return core
+    except (ImportError, AttributeError):
+        return None
+
+
+def resolve_norm(norm) -> str | type | None:
+    """Turn ``"pkg.mod:Class"`` into the class; leave names and classes alone."""
+    if isinstance(norm, str) and ":" in norm:
+        mod, _, qual = norm.partition(":")
+        obj = importlib.import_module(mod)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return norm
+
+
+def norm_name(norm) -> str:
+    """A stable, printable name for a norm (class -> ``module:qualname``)."""
+    if norm is None:
+        return "none"
+    if isinstance(norm, type):
+        return f"{norm.__module__}:{norm.__qualname__}"
+    return str(norm)
+
+
+class _AffineOnly(nn.Module):
+    """Fallback for ``frozen`` before the core lands: statistics fixed at (0, 1), affine trains."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+def make_norm(norm, num_features: int, rank: int = 1, **kw) -> nn.Module:
+    """Build one normalization layer for ``num_features`` channels of a ``rank``-D layout.
+
+    rank 1: ``(N, C)`` or ``(N, C, L)``; rank 2: ``(N, C, H, W)``; rank 3: ``(N, C, D, H, W)``.
+    ``kw`` is passed to the layer (e.g. ``virtual_batch_size`` for ghost, ``rmax`` for renorm).
+    """
+    norm = resolve_norm(norm)
+    if norm is None or norm == "none":
+        return nn.Identity()
+    if isinstance(norm, type):
+        return norm(num_features, **kw)
+    if callable(norm) and not isinstance(norm, str):
+        return norm(num_features, **kw)
+    core = _core()
+    if norm == "batchnorm":
+        cls = getattr(core, f"BatchNorm{rank}d") if core else getattr(nn, f"BatchNorm{rank}d")
+        return cls(num_features, **kw)
+    if norm == "ghost":
+        kw.setdefault("virtual_batch_size", 16)
+        if core is None:
+            raise RuntimeError("norm='ghost' needs batchnorm.BatchNorm*d (the core layers)")
+        return getattr(core, f"BatchNorm{rank}d")(num_features, **kw)
+    if norm == "renorm":
+        if core is None or not hasattr(core, f"BatchRenorm{rank}d"):
+            raise RuntimeError("norm='renorm' needs batchnorm.BatchRenorm*d (the core layers)")
+        return getattr(core, f"BatchRenorm{rank}d")(num_features, **kw)
+    if norm == "frozen":
+        # statistics frozen at their initial values (mean 0, var 1): the normalization is an identity
+        # and only gamma/beta train -- the "BN without batch statistics" control.
+        if core is not None and hasattr(core, "freeze"):
+            layer = getattr(core, f"BatchNorm{rank}d")(num_features, **kw)
+            core.freeze(layer, stats=True, affine=False)
+            return layer
+        return _AffineOnly(num_features)
+    raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)} or pass a layer class")
+
+
+def _act(name: str) -> nn.Module:
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[name]()
+
+
+def _flat_dim(input_shape) -> int:
+    return int(math.prod(input_shape))
+
+
+class _Net(nn.Module):
+    """Sequential body + list of hidden activations."""
+
+    def __init__(self, body: nn.Sequential, hidden_acts: list[nn.Module]):
+        super().__init__()
+        self.body = body
+        self.hidden_acts = list(hidden_acts)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _scale_weights(model: nn.Module, scale: float) -> None:
+    if scale != 1.0:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                    m.weight.mul_(scale)
+
+
+def paper_mlp(input_shape, num_classes, norm="none", width=100, depth=3, init_std=None, act="sigmoid",
+              norm_kw=None, **_):
+    """Ioffe & Szegedy (2015) MNIST net: 3 hidden layers of 100 sigmoid units, small Gaussian init,
+    BN before each nonlinearity. ``init_std`` defaults to ``1/sqrt(fan_in)`` ("small random Gaussian")."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    acts = []
+    d = _flat_dim(input_shape)
+    for _ in range(depth):
+        lin = nn.Linear(d, width)
+        nn.init.normal_(lin.weight, 0.0, init_std if init_std is not None else 1.0 / math.sqrt(d))
+        nn.init.zeros_(lin.bias)
+        a = _act(act)
+        layers += [lin, make_norm(norm, width, 1, **(norm_kw or {})), a]
+        acts.append(a)
+        d = width
+    out = nn.Linear(d, num_classes)
+    nn.init.normal_(out.weight, 0.0, init_std if init_std is not None else 1.0 / math.sqrt(d))
+    nn.init.zeros_(out.bias)
+    layers.append(out)
+    return _Net(nn.Sequential(*layers), acts)
+
+
+def seed_mlp(input_shape, num_classes, norm="batchnorm", norm_kw=None, **_):
+    """The seeds' Keras example: Dense 128 relu, BN, Dense 64 relu, BN, Dense softmax."""
+    a1, a2 = nn.ReLU(), nn.ReLU()
+    body = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(_flat_dim(input_shape), 128), a1, make_norm(norm, 128, 1, **(norm_kw or {})),
+        nn.Linear(128, 64), a2, make_norm(norm, 64, 1, **(norm_kw or {})),
+        nn.Linear(64, num_classes),
+    )
+    return _Net(body, [a1, a2])
+
+
+def mlp(input_shape, num_classes, norm="none", width=100, depth=2, act="relu", norm_kw=None, **_):
+    """MNIST-1D reference MLP (Greydanus 2020): Linear(40,100) ReLU Linear(100,100) ReLU Linear(100,10);
+    BN between each Linear and its ReLU when enabled."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    acts = []
+    d = _flat_dim(input_shape)
+    for _ in range(depth):
+        a = _act(act)
+        layers += [nn.Linear(d, width), make_norm(norm, width, 1, **(norm_kw or {})), a]
+        acts.append(a)
+        d = width
+    layers.append(nn.Linear(d, num_classes))
+    return _Net(nn.Sequential(*layers), acts)
+
+
+def deep_mlp(input_shape, num_classes, norm="none", width=64, depth=20, act="relu", init="he", norm_kw=None,
+             **_):
+    """Plain deep MLP without skips (``depth`` hidden layers); He-normal init by default, as in
+    Yang et al. (2019)'s mean-field analysis of BN-ReLU nets."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    acts = []
+    d = _flat_dim(input_shape)
+    for _ in range(depth):
+        lin = nn.Linear(d, width)
+        if init == "he":
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+        a = _act(act)
+        layers += [lin, make_norm(norm, width, 1, **(norm_kw or {})), a]
+        acts.append(a)
+        d = width
+    layers.append(nn.Linear(d, num_classes))
+    return _Net(nn.Sequential(*layers), acts)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, width, norm, skipinit, norm_kw):
+        super().__init__()
+        self.norm = make_norm(norm, width, 1, **(norm_kw or {}))
+        self.act = nn.ReLU()
+        self.lin = nn.Linear(width, width)
+        nn.init.kaiming_normal_(self.lin.weight, nonlinearity="relu")
+        nn.init.zeros_(self.lin.bias)
+        # SkipInit (De & Smith 2020): a scalar multiplier on the residual branch, initialised to zero
+        self.alpha = nn.Parameter(torch.zeros(())) if skipinit else None
+
+    def forward(self, x):
+        h = self.lin(self.act(self.norm(x)))
+        return x + (self.alpha * h if self.alpha is not None else h)
+
+
+class ResMLP(nn.Module):
+    def __init__(self, input_shape, num_classes, norm="none", width=64, depth=20, skipinit=False, norm_kw=None,
+                 **_):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.inp = nn.Linear(_flat_dim(input_shape), width)
+        self.blocks = nn.Sequential(*[_ResBlock(width, norm, skipinit, norm_kw) for _ in range(depth)])
+        self.final_norm = make_norm(norm, width, 1, **(norm_kw or {}))
+        self.final_act = nn.ReLU()
+        self.out = nn.Linear(width, num_classes)
+        self.hidden_acts = [b.act for b in self.blocks] + [self.final_act]
+
+    def forward(self, x):
+        h = self.blocks(self.inp(self.flatten(x)))
+        return self.out(self.final_act(self.final_norm(h)))
+
+
+def resnet_mlp(input_shape, num_classes, **kw):
+    """Pre-activation residual MLP: x + f(x), f = Linear(ReLU(norm(x))); ``skipinit=True`` adds SkipInit."""
+    return ResMLP(input_shape, num_classes, **kw)
+
+
+def _conv_cls(rank: int):
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
+
+
+def cnn(input_shape, num_classes, norm="none", channels=25, norm_kw=None, **_):
+    """MNIST-1D reference CNN: three convolutions of 25 channels, kernels 5/3/3, stride 2, padding 1, ReLU,
+    then a linear readout. Works on 1-D (C, L) and 2-D (C, H, W) inputs."""
+    rank = len(input_shape) - 1
+    conv = _conv_cls(rank)
+    layers: list[nn.Module] = []
+    acts = []
+    c = input_shape[0]
+    for k in (5, 3, 3):
+        a = nn.ReLU()
+        layers += [conv(c, channels, k, stride=2, padding=1), make_norm(norm, channels, rank, **(norm_kw or {})), a]
+        acts.append(a)
+        c = channels
+    layers.append(nn.Flatten())
+    with torch.no_grad():
+        n_flat = nn.Sequential(*layers)(torch.zeros(2, *input_shape)).shape[1] if norm in (None, "none") else None
+    if n_flat is None:
+        size = list(input_shape[1:])
+        for k in (5, 3, 3):
+            size = [(s + 2 - k) // 2 + 1 for s in size]
+        n_flat = channels * int(math.prod(size))
+    layers.append(nn.Linear(n_flat, num_classes))
+    return _Net(nn.Sequential(*layers), acts)
+
+
+def cnn2d(input_shape, num_classes, norm="none", width=32, norm_kw=None, **_):
+    """Small CNN for image data: 3x(conv3x3 - norm - ReLU), max-pooling after the first two, global
+    average pooling, linear readout (Fashion-MNIST's '3 conv + BN' baseline scale)."""
+    rank = len(input_shape) - 1
+    conv = _conv_cls(rank)
+    pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[rank]
+    gap = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[rank]
+    chans = [input_shape[0], width, 2 * width, 2 * width]
+    layers: list[nn.Module] = []
+    acts = []
+    for i in range(3):
+        a = nn.ReLU()
+        layers += [conv(chans[i], chans[i + 1], 3, padding=1), make_norm(norm, chans[i + 1], rank, **(norm_kw or {})), a]
+        acts.append(a)
+        if i < 2:
+            layers.append(pool(2))
+    layers += [gap(1), nn.Flatten(), nn.Linear(chans[-1], num_classes)]
+    return _Net(nn.Sequential(*layers), acts)
+
+
+class _StepNorms(nn.Module):
+    """One norm layer per time step (BN-LSTM's per-timestep statistics); steps past the last reuse it."""
+
+    def __init__(self, norm, num_features, steps, gamma, norm_kw, beta=True):
+        super().__init__()
+        self.layers = nn.ModuleList([make_norm(norm, num_features, 1, **(norm_kw or {})) for _ in range(steps)])
+        with torch.no_grad():
+            for layer in self.layers:
+                w = getattr(layer, "weight", None)
+                if isinstance(w, torch.Tensor) and w is not None:
+                    w.fill_(gamma)
+                b = getattr(layer, "bias", None)
+                if not beta and isinstance(b, nn.Parameter):
+                    b.requires_grad_(False)
+
+    def forward(self, x, t):
+        return self.layers[min(t, len(self.layers) - 1)](x)
+
+
+class LSTMClassifier(nn.Module):
+    """LSTM over the sequence dimension of the input (MNIST-1D: 40 steps of 1 value; images: rows).
+
+    With a norm (BN-LSTM, Cooijmans et al. 2017): gates = BN_t(W_h h) + BN_t(W_x x) + b, and
+    h = o * tanh(BN_t(c)), with separate statistics for every time step and gamma initialised to 0.1.
+    """
+
+    def __init__(self, input_shape, num_classes, norm="none", hidden=64, gamma=0.1, norm_kw=None, **_):
+        super().__init__()
+        if len(input_shape) == 2:  # (C, L): L steps of C features
+            self.steps, feat = input_shape[1], input_shape[0]
+        else:  # (C, H, W): H steps of C*W features
+            self.steps, feat = input_shape[1], input_shape[0] * int(math.prod(input_shape[2:]))
+        self.hidden = hidden
+        self.use_norm = norm not in (None, "none")
+        self.wx = nn.Linear(feat, 4 * hidden, bias=not self.use_norm)
+        self.wh = nn.Linear(hidden, 4 * hidden, bias=False)
+        nn.init.orthogonal_(self.wh.weight)
+        if self.use_norm:
+            self.bias = nn.Parameter(torch.zeros(4 * hidden))
+            self.bn_x = _StepNorms(norm, 4 * hidden, self.steps, gamma, norm_kw, beta=False)
+            self.bn_h = _StepNorms(norm, 4 * hidden, self.steps, gamma, norm_kw, beta=False)
+            self.bn_c = _StepNorms(norm, hidden, self.steps, gamma, norm_kw)
+        with torch.no_grad():  # forget-gate bias 1
+            b = self.bias if self.use_norm else self.wx.bias
+            b[hidden : 2 * hidden].fill_(1.0)
+        self.cell_act = nn.Tanh()
+        self.out = nn.Linear(hidden, num_classes)
+        self.hidden_acts = [self.cell_act]
+
+    def forward(self, x):
+        n = x.shape[0]
+        if x.dim() == 3:
+            seq = x.transpose(1, 2)  # (N, L, C)
+        else:
+            seq = x.flatten(3).permute(0, 2, 1, 3).flatten(2) if x.dim() == 4 else x.flatten(2)
+        h = x.new_zeros(n, self.hidden)
+        c = x.new_zeros(n, self.hidden)
+        xs = self.wx(seq)  # (N, T, 4H), one matmul for all steps
+        for t in range(seq.shape[1]):
+            if self.use_norm:
+                gates = self.bn_x(xs[:, t], t) + self.bn_h(self.wh(h), t) + self.bias
+            else:
+                gates = xs[:, t] + self.wh(h)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            cc = self.bn_c(c, t) if self.use_norm else c
+            h = torch.sigmoid(o) * self.cell_act(cc)
+        return self.out(h)
+
+
+def lstm(input_shape, num_classes, **kw):
+    return LSTMClassifier(input_shape, num_classes, **kw)
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """Default training recipe of a model (used when the command line gives none)."""
+
+    optimizer: str
+    lr: float
+    batch_size: int
+    steps: int
+    note: str = ""
+
+
+MODELS: dict[str, tuple[Callable[..., nn.Module], ModelRecipe]] = {
+    "paper-mlp": (paper_mlp, ModelRecipe("sgd", 0.5, 60, 4000, "Ioffe & Szegedy Fig. 1: SGD, batch 60")),
+    "seed-mlp": (seed_mlp, ModelRecipe("adam", 1e-3, 32, 3000, "the seeds' Keras example: Adam, batch 32")),
+    "mlp": (mlp, ModelRecipe("adam", 1e-2, 100, 8000, "MNIST-1D reference: Adam lr 1e-2, batch 100, 8000 steps")),
+    "cnn": (cnn, ModelRecipe("adam", 1e-2, 100, 8000, "MNIST-1D reference: Adam lr 1e-2, batch 100, 8000 steps")),
+    "cnn2d": (cnn2d, ModelRecipe("adam", 1e-3, 100, 3000, "small image CNN")),
+    "deep-mlp": (deep_mlp, ModelRecipe("sgd", 0.05, 100, 2000, "plain deep MLP, SGD")),
+    "resnet-mlp": (resnet_mlp, ModelRecipe("sgd", 0.05, 100, 2000, "pre-activation residual MLP, SGD")),
+    "lstm": (lstm, ModelRecipe("adam", 1e-2, 100, 2000, "LSTM / BN-LSTM over time steps")),
+}
+
+
+def recipe(model: str) -> ModelRecipe:
+    return MODELS[model][1]
+
+
+def build_model(name: str, input_shape, num_classes: int, norm="none", weight_scale: float = 1.0,
+                **kw) -> nn.Module:
+    """Build a zoo model; ``weight_scale`` multiplies every Linear/Conv weight after initialization."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    model = MODELS[name][0](tuple(input_shape), num_classes, norm=resolve_norm(norm), **kw)
+    _scale_weights(model, weight_scale)
+    return model
+
+
+_WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """Parameter names grouped per weight layer: a Linear/Conv starts a group; parameters of the modules
+    that follow it (its norm, a SkipInit scalar) join it. Returns ``[(layer_name, [param names])]``."""
+    groups: list[tuple[str, list[str]]] = []
+    for mname, module in model.named_modules():
+        own = [f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, _WEIGHT_TYPES):
+            groups.append((mname, own))
+        elif own:
+            if groups:
+                groups[-1][1].extend(own)
+            else:
+                groups.append((mname, own))
+    return groups

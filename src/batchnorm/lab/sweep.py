@@ -1,0 +1,120 @@
+"""Run a set of configurations through the store: reuse what is stored, train the rest (in worker
+processes when ``workers > 1``), store each run the moment it finishes.
+
+A sweep that is killed (Ctrl-C, a worker killed, the machine rebooted) loses only the runs that were
+in flight: starting it again trains exactly the missing ones.
+
+Threads: these models are tiny, and PyTorch's intra-op threads slow them down (measured on 2 cores:
+an MNIST-1D MLP step takes ~5x longer with 2 threads than with 1), so every run uses one thread and
+parallelism comes from processes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from .store import Store, environment
+from .train import RunConfig, config_hash, train
+
+__all__ = ["SweepError", "default_workers", "run_sweep"]
+
+
+class SweepError(RuntimeError):
+    """A sweep stopped early (a worker died); the finished runs are stored, rerun to complete."""
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+_WORKER_STORE: Store | None = None
+
+
+def _worker_init(store_path: str, threads: int) -> None:
+    global _WORKER_STORE
+    torch.set_num_threads(threads)
+    _WORKER_STORE = Store(store_path)
+
+
+def _worker_run(cfg_dict: dict) -> tuple[str, dict]:
+    cfg = RunConfig.from_dict(cfg_dict)
+    run = train(cfg)
+    run["env"] = environment()
+    assert _WORKER_STORE is not None
+    _WORKER_STORE.put(run)
+    return run["hash"], run["result"]
+
+
+def run_sweep(
+    configs: Iterable[RunConfig],
+    store: Store,
+    workers: int = 1,
+    threads: int = 1,
+    on_done: Callable[[RunConfig, dict, bool], None] | None = None,
+    on_step: Callable[[RunConfig, int, int, dict], None] | None = None,
+) -> list[dict]:
+    """Make sure every configuration has a stored run; return the runs in the order given.
+
+    ``on_done(cfg, result, reused)`` is called once per configuration; ``on_step`` forwards the training
+    progress of in-process runs (``workers == 1``).
+    """
+    configs = list(configs)
+    hashes = [config_hash(c) for c in configs]
+    todo: dict[str, RunConfig] = {}
+    for c, h in zip(configs, hashes):
+        if store.has(h):
+            if on_done:
+                on_done(c, store.get(h)["result"], True)
+        elif h not in todo:
+            todo[h] = c
+    if todo and (workers <= 1 or len(todo) == 1):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for h, c in todo.items():
+                cb = (lambda s, t, m, c=c: on_step(c, s, t, m)) if on_step else None
+                run = train(c, progress=cb)
+                run["env"] = environment()
+                store.put(run)
+                if on_done:
+                    on_done(c, run["result"], False)
+        finally:
+            torch.set_num_threads(old)
+    elif todo:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(
+            max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
+            initargs=(str(store.path), 1),
+        ) as pool:
+            futures = {pool.submit(_worker_run, c.to_dict()): c for c in todo.values()}
+            try:
+                for fut in cf.as_completed(futures):
+                    _, result = fut.result()
+                    if on_done:
+                        on_done(futures[fut], result, False)
+            except cf.process.BrokenProcessPool as exc:
+                for f in futures:
+                    f.cancel()
+                done = sum(store.has(h) for h in todo)
+                raise SweepError(
+                    f"a worker process died; {done} of {len(todo)} new runs are stored. "
+                    "Run the same command again to train the missing ones."
+                ) from exc
+    out = []
+    for h in hashes:
+        run = store.get(h)
+        if run is None:  # pragma: no cover - a run vanished between put and get
+            raise SweepError(f"run {h} missing from {store.path}")
+        out.append(run)
+    return out
+
+
+def open_store(out_dir: str | os.PathLike, store: str | None = None) -> Store:
+    """The store of an output directory (``DIR/lab.sqlite``) unless a path is given."""
+    return Store(store or Path(out_dir) / "lab.sqlite")

@@ -1,0 +1,308 @@
+"""One training loop for every lab experiment.
+
+``train(RunConfig(...))`` is deterministic for a given configuration (seeded model init and batch order),
+evaluates every ``eval_every`` steps, runs the requested probes, and ends a run whose loss turns
+non-finite or blows up (``> blowup * initial loss``) as ``diverged`` instead of raising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import probes as P
+from .data import Dataset, load_dataset
+from .models import build_model, norm_name, recipe
+
+__all__ = ["RunConfig", "config_hash", "evaluate", "train", "with_recipe"]
+
+LAB_VERSION = "lab-1"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run. Fields left ``None`` take the model's recipe."""
+
+    dataset: str = "mnist1d"
+    model: str = "mlp"
+    norm: str = "none"
+    optimizer: str | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    eval_every: int | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    weight_scale: float = 1.0
+    model_kw: tuple = ()  # sorted (key, value) pairs, hashable
+    norm_kw: tuple = ()
+    data_limit: int | None = None
+    data_dir: str | None = None
+    probes: tuple = ()
+    probe_layer: int = -1
+    probe_unit: int = 0
+    blowup: float = 20.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model_kw"] = dict(self.model_kw)
+        d["norm_kw"] = dict(self.norm_kw)
+        d["probes"] = list(self.probes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        d = dict(d)
+        d["model_kw"] = tuple(sorted(dict(d.get("model_kw") or {}).items()))
+        d["norm_kw"] = tuple(sorted(dict(d.get("norm_kw") or {}).items()))
+        d["probes"] = tuple(d.get("probes") or ())
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **kw) -> RunConfig:
+        for k in ("model_kw", "norm_kw"):
+            if k in kw and isinstance(kw[k], dict):
+                kw[k] = tuple(sorted(kw[k].items()))
+        if "norm" in kw:
+            kw["norm"] = norm_name(kw["norm"])
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.norm}"
+
+
+def with_recipe(cfg: RunConfig) -> RunConfig:
+    """Fill the fields left ``None`` from the model's default recipe."""
+    r = recipe(cfg.model)
+    steps = cfg.steps if cfg.steps is not None else r.steps
+    return dataclasses.replace(
+        cfg,
+        optimizer=cfg.optimizer or r.optimizer,
+        lr=cfg.lr if cfg.lr is not None else r.lr,
+        batch_size=cfg.batch_size or r.batch_size,
+        steps=steps,
+        eval_every=cfg.eval_every or max(1, steps // 20),
+        norm=norm_name(cfg.norm),
+    )
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """SHA-256 over the canonical JSON of the (recipe-completed) configuration and the lab version."""
+    full = with_recipe(cfg).to_dict()
+    full.pop("data_dir", None)  # where the files live does not change the run
+    blob = json.dumps({"v": LAB_VERSION, **full}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=weight_decay)
+    if name in ("momentum", "sgdm"):
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd, momentum, adam, adamw")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) in eval mode; non-finite logits count as wrong."""
+    was = model.training
+    model.eval()
+    correct = 0
+    loss = 0.0
+    for i in range(0, len(y), batch):
+        out = model(x[i : i + batch])
+        yb = y[i : i + batch]
+        ok = torch.isfinite(out).all(dim=1)
+        correct += int(((out.argmax(1) == yb) & ok).sum())
+        loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+    model.train(was)
+    n = max(1, len(y))
+    return correct / n, loss / n
+
+
+def _t(a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+
+def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, int, dict], None] | None = None,
+          deadline: float | None = None) -> dict:
+    """Run one configuration. Returns ``{"config", "hash", "result", "curves", "init"}``.
+
+    ``progress(step, total, last_eval)`` is called at every evaluation (for progress bars).
+    """
+    cfg = with_recipe(cfg)
+    t0 = time.perf_counter()
+    data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.data_limit)
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        cfg.model, data.input_shape, data.num_classes, norm=cfg.norm, weight_scale=cfg.weight_scale,
+        norm_kw=dict(cfg.norm_kw), **dict(cfg.model_kw)
+    )
+    opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    xtr, ytr = _t(data.x_train), _t(data.y_train, torch.int64)
+    xva, yva = _t(data.x_val), _t(data.y_val, torch.int64)
+    xte, yte = _t(data.x_test), _t(data.y_test, torch.int64)
+    n_train_eval = min(len(ytr), 2000)
+    gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    n = len(ytr)
+    bs = min(cfg.batch_size, n)
+
+    want = set(cfg.probes)
+    pre = PreactivationProbe_or_none(model, cfg) if "percentiles" in want else None
+    curves: dict[str, list] = {k: [] for k in ("step", "train_loss", "train_acc", "val_acc", "val_loss",
+                                               "test_acc", "test_loss", "seconds")}
+    if pre:
+        curves.update({"p15": [], "p50": [], "p85": []})
+    if "grad_norms" in want:
+        curves["grad_norms"] = []
+    if "ics" in want:
+        curves.update({"ics_step": [], "ics_diff": [], "ics_rel": [], "ics_cos": []})
+    if "smoothness" in want:
+        curves.update({"smooth_step": [], "loss_range": [], "beta": []})
+    init: dict = {}
+
+    # gradient norms at initialization, on a fixed batch of up to 500 training examples
+    model.train()
+    if "grad_norms" in want:
+        k = min(500, n)
+        loss = nn.functional.cross_entropy(model(xtr[:k]), ytr[:k])
+        model.zero_grad()
+        loss.backward()
+        init["grad_norms"] = P.grad_norms(model)
+        init["layers"] = [name for name, _ in P.layer_groups(model)]
+        model.zero_grad()
+        # that forward pass updated running statistics; rebuild the model so the run itself is unaffected
+        torch.manual_seed(cfg.seed)
+        model = build_model(
+            cfg.model, data.input_shape, data.num_classes, norm=cfg.norm, weight_scale=cfg.weight_scale,
+            norm_kw=dict(cfg.norm_kw), **dict(cfg.model_kw)
+        )
+        opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        if pre:
+            pre.remove()
+            pre = PreactivationProbe_or_none(model, cfg)
+
+    def record(step: int, window_losses: list[float]):
+        tr_acc, _ = evaluate(model, xtr[:n_train_eval], ytr[:n_train_eval])
+        va_acc, va_loss = evaluate(model, xva, yva) if len(yva) else (float("nan"), float("nan"))
+        if pre:
+            pcts = pre.collect(lambda: evaluate(model, xte, yte))
+            for k2, v in pcts.items():
+                curves[k2].append(v)
+        te_acc, te_loss = evaluate(model, xte, yte)
+        curves["step"].append(step)
+        curves["train_loss"].append(float(np.mean(window_losses)) if window_losses else float("nan"))
+        curves["train_acc"].append(tr_acc)
+        curves["val_acc"].append(va_acc)
+        curves["val_loss"].append(va_loss)
+        curves["test_acc"].append(te_acc)
+        curves["test_loss"].append(te_loss)
+        curves["seconds"].append(time.perf_counter() - t0)
+        if progress:
+            progress(step, cfg.steps, {"test_acc": te_acc, "train_loss": curves["train_loss"][-1]})
+
+    record(0, [])
+    window: list[float] = []
+    diverged = False
+    diverged_at = None
+    first_loss = None
+    step = 0
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    model.train()
+    while step < cfg.steps:
+        if deadline is not None and time.time() > deadline:
+            break
+        if pos + bs > n:
+            order = torch.randperm(n, generator=gen)
+            pos = 0
+        idx = order[pos : pos + bs]
+        pos += bs
+        xb, yb = xtr[idx], ytr[idx]
+        out = model(xb)
+        loss = nn.functional.cross_entropy(out, yb)
+        lv = float(loss.detach())
+        if first_loss is None:
+            first_loss = lv
+        if not math.isfinite(lv) or lv > cfg.blowup * max(first_loss, 1e-3):
+            diverged, diverged_at = True, step
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        step += 1
+        is_eval = step % cfg.eval_every == 0 or step == cfg.steps
+        if is_eval and "grad_norms" in want:
+            curves["grad_norms"].append(P.grad_norms(model))
+        before = {k: p.detach().clone() for k, p in model.named_parameters()} if is_eval and "ics" in want else None
+        if is_eval and "smoothness" in want:
+            s = P.smoothness(model, xb, yb)
+            curves["smooth_step"].append(step)
+            curves["loss_range"].append(s["loss_range"])
+            curves["beta"].append(s["beta"])
+        opt.step()
+        window.append(lv)
+        if before is not None:
+            m = P.ics_measure(model, before, xb, yb)
+            curves["ics_step"].append(step)
+            for k2 in ("ics_diff", "ics_rel", "ics_cos"):
+                curves[k2].append(m[k2])
+        if is_eval:
+            record(step, window)
+            window = []
+    if diverged:
+        record(step, window)
+    if pre:
+        pre.remove()
+    seconds = time.perf_counter() - t0
+    result = {
+        "test_accuracy": curves["test_acc"][-1],
+        "test_loss": _finite_or_none(curves["test_loss"][-1]),
+        "val_accuracy": curves["val_acc"][-1],
+        "train_accuracy": curves["train_acc"][-1],
+        "train_loss": _finite_or_none(curves["train_loss"][-1]),
+        "best_val_accuracy": float(np.nanmax(curves["val_acc"])) if len(yva) else None,
+        "steps": step,
+        "diverged": diverged,
+        "diverged_at": diverged_at,
+        "seconds": seconds,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    return {"config": cfg.to_dict(), "hash": config_hash(cfg), "result": result, "curves": curves, "init": init}
+
+
+def _finite_or_none(v):
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def PreactivationProbe_or_none(model, cfg):  # noqa: N802
+    try:
+        return P.PreactivationProbe(model, layer=cfg.probe_layer, unit=cfg.probe_unit)
+    except ValueError:
+        return None
+
+
+def steps_to(curves: dict, key: str, target: float) -> int | None:
+    """First evaluated step at which ``curves[key] >= target`` (None if never)."""
+    for s, v in zip(curves["step"], curves[key]):
+        if v is not None and v >= target:
+            return int(s)
+    return None
+
+
+_ = field  # keep dataclasses.field importable for subclasses
