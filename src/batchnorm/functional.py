@@ -203,14 +203,14 @@ def update_running_stats(
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stats,
                           momentum: float | Tensor, nonfinite: str) -> Tensor:
     mean, var_b, count = stats
-    var_u = unbiased(var_b.double(), count)
-    enough = count > 1
-    finite = torch.isfinite(mean).all() & torch.isfinite(var_u).all()
-    if nonfinite == "propagate":
-        accept = enough
-    else:
-        accept = enough & finite
-        if not _compiling() and bool(enough) and not bool(finite):
+    # computed in the wider of the buffers' and the statistics' dtypes (float32 at least)
+    dt = torch.promote_types(torch.promote_types(running_mean.dtype, mean.dtype), torch.float32)
+    var_u = unbiased(var_b.to(dt), count)
+    accept = count.to(running_mean.device) > 1
+    if nonfinite != "propagate":
+        finite = torch.isfinite(mean.sum() + var_u.sum()).to(running_mean.device)
+        accept = accept & finite
+        if not _compiling() and not bool(finite) and bool(count > 1):
             if nonfinite == "raise":
                 raise FloatingPointError(
                     "batch statistics are not finite (NaN or inf in the batch); running statistics "
@@ -222,13 +222,10 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stat
                 RuntimeWarning,
                 stacklevel=5,
             )
-    f = momentum if isinstance(momentum, Tensor) else torch.tensor(momentum, dtype=torch.float64)
-    f = f.to(device=running_mean.device, dtype=torch.float64)
-    rm, rv = running_mean.double(), running_var.double()
-    new_mean = rm + f * (mean.double().to(rm.device) - rm)
-    new_var = rv + f * (var_u.to(rv.device) - rv)
-    running_mean.copy_(torch.where(accept, new_mean, rm))
-    running_var.copy_(torch.where(accept, new_var, rv))
+    f = momentum.to(device=running_mean.device, dtype=dt) if isinstance(momentum, Tensor) else momentum
+    rm, rv = running_mean.to(dt), running_var.to(dt)
+    running_mean.copy_(torch.where(accept, rm + f * (mean.to(rm) - rm), rm))
+    running_var.copy_(torch.where(accept, rv + f * (var_u.to(rv) - rv), rv))
     return accept
 
 
