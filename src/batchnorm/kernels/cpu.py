@@ -625,12 +625,526 @@ def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
     return dx, torch.from_numpy(t * inv).to(acc), torch.from_numpy(s).to(acc)
 
 
+
+
+# ====================================================================== fused activations
+#
+# Activation codes (see :mod:`batchnorm.kernels.reference_act`): 0 identity, 1 relu,
+# 2 leaky_relu, 3 silu, 4 gelu (erf form). ``z = bn(x) [+ residual]``, ``y = act(z)``; the
+# backward recomputes ``z`` from ``x`` (and the residual) instead of storing it.
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@njit(cache=True, fastmath=_FM)
+def _act_scalar(z, code, slope):
+    if code == 3:
+        return z / (1.0 + math.exp(-z))
+    return 0.5 * z * (1.0 + math.erf(z * _SQRT1_2))
+
+
+@njit(cache=True, fastmath=_FM)
+def _dact_scalar(z, code, slope):
+    if code == 3:
+        s = 1.0 / (1.0 + math.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    return 0.5 * (1.0 + math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z)
+
+
+@njit(cache=True, fastmath=_FM)
+def _act_line(row, rr, has_r, mf, af, bf, code, slope, zero, out):
+    """``out = act((row - mf) * af + bf [+ rr])`` for one line; mf/af/bf scalars or arrays."""
+    n = row.shape[0]
+    if code == 0:
+        for i in range(n):
+            z = (row[i] - mf[i]) * af[i] + bf[i]
+            if has_r:
+                z += rr[i]
+            out[i] = z
+    elif code == 1:
+        for i in range(n):
+            z = (row[i] - mf[i]) * af[i] + bf[i]
+            if has_r:
+                z += rr[i]
+            out[i] = zero if z <= zero else z
+    elif code == 2:
+        for i in range(n):
+            z = (row[i] - mf[i]) * af[i] + bf[i]
+            if has_r:
+                z += rr[i]
+            out[i] = z * slope if z < zero else z
+    else:
+        for i in range(n):
+            z = (row[i] - mf[i]) * af[i] + bf[i]
+            if has_r:
+                z += rr[i]
+            out[i] = _act_scalar(z, code, slope)
+
+
+@njit(cache=True, fastmath=_FM)
+def _grad_line(gy, row, rr, has_r, mf, af, bf, code, slope, zero, out):
+    """``out = gy * act'(z)`` with ``z`` recomputed as in :func:`_act_line`."""
+    n = row.shape[0]
+    if code == 0:
+        for i in range(n):
+            out[i] = gy[i]
+    elif code == 1:
+        for i in range(n):
+            z = (row[i] - mf[i]) * af[i] + bf[i]
+            if has_r:
+                z += rr[i]
+            out[i] = gy[i] if z > zero else zero
+    elif code == 2:
+        for i in range(n):
+            z = (row[i] - mf[i]) * af[i] + bf[i]
+            if has_r:
+                z += rr[i]
+            out[i] = gy[i] if z > zero else gy[i] * slope
+    else:
+        for i in range(n):
+            z = (row[i] - mf[i]) * af[i] + bf[i]
+            if has_r:
+                z += rr[i]
+            out[i] = gy[i] * _dact_scalar(z, code, slope)
+
+
+@njit(cache=True, fastmath=_FM)
+def _fill(buf, v):
+    for i in range(buf.shape[0]):
+        buf[i] = v
+
+
+@njit(**_JIT)
+def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_out):
+    """Fused training forward + activation (+ residual), one channel per iteration."""
+    N, C, L = x.shape
+    cnt = N * L
+    for c in prange(C):
+        s = 0.0
+        for n in range(N):
+            row = x[n, c]
+            for l0 in range(0, L, _BLK):
+                l1 = min(l0 + _BLK, L)
+                p = row[l0]
+                for i in range(l0 + 1, l1):
+                    p += row[i]
+                s += p
+        sc = np.empty(5, dtype=x.dtype)
+        sc[0] = s / cnt
+        mf = sc[0]
+        sd = 0.0
+        sq = 0.0
+        for n in range(N):
+            row = x[n, c]
+            for l0 in range(0, L, _BLK):
+                l1 = min(l0 + _BLK, L)
+                d0 = row[l0] - mf
+                pd = d0
+                pq = d0 * d0
+                for i in range(l0 + 1, l1):
+                    d = row[i] - mf
+                    pd += d
+                    pq += d * d
+                sd += pd
+                sq += pq
+        md = sd / cnt
+        v = max(sq / cnt - md * md, 0.0)
+        mean_out[c] = mf + md
+        var_out[c] = v
+        a = w[c] / math.sqrt(v + eps)
+        mv = np.empty(L, dtype=x.dtype)
+        av = np.empty(L, dtype=x.dtype)
+        bv = np.empty(L, dtype=x.dtype)
+        _fill(mv, mf)
+        _fill(av, a)
+        _fill(bv, b[c] - md * a)
+        sc[3] = 0
+        sc[4] = slope
+        for n in range(N):
+            rr = r[n, c] if has_r else x[n, c]
+            _act_line(x[n, c], rr, has_r, mv, av, bv, code, sc[4], sc[3], y[n, c])
+
+
+@njit(**_JIT)
+def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y):
+    """``y = act((x - mean) * scale + shift [+ r])``, parallel over planes."""
+    N, C, L = x.shape
+    for k in prange(N * C):
+        n = k // C
+        c = k % C
+        mv = np.empty(L, dtype=x.dtype)
+        av = np.empty(L, dtype=x.dtype)
+        bv = np.empty(L, dtype=x.dtype)
+        _fill(mv, mean[c])
+        _fill(av, scale[c])
+        _fill(bv, shift[c])
+        sc = np.empty(2, dtype=x.dtype)
+        sc[0] = 0
+        sc[1] = slope
+        rr = r[n, c] if has_r else x[n, c]
+        _act_line(x[n, c], rr, has_r, mv, av, bv, code, sc[1], sc[0], y[n, c])
+
+
+@njit(**_JIT)
+def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y):
+    M, C = x.shape
+    nb = max(1, min(M // 32, 64))
+    mv = mean.astype(x.dtype)
+    av = scale.astype(x.dtype)
+    bv = shift.astype(x.dtype)
+    sc = np.empty(2, dtype=x.dtype)
+    sc[0] = 0
+    sc[1] = slope
+    for bi in prange(nb):
+        for m in range(bi * M // nb, (bi + 1) * M // nb):
+            rr = r[m] if has_r else x[m]
+            _act_line(x[m], rr, has_r, mv, av, bv, code, sc[1], sc[0], y[m])
+
+
+@njit(**_JIT)
+def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr,
+                    dx, dr, sum_dy, sum_dot):
+    """Fused backward through act and BN, one channel per iteration (second sweep reversed).
+
+    ``g = dy * act'(z)``; ``sum_dy = sum(g)``, ``sum_dot = sum(g * xhat)``; ``dr = g``;
+    ``dx`` by the training formula (``train``) or ``g * w * invstd`` (given statistics).
+    """
+    N, C, L = x.shape
+    cnt = N * L
+    for c in prange(C):
+        sc = np.empty(4, dtype=x.dtype)
+        sc[0] = mean[c]
+        sc[1] = 0
+        sc[2] = slope
+        mf = sc[0]
+        zero = sc[1]
+        inv = invstd[c]
+        a = w[c] * inv
+        md = mean[c] - mf
+        mv = np.empty(L, dtype=x.dtype)
+        av = np.empty(L, dtype=x.dtype)
+        bv = np.empty(L, dtype=x.dtype)
+        _fill(mv, mf)
+        _fill(av, a)
+        _fill(bv, b[c] - md * a)
+        g = np.empty(L, dtype=x.dtype)
+        s = 0.0
+        t = 0.0
+        for n in range(N):
+            row = x[n, c]
+            rr = r[n, c] if has_r else row
+            _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[2], zero, g)
+            for l0 in range(0, L, _BLK):
+                l1 = min(l0 + _BLK, L)
+                ps = g[l0]
+                pt = g[l0] * (row[l0] - mf)
+                for i in range(l0 + 1, l1):
+                    ps += g[i]
+                    pt += g[i] * (row[i] - mf)
+                s += ps
+                t += pt
+            if need_dr and not (need_dx and train):
+                dr[n, c][:] = g
+            if need_dx and not train:
+                out = dx[n, c]
+                for i in range(L):
+                    out[i] = g[i] * av[i]
+        t -= md * s
+        sum_dy[c] = s
+        sum_dot[c] = t * inv
+        if need_dx and train:
+            kb = -a * inv * inv * t / cnt
+            sc[1] = kb
+            sc[3] = -a * s / cnt - kb * md
+            bb = sc[1]
+            cc = sc[3]
+            for nn in range(N):
+                n = N - 1 - nn
+                row = x[n, c]
+                rr = r[n, c] if has_r else row
+                _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[2], zero, g)
+                out = dx[n, c]
+                for i in range(L):
+                    out[i] = g[i] * av[i] + (row[i] - mf) * bb + cc
+                if need_dr:
+                    dr[n, c][:] = g
+
+
+@njit(**_JIT)
+def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psum, pdot):
+    """Split path: per plane ``sum(g)`` and ``sum(g * (x - mean_rounded))``."""
+    N, C, L = x.shape
+    for k in prange(N * C):
+        n = k // C
+        c = k % C
+        mv = np.empty(L, dtype=x.dtype)
+        av = np.empty(L, dtype=x.dtype)
+        bv = np.empty(L, dtype=x.dtype)
+        _fill(mv, mean[c])
+        _fill(av, scale[c])
+        _fill(bv, shift[c])
+        sc = np.empty(2, dtype=x.dtype)
+        sc[0] = 0
+        sc[1] = slope
+        g = np.empty(L, dtype=x.dtype)
+        row = x[n, c]
+        rr = r[n, c] if has_r else row
+        _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[1], sc[0], g)
+        s = 0.0
+        t = 0.0
+        for l0 in range(0, L, _BLK):
+            l1 = min(l0 + _BLK, L)
+            ps = g[l0]
+            pt = g[l0] * (row[l0] - mv[l0])
+            for i in range(l0 + 1, l1):
+                ps += g[i]
+                pt += g[i] * (row[i] - mv[i])
+            s += ps
+            t += pt
+        psum[n, c] = s
+        pdot[n, c] = t
+
+
+@njit(**_JIT)
+def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
+                          need_dx, need_dr, dx, dr):
+    """Split path: ``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g``."""
+    N, C, L = x.shape
+    for k in prange(N * C):
+        n = k // C
+        c = k % C
+        mv = np.empty(L, dtype=x.dtype)
+        av = np.empty(L, dtype=x.dtype)
+        bv = np.empty(L, dtype=x.dtype)
+        _fill(mv, mean[c])
+        _fill(av, scale[c])
+        _fill(bv, shift[c])
+        sc = np.empty(5, dtype=x.dtype)
+        sc[0] = 0
+        sc[1] = slope
+        sc[2] = ka[c]
+        sc[3] = kb[c]
+        sc[4] = kc[c]
+        g = np.empty(L, dtype=x.dtype)
+        row = x[n, c]
+        rr = r[n, c] if has_r else row
+        _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[1], sc[0], g)
+        if need_dx:
+            out = dx[n, c]
+            for i in range(L):
+                out[i] = g[i] * sc[2] + (row[i] - mv[i]) * sc[3] + sc[4]
+        if need_dr:
+            dr[n, c][:] = g
+
+
+@njit(**_JIT)
+def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, psum, pdot):
+    M, C = x.shape
+    mv = mean.astype(x.dtype)
+    av = scale.astype(x.dtype)
+    bv = shift.astype(x.dtype)
+    sc = np.empty(2, dtype=x.dtype)
+    sc[0] = 0
+    sc[1] = slope
+    for bi in prange(nb):
+        accs = np.zeros(C, dtype=x.dtype)
+        acct = np.zeros(C, dtype=x.dtype)
+        g = np.empty(C, dtype=x.dtype)
+        r0 = bi * M // nb
+        r1 = (bi + 1) * M // nb
+        for m in range(r0, r1):
+            xr = x[m]
+            rr = r[m] if has_r else xr
+            _grad_line(dy[m], xr, rr, has_r, mv, av, bv, code, sc[1], sc[0], g)
+            for c in range(C):
+                accs[c] += g[c]
+                acct[c] += g[c] * (xr[c] - mv[c])
+            if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
+                for c in range(C):
+                    psum[bi, c] += accs[c]
+                    pdot[bi, c] += acct[c]
+                    accs[c] = 0
+                    acct[c] = 0
+
+
+@njit(**_JIT)
+def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
+                        need_dx, need_dr, dx, dr):
+    M, C = x.shape
+    nb = max(1, min(M // 32, 64))
+    mv = mean.astype(x.dtype)
+    av = scale.astype(x.dtype)
+    bv = shift.astype(x.dtype)
+    a = ka.astype(x.dtype)
+    bb = kb.astype(x.dtype)
+    cc = kc.astype(x.dtype)
+    sc = np.empty(2, dtype=x.dtype)
+    sc[0] = 0
+    sc[1] = slope
+    for bi in prange(nb):
+        g = np.empty(C, dtype=x.dtype)
+        for m in range(bi * M // nb, (bi + 1) * M // nb):
+            xr = x[m]
+            rr = r[m] if has_r else xr
+            _grad_line(dy[m], xr, rr, has_r, mv, av, bv, code, sc[1], sc[0], g)
+            if need_dx:
+                out = dx[m]
+                for c in range(C):
+                    out[c] = g[c] * a[c] + (xr[c] - mv[c]) * bb[c] + cc[c]
+            if need_dr:
+                dr[m][:] = g
+
+
+# ------------------------------------------------------------------ fused activation wrappers
+
+_ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+
+
+def _residual(r: Tensor | None, x: Tensor, layout: str) -> tuple[np.ndarray, bool]:
+    if r is None:
+        return _view(x, layout), False
+    r = r.to(x.dtype)
+    r = _grad_layout(r, x, layout)
+    return _view(r, layout), True
+
+
+def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
+    """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``."""
+    threads = _threads()
+    layout = _layout(x)
+    x = _prepare(x, layout)
+    n, c = x.shape[0], x.shape[1]
+    count = x.numel() // c
+    y = _like(x, layout)
+    xv, yv = _view(x, layout), _view(y, layout)
+    rv, has_r = _residual(residual, x, layout)
+    code = _ACT_CODES[act]
+    w = _vec(weight, c, 1.0, x.dtype)
+    b = _vec(bias, c, 0.0, x.dtype)
+    if layout == "planes" and _fused_channels(c, threads):
+        mean = np.empty(c)
+        var = np.empty(c)
+        _act_train_fwd_planes(xv, rv, has_r, w, b, float(eps), code, float(slope), yv, mean, var)
+    else:
+        if layout == "planes":
+            pmean = np.empty((n, c))
+            pm2 = np.empty((n, c))
+            _plane_stats(xv, pmean, pm2)
+            mean = np.empty(c)
+            var = np.empty(c)
+            _merge_planes(pmean, pm2, xv.shape[2], mean, var)
+        else:
+            mean, var = _stats_rows(xv)
+        _apply_act(xv, rv, has_r, layout, mean, w / np.sqrt(var + eps), b, code, slope, yv)
+    acc = _acc(x.dtype)
+    mean_t = torch.from_numpy(mean).to(acc).unsqueeze(0)
+    var_t = torch.from_numpy(var).to(acc).unsqueeze(0)
+    return y, mean_t, var_t, torch.full((1,), float(count), dtype=acc)
+
+
+def _apply_act(xv, rv, has_r, layout, mean, scale, shift, code, slope, yv):
+    # the kernels compute (x - mean_rounded) * scale + shift'; fold the rounding into shift'
+    mr = mean.astype(xv.dtype).astype(np.float64)
+    shift = shift - (mean - mr) * scale
+    if layout == "planes":
+        _act_apply_planes(xv, rv, has_r, mr, scale, shift, code, float(slope), yv)
+    else:
+        _act_apply_rows(xv, rv, has_r, mr, scale, shift, code, float(slope), yv)
+
+
+def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
+    """``y = act(bn(x; mean, invstd) [+ residual])`` with given ``(C,)`` statistics."""
+    _threads()
+    layout = _layout(x)
+    x = _prepare(x, layout)
+    c = x.shape[1]
+    y = _like(x, layout)
+    xv, yv = _view(x, layout), _view(y, layout)
+    rv, has_r = _residual(residual, x, layout)
+    m = mean.detach().reshape(-1).to(torch.float64).contiguous().numpy()
+    scale = invstd.detach().reshape(-1).to(torch.float64).numpy() * _vec(weight, c, 1.0, x.dtype)
+    _apply_act(xv, rv, has_r, layout, m, scale, _vec(bias, c, 0.0, x.dtype), _ACT_CODES[act], slope, yv)
+    return y
+
+
+def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train, need_dx, need_dr):
+    threads = _threads()
+    layout = _layout(x)
+    x = _prepare(x, layout)
+    dy = _grad_layout(dy, x, layout)
+    c = x.shape[1]
+    cnt = x.numel() // c
+    xv, dyv = _view(x, layout), _view(dy, layout)
+    rv, has_r = _residual(residual, x, layout)
+    code = _ACT_CODES[act]
+    m = mean.detach().reshape(-1).to(torch.float64).contiguous().numpy()
+    inv = invstd.detach().reshape(-1).to(torch.float64).contiguous().numpy()
+    w = _vec(weight, c, 1.0, x.dtype)
+    b = _vec(bias, c, 0.0, x.dtype)
+    dx = _like(x, layout) if need_dx else None
+    dr = _like(x, layout) if need_dr else None
+    dxv = _view(dx, layout) if dx is not None else xv
+    drv = _view(dr, layout) if dr is not None else xv
+    acc = _acc(x.dtype)
+    if layout == "planes" and _fused_channels(c, threads):
+        sum_dy = np.empty(c)
+        sum_dot = np.empty(c)
+        _act_bwd_planes(dyv, xv, rv, has_r, m, inv, w, b, code, float(slope), train, need_dx, need_dr,
+                        dxv, drv, sum_dy, sum_dot)
+        return dx, torch.from_numpy(sum_dot).to(acc), torch.from_numpy(sum_dy).to(acc), dr
+    mr = m.astype(xv.dtype).astype(np.float64)
+    scale = w * inv
+    shift = b - (m - mr) * scale
+    if layout == "planes":
+        psum = np.empty((xv.shape[0], c))
+        pdot = np.empty((xv.shape[0], c))
+        _act_bwd_reduce_planes(dyv, xv, rv, has_r, mr, scale, shift, code, float(slope), psum, pdot)
+    else:
+        nb = _row_blocks(xv.shape[0])
+        psum = np.zeros((nb, c))
+        pdot = np.zeros((nb, c))
+        _act_bwd_reduce_rows(dyv, xv, rv, has_r, mr, scale, shift, code, float(slope), nb, psum, pdot)
+    s = psum.sum(0)
+    t = pdot.sum(0) - (m - mr) * s
+    if need_dx or need_dr:
+        if train:
+            kb = -scale * inv * inv * t / cnt
+            kc = -scale * s / cnt + kb * (mr - m)
+        else:
+            kb = np.zeros(c)
+            kc = np.zeros(c)
+        args = (dyv, xv, rv, has_r, mr, scale, shift, code, float(slope), scale, kb, kc, need_dx, need_dr,
+                dxv, drv)
+        if layout == "planes":
+            _act_bwd_elemt_planes(*args)
+        else:
+            _act_bwd_elemt_rows(*args)
+    return dx, torch.from_numpy(t * inv).to(acc), torch.from_numpy(s).to(acc), dr
+
+
+def backward_train_act(dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
+                       need_input_grad=True, need_residual_grad=False):
+    """Backward of :func:`forward_train_act`: ``(dx, dweight, dbias, dresidual)``."""
+    return _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, True,
+                         need_input_grad, need_residual_grad)
+
+
+def backward_apply_act(dy, x, residual, mean, invstd, weight, bias, act, slope,
+                       need_input_grad=True, need_residual_grad=False):
+    """Backward of :func:`forward_apply_act` (statistics constant): ``(dx, dweight, dbias, dresidual)``."""
+    return _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, False,
+                         need_input_grad, need_residual_grad)
+
+
 _DTYPES = (torch.float32, torch.float64)
+_OPS = frozenset({"forward_train", "forward_apply", "backward_train", "backward_apply", "forward_train_act",
+                  "forward_apply_act", "backward_train_act", "backward_apply_act"})
 
 
 def supports(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> bool:
     """Dense float32/float64 CPU tensors of at least :data:`MIN_NUMEL` elements, no mask, one group."""
-    if op not in ("forward_train", "forward_apply", "backward_train", "backward_apply"):
+    if op not in _OPS:
         return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2:
         return False

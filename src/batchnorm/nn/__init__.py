@@ -1,5 +1,13 @@
 """Batch-normalization layers (``torch.nn`` drop-ins and extensions)."""
 
+from .act import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    BatchNormAddAct1d,
+    BatchNormAddAct2d,
+    BatchNormAddAct3d,
+)
 from .freeze import freeze, from_torch, is_batchnorm, unfreeze
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .modules import (
@@ -19,6 +27,12 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "BatchNormAddAct1d",
+    "BatchNormAddAct2d",
+    "BatchNormAddAct3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",

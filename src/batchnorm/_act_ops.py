@@ -1,0 +1,301 @@
+"""Batch norm fused with an activation and an optional residual, as ``torch.library`` custom ops.
+
+* ``batchnorm::act_train_forward(x, weight, bias, residual, mask, eps, vbs, act, slope)
+  -> (y, mean, var, count)``: ``y = act(bn(x) + residual)`` with the batch's statistics;
+* ``batchnorm::act_apply_forward(x, mean, invstd, weight, bias, residual, act, slope) -> y``:
+  with given statistics (inference, frozen statistics);
+* ``batchnorm::act_inplace_train_forward(x, weight, bias, mask, eps, act, slope)``: the
+  in-place activated mode (Rota Bulo et al. 2018): autograd saves only the output ``y``, not
+  ``x``, and the backward recovers ``xhat`` from ``y`` (invertible activations only).
+
+Their backward ops recompute the activation's derivative from the saved input instead of
+storing the pre-activation. Each runs on the backend :func:`batchnorm.kernels.select` picks
+when that backend implements the fused functions, else on
+:mod:`batchnorm.kernels.reference_act`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from ._ops import _empty_like, _layout
+from .kernels import reference_act
+from .kernels.reference import acc_dtype, num_groups
+
+
+def backend_for(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> ModuleType:
+    """The backend that runs fused op ``op``: the selected one if it has it, else ``reference_act``."""
+    module = kernels.select(op, x, mask, vbs)
+    return module if hasattr(module, op) else reference_act
+
+
+def _out(t: Tensor | None, x: Tensor) -> Tensor:
+    return t.contiguous(memory_format=_layout(x)) if t is not None else x.new_empty(0)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@torch.library.custom_op("batchnorm::act_train_forward", mutates_args=())
+def act_train_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    mask: Tensor | None,
+    eps: float,
+    vbs: int,
+    act: str,
+    slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = backend_for("forward_train_act", x, mask, vbs)
+    y, mean, var, count = backend.forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope)
+    return y.contiguous(memory_format=_layout(x)), mean, var, count
+
+
+@act_train_forward.register_fake
+def _(x, weight, bias, residual, mask, eps, vbs, act, slope):
+    g = num_groups(x.shape[0], vbs)
+    acc = acc_dtype(x.dtype)
+    stat = x.new_empty((g, x.shape[1]), dtype=acc)
+    return _empty_like(x), stat, torch.empty_like(stat), x.new_empty((g,), dtype=acc)
+
+
+@torch.library.custom_op("batchnorm::act_train_backward", mutates_args=())
+def act_train_backward(
+    dy: Tensor,
+    x: Tensor,
+    residual: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    count: Tensor,
+    eps: float,
+    vbs: int,
+    act: str,
+    slope: float,
+    need_input_grad: bool,
+    need_residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = backend_for("backward_train_act", x, mask, vbs)
+    invstd = torch.rsqrt(var + eps)
+    dx, dw, db, dr = backend.backward_train_act(
+        dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
+        need_input_grad, need_residual_grad,
+    )
+    return _out(dx, x), dw, db, _out(dr, x)
+
+
+@act_train_backward.register_fake
+def _(dy, x, residual, mean, var, weight, bias, mask, count, eps, vbs, act, slope, need_x, need_r):
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
+    return (_empty_like(x) if need_x else x.new_empty(0), x.new_empty((c,), dtype=acc),
+            x.new_empty((c,), dtype=acc), _empty_like(x) if need_r else x.new_empty(0))
+
+
+def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, residual, mask, eps, vbs, act, slope = inputs
+    _, mean, var, count = output
+    ctx.save_for_backward(x, weight, bias, residual, mask, mean, var, count)
+    ctx.eps, ctx.vbs, ctx.act, ctx.slope = eps, vbs, act, slope
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.res_dtype = None if residual is None else residual.dtype
+
+
+def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
+    x, weight, bias, residual, mask, mean, var, count = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    dx, dw, db, dr = torch.ops.batchnorm.act_train_backward(
+        dy, x, residual, mean, var, weight, bias, mask, count, ctx.eps, ctx.vbs, ctx.act, ctx.slope,
+        need_x, need_r,
+    )
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+        dr.to(ctx.res_dtype) if need_r else None,
+        None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd("batchnorm::act_train_forward", _train_grad, setup_context=_train_setup)
+
+
+# ---------------------------------------------------------------------- given statistics
+
+
+@torch.library.custom_op("batchnorm::act_apply_forward", mutates_args=())
+def act_apply_forward(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    act: str,
+    slope: float,
+) -> Tensor:
+    backend = backend_for("forward_apply_act", x)
+    y = backend.forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope)
+    return y.contiguous(memory_format=_layout(x))
+
+
+@act_apply_forward.register_fake
+def _(x, mean, invstd, weight, bias, residual, act, slope):
+    return _empty_like(x)
+
+
+@torch.library.custom_op("batchnorm::act_apply_backward", mutates_args=())
+def act_apply_backward(
+    dy: Tensor,
+    x: Tensor,
+    residual: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    act: str,
+    slope: float,
+    need_input_grad: bool,
+    need_residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = backend_for("backward_apply_act", x)
+    dx, dw, db, dr = backend.backward_apply_act(
+        dy, x, residual, mean, invstd, weight, bias, act, slope, need_input_grad, need_residual_grad
+    )
+    return _out(dx, x), dw, db, _out(dr, x)
+
+
+@act_apply_backward.register_fake
+def _(dy, x, residual, mean, invstd, weight, bias, act, slope, need_x, need_r):
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
+    return (_empty_like(x) if need_x else x.new_empty(0), x.new_empty((c,), dtype=acc),
+            x.new_empty((c,), dtype=acc), _empty_like(x) if need_r else x.new_empty(0))
+
+
+def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, mean, invstd, weight, bias, residual, act, slope = inputs
+    ctx.save_for_backward(x, mean, invstd, weight, bias, residual)
+    ctx.act, ctx.slope = act, slope
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.res_dtype = None if residual is None else residual.dtype
+
+
+def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
+    x, mean, invstd, weight, bias, residual = ctx.saved_tensors
+    need_x, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:6]
+    dx, dw, db, dr = torch.ops.batchnorm.act_apply_backward(
+        dy, x, residual, mean, invstd, weight, bias, ctx.act, ctx.slope, need_x, need_r
+    )
+    return (
+        dx if need_x else None,
+        None,
+        None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+        dr.to(ctx.res_dtype) if need_r else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("batchnorm::act_apply_forward", _apply_grad, setup_context=_apply_setup)
+
+
+# ------------------------------------------------------------------- in-place activated
+
+
+@torch.library.custom_op("batchnorm::act_inplace_train_forward", mutates_args=())
+def act_inplace_train_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    eps: float,
+    act: str,
+    slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    reference_act.inverse(x.new_zeros(()), act, slope)  # raises for a non-invertible activation
+    backend = backend_for("forward_train_act", x, mask, 0)
+    y, mean, var, count = backend.forward_train_act(x, weight, bias, None, mask, eps, 0, act, slope)
+    return y.contiguous(memory_format=_layout(x)), mean, var, count
+
+
+@act_inplace_train_forward.register_fake
+def _(x, weight, bias, mask, eps, act, slope):
+    acc = acc_dtype(x.dtype)
+    stat = x.new_empty((1, x.shape[1]), dtype=acc)
+    return _empty_like(x), stat, torch.empty_like(stat), x.new_empty((1,), dtype=acc)
+
+
+@torch.library.custom_op("batchnorm::act_inplace_train_backward", mutates_args=())
+def act_inplace_train_backward(
+    dy: Tensor,
+    y: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    count: Tensor,
+    eps: float,
+    act: str,
+    slope: float,
+    need_input_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(y.dtype)
+    invstd = torch.rsqrt(var.to(acc) + eps)  # (1, C)
+    xhat, dact = reference_act.recover(y, weight, bias, act, slope)
+    g = (dy.to(acc) * dact).to(y.dtype)
+    xhat = xhat.to(y.dtype)
+    scale = invstd[0] if weight is None else invstd[0] * weight.to(acc)
+    backend = kernels.select("backward_train", xhat, mask, 0)
+    # with xhat as the input, mean 0 and invstd 1, the plain backward gives exactly the
+    # gradients of the layer when its weight is gamma * invstd
+    dx, dw, db = backend.backward_train(
+        g, xhat, torch.zeros_like(invstd), torch.ones_like(invstd), scale, mask, count, 0, need_input_grad
+    )
+    return _out(dx, y), dw, db
+
+
+@act_inplace_train_backward.register_fake
+def _(dy, y, var, weight, bias, mask, count, eps, act, slope, need_x):
+    acc = acc_dtype(y.dtype)
+    c = y.shape[1]
+    return (_empty_like(y) if need_x else y.new_empty(0), y.new_empty((c,), dtype=acc),
+            y.new_empty((c,), dtype=acc))
+
+
+def _inplace_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, mask, eps, act, slope = inputs
+    y, _, var, count = output
+    ctx.save_for_backward(y, weight, bias, mask, var, count)  # not x: the point of the mode
+    ctx.eps, ctx.act, ctx.slope = eps, act, slope
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _inplace_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
+    y, weight, bias, mask, var, count = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.batchnorm.act_inplace_train_backward(
+        dy, y, var, weight, bias, mask, count, ctx.eps, ctx.act, ctx.slope, need_x
+    )
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+        None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "batchnorm::act_inplace_train_forward", _inplace_grad, setup_context=_inplace_setup
+)

@@ -1,0 +1,171 @@
+"""Batch norm fused with an activation (and a residual add): one kernel pass forward.
+
+``BatchNormAct2d(64, act="relu")`` computes ``relu(bn(x))``; ``layer(x, residual)`` computes
+``relu(bn(x) + residual)`` (the residual block's tail), and :class:`BatchNormAddAct2d` makes the
+residual mandatory. The backward recomputes the activation's derivative from the saved input, so
+no pre-activation tensor is stored.
+
+``inplace_abn=True`` is the in-place activated mode of Rota Bulo et al. (2018), "In-Place
+Activated BatchNorm for Memory-Optimized Training of DNNs": for an invertible activation
+(``"leaky_relu"`` with a positive slope, or ``"identity"``) autograd keeps only the output and
+the backward recovers ``xhat = (act^{-1}(y) - beta) / gamma`` from it, so the input of the layer
+is not kept alive for the backward. Every ``gamma`` must be non-zero (checked); no residual, no
+ghost batches in that mode.
+
+Everything else (running statistics, freezing knobs, masks, ghost batches, ``nonfinite``) is the
+:class:`~batchnorm.nn.modules._NormBase` behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _act_ops  # noqa: F401  (registers torch.ops.batchnorm.act_*)
+from .. import functional as F
+from ..kernels import reference as _ref
+from ..kernels.reference_act import INVERTIBLE, activation, check_activation
+from .modules import _NormBase
+
+
+class _BatchNormActBase(_NormBase):
+    """Batch norm + activation (+ residual) with the state and knobs of :class:`_NormBase`."""
+
+    def __init__(self, num_features: int, act: str = "relu", eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 device: Any = None, dtype: Any = None, *, negative_slope: float = 0.01,
+                 inplace_abn: bool = False, **kwargs: Any) -> None:
+        check_activation(act)
+        if inplace_abn:
+            if act not in INVERTIBLE:
+                raise ValueError(
+                    f"inplace_abn=True needs an invertible activation {INVERTIBLE}, got act={act!r}; "
+                    "use act='leaky_relu' (Rota Bulo et al. use slope 0.01) or inplace_abn=False"
+                )
+            if act == "leaky_relu" and not negative_slope > 0:
+                raise ValueError(f"inplace_abn=True needs negative_slope > 0, got {negative_slope}")
+            if kwargs.get("virtual_batch_size"):
+                raise ValueError("inplace_abn=True does not support virtual_batch_size (ghost batches)")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.act = act
+        self.negative_slope = float(negative_slope)
+        self.inplace_abn = bool(inplace_abn)
+
+    def extra_repr(self) -> str:
+        extra = f", act={self.act!r}"
+        if self.act == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        if self.inplace_abn:
+            extra += ", inplace_abn=True"
+        return super().extra_repr() + extra
+
+    def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """``act(bn(input) + residual)``; ``mask`` marks valid positions as in :class:`BatchNorm1d`."""
+        self._check_input_dim(input)
+        has_running = self.running_mean is not None and self.running_var is not None
+        normalize_with_batch = (self.training and not self.use_running_stats) or not has_running
+        update = self.training and self.update_running_stats and has_running
+        y, accepted = self._normalize_act(input, residual, mask, normalize_with_batch, update)
+        if accepted is not None and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(accepted.to(device=self.num_batches_tracked.device, dtype=torch.long))
+        return y
+
+    def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
+                   update: bool) -> tuple[Tensor, Tensor | None]:
+        return self._normalize_act(x, None, mask, normalize_with_batch, update)
+
+    def _normalize_act(self, x: Tensor, residual: Tensor | None, mask: Tensor | None,
+                       normalize_with_batch: bool, update: bool) -> tuple[Tensor, Tensor | None]:
+        weight, bias = self._affine()
+        vbs = (self.virtual_batch_size or 0) if normalize_with_batch else 0
+        F.check_input(x, self.running_mean, self.running_var, weight, bias,
+                      training=normalize_with_batch or update, eps=self.eps, mask=mask,
+                      virtual_batch_size=vbs or None)
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(
+                f"residual of shape {tuple(residual.shape)} must have the input's shape {tuple(x.shape)}"
+            )
+        slope = self.negative_slope
+        if x.numel() == 0:
+            y = x.clone() if residual is None else x + residual
+            return activation(y, self.act, slope), (torch.zeros((), dtype=torch.bool) if update else None)
+        kmask = F._mask_for_kernels(mask, x)
+        momentum = self._momentum_factor() if update else 0.0
+        accepted = None
+        rm, rv = self.running_mean, self.running_var
+        if normalize_with_batch:
+            if self.inplace_abn:
+                if residual is not None:
+                    raise ValueError("inplace_abn=True takes no residual (the output alone must give x back)")
+                if weight is not None and not F._compiling() and bool((weight == 0).any()):
+                    raise ValueError("inplace_abn=True needs every weight (gamma) non-zero to recover x from y")
+                y, mean, var, count = torch.ops.batchnorm.act_inplace_train_forward(
+                    x, weight, bias, kmask, self.eps, self.act, slope)
+            else:
+                y, mean, var, count = torch.ops.batchnorm.act_train_forward(
+                    x, weight, bias, residual, kmask, self.eps, vbs, self.act, slope)
+            if update:
+                stats = F._whole_batch(mean.detach(), var.detach(), count)
+                accepted = F.update_running_stats(rm, rv, stats, momentum, self.nonfinite)  # type: ignore[arg-type]
+            return y, accepted
+        assert rm is not None and rv is not None
+        if update:
+            stats = F._whole_batch(*_ref.stats(x.detach(), kmask, 0))
+            rm, rv = rm.clone(), rv.clone()
+            accepted = F.update_running_stats(self.running_mean, self.running_var, stats, momentum,  # type: ignore[arg-type]
+                                              self.nonfinite)
+        acc = _ref.acc_dtype(x.dtype)
+        invstd = torch.rsqrt(rv.detach().to(acc) + self.eps)
+        y = torch.ops.batchnorm.act_apply_forward(x, rm.detach().to(acc), invstd, weight, bias, residual,
+                                                  self.act, slope)
+        return y, accepted
+
+
+class BatchNormAct1d(_BatchNormActBase):
+    """``act(BatchNorm1d(x) [+ residual])`` on ``(N, C)`` or ``(N, C, L)``, fused."""
+
+    _valid_dims = (2, 3)
+
+
+class BatchNormAct2d(_BatchNormActBase):
+    """``act(BatchNorm2d(x) [+ residual])`` on ``(N, C, H, W)``, fused (NCHW or channels_last)."""
+
+    _valid_dims = (4,)
+
+
+class BatchNormAct3d(_BatchNormActBase):
+    """``act(BatchNorm3d(x) [+ residual])`` on ``(N, C, D, H, W)``, fused."""
+
+    _valid_dims = (5,)
+
+
+class _AddActMixin:
+    def forward(self, input: Tensor, residual: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """``act(bn(input) + residual)``: the tail of a residual block in one pass."""
+        if residual is None:
+            raise TypeError(f"{type(self).__name__} needs a residual: layer(x, residual)")
+        return super().forward(input, residual, mask)  # type: ignore[misc]
+
+
+class BatchNormAddAct1d(_AddActMixin, BatchNormAct1d):
+    """Residual variant of :class:`BatchNormAct1d`: ``act(bn(x) + residual)``."""
+
+
+class BatchNormAddAct2d(_AddActMixin, BatchNormAct2d):
+    """Residual variant of :class:`BatchNormAct2d`: ``act(bn(x) + residual)``."""
+
+
+class BatchNormAddAct3d(_AddActMixin, BatchNormAct3d):
+    """Residual variant of :class:`BatchNormAct3d`: ``act(bn(x) + residual)``."""
+
+
+__all__ = [
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "BatchNormAddAct1d",
+    "BatchNormAddAct2d",
+    "BatchNormAddAct3d",
+]

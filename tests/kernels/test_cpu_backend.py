@@ -1,0 +1,163 @@
+"""The numba CPU backend against the float64 reference backend."""
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm.kernels import reference as ref
+
+pytest.importorskip("numba")
+
+SHAPES = [
+    (4, 6, 5, 7),  # odd sizes
+    (3, 1, 33, 17),  # C = 1 (split path)
+    (5, 3, 11, 13),  # C not a multiple of the thread count (split path)
+    (64, 7),  # 2D: rows
+    (2, 5, 9),  # 3D
+    (2, 4, 3, 5, 6),  # 5D
+    (2, 16, 1, 1),  # one position per sample
+    (1, 8, 40, 41),  # N = 1
+]
+LAYOUTS = ["contiguous", "channels_last", "noncontiguous"]
+
+
+def make(shape, layout, dtype):
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    if layout == "channels_last":
+        if x.dim() not in (4, 5):
+            pytest.skip("channels_last needs 4D/5D")
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return x.to(dtype).contiguous(memory_format=fmt)
+    if layout == "noncontiguous":
+        return torch.cat([x, x], dim=-1).to(dtype)[..., ::2]
+    return x.to(dtype)
+
+
+def tol(dtype):
+    return {"atol": 2e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-11, "rtol": 1e-10}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_backward_vs_reference(cpu_backend, shape, layout, dtype):
+    cpu = cpu_backend
+    x = make(shape, layout, dtype)
+    c = x.shape[1]
+    w = torch.randn(c, dtype=dtype)
+    b = torch.randn(c, dtype=dtype)
+    eps = 1e-5
+    y, mean, var, count = cpu.forward_train(x, w, b, None, eps, 0)
+    y64, mean64, var64, count64 = ref.forward_train(x.double(), w.double(), b.double(), None, eps, 0)
+    t = tol(dtype)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert mean.shape == (1, c) and var.shape == (1, c) and count.shape == (1,)
+    torch.testing.assert_close(y.double(), y64, **t)
+    torch.testing.assert_close(mean.double(), mean64, **t)
+    torch.testing.assert_close(var.double(), var64, **t)
+    assert count.item() == count64.item()
+    if layout == "channels_last":
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        assert y.is_contiguous(memory_format=fmt)  # keeps the layout
+
+    dy = torch.randn(x.shape, dtype=dtype)
+    inv = torch.rsqrt(var + eps)
+    inv64 = torch.rsqrt(var64 + eps)
+    dx, dw, db = cpu.backward_train(dy, x, mean, inv, w, None, count, 0, True)
+    dx64, dw64, db64 = ref.backward_train(dy.double(), x.double(), mean64, inv64, w.double(), None, count64, 0)
+    torch.testing.assert_close(dx.double(), dx64, **t)
+    torch.testing.assert_close(dw.double(), dw64, **t)
+    torch.testing.assert_close(db.double(), db64, **t)
+    dx_none, dw2, _ = cpu.backward_train(dy, x, mean, inv, w, None, count, 0, False)
+    assert dx_none is None
+    torch.testing.assert_close(dw2.double(), dw64, **t)
+
+    ya = cpu.forward_apply(x, mean[0], inv[0], w, b)
+    ya64 = ref.forward_apply(x.double(), mean64[0], inv64[0], w.double(), b.double())
+    torch.testing.assert_close(ya.double(), ya64, **t)
+    dxa, dwa, dba = cpu.backward_apply(dy, x, mean[0], inv[0], w, True)
+    dxa64, dwa64, dba64 = ref.backward_apply(dy.double(), x.double(), mean64[0], inv64[0], w.double())
+    torch.testing.assert_close(dxa.double(), dxa64, **t)
+    torch.testing.assert_close(dwa.double(), dwa64, **t)
+    torch.testing.assert_close(dba.double(), dba64, **t)
+
+
+def test_no_affine_and_large_mean(cpu_backend):
+    """No weight/bias; a mean far from zero (the one-pass variance would cancel)."""
+    cpu = cpu_backend
+    x = torch.randn(8, 3, 20, 20) * 0.01 + 1000.0
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        y, mean, var, _ = cpu.forward_train(xx, None, None, None, 1e-5, 0)
+        _, mean64, var64, _ = ref.forward_train(xx.double(), None, None, None, 1e-5, 0)
+        torch.testing.assert_close(var.double(), var64, rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-4)
+
+
+def test_nan_propagates(cpu_backend):
+    x = torch.randn(4, 3, 8, 8)
+    x[1, 2, 3, 4] = float("nan")
+    _, mean, var, _ = cpu_backend.forward_train(x, None, None, None, 1e-5, 0)
+    assert torch.isnan(mean[0, 2]) and torch.isnan(var[0, 2])
+    assert torch.isfinite(mean[0, :2]).all()
+
+
+def test_dispatch_picks_cpu_for_large_and_reference_otherwise():
+    from batchnorm import kernels
+
+    cpu = pytest.importorskip("batchnorm.kernels.cpu")
+    big = torch.randn(8, 16, 32, 32)
+    assert kernels.select("forward_train", big) is cpu
+    assert kernels.select("forward_train", big.half()) is kernels.reference
+    assert kernels.select("forward_train", torch.randn(2, 3, 4, 4)) is kernels.reference
+    mask = torch.ones(8, 1, 32, 32, dtype=torch.bool)
+    assert kernels.select("forward_train", big, mask) is kernels.reference
+    assert kernels.select("forward_train", big, None, 4) is kernels.reference
+    with batchnorm.use_backend("reference"):
+        assert kernels.select("forward_train", big) is kernels.reference
+    with batchnorm.use_backend("cpu"):
+        assert kernels.select("forward_train", big, mask) is kernels.reference  # falls back
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_through_cpu_backend_matches_torch(channels_last):
+    pytest.importorskip("batchnorm.kernels.cpu")
+    torch.manual_seed(1)
+    x = torch.randn(8, 16, 24, 24, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours = batchnorm.BatchNorm2d(16).double()
+    theirs = torch.nn.BatchNorm2d(16).double()
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 2, 16))
+            m.bias.copy_(torch.linspace(-1, 1, 16))
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    with batchnorm.use_backend("cpu"):
+        ya = ours(xa)
+        (ya * torch.arange(ya.numel(), dtype=ya.dtype).reshape(ya.shape).sin()).sum().backward()
+    yb = theirs(xb)
+    (yb * torch.arange(yb.numel(), dtype=yb.dtype).reshape(yb.shape).sin()).sum().backward()
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.eval()
+    theirs.eval()
+    with batchnorm.use_backend("cpu"):
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_gradcheck_through_cpu_backend(cpu_backend):
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    with batchnorm.use_backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: torch.ops.batchnorm.train_forward(x, w, b, None, 1e-5, 0)[0], (x, w, b)
+        )
+        mean = torch.randn(2, dtype=torch.float64)
+        inv = torch.rand(2, dtype=torch.float64) + 0.5
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: torch.ops.batchnorm.apply_forward(x, mean, inv, w, b), (x, w, b)
+        )
