@@ -32,6 +32,14 @@ def _layout(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch < 2.5 lacks it
+
+
+def _tracing() -> bool:
+    """Whether torch.compile/torch.export is tracing (then the registered ops must be used)."""
+    return torch.compiler.is_compiling() or _is_exporting()
+
+
 def _empty_like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
 
@@ -48,6 +56,10 @@ def train_forward(
     eps: float,
     vbs: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _train_forward_impl(x, weight, bias, mask, eps, vbs)
+
+
+def _train_forward_impl(x, weight, bias, mask, eps, vbs):  # type: ignore[no-untyped-def]
     backend = kernels.select("forward_train", x, mask, vbs)
     y, mean, var, count = backend.forward_train(x, weight, bias, mask, eps, vbs)
     return y.contiguous(memory_format=_layout(x)), mean, var, count
@@ -74,6 +86,10 @@ def train_backward(
     vbs: int,
     need_input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _train_backward_impl(dy, x, mean, var, weight, mask, count, eps, vbs, need_input_grad)
+
+
+def _train_backward_impl(dy, x, mean, var, weight, mask, count, eps, vbs, need_input_grad):  # type: ignore[no-untyped-def]
     backend = kernels.select("backward_train", x, mask, vbs)
     invstd = torch.rsqrt(var + eps)
     dx, dw, db = backend.backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad)
@@ -92,6 +108,7 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, weight, bias, mask, eps, vbs = inputs
     _, mean, var, count = output
     ctx.save_for_backward(x, weight, mask, mean, var, count)
+    ctx.mark_non_differentiable(mean, var, count)
     ctx.eps, ctx.vbs = eps, vbs
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -99,9 +116,8 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, mask, mean, var, count = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw, db = torch.ops.batchnorm.train_backward(
-        dy, x, mean, var, weight, mask, count, ctx.eps, ctx.vbs, need_x
-    )
+    backward = torch.ops.batchnorm.train_backward if _tracing() else _train_backward_impl
+    dx, dw, db = backward(dy, x, mean, var, weight, mask, count, ctx.eps, ctx.vbs, need_x)
     return (
         dx if need_x else None,
         dw.to(weight.dtype) if need_w else None,
@@ -122,6 +138,10 @@ torch.library.register_autograd("batchnorm::train_forward", _train_grad, setup_c
 def apply_forward(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
+    return _apply_forward_impl(x, mean, invstd, weight, bias)
+
+
+def _apply_forward_impl(x, mean, invstd, weight, bias):  # type: ignore[no-untyped-def]
     backend = kernels.select("forward_apply", x)
     return backend.forward_apply(x, mean, invstd, weight, bias).contiguous(memory_format=_layout(x))
 
@@ -135,6 +155,10 @@ def _(x, mean, invstd, weight, bias):
 def apply_backward(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_input_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _apply_backward_impl(dy, x, mean, invstd, weight, need_input_grad)
+
+
+def _apply_backward_impl(dy, x, mean, invstd, weight, need_input_grad):  # type: ignore[no-untyped-def]
     backend = kernels.select("backward_apply", x)
     dx, dw, db = backend.backward_apply(dy, x, mean, invstd, weight, need_input_grad)
     dx = dx.contiguous(memory_format=_layout(x)) if dx is not None else x.new_empty(0)
@@ -157,7 +181,8 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, invstd, weight = ctx.saved_tensors
     need_x, _, _, need_w, need_b = ctx.needs_input_grad
-    dx, dw, db = torch.ops.batchnorm.apply_backward(dy, x, mean, invstd, weight, need_x)
+    backward = torch.ops.batchnorm.apply_backward if _tracing() else _apply_backward_impl
+    dx, dw, db = backward(dy, x, mean, invstd, weight, need_x)
     return (
         dx if need_x else None,
         None,
@@ -168,3 +193,46 @@ def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
 
 
 torch.library.register_autograd("batchnorm::apply_forward", _apply_grad, setup_context=_apply_setup)
+
+
+# ------------------------------------------------------------------ eager entry points
+#
+# The registered ops are what torch.compile and torch.export see. In eager mode the same
+# implementations and autograd formulas run through a plain autograd.Function, which skips
+# the Python dispatch of torch.library (a large share of the cost for small tensors).
+
+
+class _TrainForward(torch.autograd.Function):
+    # forward(ctx, ...) style: a separate setup_context makes autograd bind arguments with inspect
+    @staticmethod
+    def forward(ctx, *inputs):  # type: ignore[no-untyped-def]
+        output = _train_forward_impl(*inputs)
+        _train_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_train_grad)
+
+
+class _ApplyForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):  # type: ignore[no-untyped-def]
+        output = _apply_forward_impl(*inputs)
+        _apply_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_apply_grad)
+
+
+def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, eps: float,
+          vbs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode normalization: ``(y, mean, var, count)`` (see ``batchnorm::train_forward``)."""
+    if _tracing():
+        return torch.ops.batchnorm.train_forward(x, weight, bias, mask, eps, vbs)
+    return _TrainForward.apply(x, weight, bias, mask, eps, vbs)
+
+
+def apply(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Normalization with given statistics (see ``batchnorm::apply_forward``)."""
+    if _tracing():
+        return torch.ops.batchnorm.apply_forward(x, mean, invstd, weight, bias)
+    return _ApplyForward.apply(x, mean, invstd, weight, bias)

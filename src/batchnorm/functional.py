@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (registers torch.ops.batchnorm.*)
+from . import _ops
 from .kernels import reference as _ref
 
 NONFINITE_MODES = ("skip", "raise", "propagate")
@@ -313,7 +313,7 @@ def batch_norm_with_update(
     vbs = virtual_batch_size or 0
     accepted = None
     if normalize_with_batch:
-        y, mean, var, count = torch.ops.batchnorm.train_forward(input, weight, bias, kmask, eps, vbs)
+        y, mean, var, count = _ops.train(input, weight, bias, kmask, eps, vbs)
         if update:
             stats = _whole_batch(mean.detach(), var.detach(), count)
             accepted = update_running_stats(running_mean, running_var, stats, momentum, nonfinite)  # type: ignore[arg-type]
@@ -337,7 +337,7 @@ def apply_stats(
     """
     acc = _ref.acc_dtype(input.dtype)
     invstd = torch.rsqrt(var.detach().to(acc) + eps)
-    return torch.ops.batchnorm.apply_forward(input, mean.detach().to(acc), invstd, weight, bias)
+    return _ops.apply(input, mean.detach().to(acc), invstd, weight, bias)
 
 
 # ----------------------------------------------------------------------- renormalization
@@ -403,7 +403,7 @@ def batch_renorm(
     if input.numel() == 0:
         return input.clone(), (torch.zeros((), dtype=torch.bool) if update else None)
     vbs = virtual_batch_size or 0
-    xhat, mean, var, count = torch.ops.batchnorm.train_forward(
+    xhat, mean, var, count = _ops.train(
         input, None, None, _mask_for_kernels(mask, input), eps, vbs
     )
     acc = mean.dtype
