@@ -1,0 +1,252 @@
+"""``batchnorm bench``: our kernels against torch's native batch norm, side by side in one process.
+
+For each case (shape, layout, dtype, pass) it times our public op and torch's native one
+(optionally ``torch.compile`` of torch's), interleaving the repeats so that both see the same
+machine load, and reports the medians, the ratio ``torch / ours`` (> 1: ours is faster), our
+effective bandwidth over the pass's memory floor (``../shared/DESIGN.md``: bytes the pass must
+move at least) and that bandwidth as a fraction of this machine's measured copy bandwidth.
+
+Passes:
+
+* ``train``: training forward, ``batchnorm.functional.batch_norm(training=True)`` vs
+  ``torch.nn.functional.batch_norm`` (both update running statistics). Floor 1R+1W.
+* ``eval``: inference forward with running statistics. Floor 1R+1W.
+* ``backward``: the training backward op (dx, dgamma, dbeta) vs ATen's
+  ``native_batch_norm_backward``. Floor 2R+1W.
+* ``bn_relu``: fused BN+ReLU forward+backward (``BatchNormAct``'s op) vs ATen BN then
+  ``relu_`` with autograd. Floor 1R+1W forward + 2R+1W backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+
+PASSES = ("train", "eval", "backward", "bn_relu")
+FLOOR_PASSES = {"train": 2, "eval": 2, "backward": 3, "bn_relu": 5}  # tensor-sized reads + writes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
+                      warmup: int = 3) -> dict[str, dict[str, float]]:
+    """Median and min seconds of each function, repeats interleaved (a, b, c, a, b, c, ...)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(_clock(fn, device))
+    return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 30) -> float:
+    """Measured bytes/s of ``dst.copy_(src)`` (one read + one write) on a buffer of ``nbytes``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_side_by_side({"copy": lambda: dst.copy_(src)}, repeats, device)["copy"]["median"]
+    return 2 * src.numel() * 4 / t
+
+
+def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: torch.device,
+                passes: tuple[str, ...], with_compile: bool) -> list[tuple[str, dict[str, Callable[[], Any]]]]:
+    import batchnorm.functional as F
+    from batchnorm import _act_ops  # noqa: F401
+
+    c = shape[1]
+    x = torch.randn(shape, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    w = torch.rand(c, dtype=dtype, device=device) + 0.5
+    b = torch.randn(c, dtype=dtype, device=device)
+    rm_ours, rv_ours = torch.zeros(c, device=device), torch.ones(c, device=device)
+    rm_t, rv_t = torch.zeros(c, device=device), torch.ones(c, device=device)
+    dy = torch.randn_like(x)
+    eps = 1e-5
+    cases: list[tuple[str, dict[str, Callable[[], Any]]]] = []
+    compiled = None
+    if with_compile:
+        compiled = torch.compile(TF.batch_norm, dynamic=False)
+    if "train" in passes:
+        fns = {
+            "ours": lambda: F.batch_norm(x, rm_ours, rv_ours, w, b, True, 0.1, eps),
+            "torch": lambda: TF.batch_norm(x, rm_t, rv_t, w, b, True, 0.1, eps),
+        }
+        if compiled is not None:
+            fns["compile"] = lambda: compiled(x, rm_t, rv_t, w, b, True, 0.1, eps)
+        cases.append(("train", fns))
+    if "eval" in passes:
+        fns = {
+            "ours": lambda: F.batch_norm(x, rm_ours, rv_ours, w, b, False, 0.1, eps),
+            "torch": lambda: TF.batch_norm(x, rm_t, rv_t, w, b, False, 0.1, eps),
+        }
+        if compiled is not None:
+            fns["compile"] = lambda: compiled(x, rm_t, rv_t, w, b, False, 0.1, eps)
+        cases.append(("eval", fns))
+    if "backward" in passes:
+        _, mean, var, count = torch.ops.batchnorm.train_forward(x, w, b, None, eps, 0)
+        _, smean, sinv, _, _ = torch.ops.aten._batch_norm_impl_index(x, w, b, rm_t, rv_t, True, 0.1, eps, True)
+        mask3 = [True, True, True]
+        cases.append(("backward", {
+            "ours": lambda: torch.ops.batchnorm.train_backward(dy, x, mean, var, w, None, count, eps, 0, True),
+            "torch": lambda: torch.ops.aten.native_batch_norm_backward(
+                dy, x, w, rm_t, rv_t, smean, sinv, True, eps, mask3),
+        }))
+    if "bn_relu" in passes:
+        xg = x.detach().clone().requires_grad_()
+        wg = w.detach().clone().requires_grad_()
+        bg = b.detach().clone().requires_grad_()
+
+        def ours_act() -> None:
+            y = torch.ops.batchnorm.act_train_forward(xg, wg, bg, None, None, eps, 0, "relu", 0.0)[0]
+            torch.autograd.backward(y, dy)
+
+        def torch_act() -> None:
+            y = TF.batch_norm(xg, rm_t, rv_t, wg, bg, True, 0.1, eps)
+            y.relu_()
+            torch.autograd.backward(y, dy)
+
+        fns = {"ours": ours_act, "torch": torch_act}
+        if with_compile:
+            cact = torch.compile(lambda t: TF.batch_norm(t, rm_t, rv_t, wg, bg, True, 0.1, eps).relu(),
+                                 dynamic=False)
+            fns["compile"] = lambda: torch.autograd.backward(cact(xg), dy)
+        cases.append(("bn_relu", fns))
+        for t in (xg, wg, bg):
+            t.grad = None
+    return cases
+
+
+def run(shapes: list[tuple[int, ...]], layouts: list[str], dtypes: list[torch.dtype], passes: tuple[str, ...],
+        device: torch.device, repeats: int, with_compile: bool, log: Callable[[str], None] = print
+        ) -> dict[str, Any]:
+    """Measure every case; returns the JSON-ready result (machine, copy bandwidth, rows)."""
+    biggest = max(int(torch.tensor(s).prod()) for s in shapes) * 4
+    bw = copy_bandwidth(biggest, device)
+    rows = []
+    for shape in shapes:
+        for layout in layouts:
+            if layout == "channels_last" and len(shape) not in (4, 5):
+                continue
+            for dtype in dtypes:
+                for pname, fns in _make_cases(shape, layout, dtype, device, passes, with_compile):
+                    t = time_side_by_side(fns, repeats, device)
+                    nbytes = FLOOR_PASSES[pname] * int(torch.tensor(shape).prod()) * torch.finfo(dtype).bits // 8
+                    ours = t["ours"]["median"]
+                    row = {
+                        "shape": list(shape), "layout": layout, "dtype": str(dtype).replace("torch.", ""),
+                        "pass": pname, "ours_ms": ours * 1e3, "torch_ms": t["torch"]["median"] * 1e3,
+                        "ours_min_ms": t["ours"]["min"] * 1e3, "torch_min_ms": t["torch"]["min"] * 1e3,
+                        "ratio": t["torch"]["median"] / ours,
+                        "floor_bytes": nbytes, "gbps": nbytes / ours / 1e9, "copy_fraction": nbytes / ours / bw,
+                    }
+                    if "compile" in t:
+                        row["compile_ms"] = t["compile"]["median"] * 1e3
+                    rows.append(row)
+                    log(f"{pname:9s} {layout:13s} {row['ratio']:.2f}x")
+    return {
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "copy_gbps": bw / 1e9,
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
+def render(result: dict[str, Any]) -> None:
+    """Print the rows as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    has_compile = any("compile_ms" in r for r in result["rows"])
+    m = result["machine"]
+    table = Table(title=f"batchnorm bench: {m['device']}, {m['threads']} threads, copy "
+                        f"{result['copy_gbps']:.1f} GB/s, median of {result['repeats']}")
+    for col in ("shape", "layout", "dtype", "pass", "ours ms", "torch ms", *(["compile ms"] if has_compile else []),
+                "torch/ours", "GB/s", "of copy"):
+        table.add_column(col, justify="right" if col not in ("layout", "pass") else "left")
+    for r in result["rows"]:
+        table.add_row(
+            "x".join(map(str, r["shape"])), r["layout"], r["dtype"], r["pass"], f"{r['ours_ms']:.2f}",
+            f"{r['torch_ms']:.2f}", *([f"{r['compile_ms']:.2f}" if "compile_ms" in r else "-"] if has_compile else []),
+            f"{r['ratio']:.2f}x", f"{r['gbps']:.1f}", f"{r['copy_fraction']:.0%}",
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v)
+
+
+def handler(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device available")
+        return 2
+    dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
+    passes = tuple(p for p in args.passes.split(",") if p)
+    unknown = set(passes) - set(PASSES)
+    if unknown:
+        print(f"unknown passes {sorted(unknown)}; choose from {PASSES}")
+        return 2
+    result = run([_parse_shape(s) for s in args.shape], args.layouts.split(","), dtypes, passes, device,
+                 args.repeats, args.compile, log=(lambda s: None) if args.quiet else print)
+    render(result)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("bench", help="time our batch-norm kernels against torch's native ones",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", action="append", default=None,
+                   help="input shape N,C,H,W (repeatable; default 32,64,56,56)")
+    p.add_argument("--layouts", default="contiguous,channels_last", help="contiguous,channels_last")
+    p.add_argument("--dtype", default="float32", help="comma-separated: float32,float64 (GPU: bfloat16,...)")
+    p.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated subset of {','.join(PASSES)}")
+    p.add_argument("--repeats", type=int, default=30, help="timed repeats per case (median reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch (and numba) threads; 0: torch's default")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of torch's batch norm")
+    p.add_argument("--json", default="bench.json", help="where to write the results ('' for nowhere)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run_with_defaults)
+
+
+def _run_with_defaults(args: argparse.Namespace) -> int:
+    if not args.shape:
+        args.shape = ["32,64,56,56"]
+    return handler(args)

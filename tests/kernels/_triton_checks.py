@@ -1,0 +1,86 @@
+"""Triton backend checks, run under Triton's CPU interpreter by test_triton.py (a subprocess:
+the interpreter must be chosen before triton is imported). Exit code 0 when every check passes."""
+
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("BATCHNORM_TRITON") == "1"
+
+import batchnorm  # noqa: E402
+from batchnorm.kernels import reference_act as ra  # noqa: E402
+from batchnorm.kernels import triton_gpu as tg  # noqa: E402
+
+torch.manual_seed(0)
+assert "triton" in batchnorm.available_backends()
+failures = []
+
+
+def close(name, a, e, atol=2e-4, rtol=2e-4):
+    try:
+        torch.testing.assert_close(a.double(), e.double(), atol=atol, rtol=rtol)
+    except AssertionError as exc:
+        failures.append(f"{name}: {exc}")
+
+
+CASES = [((3, 5, 4, 7), "nchw"), ((3, 5, 4, 7), "cl"), ((17, 1), "nchw"), ((2, 3, 9), "nchw"),
+         ((2, 3, 2, 3, 5), "cl"), ((70, 40), "nchw"), ((2, 40, 3, 5), "nc")]
+for shape, layout in CASES:
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if layout == "nc":
+        x = torch.cat([x, x], -1)[..., ::2]
+    c = shape[1]
+    w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    r = torch.randn(shape, dtype=torch.float64)
+    dy = torch.randn(shape, dtype=torch.float64)
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = {} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
+        xs = x.to(dtype)
+        for act in ("identity", "relu", "leaky_relu", "silu", "gelu"):
+            res = r.to(dtype) if act != "identity" else None
+            res64 = res.double() if res is not None else None
+            xs64 = xs.double()
+            tag = f"{shape} {layout} {dtype} {act}"
+            y, m, v, n = tg.forward_train_act(xs, w, b, res, None, 1e-5, 0, act, 0.1)
+            y64, m64, v64, n64 = ra.forward_train_act(xs64, w, b, res64, None, 1e-5, 0, act, 0.1)
+            close(f"fwd y {tag}", y, y64, **tol)
+            close(f"fwd mean {tag}", m, m64)
+            close(f"fwd var {tag}", v, v64, atol=1e-4, rtol=1e-3)
+            assert y.dtype == dtype and y.shape == xs.shape and y.stride() == tg._dense(xs).stride()
+            inv = torch.rsqrt(v64 + 1e-5)
+            got = tg.backward_train_act(dy.to(dtype), xs, res, m64, inv, w, b, None, n64, 0, act, 0.1, True, True)
+            exp = ra.backward_train_act(dy.to(dtype).double(), xs64, res64, m64, inv, w, b, None, n64, 0, act, 0.1,
+                                        True, True)
+            for part, a_, e_ in zip(("dx", "dw", "db", "dr"), got, exp):
+                close(f"bwd {part} {tag}", a_, e_, **({"atol": 2e-3, "rtol": 2e-3} if not tol else tol))
+            ya = tg.forward_apply_act(xs, m64[0], inv[0], w, b, res, act, 0.1)
+            close(f"apply {tag}", ya, ra.forward_apply_act(xs64, m64[0], inv[0], w, b, res64, act, 0.1), **tol)
+            got = tg.backward_apply_act(dy.to(dtype), xs, res, m64[0], inv[0], w, b, act, 0.1, True, True)
+            exp = ra.backward_apply_act(dy.to(dtype).double(), xs64, res64, m64[0], inv[0], w, b, act, 0.1, True, True)
+            for part, a_, e_ in zip(("dx", "dw", "db", "dr"), got, exp):
+                close(f"apply bwd {part} {tag}", a_, e_, **({"atol": 2e-3, "rtol": 2e-3} if not tol else tol))
+
+# through the public layer, the dispatcher choosing triton
+x = torch.randn(4, 3, 5, 5, requires_grad=True)
+layer = batchnorm.BatchNormAct2d(3, act="relu")
+ref_layer = torch.nn.BatchNorm2d(3)
+with batchnorm.use_backend("triton"):
+    from batchnorm import kernels
+
+    assert kernels.select("forward_train", x.detach()) is tg
+    y = layer(x)
+y2 = torch.relu(ref_layer(x))
+close("layer", y, y2, atol=1e-5, rtol=1e-5)
+g1 = torch.autograd.grad(y.sum(), x)[0]
+g2 = torch.autograd.grad(y2.sum(), x)[0]
+close("layer grad", g1, g2, atol=1e-5, rtol=1e-5)
+close("running_var", layer.running_var, ref_layer.running_var, atol=1e-6, rtol=1e-5)
+
+if failures:
+    print("\n".join(failures[:20]))
+    print(f"{len(failures)} failures")
+    sys.exit(1)
+print("triton interpreter checks passed")

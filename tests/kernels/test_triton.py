@@ -1,0 +1,29 @@
+"""The Triton backend, on the CPU under Triton's interpreter (tiny shapes; a subprocess, because
+the interpreter has to be chosen before triton is imported)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_triton_kernels_under_interpreter():
+    script = Path(__file__).with_name("_triton_checks.py")
+    env = dict(os.environ, TRITON_INTERPRET="1", BATCHNORM_TRITON="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "checks passed" in proc.stdout
+
+
+def test_triton_not_registered_without_gpu_or_interpreter():
+    import torch
+
+    import batchnorm
+
+    if torch.cuda.is_available() or os.environ.get("BATCHNORM_TRITON") == "1":
+        pytest.skip("a GPU (or the interpreter) is present")
+    assert "triton" not in batchnorm.available_backends()
