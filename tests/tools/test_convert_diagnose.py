@@ -112,6 +112,7 @@ def test_diagnose_values_against_direct_computation_and_state_untouched():
     B.recalibrate(model, data)
     d2 = B.diagnose(model, data, show=False)
     assert d2.layers[0].mean_shift < 1e-4 and d2.layers[0].gap < row.gap
+    assert not any("update(s) with momentum" in w for w in d2.layers[0].warnings)  # statistics are right now
 
 
 def test_diagnose_warnings_train_mode_frozen_tiny_nonfinite(capsys):

@@ -219,19 +219,6 @@ def _row(name: str, bn: nn.Module, probe: _Probe) -> LayerDiagnosis:
     rm, rv = bn.running_mean.double(), bn.running_var.double()
     if not (torch.isfinite(rm).all() and torch.isfinite(rv).all()):
         row.warnings.append("non-finite running statistics (NaN/inf): eval outputs are garbage; recalibrate")
-    if row.updates is not None and not row.frozen:
-        if momentum is not None and momentum > 0:
-            row.init_weight = (1.0 - momentum) ** row.updates
-            if row.init_weight > 0.05:
-                needed = math.ceil(math.log(0.05) / math.log(1 - momentum)) if momentum < 1 else 1
-                row.warnings.append(
-                    f"only {row.updates} update(s) with momentum {momentum}: {row.init_weight:.0%} of the running "
-                    f"statistics is still the initialization (needs ~{needed} "
-                    "updates); recalibrate(model, data)"
-                )
-        elif row.updates == 0:
-            row.init_weight = 1.0
-            row.warnings.append("never updated: running statistics are the initialization")
     if probe.stats:
         means, vars_, counts = zip(*probe.stats)
         pop = F.combine_stats(torch.stack(means), torch.stack(vars_), torch.stack([c.double() for c in counts]))
@@ -248,6 +235,22 @@ def _row(name: str, bn: nn.Module, probe: _Probe) -> LayerDiagnosis:
                 )
         if probe.ref2 > 0:
             row.gap = math.sqrt(probe.diff2 / probe.ref2)
+    # the initialization's share only matters when the statistics are not already right
+    far = math.isnan(row.mean_shift) or row.mean_shift > STATS_FAR or row.var_ratio > VAR_FAR
+    if row.updates is not None and not row.frozen:
+        if momentum is not None and momentum > 0:
+            row.init_weight = (1.0 - momentum) ** row.updates
+            if row.init_weight > 0.05 and far:
+                needed = math.ceil(math.log(0.05) / math.log(1 - momentum)) if momentum < 1 else 1
+                row.warnings.append(
+                    f"only {row.updates} update(s) with momentum {momentum}: {row.init_weight:.0%} of the running "
+                    f"statistics is still the initialization (needs ~{needed} "
+                    "updates); recalibrate(model, data)"
+                )
+        elif row.updates == 0:
+            row.init_weight = 1.0
+            if far:
+                row.warnings.append("never updated: running statistics are the initialization")
     if 0 < row.values_per_batch < TINY_BATCH:
         row.warnings.append(
             f"tiny batches ({row.values_per_batch} values per channel): batch statistics are noisy, so train and eval "
