@@ -176,3 +176,24 @@ def test_sync_rejects_ghost_batches_and_checks_axis():
     bn = B.SyncBatchNorm(4, axis=-1)
     y = bn(torch.randn(3, 7, 4))
     assert y.shape == (3, 7, 4)
+
+
+def _subgroup_worker(rank, world):
+    group = dist.new_group([0, 2])  # every rank takes part in creating it
+    x, dy, _, weight, bias = _global_case(50, (4, 0, 3), (3, 2), torch.float64, False)
+    chunks = {0: slice(0, 4), 2: slice(4, 7)}
+    if rank not in chunks:
+        return None
+    bn = _layer(B.SyncBatchNorm, 3, 0.1, weight, bias, torch.float64)
+    bn.process_group = group
+    return _run(bn, x[chunks[rank]], dy[chunks[rank]], None)
+
+
+def test_sync_process_group_subgroup(tmp_path):
+    results = run_ranks(_subgroup_worker, 3, tmp_path)
+    assert results[1] is None
+    ref = _reference(50, (4, 0, 3), (3, 2), torch.float64, False, 0.1, nn.BatchNorm1d)
+    torch.testing.assert_close(torch.cat([results[0]["y"], results[2]["y"]]), ref["y"])
+    torch.testing.assert_close(torch.cat([results[0]["dx"], results[2]["dx"]]), ref["dx"])
+    torch.testing.assert_close(results[0]["dw"] + results[2]["dw"], ref["dw"])
+    torch.testing.assert_close(results[2]["rv"], ref["rv"])
