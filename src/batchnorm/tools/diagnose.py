@@ -72,7 +72,8 @@ class Diagnosis:
 
         t = Table(title=f"batch-norm diagnosis ({self.batches} batches)")
         for col in ("layer", "kind", "mode", "values/batch", "gap", "mean shift", "var ratio", "updates", "init left"):
-            t.add_column(col, justify="left" if col in ("layer", "kind", "mode") else "right")
+            left = col in ("layer", "kind", "mode")
+            t.add_column(col, justify="left" if left else "right", no_wrap=col in ("layer", "kind"))
         for r in self.layers:
             mode = "train" if r.training else "eval"
             if r.frozen:
