@@ -43,6 +43,9 @@ _RBLK = 64  # rows summed in the input dtype before a float64 flush (rows)
 # Below this many elements the reference path (a few ATen calls) is as fast: measured on a
 # 2-core EPYC, numba's parallel launch costs ~20-40 us.
 MIN_NUMEL = 1 << 14
+# Below this many elements one thread does the work: waking a second thread costs more than it
+# saves, and much more when the machine is busy (the join waits for a time slice).
+PARALLEL_MIN = 1 << 16
 
 
 # ============================================================================ planes (N, C, L)
@@ -402,8 +405,11 @@ def _rows_bwd_elemt(dy, x, mean, ka, kb, kc, dx):
 # ============================================================================ python wrappers
 
 
-def _threads() -> int:
+def _threads(numel: int = 1 << 30) -> int:
+    """Set numba's thread count for this call: torch's, or 1 below :data:`PARALLEL_MIN` elements."""
     t = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numel < PARALLEL_MIN:
+        t = 1
     if numba.get_num_threads() != t:
         numba.set_num_threads(t)
     return t
@@ -483,7 +489,7 @@ def _stats_rows(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def forward_train(x, weight, bias, mask, eps, vbs):
     """Training forward on the whole batch (one group): ``(y, mean, var, count)``."""
-    threads = _threads()
+    threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, layout)
     n, c = x.shape[0], x.shape[1]
@@ -519,7 +525,7 @@ def forward_train(x, weight, bias, mask, eps, vbs):
 
 def forward_apply(x, mean, invstd, weight, bias):
     """``y = (x - mean) * invstd * weight + bias`` with given ``(C,)`` statistics."""
-    _threads()
+    _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, layout)
     c = x.shape[1]
@@ -562,7 +568,7 @@ def _reduce_and_coefs(dyv, xv, layout, m, inv, w, threads):
 
 def backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad=True):
     """Closed-form training backward: ``(dx, dweight, dbias)`` (see the reference backend)."""
-    threads = _threads()
+    threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, layout)
     dy = _grad_layout(dy, x, layout)
@@ -597,7 +603,7 @@ def backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_gra
 
 def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
     """Backward with constant ``(C,)`` statistics: ``(dx, dweight, dbias)``."""
-    threads = _threads()
+    threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, layout)
     dy = _grad_layout(dy, x, layout)
@@ -1011,7 +1017,7 @@ def _residual(r: Tensor | None, x: Tensor, layout: str) -> tuple[np.ndarray, boo
 
 def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
     """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``."""
-    threads = _threads()
+    threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, layout)
     n, c = x.shape[0], x.shape[1]
@@ -1055,7 +1061,7 @@ def _apply_act(xv, rv, has_r, layout, mean, scale, shift, code, slope, yv):
 
 def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     """``y = act(bn(x; mean, invstd) [+ residual])`` with given ``(C,)`` statistics."""
-    _threads()
+    _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, layout)
     c = x.shape[1]
@@ -1069,7 +1075,7 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
 
 
 def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train, need_dx, need_dr):
-    threads = _threads()
+    threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, layout)
     dy = _grad_layout(dy, x, layout)
