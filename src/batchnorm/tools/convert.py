@@ -193,7 +193,7 @@ def _to_frozen(bn: nn.Module) -> nn.Module | None:
         return None
     rank = _rank(bn)
     if rank is None and isinstance(bn, SyncBatchNorm) and getattr(bn, "_converted_from", None) is not None:
-        rank = _rank_cls(bn._converted_from)
+        rank = _rank_cls(bn._converted_from)  # type: ignore[arg-type]
     cls = _FROZEN[rank] if rank else _FrozenBatchNorm
     new = cls.from_module(bn)
     new.train(bn.training)

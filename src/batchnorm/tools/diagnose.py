@@ -111,7 +111,7 @@ def _fmt(v: float, pct: bool = False) -> str:
 
 class _Probe:
     def __init__(self, bn: nn.Module) -> None:
-        self.bn = bn
+        self.bn: Any = bn
         self.diff2 = 0.0
         self.ref2 = 0.0
         self.min_values: int | None = None
@@ -203,7 +203,7 @@ def diagnose(
     return diagnosis
 
 
-def _row(name: str, bn: nn.Module, probe: _Probe) -> LayerDiagnosis:
+def _row(name: str, bn: Any, probe: _Probe) -> LayerDiagnosis:
     row = LayerDiagnosis(name, type(bn).__name__, training=bn.training, frozen=is_frozen(bn))
     row.values_per_batch = probe.min_values or 0
     momentum = getattr(bn, "momentum", None)

@@ -27,6 +27,7 @@ import copy
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -69,7 +70,7 @@ class _Tracer(torch.fx.Tracer):
         return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+def _bn_affine(bn: Any) -> tuple[Tensor, Tensor]:
     """``(a, c)`` in float64 with ``BN(x) = a * x + c`` per channel in eval mode."""
     rm, rv = bn.running_mean.double(), bn.running_var.double()
     a = torch.rsqrt(rv + bn.eps)
@@ -82,7 +83,7 @@ def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     return a, c
 
 
-def _set_weight_bias(layer: nn.Module, w: Tensor, b: Tensor) -> None:
+def _set_weight_bias(layer: Any, w: Tensor, b: Tensor) -> None:
     ref = layer.weight
     with torch.no_grad():
         layer.weight.copy_(w.to(ref.dtype))
@@ -92,7 +93,7 @@ def _set_weight_bias(layer: nn.Module, w: Tensor, b: Tensor) -> None:
             layer.bias.copy_(b.to(layer.bias.dtype))
 
 
-def _fold_after(layer: nn.Module, bn: nn.Module) -> None:
+def _fold_after(layer: Any, bn: Any) -> None:
     a, c = _bn_affine(bn)
     w = layer.weight.detach().double()
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(a)
@@ -106,7 +107,7 @@ def _fold_after(layer: nn.Module, bn: nn.Module) -> None:
     _set_weight_bias(layer, w, b * a + c)
 
 
-def _fold_before(bn: nn.Module, layer: nn.Module) -> None:
+def _fold_before(bn: Any, layer: Any) -> None:
     a, c = _bn_affine(bn)
     w = layer.weight.detach().double()
     b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
@@ -122,7 +123,7 @@ def _fold_before(bn: nn.Module, layer: nn.Module) -> None:
     _set_weight_bias(layer, w * a_full.reshape(out, icg, *extra), b_new)
 
 
-def _pads_with_zeros(conv: nn.Module) -> bool:
+def _pads_with_zeros(conv: Any) -> bool:
     if isinstance(conv, nn.Linear) or conv.padding_mode != "zeros":
         return False
     if isinstance(conv.padding, str):
@@ -130,13 +131,13 @@ def _pads_with_zeros(conv: nn.Module) -> bool:
     return any(p != 0 for p in conv.padding)
 
 
-def _channels(layer: nn.Module, side: str) -> int:
+def _channels(layer: Any, side: str) -> int:
     if isinstance(layer, nn.Linear):
         return layer.out_features if side == "out" else layer.in_features
     return layer.out_channels if side == "out" else layer.in_channels
 
 
-def _bn_problem(bn: nn.Module) -> str | None:
+def _bn_problem(bn: Any) -> str | None:
     if not has_running_stats(bn):
         return "no running statistics (track_running_stats=False): it normalizes with batch statistics"
     if getattr(bn, "training", False):
@@ -159,7 +160,7 @@ class _Planner:
     def tied(self, layer: nn.Module) -> bool:
         return any(self.param_owners[id(p)] > 1 for p in layer.parameters(recurse=False))
 
-    def check_after(self, layer: nn.Module, bn: nn.Module) -> str | None:
+    def check_after(self, layer: Any, bn: Any) -> str | None:
         if not isinstance(layer, _AFTER):
             return "not preceded by a linear/conv layer"
         if _channels(layer, "out") != bn.num_features:
@@ -170,7 +171,7 @@ class _Planner:
             return "the previous layer's parameters are shared with another module"
         return None
 
-    def check_before(self, bn: nn.Module, layer: nn.Module) -> str | None:
+    def check_before(self, bn: Any, layer: Any) -> str | None:
         if not isinstance(layer, _BEFORE):
             return "not followed by a linear/conv layer"
         if _channels(layer, "in") != bn.num_features:
@@ -184,15 +185,16 @@ class _Planner:
         return None
 
     def plan_fx(self, graph: torch.fx.Graph) -> None:
-        calls: Counter[str] = Counter(n.target for n in graph.nodes if n.op == "call_module")  # type: ignore[misc]
+        calls: Counter[str] = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
         seen_bn: set[str] = set()
         get = self.model.get_submodule
         for n in graph.nodes:
             if n.op == "call_function" and getattr(n.target, "__name__", "") in ("batch_norm",):
                 self.report.unfolded.append((n.name, "functional batch_norm call (not a module); not folded"))
-            if n.op != "call_module" or not is_batchnorm(get(n.target)):
+            if n.op != "call_module" or not is_batchnorm(get(str(n.target))):
                 continue
-            name, bn = n.target, get(n.target)
+            name = str(n.target)
+            bn: Any = get(name)
             if name in seen_bn:
                 continue
             seen_bn.add(name)
@@ -206,30 +208,31 @@ class _Planner:
                 continue
             reasons = []
             prev = n.args[0]
-            if isinstance(prev, torch.fx.Node) and prev.op == "call_module" and isinstance(get(prev.target), _AFTER):
-                layer = get(prev.target)
+            if (isinstance(prev, torch.fx.Node) and prev.op == "call_module"
+                    and isinstance(get(str(prev.target)), _AFTER)):
+                layer = get(str(prev.target))
                 r = self.check_after(layer, bn)
-                if r is None and calls[prev.target] > 1:
-                    r = f"the previous layer {prev.target} is called {calls[prev.target]} times (shared)"
+                if r is None and calls[str(prev.target)] > 1:
+                    r = f"the previous layer {prev.target} is called {calls[str(prev.target)]} times (shared)"
                 if r is None and len(prev.users) > 1:
                     r = f"the output of {prev.target} also goes elsewhere"
                 if r is None:
                     self.actions.append((name, bn, layer, "after"))
-                    self.report.folded.append((name, prev.target, "after"))
+                    self.report.folded.append((name, str(prev.target), "after"))
                     continue
                 reasons.append(r)
             users = list(n.users)
-            if len(users) == 1 and users[0].op == "call_module" and isinstance(get(users[0].target), _BEFORE):
+            if len(users) == 1 and users[0].op == "call_module" and isinstance(get(str(users[0].target)), _BEFORE):
                 nxt = users[0]
-                layer = get(nxt.target)
+                layer = get(str(nxt.target))
                 r = self.check_before(bn, layer)
-                if r is None and calls[nxt.target] > 1:
-                    r = f"the next layer {nxt.target} is called {calls[nxt.target]} times (shared)"
+                if r is None and calls[str(nxt.target)] > 1:
+                    r = f"the next layer {nxt.target} is called {calls[str(nxt.target)]} times (shared)"
                 if r is None and (len(nxt.args) != 1 or nxt.kwargs):
                     r = f"{nxt.target} is called with extra arguments"
                 if r is None:
                     self.actions.append((name, bn, layer, "before"))
-                    self.report.folded.append((name, nxt.target, "before"))
+                    self.report.folded.append((name, str(nxt.target), "before"))
                     continue
                 reasons.append(r)
             elif len(users) > 1:

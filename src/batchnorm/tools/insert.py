@@ -42,8 +42,8 @@ _OURS = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 _TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-def _features_and_rank(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
+def _features_and_rank(layer: Any) -> tuple[int, int]:
+    if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():  # type: ignore[misc]
         raise ValueError(
             f"{type(layer).__name__} is lazy and not initialized yet; run one batch through the model first"
         )

@@ -59,6 +59,7 @@ class _Accumulator:
         if self.count is None:
             self.count, self.mean, self.var = s.count, s.mean, s.var
             return
+        assert self.mean is not None and self.var is not None
         m = F.combine_stats(torch.stack([self.mean, s.mean]), torch.stack([self.var, s.var]),
                             torch.stack([self.count, s.count.to(self.count)]))
         self.count, self.mean, self.var = m.count, m.mean, m.var
@@ -87,7 +88,7 @@ def recalibrate(
     if reused not in ("error", "pool"):
         raise ValueError(f"reused must be 'error' or 'pool', got {reused!r}")
     layers = bn_layers(model)
-    targets: list[tuple[str, nn.Module]] = []
+    targets: list[tuple[str, Any]] = []
     result = Recalibration()
     for name, bn in layers:
         if isinstance(bn, _FrozenBatchNorm) or is_frozen(bn):
@@ -145,7 +146,7 @@ def recalibrate(
         for name, bn in targets:
             a = acc[name]
             c = bn.num_features
-            if a.count is None:
+            if a.count is None or a.mean is None or a.var is None:
                 mean = var = torch.zeros(c, dtype=torch.float64)
                 count = torch.zeros((), dtype=torch.float64)
             else:
