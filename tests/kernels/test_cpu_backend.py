@@ -161,3 +161,14 @@ def test_gradcheck_through_cpu_backend(cpu_backend):
         assert torch.autograd.gradcheck(
             lambda x, w, b: torch.ops.batchnorm.apply_forward(x, mean, inv, w, b), (x, w, b)
         )
+
+
+def test_calls_leave_torch_thread_count_alone():
+    cpu = pytest.importorskip("batchnorm.kernels.cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cpu.forward_train(torch.randn(8, 16, 32, 32), None, None, None, 1e-5, 0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -405,6 +405,25 @@ def _rows_bwd_elemt(dy, x, mean, ka, kb, kc, dx):
 # ============================================================================ python wrappers
 
 
+def _launch_pool() -> None:
+    """Start numba's thread pool now, without letting it change torch's thread count.
+
+    Numba's OpenMP layer can share the OpenMP runtime with torch; starting its pool sets that
+    runtime's thread count, which torch then reports (and uses) as its own.
+    """
+    before = torch.get_num_threads()
+    try:
+        from numba.np.ufunc import parallel as _parallel
+
+        _parallel._launch_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+_launch_pool()
+
+
 def _threads(numel: int = 1 << 30) -> int:
     """Set numba's thread count for this call: torch's, or 1 below :data:`PARALLEL_MIN` elements."""
     t = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
