@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .store import Store, environment
-from .train import RunConfig, config_hash, train
+from .train import RunConfig, config_hash, train, with_recipe
 
 __all__ = ["SweepError", "default_workers", "run_sweep"]
 
@@ -77,8 +77,9 @@ def run_sweep(
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            for h, c in todo.items():
-                cb = (lambda s, t, m, c=c: on_step(c, s, t, m)) if on_step else None
+            for c in todo.values():
+                full = with_recipe(c)
+                cb = (lambda s, t, m, full=full: on_step(full, s, t, m)) if on_step else None
                 run = train(c, progress=cb)
                 run["env"] = environment()
                 store.put(run)

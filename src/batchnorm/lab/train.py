@@ -269,6 +269,9 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         record(step, window)
     if pre:
         pre.remove()
+    extra = {}
+    if "inference" in want:
+        extra["batch_stat_accuracy"] = batch_stat_accuracy(model, xte, yte)
     seconds = time.perf_counter() - t0
     result = {
         "test_accuracy": curves["test_acc"][-1],
@@ -282,8 +285,28 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         "diverged_at": diverged_at,
         "seconds": seconds,
         "params": sum(p.numel() for p in model.parameters()),
+        **extra,
     }
     return {"config": cfg.to_dict(), "hash": config_hash(cfg), "result": result, "curves": curves, "init": init}
+
+
+@torch.no_grad()
+def batch_stat_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sizes=(4, 16, 1000)) -> dict:
+    """Test accuracy when each test batch is normalized by its own statistics (train-mode BN, on a copy
+    so the running statistics are untouched), for several test batch sizes."""
+    import copy
+
+    out = {}
+    for size in sizes:
+        m = copy.deepcopy(model).train()
+        correct = 0
+        total = 0
+        for i in range(0, len(y) - size + 1, size):  # full batches only
+            o = m(x[i : i + size])
+            correct += int(((o.argmax(1) == y[i : i + size]) & torch.isfinite(o).all(1)).sum())
+            total += size
+        out[str(size)] = correct / max(1, total)
+    return out
 
 
 def _finite_or_none(v):

@@ -1,0 +1,476 @@
+"""``batchnorm`` sub-commands of the lab: train, compare, figure1, claims, demo, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .data import DATASETS, DataUnavailable
+from .models import MODELS
+
+__all__ = ["register"]
+
+DEFAULT_OUT = "bn-report"
+
+
+def _console(args) -> Console:
+    # progress and tables on stderr when --json, so stdout ends with the JSON line only
+    return Console(stderr=bool(getattr(args, "json", False)))
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.replace(",", " ").split()]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.replace(",", " ").split()]
+
+
+def _add_common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OUT) -> None:
+    p.add_argument("--out", default=out_default, help=f"output directory (store + report; default {out_default})")
+    p.add_argument("--store", default=None, help="SQLite store to use (default OUT/lab.sqlite)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes for sweeps (default: number of CPUs, at most 8; 1 = in-process)")
+    p.add_argument("--data-dir", default=None, help="directory with the IDX files (fashion-mnist, mnist)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many training examples")
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument("--no-report", action="store_true", help="do not rebuild the HTML report")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+
+
+def register(subparsers) -> None:
+    models = ", ".join(MODELS)
+    datasets = ", ".join(DATASETS)
+
+    p = subparsers.add_parser("train", help="train one model (with or without BN) and store the run",
+                              description=f"Models: {models}. Datasets: {datasets}.")
+    p.add_argument("--dataset", default="mnist1d")
+    p.add_argument("--model", default="mlp", choices=list(MODELS))
+    p.add_argument("--norm", default="batchnorm",
+                   help="none | batchnorm | ghost | renorm | frozen | module:Class (any layer class)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth", type=int, default=None, help="depth of deep-mlp / resnet-mlp")
+    p.add_argument("--width", type=int, default=None, help="width of mlp / deep-mlp / resnet-mlp")
+    p.add_argument("--skipinit", action="store_true", help="resnet-mlp: SkipInit residual scalars")
+    p.add_argument("--virtual-batch-size", type=int, default=None, help="ghost BN virtual batch size")
+    p.add_argument("--probes", default="", help="comma list: percentiles, grad_norms, ics, smoothness, inference")
+    _add_training(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("compare", help="the same model with and without BN over learning rates and seeds")
+    p.add_argument("--dataset", default="mnist1d")
+    p.add_argument("--model", default="mlp", help=f"one or more (comma separated) of: {models}")
+    p.add_argument("--norms", default="none,batchnorm", help="comma list of norms (default none,batchnorm)")
+    p.add_argument("--lrs", default=None, help="learning rates (default: the model's recipe LR)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    p.add_argument("--target", type=float, default=None, help="target validation accuracy for 'steps to target'")
+    _add_training(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser("figure1", help="Ioffe & Szegedy Figure 1: paper-mlp with/without BN, percentiles")
+    p.add_argument("--dataset", default="mnist1d")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    _add_common(p)
+    p.set_defaults(func=cmd_figure1)
+
+    p = subparsers.add_parser("claims", help="test every claim of the seed articles; verdicts with effect sizes")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="mode", action="store_const", const="quick", help="< 15 min on 2 cores (default)")
+    g.add_argument("--full", dest="mode", action="store_const", const="full", help="more seeds, longer, deeper")
+    g.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="smoke test (seconds)")
+    p.set_defaults(mode="quick")
+    p.add_argument("--dataset", default="mnist1d")
+    p.add_argument("--only", default=None, help="comma list of claim keys")
+    _add_common(p)
+    p.set_defaults(func=cmd_claims)
+
+    p = subparsers.add_parser("demo", help="Figure 1 + with/without comparison on MNIST-1D (< 5 min), then report")
+    p.add_argument("--quick", action="store_true", help="a much shorter demo (smoke test)")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = subparsers.add_parser("report", help="rebuild the HTML report from the stored results")
+    p.add_argument("dir", nargs="?", default=DEFAULT_OUT)
+    p.add_argument("--store", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _store(args):
+    from .sweep import open_store
+
+    return open_store(args.out, args.store)
+
+
+def _workers(args, n_todo: int) -> int:
+    if args.workers is not None:
+        return max(1, args.workers)
+    return min(os.cpu_count() or 1, 8) if n_todo >= 2 else 1
+
+
+def _run(args, configs, console: Console, title: str) -> list[dict]:
+    """Sweep with a rich progress bar; friendly errors for missing data."""
+    import dataclasses
+
+    from .sweep import run_sweep
+    from .train import config_hash
+
+    if args.limit is not None or args.data_dir is not None:
+        configs = [dataclasses.replace(c, data_limit=args.limit if args.limit is not None else c.data_limit,
+                                       data_dir=args.data_dir or c.data_dir) for c in configs]
+    store = _store(args)
+    todo = len({config_hash(c) for c in configs if not store.has(config_hash(c))})
+    workers = _workers(args, todo)
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}")]
+    with Progress(*cols, console=console, transient=False) as prog:
+        total = prog.add_task(title, total=len(configs), info=f"{todo} to train, {workers} worker(s)")
+        step_task = prog.add_task("  current run", total=1, info="", visible=workers == 1 and todo > 0)
+
+        def on_done(cfg, result, reused):
+            prog.advance(total)
+            tag = "reused" if reused else f"{result['seconds']:.1f}s"
+            prog.update(total, info=f"{cfg.model}/{cfg.norm} seed {cfg.seed}: "
+                                    f"{100 * result['test_accuracy']:.1f}% ({tag})")
+
+        def on_step(cfg, step, steps, last):
+            prog.update(step_task, total=max(1, steps), completed=step,
+                        description=f"  {cfg.model}/{cfg.norm} lr {cfg.lr:g} seed {cfg.seed}",
+                        info=f"test {100 * last['test_acc']:.1f}%")
+
+        runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step)
+    store.close()
+    return runs
+
+
+def _finish(args, console, payload: dict, rebuild: bool = True) -> int:
+    if rebuild and not getattr(args, "no_report", False):
+        from .report import build_report
+
+        store = _store(args)
+        path = build_report(store, args.out)
+        store.close()
+        payload["report"] = str(path)
+        console.print(f"report: [bold]{path}[/bold]")
+    if args.json:
+        from .report import clean_json
+
+        print(json.dumps(clean_json(payload)), flush=True)
+    return 0
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}%"
+
+
+def _guard(fn):
+    def wrapper(args):
+        try:
+            return fn(args)
+        except DataUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # a sweep interrupted by a dead worker, for instance
+            from .sweep import SweepError
+
+            if isinstance(exc, SweepError):
+                print(f"error: {exc}", file=sys.stderr)
+                return 3
+            raise
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+@_guard
+def cmd_train(args) -> int:
+    from .models import resolve_norm
+    from .store import Store  # noqa: F401
+    from .train import RunConfig
+
+    console = _console(args)
+    resolve_norm(args.norm)  # fail early on a bad module:Class
+    model_kw = {k: v for k, v in (("depth", args.depth), ("width", args.width)) if v is not None}
+    if args.skipinit:
+        model_kw["skipinit"] = True
+    norm_kw = {"virtual_batch_size": args.virtual_batch_size} if args.virtual_batch_size else {}
+    cfg = RunConfig(dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
+                    batch_size=args.batch_size, steps=args.steps, seed=args.seed, eval_every=args.eval_every,
+                    probes=tuple(p for p in args.probes.split(",") if p)).replace(
+        norm=args.norm, model_kw=model_kw, norm_kw=norm_kw)
+    t0 = time.perf_counter()
+    from .sweep import open_store
+    from .train import config_hash
+
+    h = config_hash(cfg)
+    with open_store(args.out, args.store) as store:
+        reused = store.has(h)
+    args.workers = 1
+    run = _run(args, [cfg], console, "train")[0]
+    res = run["result"]
+    table = Table(title=f"{cfg.dataset} / {cfg.model} / {cfg.norm}")
+    for col in ("test acc", "val acc", "train acc", "train loss", "steps", "diverged", "seconds"):
+        table.add_column(col)
+    table.add_row(_pct(res["test_accuracy"]), _pct(res["val_accuracy"]), _pct(res["train_accuracy"]),
+                  f"{res['train_loss']:.4f}" if res["train_loss"] is not None else "–", str(res["steps"]),
+                  str(res["diverged"]), f"{res['seconds']:.1f}")
+    console.print(table)
+    with open_store(args.out, args.store) as store:
+        store.put_experiment(f"train-{h[:8]}", "train", {"config": run["config"]}, [h])
+    payload = {
+        "test_accuracy": res["test_accuracy"], "train_loss": res["train_loss"], "steps": res["steps"],
+        "diverged": res["diverged"], "seconds": res["seconds"], "val_accuracy": res["val_accuracy"],
+        "train_accuracy": res["train_accuracy"], "hash": h, "reused": reused,
+        "wall_seconds": time.perf_counter() - t0, "config": run["config"],
+    }
+    return _finish(args, console, payload, rebuild=False)
+
+
+def compare_configs(dataset, models, norms, lrs, seeds, steps=None, optimizer=None, batch_size=None,
+                    eval_every=None, probes=()):
+    from .train import RunConfig
+
+    cfgs = []
+    for model in models:
+        from .models import recipe
+
+        for norm in norms:
+            for lr in lrs or [recipe(model).lr]:
+                for seed in seeds:
+                    cfgs.append(RunConfig(dataset=dataset, model=model, lr=lr, seed=seed, steps=steps,
+                                          optimizer=optimizer, batch_size=batch_size, eval_every=eval_every,
+                                          probes=tuple(probes)).replace(norm=norm))
+    return cfgs
+
+
+def _compare_table(console, tab) -> None:
+    t = Table(title=f"with vs without BN (target val accuracy {_pct(tab['target'])})")
+    for col in ("model", "norm", "lr", "test accuracy (mean ± sd)", "steps to target", "train−test gap",
+                "diverged", "s/run"):
+        t.add_column(col)
+    for r in tab["rows"]:
+        t.add_row(r["model"], r["norm"], f"{r['lr']:g}", f"{_pct(r['test_accuracy'])} ± {_pct(r['test_accuracy_std'])}",
+                  "–" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f} ({r['reached']}/{r['seeds']})",
+                  _pct(r["gap"]), f"{r['diverged']}/{r['seeds']}", f"{r['seconds']:.1f}")
+    console.print(t)
+    s = Table(title="per norm")
+    for col in ("model", "norm", "best lr", "best test accuracy", "max stable lr"):
+        s.add_column(col)
+    for r in tab["summary"]:
+        s.add_row(r["model"], r["norm"], f"{r['best_lr']:g}",
+                  f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
+                  "–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
+    console.print(s)
+
+
+def _default_target(dataset: str, models: list[str]) -> float:
+    return 0.5 if dataset == "mnist1d" and "cnn" not in models else 0.8
+
+
+@_guard
+def cmd_compare(args) -> int:
+    from .analysis import compare_table
+    from .sweep import open_store
+    from .train import config_hash
+
+    console = _console(args)
+    models = [m for m in args.model.split(",") if m]
+    norms = [n for n in args.norms.split(",") if n]
+    lrs = _floats(args.lrs) if args.lrs else None
+    seeds = _ints(args.seeds)
+    cfgs = compare_configs(args.dataset, models, norms, lrs, seeds, args.steps, args.optimizer, args.batch_size,
+                           args.eval_every)
+    runs = _run(args, cfgs, console, "compare")
+    target = args.target if args.target is not None else _default_target(args.dataset, models)
+    tab = compare_table(runs, target)
+    _compare_table(console, tab)
+    name = "compare-" + "-".join(models) + f"-{args.dataset}"
+    with open_store(args.out, args.store) as store:
+        store.put_experiment(name, "compare", {"dataset": args.dataset, "models": models, "norms": norms,
+                                               "lrs": lrs, "seeds": seeds, "target": target},
+                             [config_hash(c) for c in cfgs])
+    return _finish(args, console, {"rows": tab["rows"], "summary": tab["summary"], "target": target})
+
+
+def figure1_configs(dataset, steps, seed, lr=None, eval_every=None):
+    from .train import RunConfig
+
+    return [RunConfig(dataset=dataset, model="paper-mlp", steps=steps, seed=seed, lr=lr,
+                      eval_every=eval_every or max(1, steps // 50), probes=("percentiles",)).replace(norm=n)
+            for n in ("none", "batchnorm")]
+
+
+@_guard
+def cmd_figure1(args) -> int:
+    from .analysis import figure1_series
+    from .sweep import open_store
+    from .train import config_hash
+
+    console = _console(args)
+    cfgs = figure1_configs(args.dataset, args.steps, args.seed, args.lr, args.eval_every)
+    runs = _run(args, cfgs, console, "figure1")
+    series = figure1_series(runs)
+    t = Table(title=f"Figure 1 on {args.dataset} (paper-mlp, {args.steps} steps)")
+    for col in ("", "final test accuracy", "p15 / p50 / p85 at start", "p15 / p50 / p85 at end"):
+        t.add_column(col)
+    for s in series["runs"]:
+        p = s["percentiles"]
+        t.add_row(s["norm"], _pct(s["test_accuracy"][-1]),
+                  " / ".join(f"{p[k][0]:.2f}" for k in ("p15", "p50", "p85")),
+                  " / ".join(f"{p[k][-1]:.2f}" for k in ("p15", "p50", "p85")))
+    console.print(t)
+    with open_store(args.out, args.store) as store:
+        store.put_experiment(f"figure1-{args.dataset}", "figure1",
+                             {"dataset": args.dataset, "steps": args.steps, "seed": args.seed},
+                             [config_hash(c) for c in cfgs])
+    return _finish(args, console, series)
+
+
+def _claims_table(console, results) -> None:
+    t = Table(title="claims of the seed articles, measured", show_lines=True)
+    for col in ("claim", "verdict", "effect per condition (mean ± sd over seeds)"):
+        t.add_column(col)
+    style = {"supported": "green", "not supported": "red", "depends": "yellow"}
+    for r in results:
+        eff = "\n".join(f"{c['condition']}: {c['mean']:+.2f} ± {c['std']:.2f} ({c['verdict']})" for c in r["conditions"])
+        v = f"[{style[r['verdict']]}]{r['verdict']}[/]" + (f"\n{r['condition']}" if r["condition"] else "")
+        t.add_row(r["claim"], v, eff)
+    console.print(t)
+
+
+@_guard
+def cmd_claims(args) -> int:
+    from .claims import analyze_claims, plan_claims
+    from .sweep import open_store
+    from .train import config_hash
+
+    console = _console(args)
+    only = [k for k in (args.only or "").split(",") if k] or None
+    t0 = time.perf_counter()
+    cfgs = plan_claims(args.mode, args.dataset, only)
+    _run(args, cfgs, console, f"claims ({args.mode})")
+    with open_store(args.out, args.store) as store:
+        import dataclasses
+
+        def get(c):
+            if args.limit is not None or args.data_dir is not None:
+                c = dataclasses.replace(c, data_limit=args.limit if args.limit is not None else c.data_limit,
+                                        data_dir=args.data_dir or c.data_dir)
+            return store.get(config_hash(c))
+
+        results = analyze_claims(get, args.mode, args.dataset, only)
+        store.put_experiment(f"claims-{args.mode}-{args.dataset}", "claims",
+                             {"mode": args.mode, "dataset": args.dataset, "claims": only, "limit": args.limit},
+                             [config_hash(c) for c in cfgs])
+    _claims_table(console, results)
+    payload = {"claims": [{k: r[k] for k in ("key", "claim", "verdict", "condition", "unit", "evidence")}
+                          | {"conditions": [{k: c[k] for k in ("condition", "mean", "std", "n", "verdict", "effects")}
+                                            for c in r["conditions"]]} for r in results],
+               "mode": args.mode, "seconds": time.perf_counter() - t0}
+    console.print(f"claims finished in {payload['seconds']:.0f} s")
+    return _finish(args, console, payload)
+
+
+@_guard
+def cmd_demo(args) -> int:
+    from .analysis import compare_table, figure1_series
+    from .sweep import open_store
+    from .train import config_hash
+
+    console = _console(args)
+    t0 = time.perf_counter()
+    quick = args.quick
+    f_steps = 60 if quick else 3000
+    c_steps = 40 if quick else 2000
+    seeds = [0, 1] if quick else [0, 1, 2]
+    fig_cfgs = figure1_configs("mnist1d", f_steps, 0)
+    cmp_cfgs = compare_configs("mnist1d", ["mlp", "cnn"], ["none", "batchnorm"], None, seeds, steps=c_steps)
+    console.rule("[bold]batchnorm demo[/bold]: Ioffe & Szegedy Figure 1 + with/without BN on MNIST-1D")
+    runs = _run(args, fig_cfgs + cmp_cfgs, console, "demo")
+    fig_runs, cmp_runs = runs[: len(fig_cfgs)], runs[len(fig_cfgs):]
+    target = 0.6
+    tab = compare_table(cmp_runs, target)
+    series = figure1_series(fig_runs)
+    with open_store(args.out, args.store) as store:
+        store.put_experiment("figure1-mnist1d", "figure1", {"dataset": "mnist1d", "steps": f_steps, "seed": 0},
+                             [config_hash(c) for c in fig_cfgs])
+        store.put_experiment("compare-mlp-cnn-mnist1d", "compare",
+                             {"dataset": "mnist1d", "models": ["mlp", "cnn"], "norms": ["none", "batchnorm"],
+                              "lrs": None, "seeds": seeds, "target": target},
+                             [config_hash(c) for c in cmp_cfgs])
+    t = Table(title=f"demo summary: MNIST-1D, mean ± sd over {len(seeds)} seeds", show_lines=False)
+    for col in ("experiment", "without BN", "with BN", "BN effect"):
+        t.add_column(col)
+    f = {s["norm"]: s for s in series["runs"]}
+    a0, a1 = f["none"]["test_accuracy"][-1], f["batchnorm"]["test_accuracy"][-1]
+    t.add_row(f"Figure 1: paper-mlp, {f_steps} SGD steps", _pct(a0), _pct(a1), f"{100 * (a1 - a0):+.1f} pp")
+    summ = {(s["model"], s["norm"]): s for s in tab["summary"]}
+    rows = {(r["model"], r["norm"]): r for r in tab["rows"]}
+    payload_rows = []
+    for model in ("mlp", "cnn"):
+        r0, r1 = rows[(model, "none")], rows[(model, "batchnorm")]
+        t.add_row(f"{model}: final test accuracy ({c_steps} steps)",
+                  f"{_pct(r0['test_accuracy'])} ± {_pct(r0['test_accuracy_std'])}",
+                  f"{_pct(r1['test_accuracy'])} ± {_pct(r1['test_accuracy_std'])}",
+                  f"{100 * (r1['test_accuracy'] - r0['test_accuracy']):+.1f} pp")
+        s0, s1 = r0["steps_to_target"], r1["steps_to_target"]
+        t.add_row(f"{model}: steps to {_pct(target)} val accuracy", "–" if s0 is None else f"{s0:.0f}",
+                  "–" if s1 is None else f"{s1:.0f}",
+                  f"×{s0 / s1:.2f} faster" if s0 and s1 else "–")
+        t.add_row(f"{model}: train−test gap", _pct(r0["gap"]), _pct(r1["gap"]),
+                  f"{100 * (r1['gap'] - r0['gap']):+.1f} pp")
+        payload_rows.append({"model": model, "none": r0, "batchnorm": r1})
+        _ = summ
+    console.print(t)
+    seconds = time.perf_counter() - t0
+    console.print(f"demo finished in {seconds:.0f} s")
+    payload = {"seconds": seconds, "figure1": series, "compare": payload_rows}
+    return _finish(args, console, payload)
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+    from .store import Store
+
+    out = Path(args.dir)
+    store_path = Path(args.store) if args.store else out / "lab.sqlite"
+    if not store_path.is_file():
+        print(f"error: no lab store at {store_path}; run a lab command with --out {out} first", file=sys.stderr)
+        return 2
+    with Store(store_path) as store:
+        path = build_report(store, out)
+    console = Console(stderr=args.json)
+    console.print(f"report: [bold]{path}[/bold]")
+    if args.json:
+        print(json.dumps({"report": str(path), "summary": str(out / "summary.json")}))
+    return 0
