@@ -53,6 +53,16 @@ class RunConfig:
     probe_unit: int = 0
     blowup: float = 20.0
 
+    def __post_init__(self):
+        for k in ("model_kw", "norm_kw"):
+            v = getattr(self, k)
+            if isinstance(v, dict):
+                object.__setattr__(self, k, tuple(sorted(v.items())))
+        if not isinstance(self.probes, tuple):
+            object.__setattr__(self, "probes", tuple(self.probes))
+        if not isinstance(self.norm, str):
+            object.__setattr__(self, "norm", norm_name(self.norm))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["model_kw"] = dict(self.model_kw)

@@ -1,0 +1,116 @@
+"""Short versions of every command on tiny data, with the JSON schemas of their last line."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from batchnorm.cli import main
+
+
+def _last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out, "no output"
+    return json.loads(out[-1])
+
+
+def _num(x):
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def test_train_json(tmp_path, capsys):
+    args = ["train", "--model", "mlp", "--norm", "batchnorm", "--steps", "20", "--limit", "300",
+            "--out", str(tmp_path), "--json"]
+    assert main(args) == 0
+    r = _last_json(capsys)
+    assert _num(r["test_accuracy"]) and 0 <= r["test_accuracy"] <= 1
+    assert _num(r["train_loss"]) and r["steps"] == 20 and r["diverged"] is False and _num(r["seconds"])
+    assert r["reused"] is False
+    # identical configuration: reused, not retrained
+    assert main(args) == 0
+    r2 = _last_json(capsys)
+    assert r2["reused"] is True and r2["test_accuracy"] == r["test_accuracy"]
+
+
+def test_train_any_layer_class_and_divergence(tmp_path, capsys):
+    assert main(["train", "--model", "mlp", "--norm", "torch.nn:LayerNorm", "--steps", "5", "--limit", "200",
+                 "--out", str(tmp_path), "--json"]) == 0
+    assert _last_json(capsys)["steps"] == 5
+    assert main(["train", "--model", "mlp", "--norm", "none", "--optimizer", "sgd", "--lr", "1e4", "--steps", "40",
+                 "--limit", "200", "--out", str(tmp_path), "--json"]) == 0
+    assert _last_json(capsys)["diverged"] is True
+
+
+def test_train_missing_data_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    from batchnorm.lab import data as D
+
+    monkeypatch.setattr(D, "_find_local", lambda *a: None)
+    monkeypatch.setattr(D, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
+    assert main(["train", "--dataset", "mnist", "--steps", "2", "--out", str(tmp_path)]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_figure1_json_schema(tmp_path, capsys):
+    assert main(["figure1", "--steps", "20", "--eval-every", "5", "--limit", "300", "--out", str(tmp_path),
+                 "--json"]) == 0
+    r = _last_json(capsys)
+    assert [run["norm"] for run in r["runs"]] == ["none", "batchnorm"]
+    for run in r["runs"]:
+        assert run["steps"] == [0, 5, 10, 15, 20]
+        assert len(run["test_accuracy"]) == 5 and all(_num(a) for a in run["test_accuracy"])
+        assert set(run["percentiles"]) == {"p15", "p50", "p85"}
+        for k in ("p15", "p50", "p85"):
+            assert len(run["percentiles"][k]) == 5
+        assert all(a <= b <= c for a, b, c in zip(*(run["percentiles"][k] for k in ("p15", "p50", "p85"))))
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_compare_and_report(tmp_path, capsys):
+    assert main(["compare", "--model", "mlp", "--lrs", "0.01,0.1", "--seeds", "0,1", "--steps", "10", "--limit", "200",
+                 "--workers", "1", "--out", str(tmp_path), "--json"]) == 0
+    r = _last_json(capsys)
+    assert len(r["rows"]) == 4  # 2 norms x 2 lrs, 2 seeds each
+    assert all(row["seeds"] == 2 for row in r["rows"])
+    assert {s["norm"] for s in r["summary"]} == {"none", "batchnorm"}
+    con = sqlite3.connect(tmp_path / "lab.sqlite")
+    assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 8
+    (tmp_path / "report.html").unlink()
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    rep = _last_json(capsys)
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Compare with and without BN" in html
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["experiments"][0]["kind"] == "compare" and summary["pngs"]
+    assert rep["report"].endswith("report.html")
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_claims_tiny(tmp_path, capsys):
+    assert main(["claims", "--tiny", "--only", "regularizes,gradients,running-stats", "--workers", "1",
+                 "--out", str(tmp_path), "--json"]) == 0
+    r = _last_json(capsys)
+    assert [c["key"] for c in r["claims"]] == ["regularizes", "gradients", "running-stats"]
+    for c in r["claims"]:
+        assert c["verdict"] in ("supported", "not supported", "depends")
+        assert c["evidence"] and c["unit"]
+        for cond in c["conditions"]:
+            assert cond["n"] == 2 and len(cond["effects"]) == 2
+    assert "Claims" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_claims_tiny_all(tmp_path, capsys):
+    assert main(["claims", "--tiny", "--out", str(tmp_path), "--json"]) == 0
+    assert len(_last_json(capsys)["claims"]) == 10
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--workers", "1", "--out", str(tmp_path), "--json"]) == 0
+    r = _last_json(capsys)
+    assert r["report"].endswith("report.html") and _num(r["seconds"])
+    assert {row["model"] for row in r["compare"]} == {"mlp", "cnn"}
+    assert [s["norm"] for s in r["figure1"]["runs"]] == ["none", "batchnorm"]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"report.html", "summary.json", "figure1-mnist1d.png", "lab.sqlite"} <= names

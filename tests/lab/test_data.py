@@ -1,0 +1,155 @@
+"""Datasets: the IDX parser against hand-built bytes, verified downloads, splits and normalization."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+
+from batchnorm.lab import data as D
+
+
+def _idx_bytes(arr: np.ndarray, code: int, be_dtype: str) -> bytes:
+    """Independent IDX writer, straight from the format description."""
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    return header + arr.astype(be_dtype).tobytes()
+
+
+@pytest.mark.parametrize("code,dt", [(0x08, "u1"), (0x09, "i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"),
+                                     (0x0E, ">f8")])
+def test_parse_idx_all_types(code, dt):
+    rng = np.random.default_rng(0)
+    arr = (rng.integers(-100, 100, size=(3, 4, 5)) if dt[-2] != "f" else rng.normal(size=(3, 4, 5)))
+    if dt == "u1":
+        arr = np.abs(arr)
+    raw = _idx_bytes(arr, code, dt)
+    out = D.parse_idx(raw)
+    assert out.shape == (3, 4, 5)
+    np.testing.assert_array_equal(out, arr.astype(dt))
+    np.testing.assert_array_equal(D.parse_idx(gzip.compress(raw)), out)
+
+
+def test_parse_idx_rejects_garbage():
+    with pytest.raises(ValueError, match="not an IDX"):
+        D.parse_idx(b"\x01\x00\x08\x01\x00\x00\x00\x01\x00")
+    with pytest.raises(ValueError, match="size mismatch"):
+        D.parse_idx(bytes([0, 0, 8, 1]) + struct.pack(">I", 5) + b"\x00\x01")
+    with pytest.raises(ValueError, match="type code"):
+        D.parse_idx(bytes([0, 0, 0x42, 1]) + struct.pack(">I", 1) + b"\x00")
+
+
+def test_write_idx_roundtrip(tmp_path):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    D.write_idx(arr, tmp_path / "a.gz")
+    assert (tmp_path / "a.gz").read_bytes()[:2] == b"\x1f\x8b"
+    np.testing.assert_array_equal(D.read_idx(tmp_path / "a.gz"), arr)
+    assert gzip.decompress((tmp_path / "a.gz").read_bytes()) == _idx_bytes(arr, 0x08, "u1")
+
+
+def _tiny_idx_dir(path, n_train=40, n_test=20, side=6):
+    rng = np.random.default_rng(1)
+    files = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, size=(n, side, side), dtype=np.uint8)
+        y = rng.integers(0, 10, size=n, dtype=np.uint8)
+        (path / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(x, 8, "u1")))
+        (path / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(y, 8, "u1")))
+        files[prefix] = (x, y)
+    return files
+
+
+def test_download_verified_file_url(tmp_path):
+    src = tmp_path / "mirror"
+    src.mkdir()
+    payload = gzip.compress(_idx_bytes(np.arange(10, dtype=np.uint8), 8, "u1"))
+    (src / "f.gz").write_bytes(payload)
+    good = D.IdxFile("f.gz", sha256=hashlib.sha256(payload).hexdigest())
+    dest = tmp_path / "dest"
+    path = D.download_verified(good, ["file:///nonexistent-mirror/", src.as_uri()], dest)
+    assert path.read_bytes() == payload
+    # verification by the SHA-256 of the decompressed content (repackaged archives)
+    content = D.IdxFile("f.gz", content_sha256=hashlib.sha256(gzip.decompress(payload)).hexdigest())
+    assert D.download_verified(content, [src.as_uri()], tmp_path / "d2").is_file()
+    bad = D.IdxFile("f.gz", sha256="0" * 64)
+    with pytest.raises(D.DataUnavailable, match="SHA-256 mismatch"):
+        D.download_verified(bad, [src.as_uri()], tmp_path / "d3")
+    assert not (tmp_path / "d3" / "f.gz").exists()
+
+
+def test_download_with_opener_and_no_hash():
+    calls = []
+
+    def opener(url):
+        calls.append(url)
+        return b"data"
+
+    with pytest.raises(D.DataUnavailable, match="no known SHA-256"):
+        D.download_verified(D.IdxFile("x.gz"), ["http://example.invalid/"], __import__("pathlib").Path("/tmp"),
+                            opener)
+    assert calls == ["http://example.invalid/x.gz"]
+
+
+def test_idx_dataset_from_data_dir(tmp_path):
+    files = _tiny_idx_dir(tmp_path)
+    ds = D.load_dataset("fashion-mnist", data_dir=str(tmp_path), val_fraction=0.25)
+    assert ds.input_shape == (1, 6, 6)
+    assert len(ds.y_train) == 30 and len(ds.y_val) == 10 and len(ds.y_test) == 20
+    # normalization statistics come from the training split only
+    x_all = files["train"][0].astype(np.float64) / 255.0
+    train_rows = [i for i in range(40) if any(np.allclose(ds.x_train[j, 0] * ds.std + ds.mean, x_all[i], atol=1e-5)
+                                              for j in range(len(ds.y_train)))]
+    assert len(train_rows) == 30
+    ref = x_all[train_rows]
+    assert ds.mean == pytest.approx(ref.mean(), rel=1e-6)
+    assert ds.std == pytest.approx(ref.std(), rel=1e-6)
+    np.testing.assert_allclose(ds.x_test[:, 0] * ds.std + ds.mean, files["t10k"][0] / 255.0, atol=1e-5)
+    np.testing.assert_array_equal(ds.y_test, files["t10k"][1])
+
+
+def test_missing_dataset_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(D, "_find_local", lambda *a: None)
+    with pytest.raises(D.DataUnavailable, match="--dataset mnist1d"):
+        D.load_idx_set("mnist", data_dir=str(tmp_path))
+
+
+def test_download_fallback_through_load_idx_set(tmp_path, monkeypatch):
+    """No local files: the loader downloads from the (file://) mirror, verifies, caches, parses."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    _tiny_idx_dir(mirror)
+    specs = {k: D.IdxFile(f.name, sha256=hashlib.sha256((mirror / f.name).read_bytes()).hexdigest())
+             for k, f in D._IDX_SETS["mnist"]["files"].items()}
+    monkeypatch.setitem(D._IDX_SETS, "mnist", {"urls": [mirror.as_uri()], "files": specs})
+    monkeypatch.setattr(D, "_find_local", lambda name, filename, data_dir: (
+        D.cache_dir() / name / filename if (D.cache_dir() / name / filename).is_file() else None))
+    arrays = D.load_idx_set("mnist")
+    assert arrays["train_x"].shape == (40, 6, 6)
+    assert (D.cache_dir() / "mnist" / "train-images-idx3-ubyte.gz").is_file()
+
+
+def test_mnist1d_splits():
+    ds = D.load_dataset("mnist1d")
+    assert ds.input_shape == (1, 40)
+    assert len(ds.y_train) + len(ds.y_val) == 4000 and len(ds.y_test) == 1000
+    assert abs(float(ds.x_train.mean())) < 1e-4 and abs(float(ds.x_train.std()) - 1) < 1e-3
+    # val and train are disjoint rows
+    tr = {row.tobytes() for row in ds.x_train[:, 0]}
+    assert not any(row.tobytes() in tr for row in ds.x_val[:, 0])
+    small = D.load_dataset("mnist1d", limit=100)
+    assert len(small.y_train) == 100
+
+
+def test_digits():
+    pytest.importorskip("sklearn")
+    ds = D.load_dataset("digits")
+    assert ds.input_shape == (1, 8, 8)
+    assert len(ds.y_train) + len(ds.y_val) + len(ds.y_test) == 1797
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        D.load_dataset("cifar")

@@ -1,0 +1,91 @@
+"""Model zoo: shapes, our layers behind every norm name, any layer class, BN-LSTM details."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.lab.models import MODELS, build_model, layer_groups, make_norm
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("shape", [(1, 40), (1, 12, 12)])
+def test_models_forward(name, shape):
+    kw = {"depth": 3} if name in ("deep-mlp", "resnet-mlp") else {}
+    for norm in ("none", "batchnorm", "frozen"):
+        m = build_model(name, shape, 10, norm=norm, **kw)
+        out = m(torch.randn(6, *shape))
+        assert out.shape == (6, 10)
+        assert m.hidden_acts, "probes need the hidden activations"
+
+
+def test_norm_names_use_our_layers():
+    assert isinstance(make_norm("batchnorm", 8, 1), batchnorm.BatchNorm1d)
+    assert isinstance(make_norm("batchnorm", 8, 2), batchnorm.BatchNorm2d)
+    ghost = make_norm("ghost", 8, 1, virtual_batch_size=4)
+    assert isinstance(ghost, batchnorm.BatchNorm1d) and ghost.virtual_batch_size == 4
+    assert isinstance(make_norm("renorm", 8, 2), batchnorm.BatchRenorm2d)
+    frozen = make_norm("frozen", 8, 1)
+    frozen.train()
+    x = torch.randn(16, 8) * 3 + 2
+    # frozen statistics (0, 1): the layer is the identity at init, whatever the batch
+    torch.testing.assert_close(frozen(x), x, atol=1e-4, rtol=1e-4)
+    assert isinstance(make_norm("none", 8), nn.Identity)
+    with pytest.raises(ValueError, match="unknown norm"):
+        make_norm("layernorm?", 8)
+
+
+def test_any_layer_class():
+    m = build_model("mlp", (1, 40), 10, norm=nn.LayerNorm)
+    assert sum(isinstance(x, nn.LayerNorm) for x in m.modules()) == 2
+    m2 = build_model("mlp", (1, 40), 10, norm="torch.nn:BatchNorm1d")
+    assert sum(type(x) is nn.BatchNorm1d for x in m2.modules()) == 2
+    assert m(torch.randn(4, 1, 40)).shape == (4, 10)
+
+
+def test_reference_architectures():
+    mlp = build_model("mlp", (1, 40), 10)
+    assert [tuple(p.shape) for p in mlp.parameters()] == [(100, 40), (100,), (100, 100), (100,), (10, 100), (10,)]
+    cnn = build_model("cnn", (1, 40), 10)
+    convs = [m for m in cnn.modules() if isinstance(m, nn.Conv1d)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [(25, 5, 2), (25, 3, 2), (25, 3, 2)]
+    assert [m for m in cnn.modules() if isinstance(m, nn.Linear)][0].in_features == 125
+    paper = build_model("paper-mlp", (1, 40), 10, norm="batchnorm")
+    assert sum(isinstance(m, nn.Sigmoid) for m in paper.modules()) == 3
+    seq = list(paper.body)
+    for i, m in enumerate(seq):  # BN right before each sigmoid
+        if isinstance(m, nn.Sigmoid):
+            assert isinstance(seq[i - 1], batchnorm.BatchNorm1d)
+
+
+def test_bn_lstm_per_timestep_gamma():
+    m = build_model("lstm", (1, 40), 10, norm="batchnorm")
+    assert len(m.bn_x.layers) == 40 and len(m.bn_c.layers) == 40
+    for layer in list(m.bn_x.layers) + list(m.bn_h.layers) + list(m.bn_c.layers):
+        assert torch.all(layer.weight == 0.1)
+    m.train()
+    m(torch.randn(8, 1, 40))
+    # each time step has its own running statistics
+    assert not torch.allclose(m.bn_c.layers[0].running_mean, m.bn_c.layers[10].running_mean)
+
+
+def test_skipinit_and_layer_groups():
+    m = build_model("resnet-mlp", (1, 40), 10, norm="batchnorm", depth=4, skipinit=True)
+    x = torch.randn(5, 1, 40)
+    # SkipInit: at init every residual branch is multiplied by 0, the body is the identity
+    h = m.inp(m.flatten(x))
+    torch.testing.assert_close(m.blocks(h), h)
+    groups = layer_groups(m)
+    assert len(groups) == 6
+    all_names = [n for _, ns in groups for n in ns]
+    assert sorted(all_names) == sorted(n for n, _ in m.named_parameters())
+
+
+def test_weight_scale():
+    torch.manual_seed(0)
+    a = build_model("mlp", (1, 40), 10)
+    torch.manual_seed(0)
+    b = build_model("mlp", (1, 40), 10, weight_scale=3.0)
+    torch.testing.assert_close(b.body[1].weight, 3 * a.body[1].weight)
