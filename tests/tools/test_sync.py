@@ -197,3 +197,43 @@ def test_sync_process_group_subgroup(tmp_path):
     torch.testing.assert_close(torch.cat([results[0]["dx"], results[2]["dx"]]), ref["dx"])
     torch.testing.assert_close(results[0]["dw"] + results[2]["dw"], ref["dw"])
     torch.testing.assert_close(results[2]["rv"], ref["rv"])
+
+
+def _ddp_model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 3, 1),
+                         nn.BatchNorm1d(3)).double()
+
+
+def _ddp_data():
+    g = torch.Generator().manual_seed(11)
+    return (torch.randn(8, 2, 6, generator=g, dtype=torch.float64) * 2 + 1,
+            torch.randn(8, 3, 6, generator=g, dtype=torch.float64))
+
+
+def _ddp_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    x, dy = _ddp_data()
+    part = slice(0, 3) if rank == 0 else slice(3, 8)  # uneven per-rank batches
+    model = DDP(B.convert(_ddp_model(), "sync"))
+    out = model(x[part])
+    # DDP averages gradients over ranks: scale by world so the average is the sum of the shares
+    ((out * dy[part]).sum() * world).backward()
+    return {"grads": {k: p.grad for k, p in model.module.named_parameters()}, "y": out.detach(),
+            "state": model.module.state_dict()}
+
+
+def test_ddp_with_sync_batchnorm_gradients_equal_single_process(tmp_path):
+    results = run_ranks(_ddp_worker, 2, tmp_path)
+    model = _ddp_model().train()
+    x, dy = _ddp_data()
+    out = model(x)
+    (out * dy).sum().backward()
+    tol = {"rtol": 1e-9, "atol": 1e-10}
+    torch.testing.assert_close(torch.cat([r["y"] for r in results]), out.detach(), **tol)
+    for r in results:  # every rank: the full-batch gradient of every parameter, upstream conv included
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(r["grads"][k], p.grad, **tol)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(r["state"][k], v, **tol)
