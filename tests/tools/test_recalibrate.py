@@ -51,6 +51,9 @@ def test_recalibrate_restores_flags_and_momentum_num_batches_and_dict_batches():
     data = [{"input": x} for x in _batches()]
     res = B.recalibrate(model, data, num_batches=2)
     assert res.batches == 2
+    # (inputs, targets) pairs from a DataLoader: the model gets the inputs
+    pairs = B.recalibrate(model, [(x, torch.zeros(len(x))) for x in _batches()[:2]])
+    assert pairs.counts == res.counts
     assert [m.training for m in model.modules()] == flags and model[4].momentum is None
     assert model[1].update_running_stats and not model[1].use_running_stats
 

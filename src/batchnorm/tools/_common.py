@@ -69,14 +69,16 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def run_batch(model: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, Any], Any] | None) -> Any:
-    """Call ``model`` on one element of a data iterable: a tensor, a tuple/list (positional
-    arguments) or a dict (keyword arguments); ``forward_fn(model, batch)`` for anything else."""
+    """Call ``model`` on one element of a data iterable: a tensor (``model(x)``), a tuple/list
+    such as ``(inputs, targets)`` from a DataLoader (``model(batch[0])``, as
+    ``torch.optim.swa_utils.update_bn`` does) or a dict (``model(**batch)``);
+    ``forward_fn(model, batch)`` for anything else (several inputs, masks)."""
     if forward_fn is not None:
         return forward_fn(model, batch)
     if isinstance(batch, Tensor):
         return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
     if isinstance(batch, dict):
         return model(**batch)
     raise TypeError(

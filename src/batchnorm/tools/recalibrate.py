@@ -77,8 +77,9 @@ def recalibrate(
     """Replace the running statistics of every BN layer by the exact population statistics of
     its inputs over ``data`` (see the module docstring). The model is changed in place.
 
-    * ``data``: an iterable of tensors (``model(x)``), tuples (``model(*b)``) or dicts
-      (``model(**b)``); ``forward_fn(model, batch)`` for anything else.
+    * ``data``: an iterable of tensors (``model(x)``), tuples/lists such as a DataLoader's
+      ``(inputs, targets)`` (``model(batch[0])``) or dicts (``model(**batch)``);
+      ``forward_fn(model, batch)`` for anything else (several inputs, masks).
     * ``num_batches``: stop after that many batches (default: all of ``data``).
     * ``reused``: a BN called more than once per forward sees several distributions; ``"error"``
       (default) raises, ``"pool"`` gives it the statistics of all its inputs together.
