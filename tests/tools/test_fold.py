@@ -170,3 +170,19 @@ def test_fold_functional_relu_model_and_mask_call():
     model = Masked().eval()
     _, report = B.fold(copy.deepcopy(model), report=True)
     assert report.folded == [] and "mask" in report.unfolded[0][1]
+
+
+def test_fold_example_input_reveals_linear_on_sequences():
+    # Linear over the last axis of (N, 7, 5), then BatchNorm1d(7) over axis 1 (the 7 positions):
+    # the counts match, but the BN does not normalize the linear layer's features
+    model = nn.Sequential(nn.Linear(5, 7), _fill(nn.BatchNorm1d(7), 2)).eval()
+    x = torch.randn(4, 7, 5)
+    folded, report = B.fold(model, report=True, example=x)
+    assert report.folded == [] and "3D input" in report.unfolded[0][1]
+    assert report.max_rel_error == 0.0
+    torch.testing.assert_close(folded(x), model(x))
+    good, rep2 = B.fold(small_cnn().eval(), report=True, example=torch.randn(2, 3, 8, 8))
+    assert len(rep2.folded) == 2 and rep2.max_rel_error < 1e-5 and "largest relative" in str(rep2)
+    seq = nn.Sequential(nn.Linear(5, 7), _fill(B.BatchNorm(7, axis=-1), 2)).eval()  # features on the last axis
+    _, rep3 = B.fold(seq, report=True, example=x)
+    assert len(rep3.folded) == 1 and rep3.max_rel_error < 1e-5

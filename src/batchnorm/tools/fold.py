@@ -34,7 +34,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..nn.freeze import is_batchnorm
-from ._common import bn_axis, has_running_stats, replace_modules
+from ._common import bn_axis, has_running_stats, replace_modules, run_batch
 
 _AFTER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BEFORE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -44,12 +44,14 @@ _BEFORE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class FoldReport:
     """What :func:`fold` did: ``folded`` is ``[(bn, layer, "after"|"before")]`` (BN after/before
     the layer it went into), ``unfolded`` is ``[(bn, reason)]``; ``traced`` tells whether the
-    connectivity came from ``torch.fx`` (else only ``nn.Sequential`` neighbours were considered)."""
+    connectivity came from ``torch.fx`` (else only ``nn.Sequential`` neighbours were considered);
+    ``max_rel_error``: largest relative output difference on ``fold(..., example=x)``."""
 
     folded: list[tuple[str, str, str]] = field(default_factory=list)
     unfolded: list[tuple[str, str]] = field(default_factory=list)
     traced: bool = True
     trace_error: str | None = None
+    max_rel_error: float | None = None
 
     def __str__(self) -> str:
         lines = [f"fold: {len(self.folded)} BN layer(s) folded, {len(self.unfolded)} left"]
@@ -58,6 +60,8 @@ class FoldReport:
             lines.append(f"  folded   {bn} into {layer} ({where})")
         for bn, why in self.unfolded:
             lines.append(f"  kept     {bn}: {why}")
+        if self.max_rel_error is not None:
+            lines.append(f"  largest relative output difference on the example: {self.max_rel_error:.2e}")
         if not self.traced:
             lines.append(f"  (not fx-traceable: {self.trace_error}; only nn.Sequential neighbours were folded)")
         return "\n".join(lines)
@@ -146,8 +150,9 @@ def _bn_problem(bn: Any) -> str | None:
 
 
 class _Planner:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, bn_ndim: dict[int, int] | None = None) -> None:
         self.model = model
+        self.bn_ndim = bn_ndim or {}
         owners: Counter[int] = Counter()
         for m in {id(m): m for m in model.modules()}.values():
             for p in m.parameters(recurse=False):
@@ -160,6 +165,13 @@ class _Planner:
     def tied(self, layer: nn.Module) -> bool:
         return any(self.param_owners[id(p)] > 1 for p in layer.parameters(recurse=False))
 
+    def linear_axis(self, bn: Any) -> str | None:
+        """A Linear's features are on the last axis: a BN on axis 1 matches them only for 2D input."""
+        ndim = self.bn_ndim.get(id(bn))
+        if ndim is None or ndim == 2 or bn_axis(bn) % ndim == ndim - 1:
+            return None
+        return f"the BN normalizes axis {bn_axis(bn)} of a {ndim}D input, not the linear layer's features"
+
     def check_after(self, layer: Any, bn: Any) -> str | None:
         if not isinstance(layer, _AFTER):
             return "not preceded by a linear/conv layer"
@@ -167,6 +179,8 @@ class _Planner:
             return f"{bn.num_features} features but the previous layer has {_channels(layer, 'out')} outputs"
         if not isinstance(layer, nn.Linear) and bn_axis(bn) != 1:
             return f"features on axis {bn_axis(bn)}, not the conv's channel axis"
+        if isinstance(layer, nn.Linear) and self.linear_axis(bn):
+            return self.linear_axis(bn)
         if self.tied(layer):
             return "the previous layer's parameters are shared with another module"
         return None
@@ -178,6 +192,8 @@ class _Planner:
             return f"{bn.num_features} features but the next layer takes {_channels(layer, 'in')}"
         if not isinstance(layer, nn.Linear) and bn_axis(bn) != 1:
             return f"features on axis {bn_axis(bn)}, not the conv's channel axis"
+        if isinstance(layer, nn.Linear) and self.linear_axis(bn):
+            return self.linear_axis(bn)
         if _pads_with_zeros(layer):
             return "the next conv pads with zeros, which BN would not have seen (folding would not be exact)"
         if self.tied(layer):
@@ -283,7 +299,35 @@ class _Planner:
                 self.report.unfolded.append((name, "not inside an nn.Sequential and the model is not fx-traceable"))
 
 
-def fold(model: nn.Module, report: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
+def _input_ranks(model: nn.Module, example: Any) -> dict[int, int]:
+    """Rank of the input each BN layer receives when ``model`` runs on ``example``."""
+    ranks: dict[int, int] = {}
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:  # must return None (not to replace args)
+        ranks.setdefault(id(mod), args[0].dim())
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if is_batchnorm(m)]
+    try:
+        with torch.no_grad():
+            run_batch(model, example, None)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+def _max_rel_error(a: Any, b: Any) -> float:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if a.numel() else 0.0
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return max((_max_rel_error(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max((_max_rel_error(a[k], b[k]) for k in a), default=0.0)
+    return 0.0
+
+
+def fold(model: nn.Module, report: bool = False, example: Any = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """A copy of ``model`` (in eval mode) with every foldable BN merged into its neighbour.
 
     Returns the new model, or ``(model, FoldReport)`` with ``report=True``. The outputs equal the
@@ -291,6 +335,11 @@ def fold(model: nn.Module, report: bool = False) -> nn.Module | tuple[nn.Module,
     exactly are kept (with a warning when ``report=False``); see :class:`FoldReport`.
     Raises ``ValueError`` for a model in training mode (fold is for inference: call
     ``model.eval()``); the original model is never changed.
+
+    ``example`` (optional, a batch as for :func:`batchnorm.recalibrate`): an input to run once.
+    It tells the rank of each BN's input (a ``BatchNorm1d`` after a ``Linear`` matches the linear's
+    features only for 2D input; without an example that is assumed), and the folded model is
+    checked against the original on it (``FoldReport.max_rel_error``).
     """
     training = [name or "<root>" for name, m in model.named_modules() if m.training and (is_batchnorm(m) or m is model)]
     if training:
@@ -300,7 +349,8 @@ def fold(model: nn.Module, report: bool = False) -> nn.Module | tuple[nn.Module,
             "call model.eval() first"
         )
     out = copy.deepcopy(model)
-    planner = _Planner(out)
+    reference = _input_ranks(out, example) if example is not None else None
+    planner = _Planner(out, reference)
     try:
         graph = _Tracer().trace(out)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "use the fallback"
@@ -317,6 +367,9 @@ def fold(model: nn.Module, report: bool = False) -> nn.Module | tuple[nn.Module,
     folded_ids = {id(bn) for _, bn, _, _ in planner.actions}
     out = replace_modules(out, lambda m: nn.Identity() if id(m) in folded_ids else None)
     rep = planner.report
+    if example is not None:
+        with torch.no_grad():
+            rep.max_rel_error = _max_rel_error(run_batch(out, example, None), run_batch(model, example, None))
     if report:
         return out, rep
     if rep.unfolded:
