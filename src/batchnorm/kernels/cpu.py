@@ -51,10 +51,19 @@ PARALLEL_MIN = 1 << 16
 # ============================================================================ planes (N, C, L)
 
 
+@njit(cache=True, inline="always")
+def _zero(x):
+    """A zero of ``x``'s dtype (accumulators start from it so LLVM vectorizes the loops)."""
+    z = np.zeros(1, dtype=x.dtype)
+    return z[0]
+
+
+
 @njit(**_JIT)
 def _train_fwd_planes(x, w, b, eps, y, mean_out, var_out):
     """One channel per iteration: sum, shifted sum of squares, normalize, all while it is hot."""
     N, C, L = x.shape
+    zr = _zero(x)
     cnt = N * L
     for c in prange(C):
         s = 0.0
@@ -62,8 +71,8 @@ def _train_fwd_planes(x, w, b, eps, y, mean_out, var_out):
             row = x[n, c]
             for l0 in range(0, L, _BLK):
                 l1 = min(l0 + _BLK, L)
-                p = row[l0]
-                for i in range(l0 + 1, l1):
+                p = zr
+                for i in range(l0, l1):
                     p += row[i]
                 s += p
         m = s / cnt
@@ -76,10 +85,9 @@ def _train_fwd_planes(x, w, b, eps, y, mean_out, var_out):
             row = x[n, c]
             for l0 in range(0, L, _BLK):
                 l1 = min(l0 + _BLK, L)
-                d0 = row[l0] - mf
-                pd = d0
-                pq = d0 * d0
-                for i in range(l0 + 1, l1):
+                pd = zr
+                pq = zr
+                for i in range(l0, l1):
                     d = row[i] - mf
                     pd += d
                     pq += d * d
@@ -108,6 +116,7 @@ def _train_fwd_planes(x, w, b, eps, y, mean_out, var_out):
 def _plane_stats(x, pmean, pm2):
     """Per ``(n, c)`` plane: mean and sum of squared deviations (two passes, plane is hot)."""
     N, C, L = x.shape
+    zr = _zero(x)
     for k in prange(N * C):
         n = k // C
         c = k % C
@@ -115,8 +124,8 @@ def _plane_stats(x, pmean, pm2):
         s = 0.0
         for l0 in range(0, L, _BLK):
             l1 = min(l0 + _BLK, L)
-            p = row[l0]
-            for i in range(l0 + 1, l1):
+            p = zr
+            for i in range(l0, l1):
                 p += row[i]
             s += p
         sc = np.empty(1, dtype=x.dtype)
@@ -126,10 +135,9 @@ def _plane_stats(x, pmean, pm2):
         sq = 0.0
         for l0 in range(0, L, _BLK):
             l1 = min(l0 + _BLK, L)
-            d0 = row[l0] - mf
-            pd = d0
-            pq = d0 * d0
-            for i in range(l0 + 1, l1):
+            pd = zr
+            pq = zr
+            for i in range(l0, l1):
                 d = row[i] - mf
                 pd += d
                 pq += d * d
@@ -181,6 +189,7 @@ def _apply_planes(x, mean, scale, shift, y):
 def _bwd_reduce_planes_split(dy, x, mean, psum, pdot):
     """Per plane ``sum(dy)`` and ``sum(dy * (x - mean))``."""
     N, C, L = x.shape
+    zr = _zero(x)
     for k in prange(N * C):
         n = k // C
         c = k % C
@@ -193,9 +202,9 @@ def _bwd_reduce_planes_split(dy, x, mean, psum, pdot):
         t = 0.0
         for l0 in range(0, L, _BLK):
             l1 = min(l0 + _BLK, L)
-            ps = g[l0]
-            pt = g[l0] * (row[l0] - mf)
-            for i in range(l0 + 1, l1):
+            ps = zr
+            pt = zr
+            for i in range(l0, l1):
                 ps += g[i]
                 pt += g[i] * (row[i] - mf)
             s += ps
@@ -231,6 +240,7 @@ def _bwd_elemt_planes(dy, x, mf_, ka, kb, kc, dx):
 def _train_bwd_planes(dy, x, mean, invstd, w, need_dx, dx, sum_dy, sum_dot):
     """One channel per iteration: reduce, then the input gradient sweeping backwards (L2 reuse)."""
     N, C, L = x.shape
+    zr = _zero(x)
     cnt = N * L
     for c in prange(C):
         sc = np.empty(4, dtype=x.dtype)
@@ -243,9 +253,9 @@ def _train_bwd_planes(dy, x, mean, invstd, w, need_dx, dx, sum_dy, sum_dot):
             g = dy[n, c]
             for l0 in range(0, L, _BLK):
                 l1 = min(l0 + _BLK, L)
-                ps = g[l0]
-                pt = g[l0] * (row[l0] - mf)
-                for i in range(l0 + 1, l1):
+                ps = zr
+                pt = zr
+                for i in range(l0, l1):
                     ps += g[i]
                     pt += g[i] * (row[i] - mf)
                 s += ps
@@ -279,6 +289,7 @@ def _train_bwd_planes(dy, x, mean, invstd, w, need_dx, dx, sum_dy, sum_dot):
 def _apply_bwd_planes(dy, x, mean, invstd, w, need_dx, dx, sum_dy, sum_dot):
     """Backward with constant statistics: ``dx = dy * w * invstd`` and the two sums, one sweep."""
     N, C, L = x.shape
+    zr = _zero(x)
     for c in prange(C):
         sc = np.empty(2, dtype=x.dtype)
         sc[0] = mean[c]
@@ -293,9 +304,9 @@ def _apply_bwd_planes(dy, x, mean, invstd, w, need_dx, dx, sum_dy, sum_dot):
             out = dx[n, c]
             for l0 in range(0, L, _BLK):
                 l1 = min(l0 + _BLK, L)
-                ps = g[l0]
-                pt = g[l0] * (row[l0] - mf)
-                for i in range(l0 + 1, l1):
+                ps = zr
+                pt = zr
+                for i in range(l0, l1):
                     ps += g[i]
                     pt += g[i] * (row[i] - mf)
                 s += ps
@@ -744,6 +755,7 @@ def _fill(buf, v):
 def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_out):
     """Fused training forward + activation (+ residual), one channel per iteration."""
     N, C, L = x.shape
+    zr = _zero(x)
     cnt = N * L
     for c in prange(C):
         s = 0.0
@@ -751,8 +763,8 @@ def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_
             row = x[n, c]
             for l0 in range(0, L, _BLK):
                 l1 = min(l0 + _BLK, L)
-                p = row[l0]
-                for i in range(l0 + 1, l1):
+                p = zr
+                for i in range(l0, l1):
                     p += row[i]
                 s += p
         sc = np.empty(5, dtype=x.dtype)
@@ -764,10 +776,9 @@ def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_
             row = x[n, c]
             for l0 in range(0, L, _BLK):
                 l1 = min(l0 + _BLK, L)
-                d0 = row[l0] - mf
-                pd = d0
-                pq = d0 * d0
-                for i in range(l0 + 1, l1):
+                pd = zr
+                pq = zr
+                for i in range(l0, l1):
                     d = row[i] - mf
                     pd += d
                     pq += d * d
@@ -836,6 +847,7 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
     ``dx`` by the training formula (``train``) or ``g * w * invstd`` (given statistics).
     """
     N, C, L = x.shape
+    zr = _zero(x)
     cnt = N * L
     for c in prange(C):
         sc = np.empty(4, dtype=x.dtype)
@@ -862,9 +874,9 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
             _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[2], zero, g)
             for l0 in range(0, L, _BLK):
                 l1 = min(l0 + _BLK, L)
-                ps = g[l0]
-                pt = g[l0] * (row[l0] - mf)
-                for i in range(l0 + 1, l1):
+                ps = zr
+                pt = zr
+                for i in range(l0, l1):
                     ps += g[i]
                     pt += g[i] * (row[i] - mf)
                 s += ps
@@ -900,6 +912,7 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
 def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psum, pdot):
     """Split path: per plane ``sum(g)`` and ``sum(g * (x - mean_rounded))``."""
     N, C, L = x.shape
+    zr = _zero(x)
     for k in prange(N * C):
         n = k // C
         c = k % C
@@ -920,9 +933,9 @@ def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psu
         t = 0.0
         for l0 in range(0, L, _BLK):
             l1 = min(l0 + _BLK, L)
-            ps = g[l0]
-            pt = g[l0] * (row[l0] - mv[l0])
-            for i in range(l0 + 1, l1):
+            ps = zr
+            pt = zr
+            for i in range(l0, l1):
                 ps += g[i]
                 pt += g[i] * (row[i] - mv[i])
             s += ps
