@@ -186,3 +186,15 @@ def test_fold_example_input_reveals_linear_on_sequences():
     seq = nn.Sequential(nn.Linear(5, 7), _fill(B.BatchNorm(7, axis=-1), 2)).eval()  # features on the last axis
     _, rep3 = B.fold(seq, report=True, example=x)
     assert len(rep3.folded) == 1 and rep3.max_rel_error < 1e-5
+
+
+def test_fold_clone_shared_folds_into_a_copy_for_that_call():
+    model = trained(SharedNet())
+    x = torch.randn(3, 3, 8, 8)
+    folded, report = B.fold(model, report=True, clone_shared=True)
+    assert isinstance(folded, torch.fx.GraphModule)
+    assert report.folded == [("bn", "conv (cloned as conv_folded)", "after")]
+    assert dict(report.unfolded).keys() == {"shared_bn"}
+    assert torch.equal(folded.conv.weight, model.conv.weight)  # the other call keeps the original
+    assert not torch.equal(folded.conv_folded.weight, model.conv.weight)
+    assert _rel(folded(x), model(x)) < 1e-5

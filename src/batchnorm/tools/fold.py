@@ -150,8 +150,10 @@ def _bn_problem(bn: Any) -> str | None:
 
 
 class _Planner:
-    def __init__(self, model: nn.Module, bn_ndim: dict[int, int] | None = None) -> None:
+    def __init__(self, model: nn.Module, bn_ndim: dict[int, int] | None = None, clone_shared: bool = False) -> None:
         self.model = model
+        self.clone_shared = clone_shared
+        self.graph_changed = False
         self.bn_ndim = bn_ndim or {}
         owners: Counter[int] = Counter()
         for m in {id(m): m for m in model.modules()}.values():
@@ -228,13 +230,25 @@ class _Planner:
                     and isinstance(get(str(prev.target)), _AFTER)):
                 layer = get(str(prev.target))
                 r = self.check_after(layer, bn)
-                if r is None and calls[str(prev.target)] > 1:
-                    r = f"the previous layer {prev.target} is called {calls[str(prev.target)]} times (shared)"
                 if r is None and len(prev.users) > 1:
                     r = f"the output of {prev.target} also goes elsewhere"
+                into = str(prev.target)
+                if r is None and calls[str(prev.target)] > 1:
+                    if self.clone_shared:  # this call gets its own copy of the layer, folded
+                        layer = copy.deepcopy(layer)
+                        clone, k = into.replace(".", "_") + "_folded", 1
+                        while hasattr(self.model, clone):
+                            clone, k = f"{into.replace('.', '_')}_folded_{k}", k + 1
+                        self.model.add_module(clone, layer)
+                        prev.target = clone
+                        self.graph_changed = True
+                        into = f"{into} (cloned as {clone})"
+                    else:
+                        r = (f"the previous layer {prev.target} is called {calls[str(prev.target)]} times (shared; "
+                             "clone_shared=True folds into a copy for this call)")
                 if r is None:
                     self.actions.append((name, bn, layer, "after"))
-                    self.report.folded.append((name, str(prev.target), "after"))
+                    self.report.folded.append((name, into, "after"))
                     continue
                 reasons.append(r)
             users = list(n.users)
@@ -327,7 +341,8 @@ def _max_rel_error(a: Any, b: Any) -> float:
     return 0.0
 
 
-def fold(model: nn.Module, report: bool = False, example: Any = None) -> nn.Module | tuple[nn.Module, FoldReport]:
+def fold(model: nn.Module, report: bool = False, example: Any = None, *,
+         clone_shared: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
     """A copy of ``model`` (in eval mode) with every foldable BN merged into its neighbour.
 
     Returns the new model, or ``(model, FoldReport)`` with ``report=True``. The outputs equal the
@@ -340,6 +355,10 @@ def fold(model: nn.Module, report: bool = False, example: Any = None) -> nn.Modu
     It tells the rank of each BN's input (a ``BatchNorm1d`` after a ``Linear`` matches the linear's
     features only for 2D input; without an example that is assumed), and the folded model is
     checked against the original on it (``FoldReport.max_rel_error``).
+
+    ``clone_shared=True``: a BN after a layer that is also called elsewhere is folded into a copy
+    of that layer used for this call only (the other calls keep the original); the result is
+    then a ``torch.fx.GraphModule``.
     """
     training = [name or "<root>" for name, m in model.named_modules() if m.training and (is_batchnorm(m) or m is model)]
     if training:
@@ -350,7 +369,7 @@ def fold(model: nn.Module, report: bool = False, example: Any = None) -> nn.Modu
         )
     out = copy.deepcopy(model)
     reference = _input_ranks(out, example) if example is not None else None
-    planner = _Planner(out, reference)
+    planner = _Planner(out, reference, clone_shared)
     try:
         graph = _Tracer().trace(out)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "use the fallback"
@@ -366,6 +385,9 @@ def fold(model: nn.Module, report: bool = False, example: Any = None) -> nn.Modu
             _fold_before(bn, layer)
     folded_ids = {id(bn) for _, bn, _, _ in planner.actions}
     out = replace_modules(out, lambda m: nn.Identity() if id(m) in folded_ids else None)
+    if planner.graph_changed:
+        graph.lint()
+        out = torch.fx.GraphModule(out, graph, class_name=type(model).__name__ + "Folded")
     rep = planner.report
     if example is not None:
         with torch.no_grad():
