@@ -131,3 +131,17 @@ def test_diagnose_warnings_train_mode_frozen_tiny_nonfinite(capsys):
     assert "batch-norm diagnosis" in out and "warning" in out
     assert model.training and model[1].training
     assert "batch-norm diagnosis" in str(d)
+
+
+@pytest.mark.parametrize("make", [CustomNet, SharedNet])
+@pytest.mark.parametrize("torch_bn", [False, True])
+def test_diagnose_custom_and_shared_models(make, torch_bn):
+    model = trained(make(torch_bn=torch_bn))
+    state = _state(model)
+    data = [torch.randn(6, 3, 8, 8) for _ in range(2)]
+    d = B.diagnose(model, data, show=False)
+    assert [r.name for r in d.layers] == [n for n, m in model.named_modules() if B.is_batchnorm(m)]
+    assert all(r.values_per_batch > 0 and r.gap >= 0 for r in d.layers)
+    assert d.output_gap is not None and d.output_gap > 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k

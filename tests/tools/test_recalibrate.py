@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -105,3 +107,27 @@ def test_recalibrate_skips_frozen_and_untracked():
     assert torch.equal(model[1].running_mean, torch.zeros(4))
     with pytest.raises(ValueError, match="no batches"):
         B.recalibrate(model, [])
+
+
+@pytest.mark.parametrize("torch_bn", [False, True])
+def test_recalibrate_custom_fx_module_against_collected_inputs(torch_bn):
+    from .models import CustomNet
+
+    model = trained(CustomNet(torch_bn=torch_bn))
+    data = _batches()
+    # reference: a copy in training mode whose BN inputs are collected and reduced at once
+    ref = copy.deepcopy(model).train()
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, m in ref.named_modules():
+        if B.is_batchnorm(m):
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(args[0]))
+    with torch.no_grad():
+        for x in data:
+            ref(x)
+    res = B.recalibrate(model, data)
+    assert set(res.counts) == set(seen)
+    for name, inputs in seen.items():
+        mean, var = _pop(torch.cat(inputs))
+        bn = model.get_submodule(name)
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-5)
