@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--passes", default=",".join(bench.PASSES))
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    p.add_argument("--no-malloc-reuse", dest="malloc_reuse", action="store_false")
     p.add_argument("--json", default="cpu_bench.json")
     args = p.parse_args(argv)
     print(f"load average before: {os.getloadavg()}")
     ns = argparse.Namespace(shape=args.shape or ["32,64,56,56"], layouts="contiguous,channels_last",
                             dtype=args.dtype, passes=args.passes, repeats=args.repeats, threads=args.threads,
-                            device="cpu", compile=args.compile, json=args.json, quiet=False)
+                            device="cpu", compile=args.compile, json=args.json, quiet=False, clock=args.clock,
+                            malloc_reuse=args.malloc_reuse)
     rc = bench.handler(ns)
     print(f"load average after: {os.getloadavg()}")
     return rc

@@ -40,12 +40,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_TIMER: Callable[[], float] = time.perf_counter
+
+
+def reuse_large_allocations() -> bool:
+    """Make glibc keep freed large blocks for reuse (``mallopt`` mmap/trim thresholds to 1 GiB).
+
+    With glibc's defaults, a freed 25 MB output goes back to the OS and the next call of either
+    contender page-faults a fresh mapping: ~10 ms on these machines, landing on whichever call
+    comes first in a repeat. Reusing the heap measures the kernels (as a caching allocator would);
+    both contenders get the same allocator. Returns whether it could be set.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # MMAP, TRIM thresholds
+    except (OSError, AttributeError):
+        return False
+
+
 def _clock(fn: Callable[[], Any], device: torch.device) -> float:
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _TIMER()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return _TIMER() - t0
 
 
 def time_side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
@@ -171,6 +191,7 @@ def run(shapes: list[tuple[int, ...]], layouts: list[str], dtypes: list[torch.dt
             or platform.machine(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "clock": "cpu" if _TIMER is time.process_time else "wall",
         },
         "copy_gbps": bw / 1e9,
         "repeats": repeats,
@@ -185,8 +206,9 @@ def render(result: dict[str, Any]) -> None:
 
     has_compile = any("compile_ms" in r for r in result["rows"])
     m = result["machine"]
+    clock = m.get("clock", "wall")
     table = Table(title=f"batchnorm bench: {m['device']}, {m['threads']} threads, copy "
-                        f"{result['copy_gbps']:.1f} GB/s, median of {result['repeats']}")
+                        f"{result['copy_gbps']:.1f} GB/s, median of {result['repeats']} ({clock} time)")
     for col in ("shape", "layout", "dtype", "pass", "ours ms", "torch ms", *(["compile ms"] if has_compile else []),
                 "torch/ours", "GB/s", "of copy"):
         table.add_column(col, justify="right" if col not in ("layout", "pass") else "left")
@@ -207,6 +229,10 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def handler(args: argparse.Namespace) -> int:
+    global _TIMER
+    malloc_reuse = getattr(args, "malloc_reuse", True) and reuse_large_allocations()
+    clock = getattr(args, "clock", "wall")
+    _TIMER = time.process_time if clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -221,6 +247,7 @@ def handler(args: argparse.Namespace) -> int:
         return 2
     result = run([_parse_shape(s) for s in args.shape], args.layouts.split(","), dtypes, passes, device,
                  args.repeats, args.compile, log=(lambda s: None) if args.quiet else print)
+    result["machine"]["malloc_reuse"] = malloc_reuse
     render(result)
     if args.json:
         with open(args.json, "w") as fh:
@@ -242,6 +269,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--compile", action="store_true", help="also time torch.compile of torch's batch norm")
     p.add_argument("--json", default="bench.json", help="where to write the results ('' for nowhere)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall time, or this process's CPU time (robust to other processes' load with "
+                        "--threads 1; with more threads it also counts threads that spin-wait)")
+    p.add_argument("--no-malloc-reuse", dest="malloc_reuse", action="store_false",
+                   help="keep glibc's default thresholds (freed large outputs go back to the OS)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run_with_defaults)
 
