@@ -67,6 +67,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, gmean, invstd, g.count, mask)
         ctx.process_group = process_group
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(g.mean, g.var, g.count)
         return y, g.mean, g.var, g.count
 
@@ -84,8 +85,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _ref.backward_elemt(dy, x, mean, invstd, weight, g_dy, g_dy_xhat, count.reshape(1), mask, 0)
         dweight = sum_dy_xhat[0].to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
-        dbias = sum_dy[0].to(x.dtype if weight is None else weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] \
-            else None
+        dbias = sum_dy[0].to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None, None
 
 
