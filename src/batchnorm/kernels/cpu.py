@@ -732,9 +732,9 @@ def _dact_scalar(z, code, slope):
     return 0.5 * (1.0 + math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM, inline="always")
 def _act_line(row, rr, has_r, mf, af, bf, code, slope, zero, out):
-    """``out = act((row - mf) * af + bf [+ rr])`` for one line; mf/af/bf scalars or arrays."""
+    """``out = act((row - mf) * af + bf [+ rr])`` for one line; per-element mf/af/bf arrays (rows: per channel)."""
     n = row.shape[0]
     if code == 0:
         for i in range(n):
@@ -762,7 +762,7 @@ def _act_line(row, rr, has_r, mf, af, bf, code, slope, zero, out):
             out[i] = _act_scalar(z, code, slope)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM, inline="always")
 def _grad_line(gy, row, rr, has_r, mf, af, bf, code, slope, zero, out):
     """``out = gy * act'(z)`` with ``z`` recomputed as in :func:`_act_line`."""
     n = row.shape[0]
@@ -790,9 +790,60 @@ def _grad_line(gy, row, rr, has_r, mf, af, bf, code, slope, zero, out):
 
 
 @njit(cache=True, fastmath=_FM)
-def _fill(buf, v):
-    for i in range(buf.shape[0]):
-        buf[i] = v
+def _act_line_s(row, rr, has_r, mf, af, bf, code, slope, zero, out):
+    """As :func:`_act_line` with scalar ``mf``/``af``/``bf`` (one plane of one channel)."""
+    n = row.shape[0]
+    if code == 0:
+        for i in range(n):
+            z = (row[i] - mf) * af + bf
+            if has_r:
+                z += rr[i]
+            out[i] = z
+    elif code == 1:
+        for i in range(n):
+            z = (row[i] - mf) * af + bf
+            if has_r:
+                z += rr[i]
+            out[i] = zero if z <= zero else z
+    elif code == 2:
+        for i in range(n):
+            z = (row[i] - mf) * af + bf
+            if has_r:
+                z += rr[i]
+            out[i] = z * slope if z < zero else z
+    else:
+        for i in range(n):
+            z = (row[i] - mf) * af + bf
+            if has_r:
+                z += rr[i]
+            out[i] = _act_scalar(z, code, slope)
+
+
+@njit(cache=True, fastmath=_FM)
+def _grad_line_s(gy, row, rr, has_r, mf, af, bf, code, slope, zero, out):
+    """As :func:`_grad_line` with scalar ``mf``/``af``/``bf``."""
+    n = row.shape[0]
+    if code == 0:
+        for i in range(n):
+            out[i] = gy[i]
+    elif code == 1:
+        for i in range(n):
+            z = (row[i] - mf) * af + bf
+            if has_r:
+                z += rr[i]
+            out[i] = gy[i] if z > zero else zero
+    elif code == 2:
+        for i in range(n):
+            z = (row[i] - mf) * af + bf
+            if has_r:
+                z += rr[i]
+            out[i] = gy[i] if z > zero else gy[i] * slope
+    else:
+        for i in range(n):
+            z = (row[i] - mf) * af + bf
+            if has_r:
+                z += rr[i]
+            out[i] = gy[i] * _dact_scalar(z, code, slope)
 
 
 @njit(**_JIT)
@@ -833,17 +884,18 @@ def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_
         mean_out[c] = mf + md
         var_out[c] = v
         a = w[c] / math.sqrt(v + eps)
-        mv = np.empty(L, dtype=x.dtype)
-        av = np.empty(L, dtype=x.dtype)
-        bv = np.empty(L, dtype=x.dtype)
-        _fill(mv, mf)
-        _fill(av, a)
-        _fill(bv, b[c] - md * a)
+        cf = np.empty(3, dtype=x.dtype)
+        cf[0] = mf
+        cf[1] = a
+        cf[2] = b[c] - md * a
+        mvs = cf[0]
+        avs = cf[1]
+        bvs = cf[2]
         sc[3] = 0
         sc[4] = slope
         for n in range(N):
             rr = r[n, c] if has_r else x[n, c]
-            _act_line(x[n, c], rr, has_r, mv, av, bv, code, sc[4], sc[3], y[n, c])
+            _act_line_s(x[n, c], rr, has_r, mvs, avs, bvs, code, sc[4], sc[3], y[n, c])
 
 
 @njit(**_JIT)
@@ -853,17 +905,18 @@ def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y):
     for k in prange(N * C):
         n = k // C
         c = k % C
-        mv = np.empty(L, dtype=x.dtype)
-        av = np.empty(L, dtype=x.dtype)
-        bv = np.empty(L, dtype=x.dtype)
-        _fill(mv, mean[c])
-        _fill(av, scale[c])
-        _fill(bv, shift[c])
+        cf = np.empty(3, dtype=x.dtype)
+        cf[0] = mean[c]
+        cf[1] = scale[c]
+        cf[2] = shift[c]
+        mvs = cf[0]
+        avs = cf[1]
+        bvs = cf[2]
         sc = np.empty(2, dtype=x.dtype)
         sc[0] = 0
         sc[1] = slope
         rr = r[n, c] if has_r else x[n, c]
-        _act_line(x[n, c], rr, has_r, mv, av, bv, code, sc[1], sc[0], y[n, c])
+        _act_line_s(x[n, c], rr, has_r, mvs, avs, bvs, code, sc[1], sc[0], y[n, c])
 
 
 @njit(**_JIT)
@@ -903,19 +956,20 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
         inv = invstd[c]
         a = w[c] * inv
         md = mean[c] - mf
-        mv = np.empty(L, dtype=x.dtype)
-        av = np.empty(L, dtype=x.dtype)
-        bv = np.empty(L, dtype=x.dtype)
-        _fill(mv, mf)
-        _fill(av, a)
-        _fill(bv, b[c] - md * a)
+        cf = np.empty(3, dtype=x.dtype)
+        cf[0] = mf
+        cf[1] = a
+        cf[2] = b[c] - md * a
+        mvs = cf[0]
+        avs = cf[1]
+        bvs = cf[2]
         g = np.empty(L, dtype=x.dtype)
         s = 0.0
         t = 0.0
         for n in range(N):
             row = x[n, c]
             rr = r[n, c] if has_r else row
-            _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[2], zero, g)
+            _grad_line_s(dy[n, c], row, rr, has_r, mvs, avs, bvs, code, sc[2], zero, g)
             for l0 in range(0, L, _BLK):
                 l1 = min(l0 + _BLK, L)
                 ps = zr
@@ -930,7 +984,7 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
             if need_dx and not train:
                 out = dx[n, c]
                 for i in range(L):
-                    out[i] = g[i] * av[i]
+                    out[i] = g[i] * avs
         t -= md * s
         sum_dy[c] = s
         sum_dot[c] = t * inv
@@ -944,10 +998,10 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
                 n = N - 1 - nn
                 row = x[n, c]
                 rr = r[n, c] if has_r else row
-                _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[2], zero, g)
+                _grad_line_s(dy[n, c], row, rr, has_r, mvs, avs, bvs, code, sc[2], zero, g)
                 out = dx[n, c]
                 for i in range(L):
-                    out[i] = g[i] * av[i] + (row[i] - mf) * bb + cc
+                    out[i] = g[i] * avs + (row[i] - mf) * bb + cc
                 if need_dr:
                     dr[n, c][:] = g
 
@@ -960,19 +1014,20 @@ def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psu
     for k in prange(N * C):
         n = k // C
         c = k % C
-        mv = np.empty(L, dtype=x.dtype)
-        av = np.empty(L, dtype=x.dtype)
-        bv = np.empty(L, dtype=x.dtype)
-        _fill(mv, mean[c])
-        _fill(av, scale[c])
-        _fill(bv, shift[c])
+        cf = np.empty(3, dtype=x.dtype)
+        cf[0] = mean[c]
+        cf[1] = scale[c]
+        cf[2] = shift[c]
+        mvs = cf[0]
+        avs = cf[1]
+        bvs = cf[2]
         sc = np.empty(2, dtype=x.dtype)
         sc[0] = 0
         sc[1] = slope
         g = np.empty(L, dtype=x.dtype)
         row = x[n, c]
         rr = r[n, c] if has_r else row
-        _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[1], sc[0], g)
+        _grad_line_s(dy[n, c], row, rr, has_r, mvs, avs, bvs, code, sc[1], sc[0], g)
         s = 0.0
         t = 0.0
         for l0 in range(0, L, _BLK):
@@ -981,7 +1036,7 @@ def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psu
             pt = zr
             for i in range(l0, l1):
                 ps += g[i]
-                pt += g[i] * (row[i] - mv[i])
+                pt += g[i] * (row[i] - mvs)
             s += ps
             t += pt
         psum[n, c] = s
@@ -996,12 +1051,13 @@ def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, 
     for k in prange(N * C):
         n = k // C
         c = k % C
-        mv = np.empty(L, dtype=x.dtype)
-        av = np.empty(L, dtype=x.dtype)
-        bv = np.empty(L, dtype=x.dtype)
-        _fill(mv, mean[c])
-        _fill(av, scale[c])
-        _fill(bv, shift[c])
+        cf = np.empty(3, dtype=x.dtype)
+        cf[0] = mean[c]
+        cf[1] = scale[c]
+        cf[2] = shift[c]
+        mvs = cf[0]
+        avs = cf[1]
+        bvs = cf[2]
         sc = np.empty(5, dtype=x.dtype)
         sc[0] = 0
         sc[1] = slope
@@ -1011,11 +1067,11 @@ def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, 
         g = np.empty(L, dtype=x.dtype)
         row = x[n, c]
         rr = r[n, c] if has_r else row
-        _grad_line(dy[n, c], row, rr, has_r, mv, av, bv, code, sc[1], sc[0], g)
+        _grad_line_s(dy[n, c], row, rr, has_r, mvs, avs, bvs, code, sc[1], sc[0], g)
         if need_dx:
             out = dx[n, c]
             for i in range(L):
-                out[i] = g[i] * sc[2] + (row[i] - mv[i]) * sc[3] + sc[4]
+                out[i] = g[i] * sc[2] + (row[i] - mvs) * sc[3] + sc[4]
         if need_dr:
             dr[n, c][:] = g
 
