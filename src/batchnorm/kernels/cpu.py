@@ -1078,37 +1078,64 @@ def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, 
 
 @njit(**_JIT)
 def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, psum, pdot):
+    """Per block of rows: float64 ``sum(g)`` and ``sum(g * (x - mean))``, ``g = dy * act'(z)``.
+
+    identity/relu/leaky_relu share one branch-free formula ``act'(z) = 1 if z > 0 else lo``."""
     M, C = x.shape
     mv = mean.astype(x.dtype)
     av = scale.astype(x.dtype)
     bv = shift.astype(x.dtype)
-    sc = np.empty(2, dtype=x.dtype)
+    sc = np.empty(3, dtype=x.dtype)
     sc[0] = 0
     sc[1] = slope
+    sc[2] = 1.0 if code == 0 else (0.0 if code == 1 else slope)
+    zero = sc[0]
+    lo = sc[2]
     for bi in prange(nb):
         accs = np.zeros(C, dtype=x.dtype)
         acct = np.zeros(C, dtype=x.dtype)
         g = np.empty(C, dtype=x.dtype)
         r0 = bi * M // nb
         r1 = (bi + 1) * M // nb
+        since = 0
         for m in range(r0, r1):
             xr = x[m]
+            gr = dy[m]
             rr = r[m] if has_r else xr
-            _grad_line(dy[m], xr, rr, has_r, mv, av, bv, code, sc[1], sc[0], g)
-            for c in range(C):
-                accs[c] += g[c]
-                acct[c] += g[c] * (xr[c] - mv[c])
-            if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
+            if code <= 2:
+                if has_r:
+                    for c in range(C):
+                        d = xr[c] - mv[c]
+                        z = d * av[c] + bv[c] + rr[c]
+                        gg = gr[c] if z > zero else gr[c] * lo
+                        accs[c] += gg
+                        acct[c] += gg * d
+                else:
+                    for c in range(C):
+                        d = xr[c] - mv[c]
+                        z = d * av[c] + bv[c]
+                        gg = gr[c] if z > zero else gr[c] * lo
+                        accs[c] += gg
+                        acct[c] += gg * d
+            else:
+                _grad_line(gr, xr, rr, has_r, mv, av, bv, code, sc[1], zero, g)
+                for c in range(C):
+                    accs[c] += g[c]
+                    acct[c] += g[c] * (xr[c] - mv[c])
+            since += 1
+            if since == _RBLK or m == r1 - 1:
                 for c in range(C):
                     psum[bi, c] += accs[c]
                     pdot[bi, c] += acct[c]
                     accs[c] = 0
                     acct[c] = 0
+                since = 0
 
 
 @njit(**_JIT)
 def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
                         need_dx, need_dr, dx, dr):
+    """``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
     mv = mean.astype(x.dtype)
@@ -1117,15 +1144,27 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
     a = ka.astype(x.dtype)
     bb = kb.astype(x.dtype)
     cc = kc.astype(x.dtype)
-    sc = np.empty(2, dtype=x.dtype)
+    sc = np.empty(3, dtype=x.dtype)
     sc[0] = 0
     sc[1] = slope
+    sc[2] = 1.0 if code == 0 else (0.0 if code == 1 else slope)
+    zero = sc[0]
+    lo = sc[2]
     for bi in prange(nb):
         g = np.empty(C, dtype=x.dtype)
         for m in range(bi * M // nb, (bi + 1) * M // nb):
             xr = x[m]
+            gr = dy[m]
             rr = r[m] if has_r else xr
-            _grad_line(dy[m], xr, rr, has_r, mv, av, bv, code, sc[1], sc[0], g)
+            if code <= 2 and need_dx and not need_dr and not has_r:
+                out = dx[m]
+                for c in range(C):
+                    d = xr[c] - mv[c]
+                    z = d * av[c] + bv[c]
+                    gg = gr[c] if z > zero else gr[c] * lo
+                    out[c] = gg * a[c] + d * bb[c] + cc[c]
+                continue
+            _grad_line(gr, xr, rr, has_r, mv, av, bv, code, sc[1], zero, g)
             if need_dx:
                 out = dx[m]
                 for c in range(C):
