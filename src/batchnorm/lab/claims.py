@@ -111,9 +111,11 @@ def _steps_to(run: dict, target: float) -> float:
 # budgets ---------------------------------------------------------------------------------------------
 
 _BUDGET = {
-    "quick": {"seeds": 3, "steps": 1500, "ref_steps": 2000, "short": 500, "depth": 50, "lstm_steps": 600},
-    "full": {"seeds": 5, "steps": 4000, "ref_steps": 8000, "short": 1500, "depth": 100, "lstm_steps": 2000},
-    "tiny": {"seeds": 2, "steps": 30, "ref_steps": 30, "short": 20, "depth": 6, "lstm_steps": 10},
+    "quick": {"seeds": 3, "steps": 1500, "ref_steps": 2000, "short": 500, "depth": 50, "deep_steps": 500,
+              "lstm_steps": 300},
+    "full": {"seeds": 5, "steps": 4000, "ref_steps": 8000, "short": 1500, "depth": 100, "deep_steps": 2000,
+             "lstm_steps": 2000},
+    "tiny": {"seeds": 2, "steps": 30, "ref_steps": 30, "short": 20, "depth": 6, "deep_steps": 20, "lstm_steps": 10},
 }
 
 
@@ -267,7 +269,7 @@ def _c6(mode, ds):
     b = _BUDGET[mode]
     conds = []
     for name, model in (("plain", "deep-mlp"), ("residual", "resnet-mlp")):
-        cfg = _base(ds, mode, model=model, steps=b["short"] * 2, optimizer="sgd", lr=0.05,
+        cfg = _base(ds, mode, model=model, steps=b["deep_steps"], optimizer="sgd", lr=0.05,
                     model_kw={"depth": b["depth"]})
         conds.append(Condition(
             f"{name} MLP, {b['depth']} layers", _pair(cfg),
@@ -275,6 +277,18 @@ def _c6(mode, ds):
             lambda runs: {"acc_none": _acc(runs["none"][0]), "acc_bn": _acc(runs["batchnorm"][0]),
                           "diverged_bn": runs["batchnorm"][0]["result"]["diverged"]},
         ))
+    # SkipInit (De & Smith 2020): a residual net without any normalization, branches scaled by a zero-init scalar
+    skip = _base(ds, mode, model="resnet-mlp", steps=b["deep_steps"], optimizer="sgd", lr=0.05,
+                 model_kw={"depth": b["depth"], "skipinit": True})
+    bn = _base(ds, mode, model="resnet-mlp", steps=b["deep_steps"], optimizer="sgd", lr=0.05,
+               model_kw={"depth": b["depth"]})
+    conds.append(Condition(
+        f"residual MLP, {b['depth']} layers, vs SkipInit without BN",
+        lambda seed: {"none": [skip.replace(norm="none", seed=seed)], "batchnorm": [bn.replace(norm="batchnorm",
+                                                                                               seed=seed)]},
+        lambda runs: 100 * (_acc(runs["batchnorm"][0]) - _acc(runs["none"][0])),
+        lambda runs: {"acc_skipinit_no_bn": _acc(runs["none"][0]), "acc_bn": _acc(runs["batchnorm"][0])},
+    ))
     return conds
 
 

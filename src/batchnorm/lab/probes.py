@@ -128,7 +128,7 @@ def smoothness(model: nn.Module, x, y, etas=(0.05, 0.1, 0.2, 0.4)) -> dict[str, 
     g = torch.autograd.grad(loss0, [params[n] for n in names], allow_unused=True)
     g = [torch.zeros_like(params[n]) if gi is None else gi.detach() for n, gi in zip(names, g)]
     gnorm = math.sqrt(sum(float(gi.double().pow(2).sum()) for gi in g))
-    losses = [float(loss0)]
+    losses = [float(loss0.detach())]
     betas = []
     for eta in etas:
         moved = {n: (params[n].detach() - eta * gi).requires_grad_(True) for n, gi in zip(names, g)}
@@ -138,7 +138,7 @@ def smoothness(model: nn.Module, x, y, etas=(0.05, 0.1, 0.2, 0.4)) -> dict[str, 
             sum(float((gi - (torch.zeros_like(gi) if g2i is None else g2i)).double().pow(2).sum())
                 for gi, g2i in zip(g, g2))
         )
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if gnorm > 0:
             betas.append(dg / (eta * gnorm))
     finite = [v for v in losses if math.isfinite(v)]

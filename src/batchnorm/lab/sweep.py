@@ -51,6 +51,18 @@ def _worker_run(cfg_dict: dict) -> tuple[str, dict]:
     return run["hash"], run["result"]
 
 
+def estimated_cost(cfg: RunConfig) -> float:
+    """Rough relative cost of a run (steps x layers x norm overhead), to schedule long runs first."""
+    full = with_recipe(cfg)
+    kw = dict(full.model_kw)
+    layers = kw.get("depth", 3) if full.model in ("deep-mlp", "resnet-mlp") else 3
+    if full.model == "lstm":
+        layers = 40
+    norm = 1.0 if full.norm == "none" else 3.0
+    probes = 1.0 + 0.5 * len(full.probes)
+    return (full.steps + 50) * layers * norm * probes * (3.0 if full.model in ("cnn", "cnn2d") else 1.0)
+
+
 def run_sweep(
     configs: Iterable[RunConfig],
     store: Store,
@@ -93,7 +105,9 @@ def run_sweep(
             max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
             initargs=(str(store.path), 1),
         ) as pool:
-            futures = {pool.submit(_worker_run, c.to_dict()): c for c in todo.values()}
+            # longest runs first, so the last worker is not left alone with a long pole
+            ordered = sorted(todo.values(), key=estimated_cost, reverse=True)
+            futures = {pool.submit(_worker_run, c.to_dict()): c for c in ordered}
             try:
                 for fut in cf.as_completed(futures):
                     _, result = fut.result()
