@@ -132,16 +132,22 @@ def _workers(args, n_todo: int) -> int:
     return min(os.cpu_count() or 1, 8) if n_todo >= 2 else 1
 
 
-def _run(args, configs, console: Console, title: str) -> list[dict]:
-    """Sweep with a rich progress bar; friendly errors for missing data."""
+def adjust(cfg, limit=None, data_dir=None):
+    """Apply the command line's --limit / --data-dir to a configuration."""
     import dataclasses
 
+    if limit is None and data_dir is None:
+        return cfg
+    return dataclasses.replace(cfg, data_limit=limit if limit is not None else cfg.data_limit,
+                               data_dir=data_dir or cfg.data_dir)
+
+
+def _run(args, configs, console: Console, title: str) -> list[dict]:
+    """Sweep with a rich progress bar; friendly errors for missing data."""
     from .sweep import run_sweep
     from .train import config_hash
 
-    if args.limit is not None or args.data_dir is not None:
-        configs = [dataclasses.replace(c, data_limit=args.limit if args.limit is not None else c.data_limit,
-                                       data_dir=args.data_dir or c.data_dir) for c in configs]
+    configs = [adjust(c, args.limit, args.data_dir) for c in configs]
     store = _store(args)
     todo = len({config_hash(c) for c in configs if not store.has(config_hash(c))})
     workers = _workers(args, todo)
@@ -232,7 +238,7 @@ def cmd_train(args) -> int:
     from .sweep import open_store
     from .train import config_hash
 
-    h = config_hash(cfg)
+    h = config_hash(adjust(cfg, args.limit, args.data_dir))
     with open_store(args.out, args.store) as store:
         reused = store.has(h)
     args.workers = 1
@@ -301,7 +307,6 @@ def _default_target(dataset: str, models: list[str]) -> float:
 def cmd_compare(args) -> int:
     from .analysis import compare_table
     from .sweep import open_store
-    from .train import config_hash
 
     console = _console(args)
     models = [m for m in args.model.split(",") if m]
@@ -318,7 +323,7 @@ def cmd_compare(args) -> int:
     with open_store(args.out, args.store) as store:
         store.put_experiment(name, "compare", {"dataset": args.dataset, "models": models, "norms": norms,
                                                "lrs": lrs, "seeds": seeds, "target": target},
-                             [config_hash(c) for c in cfgs])
+                             [r["hash"] for r in runs])
     return _finish(args, console, {"rows": tab["rows"], "summary": tab["summary"], "target": target})
 
 
@@ -334,7 +339,6 @@ def figure1_configs(dataset, steps, seed, lr=None, eval_every=None):
 def cmd_figure1(args) -> int:
     from .analysis import figure1_series
     from .sweep import open_store
-    from .train import config_hash
 
     console = _console(args)
     cfgs = figure1_configs(args.dataset, args.steps, args.seed, args.lr, args.eval_every)
@@ -352,7 +356,7 @@ def cmd_figure1(args) -> int:
     with open_store(args.out, args.store) as store:
         store.put_experiment(f"figure1-{args.dataset}", "figure1",
                              {"dataset": args.dataset, "steps": args.steps, "seed": args.seed},
-                             [config_hash(c) for c in cfgs])
+                             [r["hash"] for r in runs])
     return _finish(args, console, series)
 
 
@@ -362,7 +366,8 @@ def _claims_table(console, results) -> None:
         t.add_column(col)
     style = {"supported": "green", "not supported": "red", "depends": "yellow"}
     for r in results:
-        eff = "\n".join(f"{c['condition']}: {c['mean']:+.2f} ± {c['std']:.2f} ({c['verdict']})" for c in r["conditions"])
+        eff = "\n".join(f"{c['condition']}: {c['mean']:+.2f} ± {c['std']:.2f} ({c['verdict']})"
+                        for c in r["conditions"])
         v = f"[{style[r['verdict']]}]{r['verdict']}[/]" + (f"\n{r['condition']}" if r["condition"] else "")
         t.add_row(r["claim"], v, eff)
     console.print(t)
@@ -378,20 +383,17 @@ def cmd_claims(args) -> int:
     only = [k for k in (args.only or "").split(",") if k] or None
     t0 = time.perf_counter()
     cfgs = plan_claims(args.mode, args.dataset, only)
-    _run(args, cfgs, console, f"claims ({args.mode})")
+    runs = _run(args, cfgs, console, f"claims ({args.mode})")
     with open_store(args.out, args.store) as store:
-        import dataclasses
 
         def get(c):
-            if args.limit is not None or args.data_dir is not None:
-                c = dataclasses.replace(c, data_limit=args.limit if args.limit is not None else c.data_limit,
-                                        data_dir=args.data_dir or c.data_dir)
-            return store.get(config_hash(c))
+            return store.get(config_hash(adjust(c, args.limit, args.data_dir)))
 
         results = analyze_claims(get, args.mode, args.dataset, only)
         store.put_experiment(f"claims-{args.mode}-{args.dataset}", "claims",
-                             {"mode": args.mode, "dataset": args.dataset, "claims": only, "limit": args.limit},
-                             [config_hash(c) for c in cfgs])
+                             {"mode": args.mode, "dataset": args.dataset, "claims": only, "limit": args.limit,
+                              "data_dir": args.data_dir},
+                             [r["hash"] for r in runs])
     _claims_table(console, results)
     payload = {"claims": [{k: r[k] for k in ("key", "claim", "verdict", "condition", "unit", "evidence")}
                           | {"conditions": [{k: c[k] for k in ("condition", "mean", "std", "n", "verdict", "effects")}
@@ -405,7 +407,6 @@ def cmd_claims(args) -> int:
 def cmd_demo(args) -> int:
     from .analysis import compare_table, figure1_series
     from .sweep import open_store
-    from .train import config_hash
 
     console = _console(args)
     t0 = time.perf_counter()
@@ -423,11 +424,11 @@ def cmd_demo(args) -> int:
     series = figure1_series(fig_runs)
     with open_store(args.out, args.store) as store:
         store.put_experiment("figure1-mnist1d", "figure1", {"dataset": "mnist1d", "steps": f_steps, "seed": 0},
-                             [config_hash(c) for c in fig_cfgs])
+                             [r["hash"] for r in fig_runs])
         store.put_experiment("compare-mlp-cnn-mnist1d", "compare",
                              {"dataset": "mnist1d", "models": ["mlp", "cnn"], "norms": ["none", "batchnorm"],
                               "lrs": None, "seeds": seeds, "target": target},
-                             [config_hash(c) for c in cmp_cfgs])
+                             [r["hash"] for r in cmp_runs])
     t = Table(title=f"demo summary: MNIST-1D, mean ± sd over {len(seeds)} seeds", show_lines=False)
     for col in ("experiment", "without BN", "with BN", "BN effect"):
         t.add_column(col)

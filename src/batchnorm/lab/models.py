@@ -293,7 +293,8 @@ def cnn2d(input_shape, num_classes, norm="none", width=32, norm_kw=None, **_):
     acts = []
     for i in range(3):
         a = nn.ReLU()
-        layers += [conv(chans[i], chans[i + 1], 3, padding=1), make_norm(norm, chans[i + 1], rank, **(norm_kw or {})), a]
+        layers += [conv(chans[i], chans[i + 1], 3, padding=1),
+                   make_norm(norm, chans[i + 1], rank, **(norm_kw or {})), a]
         acts.append(a)
         if i < 2:
             layers.append(pool(2))

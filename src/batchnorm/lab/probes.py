@@ -98,7 +98,7 @@ def ics_measure(model: nn.Module, before: dict[str, torch.Tensor], x, y) -> dict
     groups = layer_groups(model)
     first_weight = [names[0] for _, names in groups]
     diff, rel, cos = [], [], []
-    for i, (_, names) in enumerate(groups):
+    for i in range(len(groups)):
         earlier = {n for _, ns in groups[:i] for n in ns}
         wname = first_weight[i]
         res = []

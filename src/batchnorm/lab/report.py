@@ -125,7 +125,10 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
         for i, norm in enumerate(norms):
             nr = [r for r in mr if r["config"]["norm"] == norm]
             lrs = sorted({r["config"]["lr"] for r in nr})
-            best = max(lrs, key=lambda lr: np.mean([r["result"]["test_accuracy"] for r in nr if r["config"]["lr"] == lr]))
+            def mean_acc(lr, nr=nr):
+                return np.mean([r["result"]["test_accuracy"] for r in nr if r["config"]["lr"] == lr])
+
+            best = max(lrs, key=mean_acc)
             br = [r for r in nr if r["config"]["lr"] == best]
             steps, acc = curves_mean(br, "test_acc")
             _, tr = curves_mean(br, "train_acc")
@@ -168,7 +171,9 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[str, dict]:
     p = exp["params"]
 
     def get(cfg: RunConfig):
-        return store.get(config_hash(cfg))
+        from .commands import adjust
+
+        return store.get(config_hash(adjust(cfg, p.get("limit"), p.get("data_dir"))))
 
     results = analyze_claims(get, p.get("mode", "quick"), p.get("dataset", "mnist1d"), p.get("claims"), p.get("seeds"))
     name = exp["name"]
@@ -218,8 +223,8 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[str, dict]:
         drows = []
         for c in r["conditions"]:
             for d in c["details"]:
-                drows.append([html.escape(c["condition"])] + [html.escape(f"{k}={_fmt(v) if isinstance(v, float) else v}")
-                                                             for k, v in d.items()])
+                cells = [html.escape(f"{k}={_fmt(v) if isinstance(v, float) else v}") for k, v in d.items()]
+                drows.append([html.escape(c["condition"])] + cells)
         if drows:
             out.append("<details><summary>per-seed details</summary>"
                        + "".join(f"<div class='det'>{' · '.join(row)}</div>" for row in drows) + "</details>")
@@ -232,6 +237,7 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[str, dict]:
 def _claim_detail_plots(results, p, store, figs, name) -> str:
     """Gradient norms per layer at init (claim 'gradients') and ICS over training (claim 'ics')."""
     from .claims import _select
+    from .commands import adjust
 
     parts = []
     mode, ds = p.get("mode", "quick"), p.get("dataset", "mnist1d")
@@ -241,7 +247,7 @@ def _claim_detail_plots(results, p, store, figs, name) -> str:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
         for ax, cond in zip(axes, claim.conditions(mode, ds)):
             for norm, cfgs in cond.arms(0).items():
-                run = store.get(config_hash(cfgs[0]))
+                run = store.get(config_hash(adjust(cfgs[0], p.get("limit"), p.get("data_dir"))))
                 if run and run["init"].get("grad_norms"):
                     ax.semilogy(run["init"]["grad_norms"], color=_color(norm), label=_label(norm))
             ax.set_xlabel("layer (input → output)")
@@ -249,13 +255,14 @@ def _claim_detail_plots(results, p, store, figs, name) -> str:
             ax.set_title(cond.name, fontsize=9)
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-        parts.append("<h3>Gradient norm per layer at initialization (seed 0)</h3>" + figs.save(fig, f"{name}-gradients"))
+        parts.append("<h3>Gradient norm per layer at initialization (seed 0)</h3>"
+                     + figs.save(fig, f"{name}-gradients"))
     if "ics" in keys:
         claim = _select(["ics"])[0]
         cond = claim.conditions(mode, ds)[0]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
         for norm, cfgs in cond.arms(0).items():
-            run = store.get(config_hash(cfgs[0]))
+            run = store.get(config_hash(adjust(cfgs[0], p.get("limit"), p.get("data_dir"))))
             if not run or not run["curves"].get("ics_step"):
                 continue
             c = run["curves"]
@@ -352,7 +359,8 @@ def build_report(store: Store, out_dir: str | Path, title: str = "batchnorm lab 
     tmp.write_text(doc, encoding="utf-8")
     tmp.replace(path)
     summary["pngs"] = figs.files
-    (out / "summary.json").write_text(json.dumps(clean_json(summary), indent=1, default=_json_default), encoding="utf-8")
+    text = json.dumps(clean_json(summary), indent=1, default=_json_default)
+    (out / "summary.json").write_text(text, encoding="utf-8")
     return path
 
 
