@@ -229,6 +229,14 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def handler(args: argparse.Namespace) -> int:
+    threads_before = torch.get_num_threads()
+    try:
+        return _handle(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _handle(args: argparse.Namespace) -> int:
     global _TIMER
     malloc_reuse = getattr(args, "malloc_reuse", True) and reuse_large_allocations()
     clock = getattr(args, "clock", "wall")
