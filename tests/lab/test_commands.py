@@ -52,6 +52,14 @@ def test_train_missing_data_is_a_clean_error(tmp_path, capsys, monkeypatch):
     assert "not available" in capsys.readouterr().err
 
 
+def test_compare_every_norm(tmp_path, capsys):
+    assert main(["compare", "--model", "cnn", "--norms", "none,batchnorm,ghost,renorm,frozen", "--seeds", "0",
+                 "--steps", "6", "--batch-size", "32", "--limit", "200", "--workers", "1", "--no-report",
+                 "--out", str(tmp_path), "--json"]) == 0
+    r = _last_json(capsys)
+    assert [row["norm"] for row in r["rows"]] == sorted(["none", "batchnorm", "ghost", "renorm", "frozen"])
+
+
 def test_figure1_json_schema(tmp_path, capsys):
     assert main(["figure1", "--steps", "20", "--eval-every", "5", "--limit", "300", "--out", str(tmp_path),
                  "--json"]) == 0

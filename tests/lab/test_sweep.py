@@ -101,6 +101,7 @@ def test_resume_after_killing_a_worker(tmp_path):
     before = {h: s.get(h)["created"] for h in s.hashes()}
     s.close()
     total = 12
+    assert killed is not None, "the sweep finished before a worker could be killed"
     if killed is not None:
         assert proc.returncode == 3, err.decode()[-2000:]
         assert "Run the same command again" in err.decode()
