@@ -15,7 +15,8 @@ SHAPES = [
     (64, 7),  # 2D: rows
     (2, 5, 9),  # 3D
     (2, 4, 3, 5, 6),  # 5D
-    (2, 16, 1, 1),  # one position per sample
+    (2, 16, 1, 1),  # one position per sample (rows)
+    (40, 9, 1),  # 3D with one position (rows)
     (1, 8, 40, 41),  # N = 1
 ]
 LAYOUTS = ["contiguous", "channels_last", "noncontiguous"]

@@ -498,8 +498,8 @@ def _channels_last_fmt(x: Tensor) -> torch.memory_format | None:
 
 
 def _layout(x: Tensor) -> str:
-    """``"rows"`` for (N, C) and channels_last, ``"planes"`` for contiguous (N, C, *S)."""
-    if x.dim() == 2:
+    """``"rows"`` for (N, C), (N, C, 1, ...) and channels_last; ``"planes"`` for contiguous (N, C, *S)."""
+    if x.dim() == 2 or (x.is_contiguous() and x.numel() == x.shape[0] * x.shape[1]):
         return "rows"
     if x.is_contiguous():
         return "planes"
@@ -511,7 +511,7 @@ def _layout(x: Tensor) -> str:
 def _prepare(x: Tensor, layout: str) -> Tensor:
     if layout == "planes":
         return x.contiguous()
-    if x.dim() == 2:
+    if x.dim() == 2 or x.is_contiguous():
         return x.contiguous()
     return x  # channels_last, already dense
 
@@ -519,7 +519,8 @@ def _prepare(x: Tensor, layout: str) -> Tensor:
 def _like(x: Tensor, layout: str) -> Tensor:
     """An output tensor with the layout the kernels write (contiguous or channels_last)."""
     if layout == "rows" and x.dim() > 2:
-        return torch.empty(x.shape, dtype=x.dtype, memory_format=_channels_last_fmt(x))
+        fmt = _channels_last_fmt(x) or torch.contiguous_format
+        return torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
     return torch.empty(x.shape, dtype=x.dtype)
 
 
@@ -618,9 +619,9 @@ def forward_apply(x, mean, invstd, weight, bias):
 def _grad_layout(dy: Tensor, x: Tensor, layout: str) -> Tensor:
     if layout == "planes":
         return dy.contiguous()
-    if x.dim() == 2:
+    if x.dim() == 2 or x.is_contiguous():
         return dy.contiguous()
-    return dy.contiguous(memory_format=_channels_last_fmt(x))
+    return dy.contiguous(memory_format=_channels_last_fmt(x) or torch.contiguous_format)
 
 
 def _reduce_and_coefs(dyv, xv, layout, m, inv, w, threads):
