@@ -210,3 +210,23 @@ def test_inplace_abn_rejects_bad_configurations():
         layer(torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match="act must be one of"):
         batchnorm.BatchNormAct2d(4, act="tanh")
+
+
+def test_fused_layers_compile_fullgraph():
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    r = torch.randn(2, 4, 5, 5)
+    eager = batchnorm.BatchNormAct2d(4, act="silu")
+    compiled_layer = batchnorm.BatchNormAct2d(4, act="silu")
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x, r)
+    (gc,) = torch.autograd.grad(y.sum(), x)
+    y2 = eager(x, r)
+    (ge,) = torch.autograd.grad(y2.sum(), x)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(gc, ge)
+    torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
+    inplace = torch.compile(batchnorm.BatchNormAct2d(4, act="leaky_relu", inplace_abn=True), fullgraph=True,
+                            backend="aot_eager")
+    (gi,) = torch.autograd.grad(inplace(x).sum(), x)
+    assert torch.isfinite(gi).all()
