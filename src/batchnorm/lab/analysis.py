@@ -21,13 +21,13 @@ def mean_std(xs) -> tuple[float, float]:
 
 
 def compare_table(runs: list[dict], target: float) -> dict:
-    """Group runs by (model, norm, lr); one row per group, plus a per-(model, norm) summary."""
+    """Group runs by (model, norm, lr, batch size); one row per group, plus a per-(model, norm) summary."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         c = r["config"]
-        groups[(c["model"], c["norm"], c["lr"])].append(r)
+        groups[(c["model"], c["norm"], c["lr"], c["batch_size"])].append(r)
     rows = []
-    for (model, norm, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for (model, norm, lr, bs), rs in sorted(groups.items(), key=lambda kv: kv[0]):
         accs = [r["result"]["test_accuracy"] for r in rs]
         gaps = [r["result"]["train_accuracy"] - r["result"]["test_accuracy"] for r in rs]
         reach = [steps_to(r["curves"], "val_acc", target) for r in rs]
@@ -35,7 +35,7 @@ def compare_table(runs: list[dict], target: float) -> dict:
         m, s = mean_std(accs)
         gm, gs = mean_std(gaps)
         rows.append({
-            "model": model, "norm": norm, "lr": lr, "seeds": len(rs),
+            "model": model, "norm": norm, "lr": lr, "batch_size": bs, "seeds": len(rs),
             "test_accuracy": m, "test_accuracy_std": s,
             "gap": gm, "gap_std": gs,
             "steps_to_target": float(np.mean(reached)) if reached else None,
@@ -51,7 +51,8 @@ def compare_table(runs: list[dict], target: float) -> dict:
         stable = [r["lr"] for r in rs if r["diverged"] == 0 and r["test_accuracy"] > 0.2]
         best = max(rs, key=lambda r: -1 if math.isnan(r["test_accuracy"]) else r["test_accuracy"])
         summary.append({
-            "model": model, "norm": norm, "best_lr": best["lr"], "best_test_accuracy": best["test_accuracy"],
+            "model": model, "norm": norm, "best_lr": best["lr"], "best_batch_size": best["batch_size"],
+            "best_test_accuracy": best["test_accuracy"],
             "best_test_accuracy_std": best["test_accuracy_std"], "max_stable_lr": max(stable) if stable else None,
             "steps_to_target": best["steps_to_target"], "gap": best["gap"],
         })

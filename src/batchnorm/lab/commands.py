@@ -80,6 +80,7 @@ def register(subparsers) -> None:
     p.add_argument("--norms", default="none,batchnorm", help="comma list of norms (default none,batchnorm)")
     p.add_argument("--lrs", default=None, help="learning rates (default: the model's recipe LR)")
     p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    p.add_argument("--batch-sizes", default=None, help="batch-size grid (default: --batch-size or the recipe's)")
     p.add_argument("--target", type=float, default=None, help="target validation accuracy for 'steps to target'")
     _add_training(p)
     _add_common(p)
@@ -263,7 +264,7 @@ def cmd_train(args) -> int:
 
 
 def compare_configs(dataset, models, norms, lrs, seeds, steps=None, optimizer=None, batch_size=None,
-                    eval_every=None, probes=()):
+                    eval_every=None, probes=(), batch_sizes=None):
     from .train import RunConfig
 
     cfgs = []
@@ -272,28 +273,30 @@ def compare_configs(dataset, models, norms, lrs, seeds, steps=None, optimizer=No
 
         for norm in norms:
             for lr in lrs or [recipe(model).lr]:
-                for seed in seeds:
-                    cfgs.append(RunConfig(dataset=dataset, model=model, lr=lr, seed=seed, steps=steps,
-                                          optimizer=optimizer, batch_size=batch_size, eval_every=eval_every,
-                                          probes=tuple(probes)).replace(norm=norm))
+                for bs in batch_sizes or [batch_size or recipe(model).batch_size]:
+                    for seed in seeds:
+                        cfgs.append(RunConfig(dataset=dataset, model=model, lr=lr, seed=seed, steps=steps,
+                                              optimizer=optimizer, batch_size=bs, eval_every=eval_every,
+                                              probes=tuple(probes)).replace(norm=norm))
     return cfgs
 
 
 def _compare_table(console, tab) -> None:
     t = Table(title=f"with vs without BN (target val accuracy {_pct(tab['target'])})")
-    for col in ("model", "norm", "lr", "test accuracy (mean ± sd)", "steps to target", "train−test gap",
+    for col in ("model", "norm", "lr", "batch", "test accuracy (mean ± sd)", "steps to target", "train−test gap",
                 "diverged", "s/run"):
         t.add_column(col)
     for r in tab["rows"]:
-        t.add_row(r["model"], r["norm"], f"{r['lr']:g}", f"{_pct(r['test_accuracy'])} ± {_pct(r['test_accuracy_std'])}",
+        t.add_row(r["model"], r["norm"], f"{r['lr']:g}", str(r["batch_size"]),
+                  f"{_pct(r['test_accuracy'])} ± {_pct(r['test_accuracy_std'])}",
                   "–" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f} ({r['reached']}/{r['seeds']})",
                   _pct(r["gap"]), f"{r['diverged']}/{r['seeds']}", f"{r['seconds']:.1f}")
     console.print(t)
     s = Table(title="per norm")
-    for col in ("model", "norm", "best lr", "best test accuracy", "max stable lr"):
+    for col in ("model", "norm", "best lr / batch", "best test accuracy", "max stable lr"):
         s.add_column(col)
     for r in tab["summary"]:
-        s.add_row(r["model"], r["norm"], f"{r['best_lr']:g}",
+        s.add_row(r["model"], r["norm"], f"{r['best_lr']:g} / {r['best_batch_size']}",
                   f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
                   "–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
     console.print(s)
@@ -313,8 +316,9 @@ def cmd_compare(args) -> int:
     norms = [n for n in args.norms.split(",") if n]
     lrs = _floats(args.lrs) if args.lrs else None
     seeds = _ints(args.seeds)
+    batch_sizes = _ints(args.batch_sizes) if args.batch_sizes else None
     cfgs = compare_configs(args.dataset, models, norms, lrs, seeds, args.steps, args.optimizer, args.batch_size,
-                           args.eval_every)
+                           args.eval_every, batch_sizes=batch_sizes)
     runs = _run(args, cfgs, console, "compare")
     target = args.target if args.target is not None else _default_target(args.dataset, models)
     tab = compare_table(runs, target)
@@ -322,7 +326,8 @@ def cmd_compare(args) -> int:
     name = "compare-" + "-".join(models) + f"-{args.dataset}"
     with open_store(args.out, args.store) as store:
         store.put_experiment(name, "compare", {"dataset": args.dataset, "models": models, "norms": norms,
-                                               "lrs": lrs, "seeds": seeds, "target": target},
+                                               "lrs": lrs, "batch_sizes": batch_sizes, "seeds": seeds,
+                                               "target": target},
                              [r["hash"] for r in runs])
     return _finish(args, console, {"rows": tab["rows"], "summary": tab["summary"], "target": target})
 

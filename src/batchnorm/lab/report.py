@@ -149,17 +149,17 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
         axes[1].legend(fontsize=8)
         axes[1].grid(alpha=0.3)
         out.append(figs.save(fig, f"{name}-{model}"))
-    rows = [[r["model"], _label(r["norm"]), _fmt(r["lr"]), r["seeds"],
+    rows = [[r["model"], _label(r["norm"]), _fmt(r["lr"]), r["batch_size"], r["seeds"],
              f"{_fmt(r['test_accuracy'], pct=True)} ± {_fmt(r['test_accuracy_std'], pct=True)}",
              _fmt(r["steps_to_target"]) + (f" ({r['reached']}/{r['seeds']})" if r["reached"] < r["seeds"] else ""),
              f"{_fmt(r['gap'], pct=True)}", r["diverged"], _fmt(r["seconds"], 2)] for r in tab["rows"]]
-    out.append(_table(["model", "norm", "lr", "seeds", "test accuracy", "steps to target", "train−test gap",
+    out.append(_table(["model", "norm", "lr", "batch", "seeds", "test accuracy", "steps to target", "train−test gap",
                        "diverged", "s/run"], rows))
-    srows = [[s["model"], _label(s["norm"]), _fmt(s["best_lr"]),
+    srows = [[s["model"], _label(s["norm"]), f"{_fmt(s['best_lr'])} / {s['best_batch_size']}",
               f"{_fmt(s['best_test_accuracy'], pct=True)} ± {_fmt(s['best_test_accuracy_std'], pct=True)}",
               _fmt(s["max_stable_lr"]), _fmt(s["steps_to_target"]), _fmt(s["gap"], pct=True)] for s in tab["summary"]]
     out.append("<h3>Per norm</h3>")
-    out.append(_table(["model", "norm", "best lr", "best test accuracy", "max stable lr", "steps to target",
+    out.append(_table(["model", "norm", "best lr / batch", "best test accuracy", "max stable lr", "steps to target",
                        "gap at best lr"], srows))
     return "".join(out), {"compare": tab}
 
