@@ -111,8 +111,8 @@ def _steps_to(run: dict, target: float) -> float:
 # budgets ---------------------------------------------------------------------------------------------
 
 _BUDGET = {
-    "quick": {"seeds": 3, "steps": 1500, "ref_steps": 2000, "short": 500, "depth": 50, "deep_steps": 500,
-              "lstm_steps": 300},
+    "quick": {"seeds": 3, "steps": 1500, "ref_steps": 2000, "short": 500, "depth": 50, "deep_steps": 400,
+              "lstm_steps": 200},
     "full": {"seeds": 5, "steps": 4000, "ref_steps": 8000, "short": 1500, "depth": 100, "deep_steps": 2000,
              "lstm_steps": 2000},
     "tiny": {"seeds": 2, "steps": 30, "ref_steps": 30, "short": 20, "depth": 6, "deep_steps": 20, "lstm_steps": 10},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,8 @@ def _add_common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OU
     p.add_argument("--out", default=out_default, help=f"output directory (store + report; default {out_default})")
     p.add_argument("--store", default=None, help="SQLite store to use (default OUT/lab.sqlite)")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes for sweeps (default: number of CPUs, at most 8; 1 = in-process)")
+                   help="worker processes for sweeps (default: one per idle CPU, i.e. CPUs minus load average; "
+                        "1 = in-process)")
     p.add_argument("--data-dir", default=None, help="directory with the IDX files (fashion-mnist, mnist)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training examples")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
@@ -128,9 +128,11 @@ def _store(args):
 
 
 def _workers(args, n_todo: int) -> int:
+    from .sweep import auto_workers
+
     if args.workers is not None:
         return max(1, args.workers)
-    return min(os.cpu_count() or 1, 8) if n_todo >= 2 else 1
+    return auto_workers(n_todo)
 
 
 def adjust(cfg, limit=None, data_dir=None):
