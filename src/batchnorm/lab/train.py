@@ -26,6 +26,7 @@ from .models import build_model, norm_name, recipe
 __all__ = ["RunConfig", "config_hash", "evaluate", "train", "with_recipe"]
 
 LAB_VERSION = "lab-1"
+EVAL_SUBSET = 2000  # examples of val/test used for the intermediate points of the curves
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _optimizer(name: str, params, lr: float, momentum: float, weight_decay: floa
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) in eval mode; non-finite logits count as wrong."""
     was = model.training
     model.eval()
@@ -208,14 +209,19 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
             pre.remove()
             pre = PreactivationProbe_or_none(model, cfg)
 
-    def record(step: int, window_losses: list[float]):
+    def record(step: int, window_losses: list[float], final: bool = False):
+        # intermediate points on fixed subsets (speed on 10k-image test sets), the final one on everything
+        n_eval = None if final else EVAL_SUBSET
         tr_acc, _ = evaluate(model, xtr[:n_train_eval], ytr[:n_train_eval])
-        va_acc, va_loss = evaluate(model, xva, yva) if len(yva) else (float("nan"), float("nan"))
+        va_acc, va_loss = evaluate(model, xva[:n_eval], yva[:n_eval]) if len(yva) else (float("nan"), float("nan"))
+        test_out: list = []
         if pre:
-            pcts = pre.collect(lambda: evaluate(model, xte, yte))
+            pcts = pre.collect(lambda: test_out.append(evaluate(model, xte[:n_eval], yte[:n_eval])))
             for k2, v in pcts.items():
                 curves[k2].append(v)
-        te_acc, te_loss = evaluate(model, xte, yte)
+        else:
+            test_out.append(evaluate(model, xte[:n_eval], yte[:n_eval]))
+        te_acc, te_loss = test_out[0]
         curves["step"].append(step)
         curves["train_loss"].append(float(np.mean(window_losses)) if window_losses else float("nan"))
         curves["train_acc"].append(tr_acc)
@@ -227,7 +233,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         if progress:
             progress(step, cfg.steps, {"test_acc": te_acc, "train_loss": curves["train_loss"][-1]})
 
-    record(0, [])
+    record(0, [], final=cfg.steps == 0)
     window: list[float] = []
     diverged = False
     diverged_at = None
@@ -273,10 +279,10 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
             for k2 in ("ics_diff", "ics_rel", "ics_cos"):
                 curves[k2].append(m[k2])
         if is_eval:
-            record(step, window)
+            record(step, window, final=step == cfg.steps)
             window = []
-    if diverged:
-        record(step, window)
+    if diverged or (0 < step < cfg.steps):  # diverged or stopped by the deadline: a final full evaluation
+        record(step, window, final=True)
     if pre:
         pre.remove()
     extra = {}
