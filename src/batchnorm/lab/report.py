@@ -84,7 +84,7 @@ def _figure1_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
         if s is None:
             ax.set_visible(False)
             continue
-        for k, style in (("p15", "--"), ("p50", "-"), ("p85", "--")):
+        for k, style in (("p85", ":"), ("p50", "-"), ("p15", "--")):
             ax.plot(s["steps"], s["percentiles"][k], style, color=_color(norm), label=k)
         ax.set_title(f"({letter}) unit pre-activation, {_label(norm)}")
         ax.set_xlabel("training step")
@@ -116,7 +116,7 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
     models = sorted({r["config"]["model"] for r in runs})
     out = [f"<h2>Compare with and without BN ({html.escape(name)})</h2>",
            f"<p>dataset <b>{html.escape(str(p.get('dataset')))}</b>, models {', '.join(models)}, "
-           f"learning rates {p.get('lrs')}, seeds {p.get('seeds')}; target validation accuracy "
+           f"learning rates {p.get('lrs') or 'of the recipe'}, seeds {p.get('seeds')}; target validation accuracy "
            f"{_fmt(tab['target'], pct=True)}. Mean ± standard deviation over seeds.</p>"]
     for model in models:
         mr = [r for r in runs if r["config"]["model"] == model]
