@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import nn as bnn
+
 __all__ = [
     "MODELS",
     "NORMS",
@@ -34,17 +36,6 @@ __all__ = [
 ]
 
 NORMS = ("none", "batchnorm", "ghost", "renorm", "frozen")
-
-
-def _core():
-    """Our layers (``batchnorm``), or None while the core package is not importable."""
-    try:
-        import batchnorm as core
-
-        core.BatchNorm1d  # noqa: B018
-        return core
-    except (ImportError, AttributeError):
-        return None
 
 
 def resolve_norm(norm) -> str | type | None:
@@ -67,19 +58,6 @@ def norm_name(norm) -> str:
     return str(norm)
 
 
-class _AffineOnly(nn.Module):
-    """Fallback for ``frozen`` before the core lands: statistics fixed at (0, 1), affine trains."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-
-    def forward(self, x):
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
-
-
 def make_norm(norm, num_features: int, rank: int = 1, **kw) -> nn.Module:
     """Build one normalization layer for ``num_features`` channels of a ``rank``-D layout.
 
@@ -93,27 +71,19 @@ def make_norm(norm, num_features: int, rank: int = 1, **kw) -> nn.Module:
         return norm(num_features, **kw)
     if callable(norm) and not isinstance(norm, str):
         return norm(num_features, **kw)
-    core = _core()
     if norm == "batchnorm":
-        cls = getattr(core, f"BatchNorm{rank}d") if core else getattr(nn, f"BatchNorm{rank}d")
-        return cls(num_features, **kw)
+        return getattr(bnn, f"BatchNorm{rank}d")(num_features, **kw)
     if norm == "ghost":
         kw.setdefault("virtual_batch_size", 16)
-        if core is None:
-            raise RuntimeError("norm='ghost' needs batchnorm.BatchNorm*d (the core layers)")
-        return getattr(core, f"BatchNorm{rank}d")(num_features, **kw)
+        return getattr(bnn, f"BatchNorm{rank}d")(num_features, **kw)
     if norm == "renorm":
-        if core is None or not hasattr(core, f"BatchRenorm{rank}d"):
-            raise RuntimeError("norm='renorm' needs batchnorm.BatchRenorm*d (the core layers)")
-        return getattr(core, f"BatchRenorm{rank}d")(num_features, **kw)
+        return getattr(bnn, f"BatchRenorm{rank}d")(num_features, **kw)
     if norm == "frozen":
         # statistics frozen at their initial values (mean 0, var 1): the normalization is an identity
         # and only gamma/beta train -- the "BN without batch statistics" control.
-        if core is not None and hasattr(core, "freeze"):
-            layer = getattr(core, f"BatchNorm{rank}d")(num_features, **kw)
-            core.freeze(layer, stats=True, affine=False)
-            return layer
-        return _AffineOnly(num_features)
+        layer = getattr(bnn, f"BatchNorm{rank}d")(num_features, **kw)
+        bnn.freeze(layer, stats=True, affine=False)
+        return layer
     raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)} or pass a layer class")
 
 
