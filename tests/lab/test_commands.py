@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import subprocess
 
 import pytest
 
@@ -73,6 +75,22 @@ def test_figure1_json_schema(tmp_path, capsys):
             assert len(run["percentiles"][k]) == 5
         assert all(a <= b <= c for a, b, c in zip(*(run["percentiles"][k] for k in ("p15", "p50", "p85"))))
     assert (tmp_path / "report.html").is_file()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian `chromium`) not installed")
+def test_report_renders_in_headless_chromium(tmp_path, capsys):
+    """The self-contained report renders offline: its embedded plots make a screenshot far from blank."""
+    from matplotlib.image import imread
+
+    assert main(["figure1", "--steps", "10", "--eval-every", "5", "--limit", "200", "--out", str(tmp_path)]) == 0
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,900", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = imread(shot)[..., :3]
+    dark = (pixels.mean(axis=-1) < 0.5).mean()  # text, axes and curves
+    colored = (pixels.std(axis=-1) > 0.15).mean()  # the red/blue curves of the embedded plots
+    assert dark > 0.005 and colored > 0.0005, (dark, colored)
 
 
 def test_compare_and_report(tmp_path, capsys):
