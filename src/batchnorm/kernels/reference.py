@@ -133,9 +133,11 @@ def normalize(
     scale = invstd.to(acc)
     if weight is not None:
         scale = scale * weight.to(acc)
-    y = (xg - per_channel(mean.to(acc), xg.dim())) * per_channel(scale, xg.dim())
-    if bias is not None:
-        y = y + bias.to(acc).reshape(1, 1, -1, *([1] * (xg.dim() - 3)))
+    centered = xg - per_channel(mean.to(acc), xg.dim())
+    if bias is None:
+        y = centered * per_channel(scale, xg.dim())
+    else:
+        y = torch.addcmul(bias.to(acc).reshape(1, 1, -1, *([1] * (xg.dim() - 3))), centered, per_channel(scale, xg.dim()))
     return _match_layout(ungroup(y, x.shape[0]).to(x.dtype), x)
 
 
@@ -172,7 +174,7 @@ def backward_elemt(
     xhat = (xg - per_channel(mean.to(acc), nd)) * per_channel(invstd, nd)
     scale = invstd if weight is None else invstd * weight.to(acc)
     n = count.to(acc).clamp_min(1).unsqueeze(1)
-    correction = per_channel(sum_dy.to(acc) / n, nd) + xhat * per_channel(sum_dy_xhat.to(acc) / n, nd)
+    correction = torch.addcmul(per_channel(sum_dy.to(acc) / n, nd), xhat, per_channel(sum_dy_xhat.to(acc) / n, nd))
     w = _validity(x, mask, vbs, acc)
     if w is not None:
         correction = correction * w
