@@ -9,69 +9,22 @@
 
 from . import functional, kernels
 from .kernels import available_backends, set_backend, use_backend
-from .nn import (
-    BatchNorm,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    BatchNormAct1d,
-    BatchNormAct2d,
-    BatchNormAct3d,
-    BatchNormAddAct1d,
-    BatchNormAddAct2d,
-    BatchNormAddAct3d,
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    LazyBatchNorm1d,
-    LazyBatchNorm2d,
-    LazyBatchNorm3d,
-    SyncBatchNorm,
-    freeze,
-    from_torch,
-    is_batchnorm,
-    unfreeze,
-)
+from .nn import *  # noqa: F403  (every layer and the freezing helpers: batchnorm.nn.__all__)
+from .nn import __all__ as _layer_names
 from .tools import convert, diagnose, fold, insert, recalibrate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNorm",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "BatchNormAct1d",
-    "BatchNormAct2d",
-    "BatchNormAct3d",
-    "BatchNormAddAct1d",
-    "BatchNormAddAct2d",
-    "BatchNormAddAct3d",
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
-    "FrozenBatchNorm1d",
-    "FrozenBatchNorm2d",
-    "FrozenBatchNorm3d",
-    "LazyBatchNorm1d",
-    "LazyBatchNorm2d",
-    "LazyBatchNorm3d",
-    "SyncBatchNorm",
+    *_layer_names,
     "available_backends",
     "convert",
     "diagnose",
     "fold",
-    "freeze",
-    "from_torch",
     "functional",
     "insert",
-    "is_batchnorm",
     "kernels",
     "recalibrate",
     "set_backend",
-    "unfreeze",
     "use_backend",
 ]

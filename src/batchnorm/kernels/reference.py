@@ -137,7 +137,8 @@ def normalize(
     if bias is None:
         y = centered * per_channel(scale, xg.dim())
     else:
-        y = torch.addcmul(bias.to(acc).reshape(1, 1, -1, *([1] * (xg.dim() - 3))), centered, per_channel(scale, xg.dim()))
+        shift = bias.to(acc).reshape(1, 1, -1, *([1] * (xg.dim() - 3)))
+        y = torch.addcmul(shift, centered, per_channel(scale, xg.dim()))
     return _match_layout(ungroup(y, x.shape[0]).to(x.dtype), x)
 
 
