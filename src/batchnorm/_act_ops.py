@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from ._ops import _empty_like, _layout
+from ._ops import _empty_like, _grad_or_empty, _layout, fake_backward_outputs, fake_forward_outputs
 from .kernels import reference_act
-from .kernels.reference import acc_dtype, num_groups
+from .kernels.reference import acc_dtype
 
 
 def backend_for(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> ModuleType:
@@ -60,10 +60,7 @@ def act_train_forward(
 
 @act_train_forward.register_fake
 def _(x, weight, bias, residual, mask, eps, vbs, act, slope):
-    g = num_groups(x.shape[0], vbs)
-    acc = acc_dtype(x.dtype)
-    stat = x.new_empty((g, x.shape[1]), dtype=acc)
-    return _empty_like(x), stat, torch.empty_like(stat), x.new_empty((g,), dtype=acc)
+    return fake_forward_outputs(x, vbs)
 
 
 @torch.library.custom_op("batchnorm::act_train_backward", mutates_args=())
@@ -95,10 +92,7 @@ def act_train_backward(
 
 @act_train_backward.register_fake
 def _(dy, x, residual, mean, var, weight, bias, mask, count, eps, vbs, act, slope, need_x, need_r):
-    acc = acc_dtype(x.dtype)
-    c = x.shape[1]
-    return (_empty_like(x) if need_x else x.new_empty(0), x.new_empty((c,), dtype=acc),
-            x.new_empty((c,), dtype=acc), _empty_like(x) if need_r else x.new_empty(0))
+    return (*fake_backward_outputs(x, need_x), _grad_or_empty(x, need_r))
 
 
 def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -176,10 +170,7 @@ def act_apply_backward(
 
 @act_apply_backward.register_fake
 def _(dy, x, residual, mean, invstd, weight, bias, act, slope, need_x, need_r):
-    acc = acc_dtype(x.dtype)
-    c = x.shape[1]
-    return (_empty_like(x) if need_x else x.new_empty(0), x.new_empty((c,), dtype=acc),
-            x.new_empty((c,), dtype=acc), _empty_like(x) if need_r else x.new_empty(0))
+    return (*fake_backward_outputs(x, need_x), _grad_or_empty(x, need_r))
 
 
 def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -232,9 +223,7 @@ def act_inplace_train_forward(
 
 @act_inplace_train_forward.register_fake
 def _(x, weight, bias, mask, eps, act, slope):
-    acc = acc_dtype(x.dtype)
-    stat = x.new_empty((1, x.shape[1]), dtype=acc)
-    return _empty_like(x), stat, torch.empty_like(stat), x.new_empty((1,), dtype=acc)
+    return fake_forward_outputs(x, 0)
 
 
 @torch.library.custom_op("batchnorm::act_inplace_train_backward", mutates_args=())
@@ -268,10 +257,7 @@ def act_inplace_train_backward(
 
 @act_inplace_train_backward.register_fake
 def _(dy, y, var, weight, bias, mask, count, eps, act, slope, need_x):
-    acc = acc_dtype(y.dtype)
-    c = y.shape[1]
-    return (_empty_like(y) if need_x else y.new_empty(0), y.new_empty((c,), dtype=acc),
-            y.new_empty((c,), dtype=acc))
+    return fake_backward_outputs(y, need_x)
 
 
 def _inplace_setup(ctx: Any, inputs: tuple, output: tuple) -> None:

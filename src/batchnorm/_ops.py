@@ -44,6 +44,24 @@ def _empty_like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
 
 
+def _grad_or_empty(x: Tensor, needed: bool) -> Tensor:
+    """Fake of an input gradient: like ``x`` when needed, else the empty placeholder the ops return."""
+    return _empty_like(x) if needed else x.new_empty(0)
+
+
+def fake_forward_outputs(x: Tensor, vbs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake ``(y, mean, var, count)`` of a training forward op: statistics per ghost group."""
+    g = num_groups(x.shape[0], vbs)
+    stat = x.new_empty((g, x.shape[1]), dtype=acc_dtype(x.dtype))
+    return _empty_like(x), stat, torch.empty_like(stat), x.new_empty((g,), dtype=stat.dtype)
+
+
+def fake_backward_outputs(x: Tensor, need_input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake ``(dx, dweight, dbias)`` of a backward op; the parameter gradients in the statistics' dtype."""
+    param = x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
+    return _grad_or_empty(x, need_input_grad), param, torch.empty_like(param)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -67,10 +85,7 @@ def _train_forward_impl(x, weight, bias, mask, eps, vbs):  # type: ignore[no-unt
 
 @train_forward.register_fake
 def _(x, weight, bias, mask, eps, vbs):
-    g = num_groups(x.shape[0], vbs)
-    acc = acc_dtype(x.dtype)
-    stat = x.new_empty((g, x.shape[1]), dtype=acc)
-    return _empty_like(x), stat, torch.empty_like(stat), x.new_empty((g,), dtype=acc)
+    return fake_forward_outputs(x, vbs)
 
 
 @torch.library.custom_op("batchnorm::train_backward", mutates_args=())
@@ -99,9 +114,7 @@ def _train_backward_impl(dy, x, mean, var, weight, mask, count, eps, vbs, need_i
 
 @train_backward.register_fake
 def _(dy, x, mean, var, weight, mask, count, eps, vbs, need_input_grad):
-    acc = acc_dtype(x.dtype)
-    dx = _empty_like(x) if need_input_grad else x.new_empty(0)
-    return dx, x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+    return fake_backward_outputs(x, need_input_grad)
 
 
 def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -167,9 +180,7 @@ def _apply_backward_impl(dy, x, mean, invstd, weight, need_input_grad):  # type:
 
 @apply_backward.register_fake
 def _(dy, x, mean, invstd, weight, need_input_grad):
-    acc = acc_dtype(x.dtype)
-    dx = _empty_like(x) if need_input_grad else x.new_empty(0)
-    return dx, x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+    return fake_backward_outputs(x, need_input_grad)
 
 
 def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
