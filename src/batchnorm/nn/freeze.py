@@ -57,26 +57,23 @@ def freeze(model: nn.Module, stats: bool = True, affine: bool = True) -> nn.Modu
     cannot hold the knobs; the return value is ``model`` (or the replacement if ``model`` itself
     was a torch BN layer).
     """
-    model = _replace_torch_bn(model)
-    for m in model.modules():
-        if isinstance(m, _NormBase):
-            if stats:
-                m.use_running_stats = True
-                m.update_running_stats = False
-            if affine:
-                m.train_affine = False
-    return model
+    return _set_frozen(_replace_torch_bn(model), stats, affine, frozen=True)
 
 
 def unfreeze(model: nn.Module, stats: bool = True, affine: bool = True) -> nn.Module:
     """Undo :func:`freeze` for the chosen knobs on every BN layer of ``model``."""
+    return _set_frozen(model, stats, affine, frozen=False)
+
+
+def _set_frozen(model: nn.Module, stats: bool, affine: bool, frozen: bool) -> nn.Module:
+    """Set the knobs of every BN layer of ``model``: statistics (if ``stats``) and gamma/beta (if ``affine``)."""
     for m in model.modules():
         if isinstance(m, _NormBase):
             if stats:
-                m.use_running_stats = False
-                m.update_running_stats = True
+                m.use_running_stats = frozen
+                m.update_running_stats = not frozen
             if affine:
-                m.train_affine = True
+                m.train_affine = not frozen
     return model
 
 
