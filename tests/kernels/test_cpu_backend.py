@@ -173,3 +173,55 @@ def test_calls_leave_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 1, 33, 17), (64, 7), (2, 4, 3, 5, 6)])
+def test_split_and_fused_channel_paths(cpu_backend, monkeypatch, shape, layout, dtype, fused):
+    """Both the one-channel-per-thread and the split-across-the-batch kernels, plain and fused-act."""
+    cpu = cpu_backend
+    monkeypatch.setattr(cpu, "_fused_channels", lambda c, threads: fused)
+    x = make(shape, layout, dtype)
+    c = x.shape[1]
+    w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    dy = torch.randn(x.shape, dtype=dtype)
+    t = tol(dtype)
+    y, mean, var, count = cpu.forward_train(x, w, b, None, 1e-5, 0)
+    y64, mean64, var64, count64 = ref.forward_train(x.double(), w.double(), b.double(), None, 1e-5, 0)
+    torch.testing.assert_close(y.double(), y64, **t)
+    torch.testing.assert_close(var.double(), var64, **t)
+    inv = torch.rsqrt(var64 + 1e-5)
+    got = cpu.backward_train(dy, x, mean64, inv, w, None, count64, 0, True)
+    exp = ref.backward_train(dy.double(), x.double(), mean64, inv, w.double(), None, count64, 0)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a.double(), e, **t)
+    got = cpu.backward_apply(dy, x, mean64[0], inv[0], w, True)
+    exp = ref.backward_apply(dy.double(), x.double(), mean64[0], inv[0], w.double())
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a.double(), e, **t)
+    from batchnorm.kernels import reference_act as ra
+
+    r = make(shape, layout, dtype)
+    for act in ("identity", "relu", "leaky_relu", "silu"):
+        for res in (None, r):
+            ya = cpu.forward_train_act(x, w, b, res, None, 1e-5, 0, act, 0.1)[0]
+            ya64 = ra.forward_train_act(x.double(), w.double(), b.double(), None if res is None else res.double(),
+                                        None, 1e-5, 0, act, 0.1)[0]
+            torch.testing.assert_close(ya.double(), ya64, **t)
+            for train, fn in ((True, cpu.backward_train_act), (False, cpu.backward_apply_act)):
+                rr = None if res is None else res.double()
+                if train:
+                    got = fn(dy, x, res, mean64, inv, w, b, None, count64, 0, act, 0.1, True, res is not None)
+                    exp = ra.backward_train_act(dy.double(), x.double(), rr, mean64, inv, w.double(), b.double(),
+                                                None, count64, 0, act, 0.1, True, res is not None)
+                else:
+                    got = fn(dy, x, res, mean64[0], inv[0], w, b, act, 0.1, True, res is not None)
+                    exp = ra.backward_apply_act(dy.double(), x.double(), rr, mean64[0], inv[0], w.double(),
+                                                b.double(), act, 0.1, True, res is not None)
+                for a, e in zip(got, exp):
+                    if e is None:
+                        assert a is None
+                    else:
+                        torch.testing.assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-4)

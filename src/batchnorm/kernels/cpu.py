@@ -14,6 +14,10 @@ Two memory layouts are handled without copies:
   blocks of rows and keep per-block partial sums (shifted by a per-channel pilot mean, so the
   one-pass variance has no cancellation), merged in float64.
 
+Every kernel takes an activation (and optional residual): ``y = act(bn(x) [+ residual])``; plain
+batch norm is the identity, for which the backward uses ``dy`` itself (no gradient buffer), so it
+costs what a kernel written for it would.
+
 Statistics are float64 sums of float32 block partials (float64 throughout for float64 input).
 Masks, ghost batches, half precision and tiny tensors go to the reference backend
 (:func:`supports`). Numba uses ``torch.get_num_threads()`` threads.
@@ -26,7 +30,8 @@ import math
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 from torch import Tensor
 
 from . import register_backend
@@ -48,101 +53,271 @@ MIN_NUMEL = 1 << 14
 PARALLEL_MIN = 1 << 16
 
 
+# ============================================================================ inline helpers
+#
+# Each loop the kernels share is written once here. ``inline="always"`` splices a helper into its
+# caller's numba IR before compilation, so a kernel compiles to the same loops as if they were
+# written out in it, and arguments the caller passes as constants (``use_g``, ``mode``, ``has_r``)
+# fold away. Activation codes (see :mod:`batchnorm.kernels.reference_act`): 0 identity, 1 relu,
+# 2 leaky_relu, 3 silu, 4 gelu (erf form); plain batch norm is code 0 of the fused kernels.
+
+_INL = {"cache": True, "fastmath": _FM, "inline": "always"}
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@njit(**_INL)
+def _as(x, v):
+    """``v`` rounded to ``x``'s dtype (a kernel's per-channel constants are rounded once)."""
+    return x.dtype.type(v)
+
+
+def _at(v, i):
+    """``v[i]`` for per-channel coefficient arrays (rows), ``v`` for one channel's scalar (planes)."""
+    return v[i] if isinstance(v, np.ndarray) else v
+
+
+@overload(_at, inline="always")
+def _at_jit(v, i):
+    if isinstance(v, types.Array):
+        return lambda v, i: v[i]
+    return lambda v, i: v
+
+
+@njit(**_INL)
+def _line_sums(g, row, mf, use_g):
+    """Float64 ``sum(g)`` and ``sum(g * (row - mf))`` over one line, summed in the input dtype in
+    blocks of :data:`_BLK`; ``g = row - mf`` when not ``use_g`` (the shifted moments)."""
+    L = row.shape[0]
+    zr = _as(row, 0)
+    s = 0.0
+    t = 0.0
+    for l0 in range(0, L, _BLK):
+        l1 = min(l0 + _BLK, L)
+        ps = zr
+        pt = zr
+        for i in range(l0, l1):
+            d = row[i] - mf
+            gi = g[i] if use_g else d
+            ps += gi
+            pt += gi * d
+        s += ps
+        t += pt
+    return s, t
+
+
+@njit(**_INL)
+def _moments(x, n0, n1, c):
+    """Planes ``x[n0:n1, c]``: their mean rounded to the input dtype ``mf``, then float64
+    ``sum(x - mf)`` and ``sum((x - mf)**2)`` in a second sweep while they are hot (the shift
+    keeps the one-pass variance free of cancellation)."""
+    s = 0.0
+    for n in range(n0, n1):
+        s += _line_sums(x[n, c], x[n, c], _as(x, 0), True)[0]
+    mf = _as(x, s / ((n1 - n0) * x.shape[2]))
+    sd = 0.0
+    sq = 0.0
+    for n in range(n0, n1):
+        pd, pq = _line_sums(x[n, c], x[n, c], mf, False)
+        sd += pd
+        sq += pq
+    return mf, sd, sq
+
+
+@njit(**_INL)
+def _line_dx(g, row, mf, ka, kb, kc, out):
+    """``out = g * ka + (row - mf) * kb + kc`` (scalars for a plane, per-channel arrays for a row)."""
+    for i in range(row.shape[0]):
+        out[i] = g[i] * _at(ka, i) + (row[i] - _at(mf, i)) * _at(kb, i) + _at(kc, i)
+
+
+@njit(**_INL)
+def _z(row, rr, has_r, mf, af, bf, i):
+    """The pre-activation ``(row - mf) * af + bf [+ rr]`` at ``i``."""
+    z = (row[i] - _at(mf, i)) * _at(af, i) + _at(bf, i)
+    if has_r:
+        z += rr[i]
+    return z
+
+
+@njit(cache=True, fastmath=_FM)
+def _act_scalar(z, code, slope):
+    if code == 3:
+        return z / (1.0 + math.exp(-z))
+    return 0.5 * z * (1.0 + math.erf(z * _SQRT1_2))
+
+
+@njit(cache=True, fastmath=_FM)
+def _dact_scalar(z, code, slope):
+    if code == 3:
+        s = 1.0 / (1.0 + math.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    return 0.5 * (1.0 + math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z)
+
+
+@njit(**_INL)
+def _act_loops(row, rr, has_r, mf, af, bf, code, slope, zero, out):
+    """``out = act(z)`` for one line, ``z`` as in :func:`_z`."""
+    n = row.shape[0]
+    if code == 0:
+        for i in range(n):
+            out[i] = _z(row, rr, has_r, mf, af, bf, i)
+    elif code == 1:
+        for i in range(n):
+            z = _z(row, rr, has_r, mf, af, bf, i)
+            out[i] = zero if z <= zero else z
+    elif code == 2:
+        for i in range(n):
+            z = _z(row, rr, has_r, mf, af, bf, i)
+            out[i] = z * slope if z < zero else z
+    else:
+        for i in range(n):
+            out[i] = _act_scalar(_z(row, rr, has_r, mf, af, bf, i), code, slope)
+
+
+@njit(**_INL)
+def _grad_loops(gy, row, rr, has_r, mf, af, bf, code, slope, zero, out):
+    """``out = gy * act'(z)`` for one line (``z`` recomputed as in :func:`_z`)."""
+    n = row.shape[0]
+    if code == 0:
+        for i in range(n):
+            out[i] = gy[i]
+    elif code == 1:
+        for i in range(n):
+            out[i] = gy[i] if _z(row, rr, has_r, mf, af, bf, i) > zero else zero
+    elif code == 2:
+        for i in range(n):
+            out[i] = gy[i] if _z(row, rr, has_r, mf, af, bf, i) > zero else gy[i] * slope
+    else:
+        for i in range(n):
+            out[i] = gy[i] * _dact_scalar(_z(row, rr, has_r, mf, af, bf, i), code, slope)
+
+
+# The line helpers the kernels call: ``has_r`` becomes a constant in each inlined copy, so every
+# loop compiles without a per-element residual branch (LLVM does not always unswitch it).
+
+
+@njit(**_INL)
+def _act_line(row, r, has_r, mf, af, bf, code, slope, zero, out):
+    """``out = act((row - mf) * af + bf [+ r])`` (``r`` is read only with ``has_r``)."""
+    if has_r:
+        _act_loops(row, r, True, mf, af, bf, code, slope, zero, out)
+    else:
+        _act_loops(row, row, False, mf, af, bf, code, slope, zero, out)
+
+
+@njit(**_INL)
+def _grad_into(gy, row, r, has_r, mf, af, bf, code, slope, zero, out):
+    """``out = gy * act'(z)`` for one line (``r`` is read only with ``has_r``)."""
+    if has_r:
+        _grad_loops(gy, row, r, True, mf, af, bf, code, slope, zero, out)
+    else:
+        _grad_loops(gy, row, row, False, mf, af, bf, code, slope, zero, out)
+
+
+@njit(**_INL)
+def _grad(gy, row, r, has_r, mf, af, bf, code, slope, zero, out):
+    """:func:`_grad_into`, returned; ``gy`` itself for the identity (no copy). Planes only: on
+    short rows the reference counting of the returned array costs ~35% (rows call
+    :func:`_grad_into`)."""
+    if code == 0:
+        return gy
+    _grad_into(gy, row, r, has_r, mf, af, bf, code, slope, zero, out)
+    return out
+
+
+@njit(cache=True, fastmath=_FM)
+def _act_plane(row, r, has_r, mf, af, bf, code, slope, zero, out):
+    """:func:`_act_line` compiled on its own, for the plane kernels (one call per plane): the
+    silu/gelu loops come out ~10% faster than inlined into the parallel loop body."""
+    _act_line(row, r, has_r, mf, af, bf, code, slope, zero, out)
+
+
+@njit(**_INL)
+def _gval(mode, gr, rr, has_r, c, d, av, bv, lo, zero):
+    """The ``g`` of :func:`_rows_block_sums` at channel ``c`` of a row, ``d = x - k`` there."""
+    if mode == 0:
+        return d
+    if mode == 1:
+        return gr[c]
+    z = d * av[c] + bv[c]
+    if has_r:
+        z += rr[c]
+    return gr[c] if z > zero else gr[c] * lo
+
+
+@njit(**_INL)
+def _flush(accs, acct, psum, pdot, bi):
+    """Add a block's input-dtype accumulators to its float64 partial sums and reset them."""
+    for c in range(accs.shape[0]):
+        psum[bi, c] += accs[c]
+        pdot[bi, c] += acct[c]
+        accs[c] = 0
+        acct[c] = 0
+
+
+@njit(**_INL)
+def _rows_block_sums(dy, x, r, has_r, mode, k, av, bv, lo, zero, r0, r1, bi, psum, pdot, four=True):
+    """Rows ``r0:r1`` into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and ``sum(g * (x - k))``
+    with ``g = x - k`` (mode 0, the moments), ``dy`` (mode 1), or ``dy * act'(z)`` for the
+    piecewise-linear activations (mode 2: ``act'(z) = 1 if z > 0 else lo``, ``z = (x - k) * av +
+    bv [+ r]``). Four rows per sweep of the channel accumulators (a quarter of their loads and
+    stores; ``four=False``: one, faster with a residual's extra streams), which are flushed to
+    float64 every :data:`_RBLK` rows."""
+    C = x.shape[1]
+    accs = np.zeros(C, dtype=x.dtype)
+    acct = np.zeros(C, dtype=x.dtype)
+    i = r0
+    since = 0
+    while i < r1:
+        if four and i + 4 <= r1:
+            x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+            y0, y1, y2, y3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
+            q0 = r[i] if has_r else x0
+            q1 = r[i + 1] if has_r else x1
+            q2 = r[i + 2] if has_r else x2
+            q3 = r[i + 3] if has_r else x3
+            for c in range(C):
+                m = k[c]
+                d0 = x0[c] - m
+                d1 = x1[c] - m
+                d2 = x2[c] - m
+                d3 = x3[c] - m
+                g0 = _gval(mode, y0, q0, has_r, c, d0, av, bv, lo, zero)
+                g1 = _gval(mode, y1, q1, has_r, c, d1, av, bv, lo, zero)
+                g2 = _gval(mode, y2, q2, has_r, c, d2, av, bv, lo, zero)
+                g3 = _gval(mode, y3, q3, has_r, c, d3, av, bv, lo, zero)
+                accs[c] += (g0 + g1) + (g2 + g3)
+                acct[c] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
+            i += 4
+            since += 4
+        else:
+            xr = x[i]
+            yr = dy[i]
+            qr = r[i] if has_r else xr
+            for c in range(C):
+                d = xr[c] - k[c]
+                g = _gval(mode, yr, qr, has_r, c, d, av, bv, lo, zero)
+                accs[c] += g
+                acct[c] += g * d
+            i += 1
+            since += 1
+        if since >= _RBLK or i == r1:
+            _flush(accs, acct, psum, pdot, bi)
+            since = 0
+
+
 # ============================================================================ planes (N, C, L)
-
-
-@njit(cache=True, inline="always")
-def _zero(x):
-    """A zero of ``x``'s dtype (accumulators start from it so LLVM vectorizes the loops)."""
-    z = np.zeros(1, dtype=x.dtype)
-    return z[0]
-
-
-
-@njit(**_JIT)
-def _train_fwd_planes(x, w, b, eps, y, mean_out, var_out):
-    """One channel per iteration: sum, shifted sum of squares, normalize, all while it is hot."""
-    N, C, L = x.shape
-    zr = _zero(x)
-    cnt = N * L
-    for c in prange(C):
-        s = 0.0
-        for n in range(N):
-            row = x[n, c]
-            for l0 in range(0, L, _BLK):
-                l1 = min(l0 + _BLK, L)
-                p = zr
-                for i in range(l0, l1):
-                    p += row[i]
-                s += p
-        m = s / cnt
-        sc = np.empty(3, dtype=x.dtype)  # casts to the input dtype
-        sc[0] = m
-        mf = sc[0]
-        sd = 0.0
-        sq = 0.0
-        for n in range(N):
-            row = x[n, c]
-            for l0 in range(0, L, _BLK):
-                l1 = min(l0 + _BLK, L)
-                pd = zr
-                pq = zr
-                for i in range(l0, l1):
-                    d = row[i] - mf
-                    pd += d
-                    pq += d * d
-                sd += pd
-                sq += pq
-        md = sd / cnt
-        v = max(sq / cnt - md * md, 0.0)
-        m_exact = mf + md
-        mean_out[c] = m_exact
-        var_out[c] = v
-        inv = 1.0 / math.sqrt(v + eps)
-        a = w[c] * inv
-        # (x - mf) * a + (b - md * a): the subtraction stays in the input dtype, exact near the mean
-        sc[1] = a
-        sc[2] = b[c] - md * a
-        af = sc[1]
-        bf = sc[2]
-        for n in range(N):
-            row = x[n, c]
-            out = y[n, c]
-            for i in range(L):
-                out[i] = (row[i] - mf) * af + bf
 
 
 @njit(**_JIT)
 def _plane_stats(x, pmean, pm2):
     """Per ``(n, c)`` plane: mean and sum of squared deviations (two passes, plane is hot)."""
     N, C, L = x.shape
-    zr = _zero(x)
     for k in prange(N * C):
         n = k // C
         c = k % C
-        row = x[n, c]
-        s = 0.0
-        for l0 in range(0, L, _BLK):
-            l1 = min(l0 + _BLK, L)
-            p = zr
-            for i in range(l0, l1):
-                p += row[i]
-            s += p
-        sc = np.empty(1, dtype=x.dtype)
-        sc[0] = s / L
-        mf = sc[0]
-        sd = 0.0
-        sq = 0.0
-        for l0 in range(0, L, _BLK):
-            l1 = min(l0 + _BLK, L)
-            pd = zr
-            pq = zr
-            for i in range(l0, l1):
-                d = row[i] - mf
-                pd += d
-                pq += d * d
-            sd += pd
-            sq += pq
+        mf, sd, sq = _moments(x, n, n + 1, c)
         md = sd / L
         pmean[n, c] = mf + md
         pm2[n, c] = max(sq - L * md * md, 0.0)
@@ -166,156 +341,135 @@ def _merge_planes(pmean, pm2, L, mean_out, var_out):
 
 
 @njit(**_JIT)
-def _apply_planes(x, mean, scale, shift, y):
-    """``y = (x - mean) * scale + shift`` per channel, parallel over planes."""
+def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_out):
+    """Training forward (+ residual, + activation), one channel per iteration: sum, shifted sum of
+    squares, normalize, all while the channel is hot."""
     N, C, L = x.shape
-    mfs = mean.astype(x.dtype)
-    As = scale.astype(x.dtype)
-    Bs = shift.astype(x.dtype)
-    for k in prange(N * C):
-        n = k // C
-        c = k % C
-        row = x[n, c]
-        out = y[n, c]
-        mf = mfs[c]
-        a = As[c]
-        b = Bs[c]
-        for i in range(L):
-            out[i] = (row[i] - mf) * a + b
+    cnt = N * L
+    zero = _as(x, 0)
+    slf = _as(x, slope)
+    for c in prange(C):
+        mf, sd, sq = _moments(x, 0, N, c)
+        md = sd / cnt
+        v = max(sq / cnt - md * md, 0.0)
+        mean_out[c] = mf + md
+        var_out[c] = v
+        a = w[c] / math.sqrt(v + eps)
+        # (x - mf) * a + (b - md * a): the subtraction stays in the input dtype, exact near the mean
+        af = _as(x, a)
+        bf = _as(x, b[c] - md * a)
+        for n in range(N):
+            rr = r[n, c] if has_r else x[n, c]
+            _act_plane(x[n, c], rr, has_r, mf, af, bf, code, slf, zero, y[n, c])
 
 
 @njit(**_JIT)
-def _bwd_reduce_planes_split(dy, x, mean, psum, pdot):
-    """Per plane ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y):
+    """``y = act((x - mean) * scale + shift [+ r])``, parallel over planes."""
     N, C, L = x.shape
-    zr = _zero(x)
+    zero = _as(x, 0)
+    slf = _as(x, slope)
     for k in prange(N * C):
         n = k // C
         c = k % C
-        row = x[n, c]
-        g = dy[n, c]
-        sc = np.empty(1, dtype=x.dtype)
-        sc[0] = mean[c]
-        mf = sc[0]
+        mf, af, bf = _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c])
+        if code == 0 and not has_r:  # plain batch norm: the bare loop
+            _act_loops(x[n, c], x[n, c], False, mf, af, bf, 0, slf, zero, y[n, c])
+        else:
+            _act_plane(x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slf, zero, y[n, c])
+
+
+@njit(**_JIT)
+def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr,
+                    dx, dr, sum_dy, sum_dot):
+    """Backward through act and BN, one channel per iteration: reduce, then the input gradient
+    sweeping backwards (its first planes are still in cache from the reduction).
+
+    ``g = dy * act'(z)``; ``sum_dy = sum(g)``, ``sum_dot = sum(g * xhat)``; ``dr = g``;
+    ``dx`` by the training formula (``train``) or ``g * w * invstd`` (given statistics).
+    """
+    N, C, L = x.shape
+    cnt = N * L
+    zero = _as(x, 0)
+    slf = _as(x, slope)
+    for c in prange(C):
+        mf = _as(x, mean[c])
+        md = mean[c] - mf
+        inv = invstd[c]
+        a = w[c] * inv
+        af = _as(x, a)
+        bf = _as(x, b[c] - md * a)
+        buf = np.empty(L if code != 0 else 0, dtype=x.dtype)
         s = 0.0
         t = 0.0
-        for l0 in range(0, L, _BLK):
-            l1 = min(l0 + _BLK, L)
-            ps = zr
-            pt = zr
-            for i in range(l0, l1):
-                ps += g[i]
-                pt += g[i] * (row[i] - mf)
-            s += ps
-            t += pt
+        for n in range(N):
+            row = x[n, c]
+            g = _grad(dy[n, c], row, r[n, c] if has_r else row, has_r, mf, af, bf, code, slf, zero, buf)
+            out = dx[n, c]
+            for l0 in range(0, L, _BLK):  # one block at a time: dx = g * a while g is in L1
+                l1 = min(l0 + _BLK, L)
+                ps, pt = _line_sums(g[l0:l1], row[l0:l1], mf, True)
+                s += ps
+                t += pt
+                if need_dx and not train:
+                    for i in range(l0, l1):
+                        out[i] = g[i] * af
+            if need_dr and not (need_dx and train):
+                dr[n, c][:] = g
+        # sum(g * (x - mean)) with the exact float64 mean
+        t -= md * s
+        sum_dy[c] = s
+        sum_dot[c] = t * inv
+        if need_dx and train:
+            kb = -a * inv * inv * t / cnt
+            kbf = _as(x, kb)
+            kcf = _as(x, -a * s / cnt - kb * md)
+            for nn in range(N):
+                n = N - 1 - nn
+                row = x[n, c]
+                g = _grad(dy[n, c], row, r[n, c] if has_r else row, has_r, mf, af, bf, code, slf, zero, buf)
+                _line_dx(g, row, mf, af, kbf, kcf, dx[n, c])
+                if need_dr:
+                    dr[n, c][:] = g
+
+
+@njit(**_INL)
+def _plane_grad(dy, x, r, has_r, n, c, mean, scale, shift, code, slope):
+    """Split paths: plane ``(n, c)`` of ``x``, the mean rounded to its dtype, and ``g = dy * act'(z)``."""
+    mf = _as(x, mean[c])
+    row = x[n, c]
+    buf = np.empty(row.shape[0] if code != 0 else 0, dtype=x.dtype)
+    g = _grad(dy[n, c], row, r[n, c] if has_r else row, has_r, mf, _as(x, scale[c]), _as(x, shift[c]), code,
+              _as(x, slope), _as(x, 0), buf)
+    return row, mf, g
+
+
+@njit(**_JIT)
+def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psum, pdot):
+    """Split path: per plane ``sum(g)`` and ``sum(g * (x - mean_rounded))``."""
+    N, C, L = x.shape
+    for k in prange(N * C):
+        n = k // C
+        c = k % C
+        row, mf, g = _plane_grad(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
+        s, t = _line_sums(g, row, mf, True)
         psum[n, c] = s
         pdot[n, c] = t
 
 
 @njit(**_JIT)
-def _bwd_elemt_planes(dy, x, mf_, ka, kb, kc, dx):
-    """``dx = dy * ka + (x - mean) * kb + kc`` per channel, parallel over planes."""
+def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
+                          need_dx, need_dr, dx, dr):
+    """Split path: ``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g``."""
     N, C, L = x.shape
     for k in prange(N * C):
         n = k // C
         c = k % C
-        row = x[n, c]
-        g = dy[n, c]
-        out = dx[n, c]
-        sc = np.empty(4, dtype=x.dtype)
-        sc[0] = mf_[c]
-        sc[1] = ka[c]
-        sc[2] = kb[c]
-        sc[3] = kc[c]
-        mf = sc[0]
-        a = sc[1]
-        bb = sc[2]
-        cc = sc[3]
-        for i in range(L):
-            out[i] = g[i] * a + (row[i] - mf) * bb + cc
-
-
-@njit(**_JIT)
-def _train_bwd_planes(dy, x, mean, invstd, w, need_dx, dx, sum_dy, sum_dot):
-    """One channel per iteration: reduce, then the input gradient sweeping backwards (L2 reuse)."""
-    N, C, L = x.shape
-    zr = _zero(x)
-    cnt = N * L
-    for c in prange(C):
-        sc = np.empty(4, dtype=x.dtype)
-        sc[0] = mean[c]
-        mf = sc[0]
-        s = 0.0
-        t = 0.0
-        for n in range(N):
-            row = x[n, c]
-            g = dy[n, c]
-            for l0 in range(0, L, _BLK):
-                l1 = min(l0 + _BLK, L)
-                ps = zr
-                pt = zr
-                for i in range(l0, l1):
-                    ps += g[i]
-                    pt += g[i] * (row[i] - mf)
-                s += ps
-                t += pt
-        # sum(dy * (x - mean)) with the exact float64 mean
-        t -= (mean[c] - mf) * s
-        inv = invstd[c]
-        sum_dy[c] = s
-        sum_dot[c] = t * inv
+        row, mf, g = _plane_grad(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
         if need_dx:
-            scale = w[c] * inv
-            ka = scale
-            kb = -scale * inv * inv * t / cnt
-            kc = -scale * s / cnt + kb * (mf - mean[c])
-            sc[1] = ka
-            sc[2] = kb
-            sc[3] = kc
-            a = sc[1]
-            bb = sc[2]
-            cc = sc[3]
-            for nn in range(N):
-                n = N - 1 - nn
-                row = x[n, c]
-                g = dy[n, c]
-                out = dx[n, c]
-                for i in range(L):
-                    out[i] = g[i] * a + (row[i] - mf) * bb + cc
-
-
-@njit(**_JIT)
-def _apply_bwd_planes(dy, x, mean, invstd, w, need_dx, dx, sum_dy, sum_dot):
-    """Backward with constant statistics: ``dx = dy * w * invstd`` and the two sums, one sweep."""
-    N, C, L = x.shape
-    zr = _zero(x)
-    for c in prange(C):
-        sc = np.empty(2, dtype=x.dtype)
-        sc[0] = mean[c]
-        sc[1] = w[c] * invstd[c]
-        mf = sc[0]
-        a = sc[1]
-        s = 0.0
-        t = 0.0
-        for n in range(N):
-            row = x[n, c]
-            g = dy[n, c]
-            out = dx[n, c]
-            for l0 in range(0, L, _BLK):
-                l1 = min(l0 + _BLK, L)
-                ps = zr
-                pt = zr
-                for i in range(l0, l1):
-                    ps += g[i]
-                    pt += g[i] * (row[i] - mf)
-                s += ps
-                t += pt
-                if need_dx:
-                    for i in range(l0, l1):
-                        out[i] = g[i] * a
-        t -= (mean[c] - mf) * s
-        sum_dy[c] = s
-        sum_dot[c] = t * invstd[c]
+            _line_dx(g, row, mf, _as(x, ka[c]), _as(x, kb[c]), _as(x, kc[c]), dx[n, c])
+        if need_dr:
+            dr[n, c][:] = g
 
 
 # ================================================================================ rows (M, C)
@@ -327,134 +481,103 @@ def _row_blocks(m: int) -> int:
 
 @njit(**_JIT)
 def _rows_moments(x, pilot, nb, psum, psq):
-    """Per block of rows: float64 sums of ``x - pilot`` and ``(x - pilot)**2``.
-
-    Four rows per sweep of the channel accumulators (a quarter of their loads and stores)."""
+    """Per block of rows: float64 sums of ``x - pilot`` and ``(x - pilot)**2``."""
     M, C = x.shape
+    k = pilot.astype(x.dtype)
+    zero = _as(x, 0)
     for bi in prange(nb):
-        r0 = bi * M // nb
-        r1 = (bi + 1) * M // nb
-        accs = np.zeros(C, dtype=x.dtype)
-        accq = np.zeros(C, dtype=x.dtype)
-        k = pilot.astype(x.dtype)
-        r = r0
-        since = 0
-        while r < r1:
-            if r + 4 <= r1:
-                x0 = x[r]
-                x1 = x[r + 1]
-                x2 = x[r + 2]
-                x3 = x[r + 3]
-                for c in range(C):
-                    kc = k[c]
-                    d0 = x0[c] - kc
-                    d1 = x1[c] - kc
-                    d2 = x2[c] - kc
-                    d3 = x3[c] - kc
-                    accs[c] += (d0 + d1) + (d2 + d3)
-                    accq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-                r += 4
-                since += 4
-            else:
-                xr = x[r]
-                for c in range(C):
-                    d = xr[c] - k[c]
-                    accs[c] += d
-                    accq[c] += d * d
-                r += 1
-                since += 1
-            if since >= _RBLK or r == r1:
-                for c in range(C):
-                    psum[bi, c] += accs[c]
-                    psq[bi, c] += accq[c]
-                    accs[c] = 0
-                    accq[c] = 0
-                since = 0
+        _rows_block_sums(x, x, x, False, 0, k, k, k, zero, zero, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
 
 
 @njit(**_JIT)
-def _rows_apply(x, mean, scale, shift, y):
-    """``y = (x - mean) * scale + shift`` on ``(M, C)`` rows."""
+def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y):
+    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
-    mf = mean.astype(x.dtype)
-    a = scale.astype(x.dtype)
-    b = shift.astype(x.dtype)
+    mv = mean.astype(x.dtype)
+    av = scale.astype(x.dtype)
+    bv = shift.astype(x.dtype)
+    zero = _as(x, 0)
+    slf = _as(x, slope)
     for bi in prange(nb):
-        r0 = bi * M // nb
-        r1 = (bi + 1) * M // nb
-        for r in range(r0, r1):
-            xr = x[r]
-            yr = y[r]
-            for c in range(C):
-                yr[c] = (xr[c] - mf[c]) * a[c] + b[c]
-
-
-@njit(**_JIT)
-def _rows_bwd_reduce(dy, x, mean, nb, psum, pdot):
-    """Per block of rows: float64 sums of ``dy`` and ``dy * (x - mean)`` (four rows per sweep)."""
-    M, C = x.shape
-    for bi in prange(nb):
-        r0 = bi * M // nb
-        r1 = (bi + 1) * M // nb
-        accs = np.zeros(C, dtype=x.dtype)
-        acct = np.zeros(C, dtype=x.dtype)
-        mf = mean.astype(x.dtype)
-        r = r0
-        since = 0
-        while r < r1:
-            if r + 4 <= r1:
-                x0 = x[r]
-                x1 = x[r + 1]
-                x2 = x[r + 2]
-                x3 = x[r + 3]
-                g0 = dy[r]
-                g1 = dy[r + 1]
-                g2 = dy[r + 2]
-                g3 = dy[r + 3]
-                for c in range(C):
-                    m = mf[c]
-                    accs[c] += (g0[c] + g1[c]) + (g2[c] + g3[c])
-                    acct[c] += (g0[c] * (x0[c] - m) + g1[c] * (x1[c] - m)) + (
-                        g2[c] * (x2[c] - m) + g3[c] * (x3[c] - m))
-                r += 4
-                since += 4
+        for m in range(bi * M // nb, (bi + 1) * M // nb):
+            if code == 0 and not has_r:  # plain batch norm: the bare loop (rows are short)
+                _act_loops(x[m], x[m], False, mv, av, bv, 0, slf, zero, y[m])
             else:
-                xr = x[r]
-                gr = dy[r]
-                for c in range(C):
-                    g = gr[c]
-                    accs[c] += g
-                    acct[c] += g * (xr[c] - mf[c])
-                r += 1
-                since += 1
-            if since >= _RBLK or r == r1:
-                for c in range(C):
-                    psum[bi, c] += accs[c]
-                    pdot[bi, c] += acct[c]
-                    accs[c] = 0
-                    acct[c] = 0
-                since = 0
+                _act_line(x[m], r[m] if has_r else x[m], has_r, mv, av, bv, code, slf, zero, y[m])
 
 
 @njit(**_JIT)
-def _rows_bwd_elemt(dy, x, mean, ka, kb, kc, dx):
-    """``dx = dy * ka + (x - mean) * kb + kc`` on ``(M, C)`` rows."""
+def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, psum, pdot):
+    """Per block of rows: float64 ``sum(g)`` and ``sum(g * (x - mean))``, ``g = dy * act'(z)``.
+
+    identity/relu/leaky_relu take the four-row sweep of :func:`_rows_block_sums`; silu/gelu a
+    row at a time through a gradient buffer."""
+    M, C = x.shape
+    mv = mean.astype(x.dtype)
+    av = scale.astype(x.dtype)
+    bv = shift.astype(x.dtype)
+    zero = _as(x, 0)
+    slf = _as(x, slope)
+    lo = _as(x, 1.0 if code == 0 else (0.0 if code == 1 else slope))
+    for bi in prange(nb):
+        r0 = bi * M // nb
+        r1 = (bi + 1) * M // nb
+        if code == 0:
+            _rows_block_sums(dy, x, x, False, 1, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot)
+        elif code <= 2 and has_r:
+            _rows_block_sums(dy, x, r, True, 2, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot, False)
+        elif code <= 2:
+            _rows_block_sums(dy, x, x, False, 2, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot)
+        else:
+            accs = np.zeros(C, dtype=x.dtype)
+            acct = np.zeros(C, dtype=x.dtype)
+            g = np.empty(C, dtype=x.dtype)
+            for m in range(r0, r1):
+                xr = x[m]
+                _grad_into(dy[m], xr, r[m] if has_r else xr, has_r, mv, av, bv, code, slf, zero, g)
+                for c in range(C):
+                    accs[c] += g[c]
+                    acct[c] += g[c] * (xr[c] - mv[c])
+                if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
+                    _flush(accs, acct, psum, pdot, bi)
+
+
+@njit(**_JIT)
+def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
+                        need_dx, need_dr, dx, dr):
+    """``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
-    mf = mean.astype(x.dtype)
+    mv = mean.astype(x.dtype)
+    av = scale.astype(x.dtype)
+    bv = shift.astype(x.dtype)
     a = ka.astype(x.dtype)
-    b = kb.astype(x.dtype)
+    bb = kb.astype(x.dtype)
     cc = kc.astype(x.dtype)
+    zero = _as(x, 0)
+    slf = _as(x, slope)
+    lo = _as(x, 0.0 if code == 1 else slope)
     for bi in prange(nb):
-        r0 = bi * M // nb
-        r1 = (bi + 1) * M // nb
-        for r in range(r0, r1):
-            xr = x[r]
-            gr = dy[r]
-            out = dx[r]
-            for c in range(C):
-                out[c] = gr[c] * a[c] + (xr[c] - mf[c]) * b[c] + cc[c]
+        g = np.empty(C, dtype=x.dtype)
+        for m in range(bi * M // nb, (bi + 1) * M // nb):
+            xr = x[m]
+            if code == 0 and not need_dr:
+                _line_dx(dy[m], xr, mv, a, bb, cc, dx[m])
+                continue
+            if code <= 2 and need_dx and not need_dr and not has_r:
+                # relu/leaky_relu: the gate and dx in one loop, no gradient buffer
+                gr = dy[m]
+                out = dx[m]
+                for c in range(C):
+                    d = xr[c] - mv[c]
+                    out[c] = _gval(2, gr, xr, False, c, d, av, bv, lo, zero) * a[c] + d * bb[c] + cc[c]
+                continue
+            _grad_into(dy[m], xr, r[m] if has_r else xr, has_r, mv, av, bv, code, slf, zero, g)
+            if need_dx:
+                _line_dx(g, xr, mv, a, bb, cc, dx[m])
+            if need_dr:
+                dr[m][:] = g
 
 
 # ============================================================================ python wrappers
@@ -561,61 +684,6 @@ def _stats_rows(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     var = np.maximum(psq.sum(0) / m - md * md, 0.0)
     return pilot + md, var
 
-
-def forward_train(x, weight, bias, mask, eps, vbs):
-    """Training forward on the whole batch (one group): ``(y, mean, var, count)``."""
-    threads = _threads(x.numel())
-    layout = _layout(x)
-    x = _prepare(x, layout)
-    n, c = x.shape[0], x.shape[1]
-    count = x.numel() // c
-    y = _like(x, layout)
-    xv, yv = _view(x, layout), _view(y, layout)
-    w = _vec(weight, c, 1.0, x.dtype)
-    b = _vec(bias, c, 0.0, x.dtype)
-    if layout == "planes" and _fused_channels(c, threads):
-        mean = np.empty(c)
-        var = np.empty(c)
-        _train_fwd_planes(xv, w, b, float(eps), yv, mean, var)
-    else:
-        if layout == "planes":
-            pmean = np.empty((n, c))
-            pm2 = np.empty((n, c))
-            _plane_stats(xv, pmean, pm2)
-            mean = np.empty(c)
-            var = np.empty(c)
-            _merge_planes(pmean, pm2, xv.shape[2], mean, var)
-        else:
-            mean, var = _stats_rows(xv)
-        scale = w / np.sqrt(var + eps)
-        if layout == "planes":
-            _apply_planes(xv, mean, scale, b, yv)
-        else:
-            _rows_apply(xv, mean, scale, b, yv)
-    acc = _acc(x.dtype)
-    mean_t = torch.from_numpy(mean).to(acc).unsqueeze(0)
-    var_t = torch.from_numpy(var).to(acc).unsqueeze(0)
-    return y, mean_t, var_t, torch.full((1,), float(count), dtype=acc)
-
-
-def forward_apply(x, mean, invstd, weight, bias):
-    """``y = (x - mean) * invstd * weight + bias`` with given ``(C,)`` statistics."""
-    _threads(x.numel())
-    layout = _layout(x)
-    x = _prepare(x, layout)
-    c = x.shape[1]
-    y = _like(x, layout)
-    xv, yv = _view(x, layout), _view(y, layout)
-    m = mean.detach().to(torch.float64).contiguous().numpy()
-    scale = invstd.detach().to(torch.float64).numpy() * _vec(weight, c, 1.0, x.dtype)
-    b = _vec(bias, c, 0.0, x.dtype)
-    if layout == "planes":
-        _apply_planes(xv, m, scale, b, yv)
-    else:
-        _rows_apply(xv, m, scale, b, yv)
-    return y
-
-
 def _grad_layout(dy: Tensor, x: Tensor, layout: str) -> Tensor:
     if layout == "planes":
         return dy.contiguous()
@@ -624,554 +692,30 @@ def _grad_layout(dy: Tensor, x: Tensor, layout: str) -> Tensor:
     return dy.contiguous(memory_format=_channels_last_fmt(x) or torch.contiguous_format)
 
 
-def _reduce_and_coefs(dyv, xv, layout, m, inv, w, threads):
-    """Float64 ``sum(dy)``, ``sum(dy * (x - mean))`` (split paths)."""
-    if layout == "planes":
-        n, c = xv.shape[0], xv.shape[1]
-        psum = np.empty((n, c))
-        pdot = np.empty((n, c))
-        _bwd_reduce_planes_split(dyv, xv, m, psum, pdot)
-    else:
-        nb = _row_blocks(xv.shape[0])
-        psum = np.zeros((nb, xv.shape[1]))
-        pdot = np.zeros((nb, xv.shape[1]))
-        _rows_bwd_reduce(dyv, xv, m, nb, psum, pdot)
-    s, t = psum.sum(0), pdot.sum(0)
-    # the kernels subtract the mean rounded to the input dtype; correct to the exact mean
-    return s, t - (m - m.astype(xv.dtype).astype(np.float64)) * s
+
+
+# --------------------------------------------------------- plain batch norm: the identity activation
+
+
+def forward_train(x, weight, bias, mask, eps, vbs):
+    """Training forward on the whole batch (one group): ``(y, mean, var, count)``."""
+    return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0)
+
+
+def forward_apply(x, mean, invstd, weight, bias):
+    """``y = (x - mean) * invstd * weight + bias`` with given ``(C,)`` statistics."""
+    return forward_apply_act(x, mean, invstd, weight, bias, None, "identity", 0.0)
 
 
 def backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad=True):
     """Closed-form training backward: ``(dx, dweight, dbias)`` (see the reference backend)."""
-    threads = _threads(x.numel())
-    layout = _layout(x)
-    x = _prepare(x, layout)
-    dy = _grad_layout(dy, x, layout)
-    c = x.shape[1]
-    cnt = x.numel() // c
-    xv, dyv = _view(x, layout), _view(dy, layout)
-    m = mean.detach().reshape(-1).to(torch.float64).contiguous().numpy()
-    inv = invstd.detach().reshape(-1).to(torch.float64).contiguous().numpy()
-    w = _vec(weight, c, 1.0, x.dtype)
-    dx = _like(x, layout) if need_input_grad else None
-    acc = _acc(x.dtype)
-    if layout == "planes" and _fused_channels(c, threads):
-        sum_dy = np.empty(c)
-        sum_dot = np.empty(c)
-        dxv = _view(dx, layout) if dx is not None else xv[:1, :1, :1].copy()
-        _train_bwd_planes(dyv, xv, m, inv, w, need_input_grad, dxv, sum_dy, sum_dot)
-        return dx, torch.from_numpy(sum_dot).to(acc), torch.from_numpy(sum_dy).to(acc)
-    s, t = _reduce_and_coefs(dyv, xv, layout, m, inv, w, threads)
-    sum_dot = t * inv
-    if dx is not None:
-        scale = w * inv
-        ka = scale
-        kb = -scale * inv * inv * t / cnt
-        kc = -scale * s / cnt + kb * (m.astype(xv.dtype).astype(np.float64) - m)
-        dxv = _view(dx, layout)
-        if layout == "planes":
-            _bwd_elemt_planes(dyv, xv, m, ka, kb, kc, dxv)
-        else:
-            _rows_bwd_elemt(dyv, xv, m, ka, kb, kc, dxv)
-    return dx, torch.from_numpy(sum_dot).to(acc), torch.from_numpy(s).to(acc)
+    return _backward_act(dy, x, None, mean, invstd, weight, None, "identity", 0.0, True, need_input_grad, False)[:3]
 
 
 def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
     """Backward with constant ``(C,)`` statistics: ``(dx, dweight, dbias)``."""
-    threads = _threads(x.numel())
-    layout = _layout(x)
-    x = _prepare(x, layout)
-    dy = _grad_layout(dy, x, layout)
-    c = x.shape[1]
-    xv, dyv = _view(x, layout), _view(dy, layout)
-    m = mean.detach().reshape(-1).to(torch.float64).contiguous().numpy()
-    inv = invstd.detach().reshape(-1).to(torch.float64).contiguous().numpy()
-    w = _vec(weight, c, 1.0, x.dtype)
-    dx = _like(x, layout) if need_input_grad else None
-    acc = _acc(x.dtype)
-    if layout == "planes" and _fused_channels(c, threads):
-        sum_dy = np.empty(c)
-        sum_dot = np.empty(c)
-        dxv = _view(dx, layout) if dx is not None else xv[:1, :1, :1].copy()
-        _apply_bwd_planes(dyv, xv, m, inv, w, need_input_grad, dxv, sum_dy, sum_dot)
-        return dx, torch.from_numpy(sum_dot).to(acc), torch.from_numpy(sum_dy).to(acc)
-    s, t = _reduce_and_coefs(dyv, xv, layout, m, inv, w, threads)
-    if dx is not None:
-        zero = np.zeros(c)
-        dxv = _view(dx, layout)
-        if layout == "planes":
-            _bwd_elemt_planes(dyv, xv, m, w * inv, zero, zero, dxv)
-        else:
-            _rows_bwd_elemt(dyv, xv, m, w * inv, zero, zero, dxv)
-    return dx, torch.from_numpy(t * inv).to(acc), torch.from_numpy(s).to(acc)
-
-
-
-
-# ====================================================================== fused activations
-#
-# Activation codes (see :mod:`batchnorm.kernels.reference_act`): 0 identity, 1 relu,
-# 2 leaky_relu, 3 silu, 4 gelu (erf form). ``z = bn(x) [+ residual]``, ``y = act(z)``; the
-# backward recomputes ``z`` from ``x`` (and the residual) instead of storing it.
-
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
-
-@njit(cache=True, fastmath=_FM)
-def _act_scalar(z, code, slope):
-    if code == 3:
-        return z / (1.0 + math.exp(-z))
-    return 0.5 * z * (1.0 + math.erf(z * _SQRT1_2))
-
-
-@njit(cache=True, fastmath=_FM)
-def _dact_scalar(z, code, slope):
-    if code == 3:
-        s = 1.0 / (1.0 + math.exp(-z))
-        return s * (1.0 + z * (1.0 - s))
-    return 0.5 * (1.0 + math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z)
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _act_line(row, rr, has_r, mf, af, bf, code, slope, zero, out):
-    """``out = act((row - mf) * af + bf [+ rr])`` for one line; per-element mf/af/bf arrays (rows: per channel)."""
-    n = row.shape[0]
-    if code == 0:
-        for i in range(n):
-            z = (row[i] - mf[i]) * af[i] + bf[i]
-            if has_r:
-                z += rr[i]
-            out[i] = z
-    elif code == 1:
-        for i in range(n):
-            z = (row[i] - mf[i]) * af[i] + bf[i]
-            if has_r:
-                z += rr[i]
-            out[i] = zero if z <= zero else z
-    elif code == 2:
-        for i in range(n):
-            z = (row[i] - mf[i]) * af[i] + bf[i]
-            if has_r:
-                z += rr[i]
-            out[i] = z * slope if z < zero else z
-    else:
-        for i in range(n):
-            z = (row[i] - mf[i]) * af[i] + bf[i]
-            if has_r:
-                z += rr[i]
-            out[i] = _act_scalar(z, code, slope)
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _grad_line(gy, row, rr, has_r, mf, af, bf, code, slope, zero, out):
-    """``out = gy * act'(z)`` with ``z`` recomputed as in :func:`_act_line`."""
-    n = row.shape[0]
-    if code == 0:
-        for i in range(n):
-            out[i] = gy[i]
-    elif code == 1:
-        for i in range(n):
-            z = (row[i] - mf[i]) * af[i] + bf[i]
-            if has_r:
-                z += rr[i]
-            out[i] = gy[i] if z > zero else zero
-    elif code == 2:
-        for i in range(n):
-            z = (row[i] - mf[i]) * af[i] + bf[i]
-            if has_r:
-                z += rr[i]
-            out[i] = gy[i] if z > zero else gy[i] * slope
-    else:
-        for i in range(n):
-            z = (row[i] - mf[i]) * af[i] + bf[i]
-            if has_r:
-                z += rr[i]
-            out[i] = gy[i] * _dact_scalar(z, code, slope)
-
-
-@njit(cache=True, fastmath=_FM)
-def _act_line_s(row, rr, has_r, mf, af, bf, code, slope, zero, out):
-    """As :func:`_act_line` with scalar ``mf``/``af``/``bf`` (one plane of one channel)."""
-    n = row.shape[0]
-    if code == 0:
-        for i in range(n):
-            z = (row[i] - mf) * af + bf
-            if has_r:
-                z += rr[i]
-            out[i] = z
-    elif code == 1:
-        for i in range(n):
-            z = (row[i] - mf) * af + bf
-            if has_r:
-                z += rr[i]
-            out[i] = zero if z <= zero else z
-    elif code == 2:
-        for i in range(n):
-            z = (row[i] - mf) * af + bf
-            if has_r:
-                z += rr[i]
-            out[i] = z * slope if z < zero else z
-    else:
-        for i in range(n):
-            z = (row[i] - mf) * af + bf
-            if has_r:
-                z += rr[i]
-            out[i] = _act_scalar(z, code, slope)
-
-
-@njit(cache=True, fastmath=_FM)
-def _grad_line_s(gy, row, rr, has_r, mf, af, bf, code, slope, zero, out):
-    """As :func:`_grad_line` with scalar ``mf``/``af``/``bf``."""
-    n = row.shape[0]
-    if code == 0:
-        for i in range(n):
-            out[i] = gy[i]
-    elif code == 1:
-        for i in range(n):
-            z = (row[i] - mf) * af + bf
-            if has_r:
-                z += rr[i]
-            out[i] = gy[i] if z > zero else zero
-    elif code == 2:
-        for i in range(n):
-            z = (row[i] - mf) * af + bf
-            if has_r:
-                z += rr[i]
-            out[i] = gy[i] if z > zero else gy[i] * slope
-    else:
-        for i in range(n):
-            z = (row[i] - mf) * af + bf
-            if has_r:
-                z += rr[i]
-            out[i] = gy[i] * _dact_scalar(z, code, slope)
-
-
-@njit(**_JIT)
-def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_out):
-    """Fused training forward + activation (+ residual), one channel per iteration."""
-    N, C, L = x.shape
-    zr = _zero(x)
-    cnt = N * L
-    for c in prange(C):
-        s = 0.0
-        for n in range(N):
-            row = x[n, c]
-            for l0 in range(0, L, _BLK):
-                l1 = min(l0 + _BLK, L)
-                p = zr
-                for i in range(l0, l1):
-                    p += row[i]
-                s += p
-        sc = np.empty(5, dtype=x.dtype)
-        sc[0] = s / cnt
-        mf = sc[0]
-        sd = 0.0
-        sq = 0.0
-        for n in range(N):
-            row = x[n, c]
-            for l0 in range(0, L, _BLK):
-                l1 = min(l0 + _BLK, L)
-                pd = zr
-                pq = zr
-                for i in range(l0, l1):
-                    d = row[i] - mf
-                    pd += d
-                    pq += d * d
-                sd += pd
-                sq += pq
-        md = sd / cnt
-        v = max(sq / cnt - md * md, 0.0)
-        mean_out[c] = mf + md
-        var_out[c] = v
-        a = w[c] / math.sqrt(v + eps)
-        cf = np.empty(3, dtype=x.dtype)
-        cf[0] = mf
-        cf[1] = a
-        cf[2] = b[c] - md * a
-        mvs = cf[0]
-        avs = cf[1]
-        bvs = cf[2]
-        sc[3] = 0
-        sc[4] = slope
-        for n in range(N):
-            rr = r[n, c] if has_r else x[n, c]
-            _act_line_s(x[n, c], rr, has_r, mvs, avs, bvs, code, sc[4], sc[3], y[n, c])
-
-
-@njit(**_JIT)
-def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y):
-    """``y = act((x - mean) * scale + shift [+ r])``, parallel over planes."""
-    N, C, L = x.shape
-    for k in prange(N * C):
-        n = k // C
-        c = k % C
-        cf = np.empty(3, dtype=x.dtype)
-        cf[0] = mean[c]
-        cf[1] = scale[c]
-        cf[2] = shift[c]
-        mvs = cf[0]
-        avs = cf[1]
-        bvs = cf[2]
-        sc = np.empty(2, dtype=x.dtype)
-        sc[0] = 0
-        sc[1] = slope
-        rr = r[n, c] if has_r else x[n, c]
-        _act_line_s(x[n, c], rr, has_r, mvs, avs, bvs, code, sc[1], sc[0], y[n, c])
-
-
-@njit(**_JIT)
-def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y):
-    M, C = x.shape
-    nb = max(1, min(M // 32, 64))
-    mv = mean.astype(x.dtype)
-    av = scale.astype(x.dtype)
-    bv = shift.astype(x.dtype)
-    sc = np.empty(2, dtype=x.dtype)
-    sc[0] = 0
-    sc[1] = slope
-    for bi in prange(nb):
-        for m in range(bi * M // nb, (bi + 1) * M // nb):
-            rr = r[m] if has_r else x[m]
-            _act_line(x[m], rr, has_r, mv, av, bv, code, sc[1], sc[0], y[m])
-
-
-@njit(**_JIT)
-def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr,
-                    dx, dr, sum_dy, sum_dot):
-    """Fused backward through act and BN, one channel per iteration (second sweep reversed).
-
-    ``g = dy * act'(z)``; ``sum_dy = sum(g)``, ``sum_dot = sum(g * xhat)``; ``dr = g``;
-    ``dx`` by the training formula (``train``) or ``g * w * invstd`` (given statistics).
-    """
-    N, C, L = x.shape
-    zr = _zero(x)
-    cnt = N * L
-    for c in prange(C):
-        sc = np.empty(4, dtype=x.dtype)
-        sc[0] = mean[c]
-        sc[1] = 0
-        sc[2] = slope
-        mf = sc[0]
-        zero = sc[1]
-        inv = invstd[c]
-        a = w[c] * inv
-        md = mean[c] - mf
-        cf = np.empty(3, dtype=x.dtype)
-        cf[0] = mf
-        cf[1] = a
-        cf[2] = b[c] - md * a
-        mvs = cf[0]
-        avs = cf[1]
-        bvs = cf[2]
-        g = np.empty(L, dtype=x.dtype)
-        s = 0.0
-        t = 0.0
-        for n in range(N):
-            row = x[n, c]
-            rr = r[n, c] if has_r else row
-            _grad_line_s(dy[n, c], row, rr, has_r, mvs, avs, bvs, code, sc[2], zero, g)
-            for l0 in range(0, L, _BLK):
-                l1 = min(l0 + _BLK, L)
-                ps = zr
-                pt = zr
-                for i in range(l0, l1):
-                    ps += g[i]
-                    pt += g[i] * (row[i] - mf)
-                s += ps
-                t += pt
-            if need_dr and not (need_dx and train):
-                dr[n, c][:] = g
-            if need_dx and not train:
-                out = dx[n, c]
-                for i in range(L):
-                    out[i] = g[i] * avs
-        t -= md * s
-        sum_dy[c] = s
-        sum_dot[c] = t * inv
-        if need_dx and train:
-            kb = -a * inv * inv * t / cnt
-            sc[1] = kb
-            sc[3] = -a * s / cnt - kb * md
-            bb = sc[1]
-            cc = sc[3]
-            for nn in range(N):
-                n = N - 1 - nn
-                row = x[n, c]
-                rr = r[n, c] if has_r else row
-                _grad_line_s(dy[n, c], row, rr, has_r, mvs, avs, bvs, code, sc[2], zero, g)
-                out = dx[n, c]
-                for i in range(L):
-                    out[i] = g[i] * avs + (row[i] - mf) * bb + cc
-                if need_dr:
-                    dr[n, c][:] = g
-
-
-@njit(**_JIT)
-def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psum, pdot):
-    """Split path: per plane ``sum(g)`` and ``sum(g * (x - mean_rounded))``."""
-    N, C, L = x.shape
-    zr = _zero(x)
-    for k in prange(N * C):
-        n = k // C
-        c = k % C
-        cf = np.empty(3, dtype=x.dtype)
-        cf[0] = mean[c]
-        cf[1] = scale[c]
-        cf[2] = shift[c]
-        mvs = cf[0]
-        avs = cf[1]
-        bvs = cf[2]
-        sc = np.empty(2, dtype=x.dtype)
-        sc[0] = 0
-        sc[1] = slope
-        g = np.empty(L, dtype=x.dtype)
-        row = x[n, c]
-        rr = r[n, c] if has_r else row
-        _grad_line_s(dy[n, c], row, rr, has_r, mvs, avs, bvs, code, sc[1], sc[0], g)
-        s = 0.0
-        t = 0.0
-        for l0 in range(0, L, _BLK):
-            l1 = min(l0 + _BLK, L)
-            ps = zr
-            pt = zr
-            for i in range(l0, l1):
-                ps += g[i]
-                pt += g[i] * (row[i] - mvs)
-            s += ps
-            t += pt
-        psum[n, c] = s
-        pdot[n, c] = t
-
-
-@njit(**_JIT)
-def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
-                          need_dx, need_dr, dx, dr):
-    """Split path: ``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g``."""
-    N, C, L = x.shape
-    for k in prange(N * C):
-        n = k // C
-        c = k % C
-        cf = np.empty(3, dtype=x.dtype)
-        cf[0] = mean[c]
-        cf[1] = scale[c]
-        cf[2] = shift[c]
-        mvs = cf[0]
-        avs = cf[1]
-        bvs = cf[2]
-        sc = np.empty(5, dtype=x.dtype)
-        sc[0] = 0
-        sc[1] = slope
-        sc[2] = ka[c]
-        sc[3] = kb[c]
-        sc[4] = kc[c]
-        g = np.empty(L, dtype=x.dtype)
-        row = x[n, c]
-        rr = r[n, c] if has_r else row
-        _grad_line_s(dy[n, c], row, rr, has_r, mvs, avs, bvs, code, sc[1], sc[0], g)
-        if need_dx:
-            out = dx[n, c]
-            for i in range(L):
-                out[i] = g[i] * sc[2] + (row[i] - mvs) * sc[3] + sc[4]
-        if need_dr:
-            dr[n, c][:] = g
-
-
-@njit(**_JIT)
-def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, psum, pdot):
-    """Per block of rows: float64 ``sum(g)`` and ``sum(g * (x - mean))``, ``g = dy * act'(z)``.
-
-    identity/relu/leaky_relu share one branch-free formula ``act'(z) = 1 if z > 0 else lo``."""
-    M, C = x.shape
-    mv = mean.astype(x.dtype)
-    av = scale.astype(x.dtype)
-    bv = shift.astype(x.dtype)
-    sc = np.empty(3, dtype=x.dtype)
-    sc[0] = 0
-    sc[1] = slope
-    sc[2] = 1.0 if code == 0 else (0.0 if code == 1 else slope)
-    zero = sc[0]
-    lo = sc[2]
-    for bi in prange(nb):
-        accs = np.zeros(C, dtype=x.dtype)
-        acct = np.zeros(C, dtype=x.dtype)
-        g = np.empty(C, dtype=x.dtype)
-        r0 = bi * M // nb
-        r1 = (bi + 1) * M // nb
-        since = 0
-        for m in range(r0, r1):
-            xr = x[m]
-            gr = dy[m]
-            rr = r[m] if has_r else xr
-            if code <= 2:
-                if has_r:
-                    for c in range(C):
-                        d = xr[c] - mv[c]
-                        z = d * av[c] + bv[c] + rr[c]
-                        gg = gr[c] if z > zero else gr[c] * lo
-                        accs[c] += gg
-                        acct[c] += gg * d
-                else:
-                    for c in range(C):
-                        d = xr[c] - mv[c]
-                        z = d * av[c] + bv[c]
-                        gg = gr[c] if z > zero else gr[c] * lo
-                        accs[c] += gg
-                        acct[c] += gg * d
-            else:
-                _grad_line(gr, xr, rr, has_r, mv, av, bv, code, sc[1], zero, g)
-                for c in range(C):
-                    accs[c] += g[c]
-                    acct[c] += g[c] * (xr[c] - mv[c])
-            since += 1
-            if since == _RBLK or m == r1 - 1:
-                for c in range(C):
-                    psum[bi, c] += accs[c]
-                    pdot[bi, c] += acct[c]
-                    accs[c] = 0
-                    acct[c] = 0
-                since = 0
-
-
-@njit(**_JIT)
-def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
-                        need_dx, need_dr, dx, dr):
-    """``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows."""
-    M, C = x.shape
-    nb = max(1, min(M // 32, 64))
-    mv = mean.astype(x.dtype)
-    av = scale.astype(x.dtype)
-    bv = shift.astype(x.dtype)
-    a = ka.astype(x.dtype)
-    bb = kb.astype(x.dtype)
-    cc = kc.astype(x.dtype)
-    sc = np.empty(3, dtype=x.dtype)
-    sc[0] = 0
-    sc[1] = slope
-    sc[2] = 1.0 if code == 0 else (0.0 if code == 1 else slope)
-    zero = sc[0]
-    lo = sc[2]
-    for bi in prange(nb):
-        g = np.empty(C, dtype=x.dtype)
-        for m in range(bi * M // nb, (bi + 1) * M // nb):
-            xr = x[m]
-            gr = dy[m]
-            rr = r[m] if has_r else xr
-            if code <= 2 and need_dx and not need_dr and not has_r:
-                out = dx[m]
-                for c in range(C):
-                    d = xr[c] - mv[c]
-                    z = d * av[c] + bv[c]
-                    gg = gr[c] if z > zero else gr[c] * lo
-                    out[c] = gg * a[c] + d * bb[c] + cc[c]
-                continue
-            _grad_line(gr, xr, rr, has_r, mv, av, bv, code, sc[1], zero, g)
-            if need_dx:
-                out = dx[m]
-                for c in range(C):
-                    out[c] = g[c] * a[c] + (xr[c] - mv[c]) * bb[c] + cc[c]
-            if need_dr:
-                dr[m][:] = g
+    return _backward_act(dy, x, None, mean, invstd, weight, None, "identity", 0.0, False, need_input_grad,
+                         False)[:3]
 
 
 # ------------------------------------------------------------------ fused activation wrappers
