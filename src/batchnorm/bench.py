@@ -108,22 +108,16 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
     compiled = None
     if with_compile:
         compiled = torch.compile(TF.batch_norm, dynamic=False)
-    if "train" in passes:
+    for name, training in (("train", True), ("eval", False)):
+        if name not in passes:
+            continue
         fns = {
-            "ours": lambda: F.batch_norm(x, rm_ours, rv_ours, w, b, True, 0.1, eps),
-            "torch": lambda: TF.batch_norm(x, rm_t, rv_t, w, b, True, 0.1, eps),
+            "ours": lambda t=training: F.batch_norm(x, rm_ours, rv_ours, w, b, t, 0.1, eps),
+            "torch": lambda t=training: TF.batch_norm(x, rm_t, rv_t, w, b, t, 0.1, eps),
         }
         if compiled is not None:
-            fns["compile"] = lambda: compiled(x, rm_t, rv_t, w, b, True, 0.1, eps)
-        cases.append(("train", fns))
-    if "eval" in passes:
-        fns = {
-            "ours": lambda: F.batch_norm(x, rm_ours, rv_ours, w, b, False, 0.1, eps),
-            "torch": lambda: TF.batch_norm(x, rm_t, rv_t, w, b, False, 0.1, eps),
-        }
-        if compiled is not None:
-            fns["compile"] = lambda: compiled(x, rm_t, rv_t, w, b, False, 0.1, eps)
-        cases.append(("eval", fns))
+            fns["compile"] = lambda t=training: compiled(x, rm_t, rv_t, w, b, t, 0.1, eps)
+        cases.append((name, fns))
     if "backward" in passes:
         _, mean, var, count = torch.ops.batchnorm.train_forward(x, w, b, None, eps, 0)
         _, smean, sinv, _, _ = torch.ops.aten._batch_norm_impl_index(x, w, b, rm_t, rv_t, True, 0.1, eps, True)
