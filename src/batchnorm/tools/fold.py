@@ -175,31 +175,29 @@ class _Planner:
         return f"the BN normalizes axis {bn_axis(bn)} of a {ndim}D input, not the linear layer's features"
 
     def check_after(self, layer: Any, bn: Any) -> str | None:
-        if not isinstance(layer, _AFTER):
-            return "not preceded by a linear/conv layer"
-        if _channels(layer, "out") != bn.num_features:
-            return f"{bn.num_features} features but the previous layer has {_channels(layer, 'out')} outputs"
-        if not isinstance(layer, nn.Linear) and bn_axis(bn) != 1:
-            return f"features on axis {bn_axis(bn)}, not the conv's channel axis"
-        if isinstance(layer, nn.Linear) and self.linear_axis(bn):
-            return self.linear_axis(bn)
-        if self.tied(layer):
-            return "the previous layer's parameters are shared with another module"
-        return None
+        return self._check(bn, layer, "after")
 
     def check_before(self, bn: Any, layer: Any) -> str | None:
-        if not isinstance(layer, _BEFORE):
-            return "not followed by a linear/conv layer"
-        if _channels(layer, "in") != bn.num_features:
-            return f"{bn.num_features} features but the next layer takes {_channels(layer, 'in')}"
+        return self._check(bn, layer, "before")
+
+    def _check(self, bn: Any, layer: Any, side: str) -> str | None:
+        """Why ``bn`` cannot fold into ``layer`` (which it follows when ``side == "after"``), or None."""
+        after = side == "after"
+        which = "previous" if after else "next"
+        if not isinstance(layer, _AFTER if after else _BEFORE):
+            return f"not {'preceded' if after else 'followed'} by a linear/conv layer"
+        channels = _channels(layer, "out" if after else "in")
+        if channels != bn.num_features:
+            verb = "has" if after else "takes"
+            return f"{bn.num_features} features but the {which} layer {verb} {channels}{' outputs' if after else ''}"
         if not isinstance(layer, nn.Linear) and bn_axis(bn) != 1:
             return f"features on axis {bn_axis(bn)}, not the conv's channel axis"
         if isinstance(layer, nn.Linear) and self.linear_axis(bn):
             return self.linear_axis(bn)
-        if _pads_with_zeros(layer):
+        if not after and _pads_with_zeros(layer):
             return "the next conv pads with zeros, which BN would not have seen (folding would not be exact)"
         if self.tied(layer):
-            return "the next layer's parameters are shared with another module"
+            return f"the {which} layer's parameters are shared with another module"
         return None
 
     def plan_fx(self, graph: torch.fx.Graph) -> None:
