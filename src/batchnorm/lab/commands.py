@@ -135,22 +135,12 @@ def _workers(args, n_todo: int) -> int:
     return auto_workers(n_todo)
 
 
-def adjust(cfg, limit=None, data_dir=None):
-    """Apply the command line's --limit / --data-dir to a configuration."""
-    import dataclasses
-
-    if limit is None and data_dir is None:
-        return cfg
-    return dataclasses.replace(cfg, data_limit=limit if limit is not None else cfg.data_limit,
-                               data_dir=data_dir or cfg.data_dir)
-
-
 def _run(args, configs, console: Console, title: str) -> list[dict]:
     """Sweep with a rich progress bar; friendly errors for missing data."""
     from .sweep import run_sweep
-    from .train import config_hash
+    from .train import config_hash, with_data
 
-    configs = [adjust(c, args.limit, args.data_dir) for c in configs]
+    configs = [with_data(c, args.limit, args.data_dir) for c in configs]
     store = _store(args)
     todo = len({config_hash(c) for c in configs if not store.has(config_hash(c))})
     workers = _workers(args, todo)
@@ -239,9 +229,9 @@ def cmd_train(args) -> int:
         norm=args.norm, model_kw=model_kw, norm_kw=norm_kw)
     t0 = time.perf_counter()
     from .sweep import open_store
-    from .train import config_hash
+    from .train import config_hash, with_data
 
-    h = config_hash(adjust(cfg, args.limit, args.data_dir))
+    h = config_hash(with_data(cfg, args.limit, args.data_dir))
     with open_store(args.out, args.store) as store:
         reused = store.has(h)
     args.workers = 1
@@ -384,7 +374,7 @@ def _claims_table(console, results) -> None:
 def cmd_claims(args) -> int:
     from .claims import analyze_claims, plan_claims
     from .sweep import open_store
-    from .train import config_hash
+    from .train import config_hash, with_data
 
     console = _console(args)
     only = [k for k in (args.only or "").split(",") if k] or None
@@ -394,7 +384,7 @@ def cmd_claims(args) -> int:
     with open_store(args.out, args.store) as store:
 
         def get(c):
-            return store.get(config_hash(adjust(c, args.limit, args.data_dir)))
+            return store.get(config_hash(with_data(c, args.limit, args.data_dir)))
 
         results = analyze_claims(get, args.mode, args.dataset, only)
         store.put_experiment(f"claims-{args.mode}-{args.dataset}", "claims",

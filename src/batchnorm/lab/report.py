@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import time
@@ -19,7 +20,7 @@ import numpy as np  # noqa: E402
 from .analysis import compare_table, curves_mean, figure1_series  # noqa: E402
 from .claims import analyze_claims  # noqa: E402
 from .store import Store, environment  # noqa: E402
-from .train import RunConfig, config_hash  # noqa: E402
+from .train import RunConfig, config_hash, with_data  # noqa: E402
 
 __all__ = ["build_report"]
 
@@ -34,18 +35,28 @@ def _label(norm: str) -> str:
     return {"none": "without BN", "batchnorm": "with BN"}.get(norm, norm)
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 class _Figures:
     def __init__(self, out: Path):
         self.out = out
         self.files: list[str] = []
 
     def save(self, fig, name: str) -> str:
-        path = self.out / f"{name}.png"
+        """Write ``fig`` as ``name.png`` and return it as an embedded ``<img>``."""
+        buf = io.BytesIO()
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
-        self.files.append(path.name)
-        b64 = base64.b64encode(path.read_bytes()).decode()
+        png = buf.getvalue()
+        _write_atomic(self.out / f"{name}.png", png)
+        self.files.append(f"{name}.png")
+        b64 = base64.b64encode(png).decode()
         return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{b64}"/>'
 
 
@@ -171,9 +182,8 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[str, dict]:
     p = exp["params"]
 
     def get(cfg: RunConfig):
-        from .commands import adjust
-
-        return store.get(config_hash(adjust(cfg, p.get("limit"), p.get("data_dir"))))
+        """The stored run of a planned configuration, with the claims command's --limit/--data-dir."""
+        return store.get(config_hash(with_data(cfg, p.get("limit"), p.get("data_dir"))))
 
     results = analyze_claims(get, p.get("mode", "quick"), p.get("dataset", "mnist1d"), p.get("claims"), p.get("seeds"))
     name = exp["name"]
@@ -217,7 +227,7 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[str, dict]:
             ax.set_visible(False)
         out.append("<h3>Effects per seed (dots), mean (diamond) and 95% interval; dotted line: minimum effect</h3>")
         out.append(figs.save(fig, f"{name}-effects"))
-    out.append(_claim_detail_plots(results, p, store, figs, name))
+    out.append(_claim_detail_plots(results, p, get, figs, name))
     for r in results:
         out.append(f"<h3>{html.escape(r['claim'])}: {r['verdict']}</h3><p>{html.escape(r['evidence'])}</p>")
         drows = []
@@ -234,10 +244,10 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[str, dict]:
     return "".join(out), {"claims": summary}
 
 
-def _claim_detail_plots(results, p, store, figs, name) -> str:
-    """Gradient norms per layer at init (claim 'gradients') and ICS over training (claim 'ics')."""
+def _claim_detail_plots(results, p, get, figs, name) -> str:
+    """Gradient norms per layer at init (claim 'gradients') and ICS over training (claim 'ics');
+    ``get(cfg)`` returns a stored run."""
     from .claims import _select
-    from .commands import adjust
 
     parts = []
     mode, ds = p.get("mode", "quick"), p.get("dataset", "mnist1d")
@@ -247,7 +257,7 @@ def _claim_detail_plots(results, p, store, figs, name) -> str:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
         for ax, cond in zip(axes, claim.conditions(mode, ds)):
             for norm, cfgs in cond.arms(0).items():
-                run = store.get(config_hash(adjust(cfgs[0], p.get("limit"), p.get("data_dir"))))
+                run = get(cfgs[0])
                 if run and run["init"].get("grad_norms"):
                     ax.semilogy(run["init"]["grad_norms"], color=_color(norm), label=_label(norm))
             ax.set_xlabel("layer (input → output)")
@@ -262,7 +272,7 @@ def _claim_detail_plots(results, p, store, figs, name) -> str:
         cond = claim.conditions(mode, ds)[0]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
         for norm, cfgs in cond.arms(0).items():
-            run = store.get(config_hash(adjust(cfgs[0], p.get("limit"), p.get("data_dir"))))
+            run = get(cfgs[0])
             if not run or not run["curves"].get("ics_step"):
                 continue
             c = run["curves"]
@@ -355,12 +365,10 @@ def build_report(store: Store, out_dir: str | Path, title: str = "batchnorm lab 
         + "<h2>Environment</h2>" + _table(["", ""], envrows) + "</body></html>"
     )
     path = out / "report.html"
-    tmp = out / ".report.html.part"
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(path)
+    _write_atomic(path, doc.encode("utf-8"))
     summary["pngs"] = figs.files
     text = json.dumps(clean_json(summary), indent=1, default=_json_default)
-    (out / "summary.json").write_text(text, encoding="utf-8")
+    _write_atomic(out / "summary.json", text.encode("utf-8"))
     return path
 
 

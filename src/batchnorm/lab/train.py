@@ -23,7 +23,7 @@ from . import probes as P
 from .data import Dataset, load_dataset
 from .models import build_model, norm_name, recipe
 
-__all__ = ["RunConfig", "config_hash", "evaluate", "train", "with_recipe"]
+__all__ = ["RunConfig", "config_hash", "evaluate", "train", "with_data", "with_recipe"]
 
 LAB_VERSION = "lab-1"
 EVAL_SUBSET = 2000  # examples of val/test used for the intermediate points of the curves
@@ -106,6 +106,14 @@ def with_recipe(cfg: RunConfig) -> RunConfig:
         eval_every=cfg.eval_every or max(1, steps // 20),
         norm=norm_name(cfg.norm),
     )
+
+
+def with_data(cfg: RunConfig, limit: int | None = None, data_dir: str | None = None) -> RunConfig:
+    """``cfg`` with a command line's ``--limit`` / ``--data-dir`` applied (unchanged when both are None)."""
+    if limit is None and data_dir is None:
+        return cfg
+    return dataclasses.replace(cfg, data_limit=limit if limit is not None else cfg.data_limit,
+                               data_dir=data_dir or cfg.data_dir)
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -214,14 +222,15 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         n_eval = None if final else EVAL_SUBSET
         tr_acc, _ = evaluate(model, xtr[:n_train_eval], ytr[:n_train_eval])
         va_acc, va_loss = evaluate(model, xva[:n_eval], yva[:n_eval]) if len(yva) else (float("nan"), float("nan"))
-        test_out: list = []
-        if pre:
-            pcts = pre.collect(lambda: test_out.append(evaluate(model, xte[:n_eval], yte[:n_eval])))
+        def test_eval():
+            return evaluate(model, xte[:n_eval], yte[:n_eval])
+
+        if pre:  # the percentiles are taken during the test-set pass
+            (te_acc, te_loss), pcts = pre.collect(test_eval)
             for k2, v in pcts.items():
                 curves[k2].append(v)
         else:
-            test_out.append(evaluate(model, xte[:n_eval], yte[:n_eval]))
-        te_acc, te_loss = test_out[0]
+            te_acc, te_loss = test_eval()
         curves["step"].append(step)
         curves["train_loss"].append(float(np.mean(window_losses)) if window_losses else float("nan"))
         curves["train_acc"].append(tr_acc)
