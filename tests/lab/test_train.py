@@ -56,7 +56,8 @@ def test_percentile_probe_matches_numpy():
     m = build_model("paper-mlp", (1, 40), 10, norm="none").eval()
     x = torch.randn(200, 1, 40)
     probe = P.PreactivationProbe(m, layer=-1, unit=3)
-    got = probe.collect(lambda: m(x))
+    out, got = probe.collect(lambda: m(x))
+    assert out.shape == (200, 10)  # the pass itself is returned
     with torch.no_grad():
         pre = m.body[:-2](x)[:, 3].numpy()  # input of the last sigmoid
     np.testing.assert_allclose([got["p15"], got["p50"], got["p85"]], np.percentile(pre, [15, 50, 85]), rtol=1e-5)

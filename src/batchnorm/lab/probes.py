@@ -45,22 +45,20 @@ class PreactivationProbe:
             x = x[:, self.unit] if x.dim() >= 2 else x
             self._chunks.append(x.reshape(-1).float().cpu())
 
-    def collect(self, fn) -> dict[str, float]:
-        """Run ``fn()`` (a forward pass over the probe set) and return the percentiles."""
+    def collect(self, fn):
+        """Run ``fn()`` (a forward pass over the probe set); return its result and the percentiles."""
         self._chunks = []
         self.active = True
         try:
-            fn()
+            result = fn()
         finally:
             self.active = False
-        if not self._chunks:
-            return {"p15": float("nan"), "p50": float("nan"), "p85": float("nan")}
-        v = torch.cat(self._chunks).numpy()
+        v = torch.cat(self._chunks).numpy() if self._chunks else np.empty(0)
         v = v[np.isfinite(v)]
         if v.size == 0:
-            return {"p15": float("nan"), "p50": float("nan"), "p85": float("nan")}
+            return result, {"p15": float("nan"), "p50": float("nan"), "p85": float("nan")}
         p = np.percentile(v, [15, 50, 85])
-        return {"p15": float(p[0]), "p50": float(p[1]), "p85": float(p[2])}
+        return result, {"p15": float(p[0]), "p50": float(p[1]), "p85": float(p[2])}
 
     def remove(self):
         self._handle.remove()
