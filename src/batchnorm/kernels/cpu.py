@@ -35,6 +35,7 @@ from numba.extending import overload
 from torch import Tensor
 
 from . import register_backend
+from .reference import acc_dtype
 
 name = "cpu"
 
@@ -657,14 +658,11 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
     return t.movedim(1, -1).reshape(-1, t.shape[1]).numpy()
 
 
-def _vec(t: Tensor | None, c: int, fill: float, dtype: torch.dtype) -> np.ndarray:
+def _vec(t: Tensor | None, c: int, fill: float) -> np.ndarray:
+    """A per-channel parameter as float64 numpy (``fill`` when absent)."""
     if t is None:
-        return np.full(c, fill, dtype=np.float64 if dtype == torch.float64 else np.float64)
+        return np.full(c, fill)
     return t.detach().to(torch.float64).contiguous().numpy()
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fused_channels(c: int, threads: int) -> bool:
@@ -684,14 +682,13 @@ def _stats_rows(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     var = np.maximum(psq.sum(0) / m - md * md, 0.0)
     return pilot + md, var
 
+
 def _grad_layout(dy: Tensor, x: Tensor, layout: str) -> Tensor:
     if layout == "planes":
         return dy.contiguous()
     if x.dim() == 2 or x.is_contiguous():
         return dy.contiguous()
     return dy.contiguous(memory_format=_channels_last_fmt(x) or torch.contiguous_format)
-
-
 
 
 # --------------------------------------------------------- plain batch norm: the identity activation
@@ -742,8 +739,8 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
     xv, yv = _view(x, layout), _view(y, layout)
     rv, has_r = _residual(residual, x, layout)
     code = _ACT_CODES[act]
-    w = _vec(weight, c, 1.0, x.dtype)
-    b = _vec(bias, c, 0.0, x.dtype)
+    w = _vec(weight, c, 1.0)
+    b = _vec(bias, c, 0.0)
     if layout == "planes" and _fused_channels(c, threads):
         mean = np.empty(c)
         var = np.empty(c)
@@ -759,7 +756,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
         else:
             mean, var = _stats_rows(xv)
         _apply_act(xv, rv, has_r, layout, mean, w / np.sqrt(var + eps), b, code, slope, yv)
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     mean_t = torch.from_numpy(mean).to(acc).unsqueeze(0)
     var_t = torch.from_numpy(var).to(acc).unsqueeze(0)
     return y, mean_t, var_t, torch.full((1,), float(count), dtype=acc)
@@ -785,8 +782,8 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     xv, yv = _view(x, layout), _view(y, layout)
     rv, has_r = _residual(residual, x, layout)
     m = mean.detach().reshape(-1).to(torch.float64).contiguous().numpy()
-    scale = invstd.detach().reshape(-1).to(torch.float64).numpy() * _vec(weight, c, 1.0, x.dtype)
-    _apply_act(xv, rv, has_r, layout, m, scale, _vec(bias, c, 0.0, x.dtype), _ACT_CODES[act], slope, yv)
+    scale = invstd.detach().reshape(-1).to(torch.float64).numpy() * _vec(weight, c, 1.0)
+    _apply_act(xv, rv, has_r, layout, m, scale, _vec(bias, c, 0.0), _ACT_CODES[act], slope, yv)
     return y
 
 
@@ -802,13 +799,13 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     code = _ACT_CODES[act]
     m = mean.detach().reshape(-1).to(torch.float64).contiguous().numpy()
     inv = invstd.detach().reshape(-1).to(torch.float64).contiguous().numpy()
-    w = _vec(weight, c, 1.0, x.dtype)
-    b = _vec(bias, c, 0.0, x.dtype)
+    w = _vec(weight, c, 1.0)
+    b = _vec(bias, c, 0.0)
     dx = _like(x, layout) if need_dx else None
     dr = _like(x, layout) if need_dr else None
     dxv = _view(dx, layout) if dx is not None else xv
     drv = _view(dr, layout) if dr is not None else xv
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     if layout == "planes" and _fused_channels(c, threads):
         sum_dy = np.empty(c)
         sum_dot = np.empty(c)
