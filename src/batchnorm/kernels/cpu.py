@@ -126,6 +126,27 @@ def _moments(x, n0, n1, c):
 
 
 @njit(**_INL)
+def _pilot_moments(x, c):
+    """All planes of channel ``c`` in one sweep: a pilot mean ``mf`` (in the input dtype, from
+    the first planes, at least ~1024 values, which are then hot), then float64 ``sum(x - mf)`` and
+    ``sum((x - mf)**2)`` over the channel. The pilot is close to the channel's mean, so the
+    one-pass variance does not cancel; it saves :func:`_moments`' second sweep over the channel."""
+    N, L = x.shape[0], x.shape[2]
+    npl = min(N, max(1, (1024 + L - 1) // L))
+    s = 0.0
+    for n in range(npl):
+        s += _line_sums(x[n, c], x[n, c], _as(x, 0), True)[0]
+    mf = _as(x, s / (npl * L))
+    sd = 0.0
+    sq = 0.0
+    for n in range(N):
+        pd, pq = _line_sums(x[n, c], x[n, c], mf, False)
+        sd += pd
+        sq += pq
+    return mf, sd, sq
+
+
+@njit(**_INL)
 def _line_dx(g, row, mf, ka, kb, kc, out):
     """``out = g * ka + (row - mf) * kb + kc`` (scalars for a plane, per-channel arrays for a row)."""
     for i in range(row.shape[0]):
@@ -235,77 +256,41 @@ def _act_plane(row, r, has_r, mf, af, bf, code, slope, zero, out):
 
 
 @njit(**_INL)
-def _gval(mode, gr, rr, has_r, c, d, av, bv, lo, zero):
-    """The ``g`` of :func:`_rows_block_sums` at channel ``c`` of a row, ``d = x - k`` there."""
+def _gval(mode, dy, r, has_r, i, c, d, av, bv, lo, zero):
+    """The ``g`` of :func:`_rows_block_sums` at ``[i, c]``, ``d = x[i, c] - k[c]``."""
     if mode == 0:
         return d
     if mode == 1:
-        return gr[c]
+        return dy[i, c]
     z = d * av[c] + bv[c]
     if has_r:
-        z += rr[c]
-    return gr[c] if z > zero else gr[c] * lo
+        z += r[i, c]
+    return dy[i, c] if z > zero else dy[i, c] * lo
 
 
 @njit(**_INL)
-def _flush(accs, acct, psum, pdot, bi):
-    """Add a block's input-dtype accumulators to its float64 partial sums and reset them."""
-    for c in range(accs.shape[0]):
-        psum[bi, c] += accs[c]
-        pdot[bi, c] += acct[c]
-        accs[c] = 0
-        acct[c] = 0
-
-
-@njit(**_INL)
-def _rows_block_sums(dy, x, r, has_r, mode, k, av, bv, lo, zero, r0, r1, bi, psum, pdot, four=True):
+def _rows_block_sums(dy, x, r, has_r, mode, k, av, bv, lo, zero, r0, r1, bi, psum, pdot):
     """Rows ``r0:r1`` into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and ``sum(g * (x - k))``
     with ``g = x - k`` (mode 0, the moments), ``dy`` (mode 1), or ``dy * act'(z)`` for the
     piecewise-linear activations (mode 2: ``act'(z) = 1 if z > 0 else lo``, ``z = (x - k) * av +
-    bv [+ r]``). Four rows per sweep of the channel accumulators (a quarter of their loads and
-    stores; ``four=False``: one, faster with a residual's extra streams), which are flushed to
-    float64 every :data:`_RBLK` rows."""
+    bv [+ r]``). Rows are indexed in place (no per-row array views, whose reference counting
+    costs more than the arithmetic on short rows); the per-channel accumulators, in the input
+    dtype, are flushed to float64 every :data:`_RBLK` rows."""
     C = x.shape[1]
     accs = np.zeros(C, dtype=x.dtype)
     acct = np.zeros(C, dtype=x.dtype)
-    i = r0
-    since = 0
-    while i < r1:
-        if four and i + 4 <= r1:
-            x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-            y0, y1, y2, y3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
-            q0 = r[i] if has_r else x0
-            q1 = r[i + 1] if has_r else x1
-            q2 = r[i + 2] if has_r else x2
-            q3 = r[i + 3] if has_r else x3
+    for i in range(r0, r1):
+        for c in range(C):
+            d = x[i, c] - k[c]
+            g = _gval(mode, dy, r, has_r, i, c, d, av, bv, lo, zero)
+            accs[c] += g
+            acct[c] += g * d
+        if (i - r0) % _RBLK == _RBLK - 1 or i == r1 - 1:
             for c in range(C):
-                m = k[c]
-                d0 = x0[c] - m
-                d1 = x1[c] - m
-                d2 = x2[c] - m
-                d3 = x3[c] - m
-                g0 = _gval(mode, y0, q0, has_r, c, d0, av, bv, lo, zero)
-                g1 = _gval(mode, y1, q1, has_r, c, d1, av, bv, lo, zero)
-                g2 = _gval(mode, y2, q2, has_r, c, d2, av, bv, lo, zero)
-                g3 = _gval(mode, y3, q3, has_r, c, d3, av, bv, lo, zero)
-                accs[c] += (g0 + g1) + (g2 + g3)
-                acct[c] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
-            i += 4
-            since += 4
-        else:
-            xr = x[i]
-            yr = dy[i]
-            qr = r[i] if has_r else xr
-            for c in range(C):
-                d = xr[c] - k[c]
-                g = _gval(mode, yr, qr, has_r, c, d, av, bv, lo, zero)
-                accs[c] += g
-                acct[c] += g * d
-            i += 1
-            since += 1
-        if since >= _RBLK or i == r1:
-            _flush(accs, acct, psum, pdot, bi)
-            since = 0
+                psum[bi, c] += accs[c]
+                pdot[bi, c] += acct[c]
+                accs[c] = 0
+                acct[c] = 0
 
 
 # ============================================================================ planes (N, C, L)
@@ -343,14 +328,15 @@ def _merge_planes(pmean, pm2, L, mean_out, var_out):
 
 @njit(**_JIT)
 def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_out):
-    """Training forward (+ residual, + activation), one channel per iteration: sum, shifted sum of
-    squares, normalize, all while the channel is hot."""
+    """Training forward (+ residual, + activation), one channel per iteration: shifted sums in
+    one sweep, then normalize while the channel is hot, last plane first (the planes read last
+    are the ones still in L2)."""
     N, C, L = x.shape
     cnt = N * L
     zero = _as(x, 0)
     slf = _as(x, slope)
     for c in prange(C):
-        mf, sd, sq = _moments(x, 0, N, c)
+        mf, sd, sq = _pilot_moments(x, c)
         md = sd / cnt
         v = max(sq / cnt - md * md, 0.0)
         mean_out[c] = mf + md
@@ -359,9 +345,12 @@ def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_
         # (x - mf) * a + (b - md * a): the subtraction stays in the input dtype, exact near the mean
         af = _as(x, a)
         bf = _as(x, b[c] - md * a)
-        for n in range(N):
-            rr = r[n, c] if has_r else x[n, c]
-            _act_plane(x[n, c], rr, has_r, mf, af, bf, code, slf, zero, y[n, c])
+        for nn in range(N):
+            n = N - 1 - nn
+            if code == 0 and not has_r:  # plain batch norm: the bare loop
+                _act_loops(x[n, c], x[n, c], False, mf, af, bf, 0, slf, zero, y[n, c])
+            else:
+                _act_plane(x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slf, zero, y[n, c])
 
 
 @njit(**_JIT)
@@ -491,8 +480,9 @@ def _rows_moments(x, pilot, nb, psum, psq):
 
 
 @njit(**_JIT)
-def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y):
-    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows."""
+def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, reverse):
+    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows; blocks of rows last to
+    first with ``reverse`` (after a reduction: the rows it read last are still in L3)."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
     mv = mean.astype(x.dtype)
@@ -500,10 +490,12 @@ def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y):
     bv = shift.astype(x.dtype)
     zero = _as(x, 0)
     slf = _as(x, slope)
-    for bi in prange(nb):
+    for j in prange(nb):
+        bi = nb - 1 - j if reverse else j
         for m in range(bi * M // nb, (bi + 1) * M // nb):
-            if code == 0 and not has_r:  # plain batch norm: the bare loop (rows are short)
-                _act_loops(x[m], x[m], False, mv, av, bv, 0, slf, zero, y[m])
+            if code == 0 and not has_r:  # plain batch norm: indexed in place (rows are short)
+                for c in range(C):
+                    y[m, c] = (x[m, c] - mv[c]) * av[c] + bv[c]
             else:
                 _act_line(x[m], r[m] if has_r else x[m], has_r, mv, av, bv, code, slf, zero, y[m])
 
@@ -512,7 +504,7 @@ def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y):
 def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, psum, pdot):
     """Per block of rows: float64 ``sum(g)`` and ``sum(g * (x - mean))``, ``g = dy * act'(z)``.
 
-    identity/relu/leaky_relu take the four-row sweep of :func:`_rows_block_sums`; silu/gelu a
+    identity/relu/leaky_relu take :func:`_rows_block_sums`; silu/gelu a
     row at a time through a gradient buffer."""
     M, C = x.shape
     mv = mean.astype(x.dtype)
@@ -527,7 +519,7 @@ def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, p
         if code == 0:
             _rows_block_sums(dy, x, x, False, 1, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot)
         elif code <= 2 and has_r:
-            _rows_block_sums(dy, x, r, True, 2, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot, False)
+            _rows_block_sums(dy, x, r, True, 2, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot)
         elif code <= 2:
             _rows_block_sums(dy, x, x, False, 2, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot)
         else:
@@ -541,13 +533,18 @@ def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, p
                     accs[c] += g[c]
                     acct[c] += g[c] * (xr[c] - mv[c])
                 if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
-                    _flush(accs, acct, psum, pdot, bi)
+                    for c in range(C):
+                        psum[bi, c] += accs[c]
+                        pdot[bi, c] += acct[c]
+                        accs[c] = 0
+                        acct[c] = 0
 
 
 @njit(**_JIT)
 def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
                         need_dx, need_dr, dx, dr):
-    """``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows."""
+    """``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows,
+    blocks last to first (the reduction's last rows are still in L3)."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
     mv = mean.astype(x.dtype)
@@ -559,21 +556,21 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
     zero = _as(x, 0)
     slf = _as(x, slope)
     lo = _as(x, 0.0 if code == 1 else slope)
-    for bi in prange(nb):
+    for j in prange(nb):
+        bi = nb - 1 - j
         g = np.empty(C, dtype=x.dtype)
         for m in range(bi * M // nb, (bi + 1) * M // nb):
-            xr = x[m]
-            if code == 0 and not need_dr:
-                _line_dx(dy[m], xr, mv, a, bb, cc, dx[m])
+            if code == 0 and need_dx and not need_dr:  # plain batch norm, indexed in place
+                for c in range(C):
+                    dx[m, c] = dy[m, c] * a[c] + (x[m, c] - mv[c]) * bb[c] + cc[c]
                 continue
             if code <= 2 and need_dx and not need_dr and not has_r:
                 # relu/leaky_relu: the gate and dx in one loop, no gradient buffer
-                gr = dy[m]
-                out = dx[m]
                 for c in range(C):
-                    d = xr[c] - mv[c]
-                    out[c] = _gval(2, gr, xr, False, c, d, av, bv, lo, zero) * a[c] + d * bb[c] + cc[c]
+                    d = x[m, c] - mv[c]
+                    dx[m, c] = _gval(2, dy, x, False, m, c, d, av, bv, lo, zero) * a[c] + d * bb[c] + cc[c]
                 continue
+            xr = x[m]
             _grad_into(dy[m], xr, r[m] if has_r else xr, has_r, mv, av, bv, code, slf, zero, g)
             if need_dx:
                 _line_dx(g, xr, mv, a, bb, cc, dx[m])
@@ -755,21 +752,21 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
             _merge_planes(pmean, pm2, xv.shape[2], mean, var)
         else:
             mean, var = _stats_rows(xv)
-        _apply_act(xv, rv, has_r, layout, mean, w / np.sqrt(var + eps), b, code, slope, yv)
+        _apply_act(xv, rv, has_r, layout, mean, w / np.sqrt(var + eps), b, code, slope, yv, reverse=True)
     acc = acc_dtype(x.dtype)
     mean_t = torch.from_numpy(mean).to(acc).unsqueeze(0)
     var_t = torch.from_numpy(var).to(acc).unsqueeze(0)
     return y, mean_t, var_t, torch.full((1,), float(count), dtype=acc)
 
 
-def _apply_act(xv, rv, has_r, layout, mean, scale, shift, code, slope, yv):
+def _apply_act(xv, rv, has_r, layout, mean, scale, shift, code, slope, yv, reverse=False):
     # the kernels compute (x - mean_rounded) * scale + shift'; fold the rounding into shift'
     mr = mean.astype(xv.dtype).astype(np.float64)
     shift = shift - (mean - mr) * scale
     if layout == "planes":
         _act_apply_planes(xv, rv, has_r, mr, scale, shift, code, float(slope), yv)
     else:
-        _act_apply_rows(xv, rv, has_r, mr, scale, shift, code, float(slope), yv)
+        _act_apply_rows(xv, rv, has_r, mr, scale, shift, code, float(slope), yv, reverse)
 
 
 def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
