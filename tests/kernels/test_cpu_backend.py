@@ -94,6 +94,20 @@ def test_no_affine_and_large_mean(cpu_backend):
         torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape, first, offset", [((64, 4, 6, 6), 1, 0.0), ((64, 4, 6, 6), 1, 1e4),
+                                                  ((8192, 2, 8, 8), 16, 100.0)])
+def test_fused_channel_variance_with_misleading_first_planes(cpu_backend, shape, first, offset):
+    """The one-channel-per-thread forward shifts by the mean of the first planes (~1024 values):
+    when those sit far from the rest in units of the channel's std (the last case: ~23 std off,
+    where the one-pass variance is ~5e-7 off) it must still match float64 to float32 rounding."""
+    x = torch.randn(shape) * 0.01 + 3.0
+    x[:first] += offset
+    _, mean, var, _ = cpu_backend.forward_train(x, None, None, None, 1e-5, 0)
+    _, mean64, var64, _ = ref.forward_train(x.double(), None, None, None, 1e-5, 0)
+    torch.testing.assert_close(var.double(), var64, rtol=2e-7, atol=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=2e-7, atol=0)
+
+
 def test_nan_propagates(cpu_backend):
     x = torch.randn(4, 3, 8, 8)
     x[1, 2, 3, 4] = float("nan")

@@ -129,8 +129,9 @@ def _moments(x, n0, n1, c):
 def _pilot_moments(x, c):
     """All planes of channel ``c`` in one sweep: a pilot mean ``mf`` (in the input dtype, from
     the first planes, at least ~1024 values, which are then hot), then float64 ``sum(x - mf)`` and
-    ``sum((x - mf)**2)`` over the channel. The pilot is close to the channel's mean, so the
-    one-pass variance does not cancel; it saves :func:`_moments`' second sweep over the channel."""
+    ``sum((x - mf)**2)`` over the channel. It saves :func:`_moments`' second sweep over the
+    channel; the caller falls back to :func:`_moments` when the pilot is far from the mean (in
+    units of the standard deviation), where the one-pass variance would cancel."""
     N, L = x.shape[0], x.shape[2]
     npl = min(N, max(1, (1024 + L - 1) // L))
     s = 0.0
@@ -339,6 +340,10 @@ def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_
         mf, sd, sq = _pilot_moments(x, c)
         md = sd / cnt
         v = max(sq / cnt - md * md, 0.0)
+        if md * md > 64.0 * v:  # the pilot was far from the mean (in std units): two exact sweeps
+            mf, sd, sq = _moments(x, 0, N, c)
+            md = sd / cnt
+            v = max(sq / cnt - md * md, 0.0)
         mean_out[c] = mf + md
         var_out[c] = v
         a = w[c] / math.sqrt(v + eps)
