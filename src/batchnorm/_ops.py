@@ -234,11 +234,18 @@ class _ApplyForward(torch.autograd.Function):
     backward = staticmethod(_apply_grad)
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd must record the call (else the implementation runs without a node)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, eps: float,
           vbs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training-mode normalization: ``(y, mean, var, count)`` (see ``batchnorm::train_forward``)."""
     if _tracing():
         return torch.ops.batchnorm.train_forward(x, weight, bias, mask, eps, vbs)
+    if not _needs_grad(x, weight, bias):
+        return _train_forward_impl(x, weight, bias, mask, eps, vbs)
     return _TrainForward.apply(x, weight, bias, mask, eps, vbs)
 
 
@@ -246,4 +253,6 @@ def apply(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: 
     """Normalization with given statistics (see ``batchnorm::apply_forward``)."""
     if _tracing():
         return torch.ops.batchnorm.apply_forward(x, mean, invstd, weight, bias)
+    if not _needs_grad(x, weight, bias):
+        return _apply_forward_impl(x, mean, invstd, weight, bias)
     return _ApplyForward.apply(x, mean, invstd, weight, bias)

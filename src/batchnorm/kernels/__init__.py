@@ -29,12 +29,14 @@ from . import reference
 
 # name -> (priority, module); lower priority runs first.
 _REGISTRY: dict[str, tuple[int, ModuleType]] = {"reference": (1000, reference)}
+_ORDER: list[ModuleType] = [reference]  # the modules in priority order (kept by register_backend)
 _forced: str | None = None
 
 
 def register_backend(name: str, module: ModuleType, priority: int = 100) -> None:
     """Make ``module`` a backend called ``name``; lower ``priority`` is tried first."""
     _REGISTRY[name] = (priority, module)
+    _ORDER[:] = [_REGISTRY[n][1] for n in available_backends()]
 
 
 def available_backends() -> list[str]:
@@ -81,8 +83,7 @@ def select(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> Modu
     if forced != "auto":
         module = _REGISTRY[forced][1]
         return module if module.supports(op, x, mask, vbs) else reference
-    for name in available_backends():
-        module = _REGISTRY[name][1]
+    for module in _ORDER:
         if module.supports(op, x, mask, vbs):
             return module
     return reference

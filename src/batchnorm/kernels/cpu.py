@@ -26,6 +26,7 @@ Masks, ghost batches, half precision and tiny tensors go to the reference backen
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -605,13 +606,20 @@ def _launch_pool() -> None:
 _launch_pool()
 
 
+# The wrappers below run once per call, often right after a large kernel or convolution has
+# flushed the caches, where each torch call costs tens of microseconds: they convert the small
+# per-channel tensors with numpy and make as few torch calls as they can.
+
+_MAX_THREADS = numba.config.NUMBA_NUM_THREADS
+_tls = threading.local()  # numba's thread count is per calling thread
+
+
 def _threads(numel: int = 1 << 30) -> int:
     """Set numba's thread count for this call: torch's, or 1 below :data:`PARALLEL_MIN` elements."""
-    t = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numel < PARALLEL_MIN:
-        t = 1
-    if numba.get_num_threads() != t:
+    t = 1 if numel < PARALLEL_MIN else max(1, min(torch.get_num_threads(), _MAX_THREADS))
+    if getattr(_tls, "threads", 0) != t:
         numba.set_num_threads(t)
+        _tls.threads = t
     return t
 
 
@@ -634,37 +642,36 @@ def _layout(x: Tensor) -> str:
     return "planes"  # made contiguous by _prepare
 
 
-def _prepare(x: Tensor, layout: str) -> Tensor:
-    if layout == "planes":
-        return x.contiguous()
-    if x.dim() == 2 or x.is_contiguous():
-        return x.contiguous()
-    return x  # channels_last, already dense
-
-
-def _like(x: Tensor, layout: str) -> Tensor:
-    """An output tensor with the layout the kernels write (contiguous or channels_last)."""
-    if layout == "rows" and x.dim() > 2:
-        fmt = _channels_last_fmt(x) or torch.contiguous_format
-        return torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
-    return torch.empty(x.shape, dtype=x.dtype)
+def _prepare(t: Tensor, x: Tensor, layout: str) -> Tensor:
+    """``t`` (the input, a gradient or a residual, shaped like ``x``) in the memory layout the
+    kernels read for ``x``: contiguous, or channels_last when ``x`` is channels_last."""
+    if layout == "planes" or x.dim() == 2 or x.is_contiguous():
+        return t.contiguous()
+    return t.contiguous(memory_format=_channels_last_fmt(x))  # type: ignore[arg-type]
 
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
     """The numpy view a kernel works on: ``(N, C, L)`` planes or ``(M, C)`` rows."""
-    t = t.detach()
+    a = t.detach().numpy()
     if layout == "planes":
-        return t.reshape(t.shape[0], t.shape[1], -1).numpy()
-    if t.dim() == 2:
-        return t.numpy()
-    return t.movedim(1, -1).reshape(-1, t.shape[1]).numpy()
+        return a.reshape(a.shape[0], a.shape[1], -1)
+    if a.ndim == 2:
+        return a
+    return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
 
 
 def _vec(t: Tensor | None, c: int, fill: float) -> np.ndarray:
-    """A per-channel parameter as float64 numpy (``fill`` when absent)."""
+    """A per-channel tensor as contiguous float64 numpy (``fill`` when absent)."""
     if t is None:
         return np.full(c, fill)
-    return t.detach().to(torch.float64).contiguous().numpy()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.float()
+    return np.ascontiguousarray(t.detach().numpy().reshape(-1), dtype=np.float64)
+
+
+def _out(v: np.ndarray, acc: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """A float64 per-channel result as a tensor of the statistics' dtype."""
+    return torch.from_numpy(v.astype(np.float64 if acc == torch.float64 else np.float32).reshape(shape))
 
 
 def _fused_channels(c: int, threads: int) -> bool:
@@ -683,14 +690,6 @@ def _stats_rows(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     md = psum.sum(0) / m
     var = np.maximum(psq.sum(0) / m - md * md, 0.0)
     return pilot + md, var
-
-
-def _grad_layout(dy: Tensor, x: Tensor, layout: str) -> Tensor:
-    if layout == "planes":
-        return dy.contiguous()
-    if x.dim() == 2 or x.is_contiguous():
-        return dy.contiguous()
-    return dy.contiguous(memory_format=_channels_last_fmt(x) or torch.contiguous_format)
 
 
 # --------------------------------------------------------- plain batch norm: the identity activation
@@ -722,24 +721,23 @@ def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
 _ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
 
 
-def _residual(r: Tensor | None, x: Tensor, layout: str) -> tuple[np.ndarray, bool]:
+def _residual(r: Tensor | None, x: Tensor, xv: np.ndarray, layout: str) -> tuple[np.ndarray, bool]:
+    """The residual's kernel view and whether there is one (``xv`` stands in when there is none)."""
     if r is None:
-        return _view(x, layout), False
-    r = r.to(x.dtype)
-    r = _grad_layout(r, x, layout)
-    return _view(r, layout), True
+        return xv, False
+    return _view(_prepare(r.to(x.dtype), x, layout), layout), True
 
 
 def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
     """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``."""
     threads = _threads(x.numel())
     layout = _layout(x)
-    x = _prepare(x, layout)
-    n, c = x.shape[0], x.shape[1]
+    x = _prepare(x, x, layout)
+    c = x.shape[1]
     count = x.numel() // c
-    y = _like(x, layout)
+    y = torch.empty_like(x)
     xv, yv = _view(x, layout), _view(y, layout)
-    rv, has_r = _residual(residual, x, layout)
+    rv, has_r = _residual(residual, x, xv, layout)
     code = _ACT_CODES[act]
     w = _vec(weight, c, 1.0)
     b = _vec(bias, c, 0.0)
@@ -749,8 +747,8 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
         _act_train_fwd_planes(xv, rv, has_r, w, b, float(eps), code, float(slope), yv, mean, var)
     else:
         if layout == "planes":
-            pmean = np.empty((n, c))
-            pm2 = np.empty((n, c))
+            pmean = np.empty(xv.shape[:2])
+            pm2 = np.empty(xv.shape[:2])
             _plane_stats(xv, pmean, pm2)
             mean = np.empty(c)
             var = np.empty(c)
@@ -759,9 +757,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
             mean, var = _stats_rows(xv)
         _apply_act(xv, rv, has_r, layout, mean, w / np.sqrt(var + eps), b, code, slope, yv, reverse=True)
     acc = acc_dtype(x.dtype)
-    mean_t = torch.from_numpy(mean).to(acc).unsqueeze(0)
-    var_t = torch.from_numpy(var).to(acc).unsqueeze(0)
-    return y, mean_t, var_t, torch.full((1,), float(count), dtype=acc)
+    return y, _out(mean, acc, (1, c)), _out(var, acc, (1, c)), torch.full((1,), float(count), dtype=acc)
 
 
 def _apply_act(xv, rv, has_r, layout, mean, scale, shift, code, slope, yv, reverse=False):
@@ -778,33 +774,32 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     """``y = act(bn(x; mean, invstd) [+ residual])`` with given ``(C,)`` statistics."""
     _threads(x.numel())
     layout = _layout(x)
-    x = _prepare(x, layout)
+    x = _prepare(x, x, layout)
     c = x.shape[1]
-    y = _like(x, layout)
+    y = torch.empty_like(x)
     xv, yv = _view(x, layout), _view(y, layout)
-    rv, has_r = _residual(residual, x, layout)
-    m = mean.detach().reshape(-1).to(torch.float64).contiguous().numpy()
-    scale = invstd.detach().reshape(-1).to(torch.float64).numpy() * _vec(weight, c, 1.0)
-    _apply_act(xv, rv, has_r, layout, m, scale, _vec(bias, c, 0.0), _ACT_CODES[act], slope, yv)
+    rv, has_r = _residual(residual, x, xv, layout)
+    scale = _vec(invstd, c, 1.0) * _vec(weight, c, 1.0)
+    _apply_act(xv, rv, has_r, layout, _vec(mean, c, 0.0), scale, _vec(bias, c, 0.0), _ACT_CODES[act], slope, yv)
     return y
 
 
 def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train, need_dx, need_dr):
     threads = _threads(x.numel())
     layout = _layout(x)
-    x = _prepare(x, layout)
-    dy = _grad_layout(dy, x, layout)
+    x = _prepare(x, x, layout)
+    dy = _prepare(dy, x, layout)
     c = x.shape[1]
     cnt = x.numel() // c
     xv, dyv = _view(x, layout), _view(dy, layout)
-    rv, has_r = _residual(residual, x, layout)
+    rv, has_r = _residual(residual, x, xv, layout)
     code = _ACT_CODES[act]
-    m = mean.detach().reshape(-1).to(torch.float64).contiguous().numpy()
-    inv = invstd.detach().reshape(-1).to(torch.float64).contiguous().numpy()
+    m = _vec(mean, c, 0.0)
+    inv = _vec(invstd, c, 1.0)
     w = _vec(weight, c, 1.0)
     b = _vec(bias, c, 0.0)
-    dx = _like(x, layout) if need_dx else None
-    dr = _like(x, layout) if need_dr else None
+    dx = torch.empty_like(x) if need_dx else None
+    dr = torch.empty_like(x) if need_dr else None
     dxv = _view(dx, layout) if dx is not None else xv
     drv = _view(dr, layout) if dr is not None else xv
     acc = acc_dtype(x.dtype)
@@ -813,13 +808,13 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
         sum_dot = np.empty(c)
         _act_bwd_planes(dyv, xv, rv, has_r, m, inv, w, b, code, float(slope), train, need_dx, need_dr,
                         dxv, drv, sum_dy, sum_dot)
-        return dx, torch.from_numpy(sum_dot).to(acc), torch.from_numpy(sum_dy).to(acc), dr
+        return dx, _out(sum_dot, acc, (c,)), _out(sum_dy, acc, (c,)), dr
     mr = m.astype(xv.dtype).astype(np.float64)
     scale = w * inv
     shift = b - (m - mr) * scale
     if layout == "planes":
-        psum = np.empty((xv.shape[0], c))
-        pdot = np.empty((xv.shape[0], c))
+        psum = np.empty(xv.shape[:2])
+        pdot = np.empty(xv.shape[:2])
         _act_bwd_reduce_planes(dyv, xv, rv, has_r, mr, scale, shift, code, float(slope), psum, pdot)
     else:
         nb = _row_blocks(xv.shape[0])
@@ -841,7 +836,7 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
             _act_bwd_elemt_planes(*args)
         else:
             _act_bwd_elemt_rows(*args)
-    return dx, torch.from_numpy(t * inv).to(acc), torch.from_numpy(s).to(acc), dr
+    return dx, _out(t * inv, acc, (c,)), _out(s, acc, (c,)), dr
 
 
 def backward_train_act(dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
