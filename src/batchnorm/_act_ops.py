@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from ._ops import _empty_like, _grad_or_empty, _layout, fake_backward_outputs, fake_forward_outputs
+from ._ops import (
+    _empty_like,
+    _grad_or_empty,
+    _layout,
+    eager_entry,
+    fake_backward_outputs,
+    fake_forward_outputs,
+    impl_or_op,
+)
 from .kernels import reference_act
 from .kernels.reference import acc_dtype
 
@@ -53,6 +61,10 @@ def act_train_forward(
     act: str,
     slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _train_forward_impl(x, weight, bias, residual, mask, eps, vbs, act, slope)
+
+
+def _train_forward_impl(x, weight, bias, residual, mask, eps, vbs, act, slope):  # type: ignore[no-untyped-def]
     backend = backend_for("forward_train_act", x, mask, vbs)
     y, mean, var, count = backend.forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope)
     return y.contiguous(memory_format=_layout(x)), mean, var, count
@@ -81,6 +93,12 @@ def act_train_backward(
     need_input_grad: bool,
     need_residual_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _train_backward_impl(dy, x, residual, mean, var, weight, bias, mask, count, eps, vbs, act, slope,
+                                need_input_grad, need_residual_grad)
+
+
+def _train_backward_impl(dy, x, residual, mean, var, weight, bias, mask, count, eps, vbs, act, slope,  # type: ignore[no-untyped-def]
+                         need_input_grad, need_residual_grad):
     backend = backend_for("backward_train_act", x, mask, vbs)
     invstd = torch.rsqrt(var + eps)
     dx, dw, db, dr = backend.backward_train_act(
@@ -107,7 +125,7 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, bias, residual, mask, mean, var, count = ctx.saved_tensors
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    dx, dw, db, dr = torch.ops.batchnorm.act_train_backward(
+    dx, dw, db, dr = impl_or_op("act_train_backward", _train_backward_impl)(
         dy, x, residual, mean, var, weight, bias, mask, count, ctx.eps, ctx.vbs, ctx.act, ctx.slope,
         need_x, need_r,
     )
@@ -137,6 +155,10 @@ def act_apply_forward(
     act: str,
     slope: float,
 ) -> Tensor:
+    return _apply_forward_impl(x, mean, invstd, weight, bias, residual, act, slope)
+
+
+def _apply_forward_impl(x, mean, invstd, weight, bias, residual, act, slope):  # type: ignore[no-untyped-def]
     backend = backend_for("forward_apply_act", x)
     y = backend.forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope)
     return y.contiguous(memory_format=_layout(x))
@@ -161,6 +183,12 @@ def act_apply_backward(
     need_input_grad: bool,
     need_residual_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _apply_backward_impl(dy, x, residual, mean, invstd, weight, bias, act, slope, need_input_grad,
+                                need_residual_grad)
+
+
+def _apply_backward_impl(dy, x, residual, mean, invstd, weight, bias, act, slope, need_input_grad,  # type: ignore[no-untyped-def]
+                         need_residual_grad):
     backend = backend_for("backward_apply_act", x)
     dx, dw, db, dr = backend.backward_apply_act(
         dy, x, residual, mean, invstd, weight, bias, act, slope, need_input_grad, need_residual_grad
@@ -184,7 +212,7 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, invstd, weight, bias, residual = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:6]
-    dx, dw, db, dr = torch.ops.batchnorm.act_apply_backward(
+    dx, dw, db, dr = impl_or_op("act_apply_backward", _apply_backward_impl)(
         dy, x, residual, mean, invstd, weight, bias, ctx.act, ctx.slope, need_x, need_r
     )
     return (
@@ -215,6 +243,10 @@ def act_inplace_train_forward(
     act: str,
     slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _inplace_forward_impl(x, weight, bias, mask, eps, act, slope)
+
+
+def _inplace_forward_impl(x, weight, bias, mask, eps, act, slope):  # type: ignore[no-untyped-def]
     reference_act.inverse(x.new_zeros(()), act, slope)  # raises for a non-invertible activation
     backend = backend_for("forward_train_act", x, mask, 0)
     y, mean, var, count = backend.forward_train_act(x, weight, bias, None, mask, eps, 0, act, slope)
@@ -240,6 +272,10 @@ def act_inplace_train_backward(
     slope: float,
     need_input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _inplace_backward_impl(dy, y, var, weight, bias, mask, count, eps, act, slope, need_input_grad)
+
+
+def _inplace_backward_impl(dy, y, var, weight, bias, mask, count, eps, act, slope, need_input_grad):  # type: ignore[no-untyped-def]
     acc = acc_dtype(y.dtype)
     invstd = torch.rsqrt(var.to(acc) + eps)  # (1, C)
     xhat, dact = reference_act.recover(y, weight, bias, act, slope)
@@ -271,7 +307,7 @@ def _inplace_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _inplace_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     y, weight, bias, mask, var, count = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw, db = torch.ops.batchnorm.act_inplace_train_backward(
+    dx, dw, db = impl_or_op("act_inplace_train_backward", _inplace_backward_impl)(
         dy, y, var, weight, bias, mask, count, ctx.eps, ctx.act, ctx.slope, need_x
     )
     return (
@@ -285,3 +321,14 @@ def _inplace_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
 torch.library.register_autograd(
     "batchnorm::act_inplace_train_forward", _inplace_grad, setup_context=_inplace_setup
 )
+
+
+# ------------------------------------------------------------------ eager entry points (see _ops)
+
+#: ``act_train(x, weight, bias, residual, mask, eps, vbs, act, slope) -> (y, mean, var, count)``
+act_train = eager_entry("act_train_forward", _train_forward_impl, _train_setup, _train_grad)
+#: ``act_apply(x, mean, invstd, weight, bias, residual, act, slope) -> y``
+act_apply = eager_entry("act_apply_forward", _apply_forward_impl, _apply_setup, _apply_grad)
+#: ``act_inplace_train(x, weight, bias, mask, eps, act, slope) -> (y, mean, var, count)``
+act_inplace_train = eager_entry("act_inplace_train_forward", _inplace_forward_impl, _inplace_setup,
+                                _inplace_grad)

@@ -129,7 +129,7 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, mask, mean, var, count = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    backward = torch.ops.batchnorm.train_backward if _tracing() else _train_backward_impl
+    backward = impl_or_op("train_backward", _train_backward_impl)
     dx, dw, db = backward(dy, x, mean, var, weight, mask, count, ctx.eps, ctx.vbs, need_x)
     return (
         dx if need_x else None,
@@ -192,8 +192,7 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, invstd, weight = ctx.saved_tensors
     need_x, _, _, need_w, need_b = ctx.needs_input_grad
-    backward = torch.ops.batchnorm.apply_backward if _tracing() else _apply_backward_impl
-    dx, dw, db = backward(dy, x, mean, invstd, weight, need_x)
+    dx, dw, db = impl_or_op("apply_backward", _apply_backward_impl)(dy, x, mean, invstd, weight, need_x)
     return (
         dx if need_x else None,
         None,
@@ -209,50 +208,48 @@ torch.library.register_autograd("batchnorm::apply_forward", _apply_grad, setup_c
 # ------------------------------------------------------------------ eager entry points
 #
 # The registered ops are what torch.compile and torch.export see. In eager mode the same
-# implementations and autograd formulas run through a plain autograd.Function, which skips
-# the Python dispatch of torch.library (a large share of the cost for small tensors).
+# implementations and autograd formulas run through a plain autograd.Function (or, when nothing
+# needs a gradient, directly), which skips the Python dispatch of torch.library: a large share of
+# the cost for small tensors, and tens of microseconds per call after a large kernel.
 
 
-class _TrainForward(torch.autograd.Function):
+def _needs_grad(args: tuple) -> bool:
+    """Whether autograd must record a call with these arguments."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def impl_or_op(name: str, impl: Any) -> Any:
+    """``impl`` in eager mode; the registered op ``batchnorm::name`` while tracing (for backward formulas)."""
+    return getattr(torch.ops.batchnorm, name) if _tracing() else impl
+
+
+def eager_entry(name: str, impl: Any, setup: Any, grad: Any) -> Any:
+    """The entry point of the registered op ``batchnorm::name``: the op itself while tracing, else
+    ``impl`` under an autograd.Function with the op's ``setup``/``grad``, or bare ``impl`` when no
+    argument needs a gradient."""
+
     # forward(ctx, ...) style: a separate setup_context makes autograd bind arguments with inspect
-    @staticmethod
     def forward(ctx, *inputs):  # type: ignore[no-untyped-def]
-        output = _train_forward_impl(*inputs)
-        _train_setup(ctx, inputs, output)
+        output = impl(*inputs)
+        setup(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_train_grad)
+    function: Any = type(f"_{name}", (torch.autograd.Function,),
+                         {"forward": staticmethod(forward), "backward": staticmethod(grad)})
+
+    def entry(*args: Any) -> Any:
+        if _tracing():
+            return getattr(torch.ops.batchnorm, name)(*args)
+        if not _needs_grad(args):
+            return impl(*args)
+        return function.apply(*args)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"Eager entry point of ``batchnorm::{name}`` (see the module docstring)."
+    return entry
 
 
-class _ApplyForward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):  # type: ignore[no-untyped-def]
-        output = _apply_forward_impl(*inputs)
-        _apply_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_apply_grad)
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd must record the call (else the implementation runs without a node)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, eps: float,
-          vbs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Training-mode normalization: ``(y, mean, var, count)`` (see ``batchnorm::train_forward``)."""
-    if _tracing():
-        return torch.ops.batchnorm.train_forward(x, weight, bias, mask, eps, vbs)
-    if not _needs_grad(x, weight, bias):
-        return _train_forward_impl(x, weight, bias, mask, eps, vbs)
-    return _TrainForward.apply(x, weight, bias, mask, eps, vbs)
-
-
-def apply(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """Normalization with given statistics (see ``batchnorm::apply_forward``)."""
-    if _tracing():
-        return torch.ops.batchnorm.apply_forward(x, mean, invstd, weight, bias)
-    if not _needs_grad(x, weight, bias):
-        return _apply_forward_impl(x, mean, invstd, weight, bias)
-    return _ApplyForward.apply(x, mean, invstd, weight, bias)
+#: ``train(x, weight, bias, mask, eps, vbs) -> (y, mean, var, count)``: training-mode normalization.
+train = eager_entry("train_forward", _train_forward_impl, _train_setup, _train_grad)
+#: ``apply(x, mean, invstd, weight, bias) -> y``: normalization with given statistics.
+apply = eager_entry("apply_forward", _apply_forward_impl, _apply_setup, _apply_grad)

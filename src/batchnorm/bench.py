@@ -11,10 +11,11 @@ Passes:
 * ``train``: training forward, ``batchnorm.functional.batch_norm(training=True)`` vs
   ``torch.nn.functional.batch_norm`` (both update running statistics). Floor 1R+1W.
 * ``eval``: inference forward with running statistics. Floor 1R+1W.
-* ``backward``: the training backward op (dx, dgamma, dbeta) vs ATen's
+* ``backward``: the training backward (dx, dgamma, dbeta) as eager autograd runs it (the
+  implementation behind the ``batchnorm::train_backward`` op) vs ATen's
   ``native_batch_norm_backward``. Floor 2R+1W.
-* ``bn_relu``: fused BN+ReLU forward+backward (``BatchNormAct``'s op) vs ATen BN then
-  ``relu_`` with autograd. Floor 1R+1W forward + 2R+1W backward.
+* ``bn_relu``: fused BN+ReLU forward+backward (``BatchNormAct``'s eager entry point) vs ATen BN
+  then ``relu_`` with autograd. Floor 1R+1W forward + 2R+1W backward.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 30) -> floa
 def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: torch.device,
                 passes: tuple[str, ...], with_compile: bool) -> list[tuple[str, dict[str, Callable[[], Any]]]]:
     import batchnorm.functional as F
-    from batchnorm import _act_ops  # noqa: F401
+    from batchnorm import _act_ops, _ops
 
     c = shape[1]
     x = torch.randn(shape, dtype=dtype, device=device)
@@ -123,7 +124,7 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
         _, smean, sinv, _, _ = torch.ops.aten._batch_norm_impl_index(x, w, b, rm_t, rv_t, True, 0.1, eps, True)
         mask3 = [True, True, True]
         cases.append(("backward", {
-            "ours": lambda: torch.ops.batchnorm.train_backward(dy, x, mean, var, w, None, count, eps, 0, True),
+            "ours": lambda: _ops._train_backward_impl(dy, x, mean, var, w, None, count, eps, 0, True),
             "torch": lambda: torch.ops.aten.native_batch_norm_backward(
                 dy, x, w, rm_t, rv_t, smean, sinv, True, eps, mask3),
         }))
@@ -133,7 +134,7 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
         bg = b.detach().clone().requires_grad_()
 
         def ours_act() -> None:
-            y = torch.ops.batchnorm.act_train_forward(xg, wg, bg, None, None, eps, 0, "relu", 0.0)[0]
+            y = _act_ops.act_train(xg, wg, bg, None, None, eps, 0, "relu", 0.0)[0]
             torch.autograd.backward(y, dy)
 
         def torch_act() -> None:

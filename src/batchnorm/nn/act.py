@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _act_ops  # noqa: F401  (registers torch.ops.batchnorm.act_*)
+from .. import _act_ops
 from .. import functional as F
 from ..kernels import reference as _ref
 from ..kernels.reference_act import INVERTIBLE, activation, check_activation
@@ -101,10 +101,10 @@ class _BatchNormActBase(_NormBase):
                     raise ValueError("inplace_abn=True takes no residual (the output alone must give x back)")
                 if weight is not None and not F._compiling() and bool((weight == 0).any()):
                     raise ValueError("inplace_abn=True needs every weight (gamma) non-zero to recover x from y")
-                y, mean, var, count = torch.ops.batchnorm.act_inplace_train_forward(
+                y, mean, var, count = _act_ops.act_inplace_train(
                     x, weight, bias, kmask, self.eps, self.act, slope)
             else:
-                y, mean, var, count = torch.ops.batchnorm.act_train_forward(
+                y, mean, var, count = _act_ops.act_train(
                     x, weight, bias, residual, kmask, self.eps, vbs, self.act, slope)
             if update:
                 stats = F._whole_batch(mean.detach(), var.detach(), count)
@@ -118,8 +118,7 @@ class _BatchNormActBase(_NormBase):
                                               self.nonfinite)
         acc = _ref.acc_dtype(x.dtype)
         invstd = torch.rsqrt(rv.detach().to(acc) + self.eps)
-        y = torch.ops.batchnorm.act_apply_forward(x, rm.detach().to(acc), invstd, weight, bias, residual,
-                                                  self.act, slope)
+        y = _act_ops.act_apply(x, rm.detach().to(acc), invstd, weight, bias, residual, self.act, slope)
         return y, accepted
 
 
