@@ -20,6 +20,7 @@ updates the running buffers.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -200,37 +201,48 @@ def update_running_stats(
         return _update_running_stats(running_mean, running_var, stats, momentum, nonfinite)
 
 
+def _report_nonfinite(nonfinite: str) -> None:
+    """Raise (``"raise"``) or warn (``"skip"``) about a batch whose statistics are not finite."""
+    if nonfinite == "raise":
+        raise FloatingPointError(
+            "batch statistics are not finite (NaN or inf in the batch); running statistics "
+            "were left unchanged. Use nonfinite='skip' to skip such batches with a warning."
+        )
+    warnings.warn(
+        "batch statistics are not finite (NaN or inf in the batch): running statistics keep "
+        "their last good values (nonfinite='skip')",
+        RuntimeWarning,
+        stacklevel=6,
+    )
+
+
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stats,
                           momentum: float | Tensor, nonfinite: str) -> Tensor:
     mean, var_b, count = stats
     # computed in the wider of the buffers' and the statistics' dtypes (float32 at least)
     dt = torch.promote_types(torch.promote_types(running_mean.dtype, mean.dtype), torch.float32)
-    if (nonfinite == "propagate" and not isinstance(momentum, Tensor) and count.device.type == "cpu"
-            and running_mean.dtype == dt and running_var.dtype == dt and not _compiling()):
-        # eager, CPU count: the same update with the branch taken in Python (a handful of torch
+    if (not isinstance(momentum, Tensor) and count.device.type == "cpu" and running_mean.dtype == dt
+            and running_var.dtype == dt and not _compiling()):
+        # eager, CPU count: the same update with its branches taken in Python (a handful of torch
         # calls instead of twenty; each costs tens of microseconds after a large kernel)
         n = float(count)
-        if n > 1:
+        ok = n > 1
+        if ok:
+            var_u = var_b.to(dt) * (n / (n - 1))
+            if nonfinite != "propagate" and not math.isfinite(float(mean.sum() + var_u.sum())):
+                _report_nonfinite(nonfinite)
+                ok = False
+        if ok:
             running_mean.lerp_(mean.to(dt), momentum)
-            running_var.lerp_(var_b.to(dt) * (n / (n - 1)), momentum)
-        return torch.tensor(n > 1, device=running_mean.device)
+            running_var.lerp_(var_u, momentum)
+        return torch.tensor(ok, device=running_mean.device)
     var_u = unbiased(var_b.to(dt), count)
     accept = count.to(running_mean.device) > 1
     if nonfinite != "propagate":
         finite = torch.isfinite(mean.sum() + var_u.sum()).to(running_mean.device)
         accept = accept & finite
         if not _compiling() and not bool(finite) and bool(count > 1):
-            if nonfinite == "raise":
-                raise FloatingPointError(
-                    "batch statistics are not finite (NaN or inf in the batch); running statistics "
-                    "were left unchanged. Use nonfinite='skip' to skip such batches with a warning."
-                )
-            warnings.warn(
-                "batch statistics are not finite (NaN or inf in the batch): running statistics keep "
-                "their last good values (nonfinite='skip')",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+            _report_nonfinite(nonfinite)
     f = momentum.to(device=running_mean.device, dtype=dt) if isinstance(momentum, Tensor) else momentum
     rm, rv = running_mean.to(dt), running_var.to(dt)
     running_mean.copy_(torch.where(accept, rm + f * (mean.to(rm) - rm), rm))

@@ -154,6 +154,45 @@ def test_nonfinite_modes():
         BF.batch_norm(x, rm, rv, training=True, nonfinite="ignore")
 
 
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip", "raise"])
+@pytest.mark.parametrize("case", ["normal", "nan", "one_value"])
+def test_running_update_eager_path_matches_general_path(nonfinite, case):
+    """The eager CPU update (float momentum, branches in Python) against the general masked form
+    (taken for a 0-d tensor momentum, as under torch.compile), in float64 for both."""
+    mean = torch.randn(5, dtype=torch.float64)
+    var = torch.rand(5, dtype=torch.float64) + 0.1
+    if case == "nan":
+        mean[3] = float("nan")
+    count = torch.tensor(1.0 if case == "one_value" else 40.0, dtype=torch.float64)
+    stats = BF.Stats(mean, var, count)
+    before = (torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 1)
+    results = []
+    for momentum in (0.3, torch.tensor(0.3, dtype=torch.float64)):
+        rm, rv = before[0].clone(), before[1].clone()
+        if nonfinite == "raise" and case == "nan":
+            with pytest.raises(FloatingPointError):
+                BF.update_running_stats(rm, rv, stats, momentum, nonfinite)
+            assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+            continue
+        ctx = pytest.warns(RuntimeWarning, match="not finite") if (nonfinite, case) == ("skip", "nan") else None
+        if ctx is None:
+            accepted = BF.update_running_stats(rm, rv, stats, momentum, nonfinite)
+        else:
+            with ctx:
+                accepted = BF.update_running_stats(rm, rv, stats, momentum, nonfinite)
+        expect_update = case == "normal" or (case == "nan" and nonfinite == "propagate")
+        assert bool(accepted) == expect_update
+        if expect_update:
+            torch.testing.assert_close(rm, before[0] + 0.3 * (mean - before[0]), equal_nan=True)
+            torch.testing.assert_close(rv, before[1] + 0.3 * (var * 40 / 39 - before[1]))
+        else:
+            assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+        results.append((rm, rv, accepted))
+    if len(results) == 2:
+        torch.testing.assert_close(results[0][0], results[1][0], equal_nan=True)
+        torch.testing.assert_close(results[0][1], results[1][1])
+
+
 def test_renorm_limits_follow_the_paper_schedule():
     lim = lambda s: [float(v) for v in BF.renorm_limits(s, 3.0, 5.0, 5000, 40000, 25000)]  # noqa: E731
     assert lim(0) == [1.0, 0.0] and lim(4999) == [1.0, 0.0]
