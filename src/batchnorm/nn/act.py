@@ -68,8 +68,7 @@ class _BatchNormActBase(_NormBase):
         normalize_with_batch = (self.training and not self.use_running_stats) or not has_running
         update = self.training and self.update_running_stats and has_running
         y, accepted = self._normalize_act(input, residual, mask, normalize_with_batch, update)
-        if accepted is not None and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(accepted.to(device=self.num_batches_tracked.device, dtype=torch.long))
+        self._count_batch(accepted)
         return y
 
     def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,

@@ -223,6 +223,12 @@ class _NormBase(nn.Module):
         assert self.num_batches_tracked is not None
         return (self.num_batches_tracked + 1).double().reciprocal()
 
+    def _count_batch(self, accepted: Tensor | None) -> None:
+        """Add an applied running-statistics update (a 0-d bool tensor) to ``num_batches_tracked``."""
+        nbt = self.num_batches_tracked
+        if accepted is not None and nbt is not None:
+            nbt.add_(accepted if accepted.device == nbt.device else accepted.to(nbt.device))
+
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         if self._train_affine:
             return self.weight, self.bias
@@ -251,8 +257,7 @@ class _NormBase(nn.Module):
         normalize_with_batch = (self.training and not self.use_running_stats) or not has_running
         update = self.training and self.update_running_stats and has_running
         y, accepted = self._normalize(x, mask, normalize_with_batch, update)
-        if accepted is not None and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(accepted.to(device=self.num_batches_tracked.device, dtype=torch.long))
+        self._count_batch(accepted)
         return y if axis == 1 else y.movedim(1, axis)
 
 
