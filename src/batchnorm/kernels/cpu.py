@@ -3,13 +3,13 @@
 Two memory layouts are handled without copies:
 
 * **planes**: contiguous ``(N, C, *S)`` seen as ``(N, C, L)``. The training forward runs one
-  channel per thread: the channel's slice is read once from memory for the sum, and the
-  second (variance) and third (normalize) sweeps hit it in L2 -- one read and one write of the
-  tensor instead of ATen's three sweeps. The backward reads ``x``/``dy`` for the sums and
-  sweeps them again *in reverse*, so its first half is served by the cache the reduction just
-  filled. When there are fewer channels than threads can share evenly, a split path reduces
-  per ``(n, c)`` plane in parallel and merges the parts exactly (Chan et al.), so ``C = 1``
-  still uses every core.
+  channel per thread: one sweep reads the channel's slice from memory for its sums shifted by a
+  pilot mean (:func:`_pilot_moments`), and the normalize sweep, last plane first, finds it in
+  L2 -- one read and one write of the tensor instead of ATen's three sweeps. The backward
+  reads ``x``/``dy`` for the sums and sweeps them again *in reverse*, so its first half is
+  served by the cache the reduction just filled. When there are fewer channels than threads
+  can share evenly, a split path reduces per ``(n, c)`` plane in parallel and merges the parts
+  exactly (Chan et al.), so ``C = 1`` still uses every core.
 * **rows**: channels_last ``(N, *S, C)`` and 2D ``(N, C)`` seen as ``(M, C)``; threads take
   blocks of rows and keep per-block partial sums (shifted by a per-channel pilot mean, so the
   one-pass variance has no cancellation), merged in float64.
@@ -17,6 +17,9 @@ Two memory layouts are handled without copies:
 Every kernel takes an activation (and optional residual): ``y = act(bn(x) [+ residual])``; plain
 batch norm is the identity, for which the backward uses ``dy`` itself (no gradient buffer), so it
 costs what a kernel written for it would.
+
+Each op is one call from Python into a serial driver (``_train_planes``, ``_bwd_rows``, ...)
+that runs the parallel kernels and the per-channel arithmetic between them.
 
 Statistics are float64 sums of float32 block partials (float64 throughout for float64 input).
 Masks, ghost batches, half precision and tiny tensors go to the reference backend
