@@ -804,14 +804,14 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
     return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
 
 
-def _vec(t: Tensor | None, c: int, fill: float, like: np.ndarray) -> np.ndarray:
-    """A per-channel tensor as a contiguous float32/float64 numpy array (a view where it can be;
-    ``fill`` in ``like``'s dtype when absent). The drivers widen each value to float64."""
+def _vec(t: Tensor | None, c: int, fill: float) -> np.ndarray:
+    """A per-channel tensor as contiguous float64 numpy (``fill`` when absent). Always float64,
+    so that each kernel compiles once per input dtype whatever the parameters' dtypes."""
     if t is None:
-        return np.full(c, fill, dtype=like.dtype)
-    if t.dtype not in _DTYPES:  # numpy/numba have no bfloat16 and no half arithmetic
+        return np.full(c, fill)
+    if t.dtype not in _DTYPES:  # numpy has no bfloat16
         t = t.double()
-    return np.ascontiguousarray(t.detach().numpy().reshape(-1))
+    return np.ascontiguousarray(t.detach().numpy().reshape(-1), dtype=np.float64)
 
 
 def _out(v: np.ndarray, acc: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -870,7 +870,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
     y = torch.empty_like(x)
     xv, yv = _view(x, layout), _view(y, layout)
     rv, has_r = _residual(residual, x, xv, layout)
-    w, b = _vec(weight, c, 1.0, xv), _vec(bias, c, 0.0, xv)
+    w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
     mean, var = np.empty(c), np.empty(c)
     args = (xv, rv, has_r, w, b, float(eps), _ACT_CODES[act], float(slope), yv, mean, var)
     if layout == "planes":
@@ -890,8 +890,8 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     y = torch.empty_like(x)
     xv, yv = _view(x, layout), _view(y, layout)
     rv, has_r = _residual(residual, x, xv, layout)
-    args = (xv, rv, has_r, _vec(mean, c, 0.0, xv), _vec(invstd, c, 1.0, xv), _vec(weight, c, 1.0, xv),
-            _vec(bias, c, 0.0, xv), _ACT_CODES[act], float(slope), yv)
+    args = (xv, rv, has_r, _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0),
+            _vec(bias, c, 0.0), _ACT_CODES[act], float(slope), yv)
     if layout == "planes":
         _apply_planes(*args)
     else:
@@ -910,8 +910,8 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     dx = torch.empty_like(x) if need_dx else None
     dr = torch.empty_like(x) if need_dr else None
     sum_dy, sum_dot = np.empty(c), np.empty(c)
-    args = (dyv, xv, rv, has_r, _vec(mean, c, 0.0, xv), _vec(invstd, c, 1.0, xv), _vec(weight, c, 1.0, xv),
-            _vec(bias, c, 0.0, xv), _ACT_CODES[act], float(slope), train, need_dx, need_dr,
+    args = (dyv, xv, rv, has_r, _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0),
+            _vec(bias, c, 0.0), _ACT_CODES[act], float(slope), train, need_dx, need_dr,
             _view(dx, layout) if dx is not None else xv, _view(dr, layout) if dr is not None else xv,
             sum_dy, sum_dot)
     if layout == "planes":
