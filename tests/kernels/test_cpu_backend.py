@@ -116,13 +116,15 @@ def test_nan_propagates(cpu_backend):
     assert torch.isfinite(mean[0, :2]).all()
 
 
-def test_dispatch_picks_cpu_for_large_and_reference_otherwise():
+def test_dispatch_picks_cpu_where_it_can_and_reference_otherwise(monkeypatch):
     from batchnorm import kernels
 
     cpu = pytest.importorskip("batchnorm.kernels.cpu")
     big = torch.randn(8, 16, 32, 32)
     assert kernels.select("forward_train", big) is cpu
+    assert kernels.select("forward_train", torch.randn(2, 3)) is cpu  # no size is left out by default
     assert kernels.select("forward_train", big.half()) is kernels.reference
+    monkeypatch.setattr(cpu, "MIN_NUMEL", 1 << 14)
     assert kernels.select("forward_train", torch.randn(2, 3, 4, 4)) is kernels.reference
     mask = torch.ones(8, 1, 32, 32, dtype=torch.bool)
     assert kernels.select("forward_train", big, mask) is kernels.reference
