@@ -22,7 +22,7 @@ Each op is one call from Python into a serial driver (``_train_planes``, ``_bwd_
 that runs the parallel kernels and the per-channel arithmetic between them.
 
 Statistics are float64 sums of float32 block partials (float64 throughout for float64 input).
-Masks, ghost batches, half precision and tiny tensors go to the reference backend
+Masks, ghost batches and half precision go to the reference backend
 (:func:`supports`). Numba uses ``torch.get_num_threads()`` threads.
 """
 
@@ -945,7 +945,7 @@ _OPS = frozenset({"forward_train", "forward_apply", "backward_train", "backward_
 
 
 def supports(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> bool:
-    """Dense float32/float64 CPU tensors of at least :data:`MIN_NUMEL` elements, no mask, one group."""
+    """Dense float32/float64 CPU tensors (of at least :data:`MIN_NUMEL` elements), no mask, one group."""
     if op not in _OPS:
         return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2:
