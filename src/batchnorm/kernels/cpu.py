@@ -264,6 +264,16 @@ def _act_plane(row, r, has_r, mf, af, bf, code, slope, zero, out):
 
 
 @njit(**_INL)
+def _norm_plane(x, r, has_r, n, c, mf, af, bf, code, slope, zero, y):
+    """Plane ``(n, c)``: ``y = act((x - mf) * af + bf [+ r])``; plain batch norm as the bare
+    inlined loop, anything else through :func:`_act_plane`."""
+    if code == 0 and not has_r:
+        _act_loops(x[n, c], x[n, c], False, mf, af, bf, 0, slope, zero, y[n, c])
+    else:
+        _act_plane(x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slope, zero, y[n, c])
+
+
+@njit(**_INL)
 def _gval(mode, dy, r, has_r, i, c, d, av, bv, lo, zero):
     """The ``g`` of :func:`_rows_block_sums` at ``[i, c]``, ``d = x[i, c] - k[c]``."""
     if mode == 0:
@@ -274,6 +284,16 @@ def _gval(mode, dy, r, has_r, i, c, d, av, bv, lo, zero):
     if has_r:
         z += r[i, c]
     return dy[i, c] if z > zero else dy[i, c] * lo
+
+
+@njit(**_INL)
+def _flush(accs, acct, psum, pdot, bi):
+    """Add a block's input-dtype accumulators to its float64 partial sums and reset them."""
+    for c in range(accs.shape[0]):
+        psum[bi, c] += accs[c]
+        pdot[bi, c] += acct[c]
+        accs[c] = 0
+        acct[c] = 0
 
 
 @njit(**_INL)
@@ -294,11 +314,7 @@ def _rows_block_sums(dy, x, r, has_r, mode, k, av, bv, lo, zero, r0, r1, bi, psu
             accs[c] += g
             acct[c] += g * d
         if (i - r0) % _RBLK == _RBLK - 1 or i == r1 - 1:
-            for c in range(C):
-                psum[bi, c] += accs[c]
-                pdot[bi, c] += acct[c]
-                accs[c] = 0
-                acct[c] = 0
+            _flush(accs, acct, psum, pdot, bi)
 
 
 # ============================================================================ planes (N, C, L)
@@ -358,11 +374,7 @@ def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_
         af = _as(x, a)
         bf = _as(x, b[c] - md * a)
         for nn in range(N):
-            n = N - 1 - nn
-            if code == 0 and not has_r:  # plain batch norm: the bare loop
-                _act_loops(x[n, c], x[n, c], False, mf, af, bf, 0, slf, zero, y[n, c])
-            else:
-                _act_plane(x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slf, zero, y[n, c])
+            _norm_plane(x, r, has_r, N - 1 - nn, c, mf, af, bf, code, slf, zero, y)
 
 
 @njit(**_JIT)
@@ -374,11 +386,7 @@ def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y):
     for k in prange(N * C):
         n = k // C
         c = k % C
-        mf, af, bf = _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c])
-        if code == 0 and not has_r:  # plain batch norm: the bare loop
-            _act_loops(x[n, c], x[n, c], False, mf, af, bf, 0, slf, zero, y[n, c])
-        else:
-            _act_plane(x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slf, zero, y[n, c])
+        _norm_plane(x, r, has_r, n, c, _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c]), code, slf, zero, y)
 
 
 @njit(**_JIT)
@@ -492,9 +500,8 @@ def _rows_moments(x, pilot, nb, psum, psq):
 
 
 @njit(**_JIT)
-def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, reverse):
-    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows; blocks of rows last to
-    first with ``reverse`` (after a reduction: the rows it read last are still in L3)."""
+def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y):
+    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
     mv = mean.astype(x.dtype)
@@ -502,8 +509,7 @@ def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, reverse):
     bv = shift.astype(x.dtype)
     zero = _as(x, 0)
     slf = _as(x, slope)
-    for j in prange(nb):
-        bi = nb - 1 - j if reverse else j
+    for bi in prange(nb):
         for m in range(bi * M // nb, (bi + 1) * M // nb):
             if code == 0 and not has_r:  # plain batch norm: indexed in place (rows are short)
                 for c in range(C):
@@ -545,18 +551,13 @@ def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, p
                     accs[c] += g[c]
                     acct[c] += g[c] * (xr[c] - mv[c])
                 if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
-                    for c in range(C):
-                        psum[bi, c] += accs[c]
-                        pdot[bi, c] += acct[c]
-                        accs[c] = 0
-                        acct[c] = 0
+                    _flush(accs, acct, psum, pdot, bi)
 
 
 @njit(**_JIT)
 def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
                         need_dx, need_dr, dx, dr):
-    """``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows,
-    blocks last to first (the reduction's last rows are still in L3)."""
+    """``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
     mv = mean.astype(x.dtype)
@@ -568,8 +569,7 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
     zero = _as(x, 0)
     slf = _as(x, slope)
     lo = _as(x, 0.0 if code == 1 else slope)
-    for j in prange(nb):
-        bi = nb - 1 - j
+    for bi in prange(nb):
         g = np.empty(C, dtype=x.dtype)
         for m in range(bi * M // nb, (bi + 1) * M // nb):
             if code == 0 and need_dx and not need_dr:  # plain batch norm, indexed in place
@@ -621,11 +621,11 @@ def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y):
 
 
 @njit(cache=True)
-def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, reverse):
+def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y):
     C = x.shape[1]
     mr, scale, shift = np.empty(C), np.empty(C), np.empty(C)
     _coefficients(x, mean, invstd, w, b, mr, scale, shift)
-    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, reverse)
+    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y)
 
 
 @njit(cache=True)
@@ -646,7 +646,7 @@ def _train_planes(x, r, has_r, w, b, eps, code, slope, y, mean, var, fused):
 @njit(cache=True)
 def _train_rows(x, r, has_r, w, b, eps, code, slope, y, mean, var, nb):
     """Training forward on rows: block partial sums shifted by the mean of the first rows (the
-    pilot), merged in float64, then the normalization, blocks last to first."""
+    pilot), merged in float64, then the normalization."""
     M, C = x.shape
     k = min(M, 16)
     pilot = np.zeros(C)
@@ -666,7 +666,7 @@ def _train_rows(x, r, has_r, w, b, eps, code, slope, y, mean, var, nb):
         md = sd / M
         mean[c] = pilot[c] + md
         var[c] = max(sq / M - md * md, 0.0)
-    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, True)
+    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y)
 
 
 @njit(cache=True)
@@ -898,7 +898,7 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     if layout == "planes":
         _apply_planes(*args)
     else:
-        _apply_rows(*args, False)
+        _apply_rows(*args)
     return y
 
 
