@@ -599,32 +599,32 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
 
 
 @njit(cache=True)
-def _coefficients(x, mean, invstd, w, b, mr, scale, shift):
-    """Per channel: ``mr`` = the mean rounded to ``x``'s dtype (the kernels subtract it in that
-    dtype, exactly near the mean), ``scale = w * invstd``, and ``shift = b - (mean - mr) * scale``
-    so that ``(x - mr) * scale + shift`` is the normalization with the exact mean."""
-    for c in range(mean.shape[0]):
+def _coefficients(x, mean, invstd, w, b):
+    """Per channel ``(mr, scale, shift)``: ``mr`` = the mean rounded to ``x``'s dtype (the kernels
+    subtract it in that dtype, exactly near the mean), ``scale = w * invstd``, and
+    ``shift = b - (mean - mr) * scale`` so that ``(x - mr) * scale + shift`` is the normalization
+    with the exact mean."""
+    C = mean.shape[0]
+    mr, scale, shift = np.empty(C), np.empty(C), np.empty(C)
+    for c in range(C):
         m = np.float64(mean[c])
         rm = np.float64(_as(x, m))
         a = np.float64(invstd[c]) * np.float64(w[c])
         mr[c] = rm
         scale[c] = a
         shift[c] = np.float64(b[c]) - (m - rm) * a
+    return mr, scale, shift
 
 
 @njit(cache=True)
 def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y):
-    C = x.shape[1]
-    mr, scale, shift = np.empty(C), np.empty(C), np.empty(C)
-    _coefficients(x, mean, invstd, w, b, mr, scale, shift)
+    mr, scale, shift = _coefficients(x, mean, invstd, w, b)
     _act_apply_planes(x, r, has_r, mr, scale, shift, code, slope, y)
 
 
 @njit(cache=True)
 def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y):
-    C = x.shape[1]
-    mr, scale, shift = np.empty(C), np.empty(C), np.empty(C)
-    _coefficients(x, mean, invstd, w, b, mr, scale, shift)
+    mr, scale, shift = _coefficients(x, mean, invstd, w, b)
     _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y)
 
 
@@ -702,8 +702,7 @@ def _bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx
                         dx, dr, sum_dy, sum_dot)
         return
     N, C, L = x.shape
-    mr, scale, shift = np.empty(C), np.empty(C), np.empty(C)
-    _coefficients(x, mean, invstd, w, b, mr, scale, shift)
+    mr, scale, shift = _coefficients(x, mean, invstd, w, b)
     psum = np.empty((N, C))
     pdot = np.empty((N, C))
     _act_bwd_reduce_planes(dy, x, r, has_r, mr, scale, shift, code, slope, psum, pdot)
@@ -719,8 +718,7 @@ def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, 
               sum_dy, sum_dot, nb):
     """Backward on rows: block reductions, their merge, then the elementwise gradients."""
     M, C = x.shape
-    mr, scale, shift = np.empty(C), np.empty(C), np.empty(C)
-    _coefficients(x, mean, invstd, w, b, mr, scale, shift)
+    mr, scale, shift = _coefficients(x, mean, invstd, w, b)
     psum = np.zeros((nb, C))
     pdot = np.zeros((nb, C))
     _act_bwd_reduce_rows(dy, x, r, has_r, mr, scale, shift, code, slope, nb, psum, pdot)
