@@ -34,11 +34,11 @@ import threading
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 from torch import Tensor
 
 from . import register_backend
+from ._simd import at, atc, lanewise, store_line, store_rows, where_gt, where_le, where_lt
 from .reference import acc_dtype
 
 name = "cpu"
@@ -56,6 +56,10 @@ _RBLK = 64  # rows summed in the input dtype before a float64 flush (rows)
 # (8, 16) to (32, 16, 8, 8), interleaved repeats on the 2-core EPYC: 1.12x-1.73x), so no size is
 # left out; the constant stays for tests and for machines where launching numba costs more.
 MIN_NUMEL = 1
+# Outputs of at least this many bytes are written with non-temporal (streaming) stores, which
+# skip reading the output's lines and keep it from evicting the input the kernel reads again
+# (see :mod:`batchnorm.kernels._simd`); smaller ones stay in cache for whatever reads them next.
+STREAM_MIN_BYTES = 4 << 20
 # Below this many elements one thread does the work: waking a second thread costs more than it
 # saves, and much more when the machine is busy (the join waits for a time slice).
 PARALLEL_MIN = 1 << 16
@@ -78,18 +82,6 @@ _INV_SQRT_2PI = 0.3989422804014327
 def _as(x, v):
     """``v`` rounded to ``x``'s dtype (a kernel's per-channel constants are rounded once)."""
     return x.dtype.type(v)
-
-
-def _at(v, i):
-    """``v[i]`` for per-channel coefficient arrays (rows), ``v`` for one channel's scalar (planes)."""
-    return v[i] if isinstance(v, np.ndarray) else v
-
-
-@overload(_at, inline="always")
-def _at_jit(v, i):
-    if isinstance(v, types.Array):
-        return lambda v, i: v[i]
-    return lambda v, i: v
 
 
 @njit(**_INL)
@@ -154,19 +146,21 @@ def _pilot_moments(x, c):
     return mf, sd, sq
 
 
-@njit(**_INL)
-def _line_dx(g, row, mf, ka, kb, kc, out):
-    """``out = g * ka + (row - mf) * kb + kc`` (scalars for a plane, per-channel arrays for a row)."""
-    for i in range(row.shape[0]):
-        out[i] = g[i] * _at(ka, i) + (row[i] - _at(mf, i)) * _at(kb, i) + _at(kc, i)
+# ------------------------------------------------------------------ element formulas
+#
+# Each formula is written once, as a function of a parameter tuple ``p`` and an index ``i``: an
+# int, a :class:`~batchnorm.kernels._simd.Pos` (the formula then computes 32 bytes of lanes), or
+# for rows ``(flat index, channel)``. Tensors are read with ``at``, per-channel values (a
+# plane's scalars, a row's arrays) with ``atc``; :func:`~batchnorm.kernels._simd.store_line` and
+# ``store_rows`` run a formula over a line and stream large outputs past the cache.
 
 
 @njit(**_INL)
-def _z(row, rr, has_r, mf, af, bf, i):
-    """The pre-activation ``(row - mf) * af + bf [+ rr]`` at ``i``."""
-    z = (row[i] - _at(mf, i)) * _at(af, i) + _at(bf, i)
+def _zat(x, r, has_r, mf, af, bf, i):
+    """The pre-activation ``(x - mf) * af + bf [+ r]`` at ``i``."""
+    z = (at(x, i) - atc(mf, i)) * atc(af, i) + atc(bf, i)
     if has_r:
-        z += rr[i]
+        z += at(r, i)
     return z
 
 
@@ -186,104 +180,63 @@ def _dact_scalar(z, code, slope):
 
 
 @njit(**_INL)
-def _act_loops(row, rr, has_r, mf, af, bf, code, slope, zero, out):
-    """``out = act(z)`` for one line, ``z`` as in :func:`_z`."""
-    n = row.shape[0]
+def _fy(p, i):
+    """Forward: ``act(z)``; ``p = (x, r, has_r, mf, af, bf, code, slope, zero)``."""
+    x, r, has_r, mf, af, bf, code, slope, zero = p
+    z = _zat(x, r, has_r, mf, af, bf, i)
     if code == 0:
-        for i in range(n):
-            out[i] = _z(row, rr, has_r, mf, af, bf, i)
-    elif code == 1:
-        for i in range(n):
-            z = _z(row, rr, has_r, mf, af, bf, i)
-            out[i] = zero if z <= zero else z
-    elif code == 2:
-        for i in range(n):
-            z = _z(row, rr, has_r, mf, af, bf, i)
-            out[i] = z * slope if z < zero else z
-    else:
-        for i in range(n):
-            out[i] = _act_scalar(_z(row, rr, has_r, mf, af, bf, i), code, slope)
+        return z
+    if code == 1:
+        return where_le(z, zero, zero, z)
+    if code == 2:
+        return where_lt(z, zero, z * slope, z)
+    return lanewise(_act_scalar, z, code, slope)
 
 
 @njit(**_INL)
-def _grad_loops(gy, row, rr, has_r, mf, af, bf, code, slope, zero, out):
-    """``out = gy * act'(z)`` for one line (``z`` recomputed as in :func:`_z`)."""
-    n = row.shape[0]
-    if code == 0:
-        for i in range(n):
-            out[i] = gy[i]
-    elif code == 1:
-        for i in range(n):
-            out[i] = gy[i] if _z(row, rr, has_r, mf, af, bf, i) > zero else zero
-    elif code == 2:
-        for i in range(n):
-            out[i] = gy[i] if _z(row, rr, has_r, mf, af, bf, i) > zero else gy[i] * slope
-    else:
-        for i in range(n):
-            out[i] = gy[i] * _dact_scalar(_z(row, rr, has_r, mf, af, bf, i), code, slope)
-
-
-# The line helpers the kernels call: ``has_r`` becomes a constant in each inlined copy, so every
-# loop compiles without a per-element residual branch (LLVM does not always unswitch it).
-
-
-@njit(**_INL)
-def _act_line(row, r, has_r, mf, af, bf, code, slope, zero, out):
-    """``out = act((row - mf) * af + bf [+ r])`` (``r`` is read only with ``has_r``)."""
-    if has_r:
-        _act_loops(row, r, True, mf, af, bf, code, slope, zero, out)
-    else:
-        _act_loops(row, row, False, mf, af, bf, code, slope, zero, out)
-
-
-@njit(**_INL)
-def _grad_into(gy, row, r, has_r, mf, af, bf, code, slope, zero, out):
-    """``out = gy * act'(z)`` for one line (``r`` is read only with ``has_r``)."""
-    if has_r:
-        _grad_loops(gy, row, r, True, mf, af, bf, code, slope, zero, out)
-    else:
-        _grad_loops(gy, row, row, False, mf, af, bf, code, slope, zero, out)
-
-
-@njit(**_INL)
-def _grad(gy, row, r, has_r, mf, af, bf, code, slope, zero, out):
-    """:func:`_grad_into`, returned; ``gy`` itself for the identity (no copy). Planes only: on
-    short rows the reference counting of the returned array costs ~35% (rows call
-    :func:`_grad_into`)."""
+def _fg(p, i):
+    """The gradient at the pre-activation, ``g = dy * act'(z)``;
+    ``p = (dy, x, r, has_r, mf, af, bf, code, slope, zero, ...)`` (read by position: :func:`_fdx`
+    passes a longer tuple; a tuple nested in a tuple trips numba's parfor array analysis)."""
+    gy = at(p[0], i)
+    code, zero = p[7], p[9]
     if code == 0:
         return gy
-    _grad_into(gy, row, r, has_r, mf, af, bf, code, slope, zero, out)
+    z = _zat(p[1], p[2], p[3], p[4], p[5], p[6], i)
+    if code == 1:
+        return where_gt(z, zero, gy, zero)
+    if code == 2:
+        return where_gt(z, zero, gy, gy * p[8])
+    return gy * lanewise(_dact_scalar, z, code, p[8])
+
+
+@njit(**_INL)
+def _fdx(p, i):
+    """The input gradient ``g * ka + (x - mf) * kb + kc``; ``p`` = the :func:`_fg` parameters
+    followed by ``ka, kb, kc``."""
+    return _fg(p, i) * atc(p[10], i) + (at(p[1], i) - atc(p[4], i)) * atc(p[11], i) + atc(p[12], i)
+
+
+@njit(**_INL)
+def _grad(gp, out):
+    """The line of ``g`` (:func:`_fg`) into ``out``; ``dy`` itself for the identity (no copy)."""
+    if gp[7] == 0:
+        return gp[0]
+    store_line(out, False, _fg, gp)
     return out
 
 
-@njit(cache=True, fastmath=_FM)
-def _act_plane(row, r, has_r, mf, af, bf, code, slope, zero, out):
-    """:func:`_act_line` compiled on its own, for the plane kernels (one call per plane): the
-    silu/gelu loops come out ~10% faster than inlined into the parallel loop body."""
-    _act_line(row, r, has_r, mf, af, bf, code, slope, zero, out)
+@njit(**_INL)
+def _gate(dy, x, r, has_r, n, c, mf, af, bf, code, slope, zero):
+    """The :func:`_fg` parameters of plane ``(n, c)``."""
+    return (dy[n, c], x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slope, zero)
 
 
 @njit(**_INL)
-def _norm_plane(x, r, has_r, n, c, mf, af, bf, code, slope, zero, y):
-    """Plane ``(n, c)``: ``y = act((x - mf) * af + bf [+ r])``; plain batch norm as the bare
-    inlined loop, anything else through :func:`_act_plane`."""
-    if code == 0 and not has_r:
-        _act_loops(x[n, c], x[n, c], False, mf, af, bf, 0, slope, zero, y[n, c])
-    else:
-        _act_plane(x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slope, zero, y[n, c])
-
-
-@njit(**_INL)
-def _gval(mode, dy, r, has_r, i, c, d, av, bv, lo, zero):
-    """The ``g`` of :func:`_rows_block_sums` at ``[i, c]``, ``d = x[i, c] - k[c]``."""
-    if mode == 0:
-        return d
-    if mode == 1:
-        return dy[i, c]
-    z = d * av[c] + bv[c]
-    if has_r:
-        z += r[i, c]
-    return dy[i, c] if z > zero else dy[i, c] * lo
+def _norm_plane(x, r, has_r, n, c, mf, af, bf, code, slope, zero, y, stream):
+    """Plane ``(n, c)``: ``y = act((x - mf) * af + bf [+ r])``."""
+    store_line(y[n, c], stream, _fy, (x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slope,
+                                      zero))
 
 
 @njit(**_INL)
@@ -297,23 +250,22 @@ def _flush(accs, acct, psum, pdot, bi):
 
 
 @njit(**_INL)
-def _rows_block_sums(dy, x, r, has_r, mode, k, av, bv, lo, zero, r0, r1, bi, psum, pdot):
-    """Rows ``r0:r1`` into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and ``sum(g * (x - k))``
-    with ``g = x - k`` (mode 0, the moments), ``dy`` (mode 1), or ``dy * act'(z)`` for the
-    piecewise-linear activations (mode 2: ``act'(z) = 1 if z > 0 else lo``, ``z = (x - k) * av +
-    bv [+ r]``). Rows are indexed in place (no per-row array views, whose reference counting
-    costs more than the arithmetic on short rows); the per-channel accumulators, in the input
-    dtype, are flushed to float64 every :data:`_RBLK` rows."""
-    C = x.shape[1]
-    accs = np.zeros(C, dtype=x.dtype)
-    acct = np.zeros(C, dtype=x.dtype)
-    for i in range(r0, r1):
-        for c in range(C):
-            d = x[i, c] - k[c]
-            g = _gval(mode, dy, r, has_r, i, c, d, av, bv, lo, zero)
+def _rows_block_sums(gp, moments, ch, r0, r1, bi, psum, pdot):
+    """Rows ``r0:r1`` of the flat ``(M, ch)`` tensors of the gate parameters ``gp`` (:func:`_fg`)
+    into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and ``sum(g * (x - k))``, ``k = gp[4]``,
+    with ``g = x - k`` (``moments``) or ``g`` of :func:`_fg`. The per-channel accumulators, in
+    the input dtype, are flushed to float64 every :data:`_RBLK` rows."""
+    x, k = gp[1], gp[4]
+    accs = np.zeros(ch, dtype=x.dtype)
+    acct = np.zeros(ch, dtype=x.dtype)
+    for m in range(r0, r1):
+        for c in range(ch):
+            i = (m * ch + c, c)
+            d = at(x, i) - atc(k, i)
+            g = d if moments else _fg(gp, i)
             accs[c] += g
             acct[c] += g * d
-        if (i - r0) % _RBLK == _RBLK - 1 or i == r1 - 1:
+        if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
             _flush(accs, acct, psum, pdot, bi)
 
 
@@ -351,10 +303,10 @@ def _merge_planes(pmean, pm2, L, mean_out, var_out):
 
 
 @njit(**_JIT)
-def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_out):
+def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_out, stream):
     """Training forward (+ residual, + activation), one channel per iteration: shifted sums in
     one sweep, then normalize while the channel is hot, last plane first (the planes read last
-    are the ones still in L2)."""
+    are the ones still in L2; streamed stores keep ``y`` from evicting them)."""
     N, C, L = x.shape
     cnt = N * L
     zero = _as(x, 0)
@@ -374,11 +326,11 @@ def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_
         af = _as(x, a)
         bf = _as(x, b[c] - md * a)
         for nn in range(N):
-            _norm_plane(x, r, has_r, N - 1 - nn, c, mf, af, bf, code, slf, zero, y)
+            _norm_plane(x, r, has_r, N - 1 - nn, c, mf, af, bf, code, slf, zero, y, stream)
 
 
 @njit(**_JIT)
-def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y):
+def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y, stream):
     """``y = act((x - mean) * scale + shift [+ r])``, parallel over planes."""
     N, C, L = x.shape
     zero = _as(x, 0)
@@ -386,17 +338,19 @@ def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y):
     for k in prange(N * C):
         n = k // C
         c = k % C
-        _norm_plane(x, r, has_r, n, c, _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c]), code, slf, zero, y)
+        _norm_plane(x, r, has_r, n, c, _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c]), code, slf, zero, y,
+                    stream)
 
 
 @njit(**_JIT)
 def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr,
-                    dx, dr, sum_dy, sum_dot):
+                    dx, dr, sum_dy, sum_dot, stream):
     """Backward through act and BN, one channel per iteration: reduce, then the input gradient
     sweeping backwards (its first planes are still in cache from the reduction).
 
     ``g = dy * act'(z)``; ``sum_dy = sum(g)``, ``sum_dot = sum(g * xhat)``; ``dr = g``;
-    ``dx`` by the training formula (``train``) or ``g * w * invstd`` (given statistics).
+    ``dx`` by the training formula (``train``) or ``g * w * invstd`` (given statistics: written
+    plane by plane during the reduction, while the plane is in cache).
     """
     N, C, L = x.shape
     cnt = N * L
@@ -413,19 +367,14 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
         s = 0.0
         t = 0.0
         for n in range(N):
-            row = x[n, c]
-            g = _grad(dy[n, c], row, r[n, c] if has_r else row, has_r, mf, af, bf, code, slf, zero, buf)
-            out = dx[n, c]
-            for l0 in range(0, L, _BLK):  # one block at a time: dx = g * a while g is in L1
-                l1 = min(l0 + _BLK, L)
-                ps, pt = _line_sums(g[l0:l1], row[l0:l1], mf, True)
-                s += ps
-                t += pt
-                if need_dx and not train:
-                    for i in range(l0, l1):
-                        out[i] = g[i] * af
+            gp = _gate(dy, x, r, has_r, n, c, mf, af, bf, code, slf, zero)
+            ps, pt = _line_sums(_grad(gp, buf), x[n, c], mf, True)
+            s += ps
+            t += pt
+            if need_dx and not train:
+                store_line(dx[n, c], stream, _fdx, gp + (af, zero, zero))
             if need_dr and not (need_dx and train):
-                dr[n, c][:] = g
+                store_line(dr[n, c], stream, _fg, gp)
         # sum(g * (x - mean)) with the exact float64 mean
         t -= md * s
         sum_dy[c] = s
@@ -435,23 +384,18 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
             kbf = _as(x, kb)
             kcf = _as(x, -a * s / cnt - kb * md)
             for nn in range(N):
-                n = N - 1 - nn
-                row = x[n, c]
-                g = _grad(dy[n, c], row, r[n, c] if has_r else row, has_r, mf, af, bf, code, slf, zero, buf)
-                _line_dx(g, row, mf, af, kbf, kcf, dx[n, c])
+                gp = _gate(dy, x, r, has_r, N - 1 - nn, c, mf, af, bf, code, slf, zero)
+                store_line(dx[N - 1 - nn, c], stream, _fdx, gp + (af, kbf, kcf))
                 if need_dr:
-                    dr[n, c][:] = g
+                    store_line(dr[N - 1 - nn, c], stream, _fg, gp)
 
 
 @njit(**_INL)
-def _plane_grad(dy, x, r, has_r, n, c, mean, scale, shift, code, slope):
-    """Split paths: plane ``(n, c)`` of ``x``, the mean rounded to its dtype, and ``g = dy * act'(z)``."""
-    mf = _as(x, mean[c])
-    row = x[n, c]
-    buf = np.empty(row.shape[0] if code != 0 else 0, dtype=x.dtype)
-    g = _grad(dy[n, c], row, r[n, c] if has_r else row, has_r, mf, _as(x, scale[c]), _as(x, shift[c]), code,
-              _as(x, slope), _as(x, 0), buf)
-    return row, mf, g
+def _plane_gate(dy, x, r, has_r, n, c, mean, scale, shift, code, slope):
+    """Split paths: the :func:`_fg` parameters of plane ``(n, c)`` (per-channel values rounded
+    to the input dtype)."""
+    return _gate(dy, x, r, has_r, n, c, _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c]), code, _as(x, slope),
+                 _as(x, 0))
 
 
 @njit(**_JIT)
@@ -461,133 +405,106 @@ def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psu
     for k in prange(N * C):
         n = k // C
         c = k % C
-        row, mf, g = _plane_grad(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
-        s, t = _line_sums(g, row, mf, True)
+        gp = _plane_gate(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
+        buf = np.empty(L if code != 0 else 0, dtype=x.dtype)
+        s, t = _line_sums(_grad(gp, buf), x[n, c], gp[4], True)
         psum[n, c] = s
         pdot[n, c] = t
 
 
 @njit(**_JIT)
 def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
-                          need_dx, need_dr, dx, dr):
-    """Split path: ``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g``."""
+                          need_dx, need_dr, dx, dr, stream):
+    """Split path: ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g``."""
     N, C, L = x.shape
     for k in prange(N * C):
         n = k // C
         c = k % C
-        row, mf, g = _plane_grad(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
+        gp = _plane_gate(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
         if need_dx:
-            _line_dx(g, row, mf, _as(x, ka[c]), _as(x, kb[c]), _as(x, kc[c]), dx[n, c])
+            store_line(dx[n, c], stream, _fdx, gp + (_as(x, ka[c]), _as(x, kb[c]), _as(x, kc[c])))
         if need_dr:
-            dr[n, c][:] = g
+            store_line(dr[n, c], stream, _fg, gp)
 
 
 # ================================================================================ rows (M, C)
+#
+# The row kernels see the tensors flat (``x.reshape(M * C)``) and index them ``(m * C + c, c)``;
+# per-channel values are tiled to ``C + W`` entries (:func:`_tiled`) so that a vector of ``W``
+# lanes starting at any channel reads consecutive entries.
 
 
 def _row_blocks(m: int) -> int:
     return max(1, min(m // 32, 8 * numba.get_num_threads()))
 
 
+@njit(**_INL)
+def _flat(t):
+    return t.reshape(t.size)
+
+
+@njit(cache=True)
+def _tiled(v, x):
+    """Per-channel ``v`` in ``x``'s dtype, repeated to ``C + W`` entries (``W`` lanes of 32 bytes)."""
+    c = v.shape[0]
+    out = np.empty(c + 32 // x.itemsize, dtype=x.dtype)
+    for k in range(out.shape[0]):
+        out[k] = v[k % c]
+    return out
+
+
+@njit(**_INL)
+def _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope):
+    """The :func:`_fg` parameters for flat rows (per-channel values tiled, see :func:`_tiled`)."""
+    return (_flat(dy), _flat(x), _flat(r), has_r, _tiled(mean, x), _tiled(scale, x), _tiled(shift, x), code,
+            _as(x, slope), _as(x, 0))
+
+
 @njit(**_JIT)
 def _rows_moments(x, pilot, nb, psum, psq):
     """Per block of rows: float64 sums of ``x - pilot`` and ``(x - pilot)**2``."""
     M, C = x.shape
-    k = pilot.astype(x.dtype)
-    zero = _as(x, 0)
+    gp = _row_gate(x, x, x, False, pilot, pilot, pilot, 0, 0.0)
     for bi in prange(nb):
-        _rows_block_sums(x, x, x, False, 0, k, k, k, zero, zero, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
+        _rows_block_sums(gp, True, C, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
 
 
 @njit(**_JIT)
-def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y):
+def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream):
     """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
-    mv = mean.astype(x.dtype)
-    av = scale.astype(x.dtype)
-    bv = shift.astype(x.dtype)
-    zero = _as(x, 0)
-    slf = _as(x, slope)
+    gp = _row_gate(x, x, r, has_r, mean, scale, shift, code, slope)
+    p = (gp[1], gp[2], has_r, gp[4], gp[5], gp[6], code, gp[8], gp[9])
+    yf = _flat(y)
     for bi in prange(nb):
-        for m in range(bi * M // nb, (bi + 1) * M // nb):
-            if code == 0 and not has_r:  # plain batch norm: indexed in place (rows are short)
-                for c in range(C):
-                    y[m, c] = (x[m, c] - mv[c]) * av[c] + bv[c]
-            else:
-                _act_line(x[m], r[m] if has_r else x[m], has_r, mv, av, bv, code, slf, zero, y[m])
+        store_rows(yf, bi * M // nb, (bi + 1) * M // nb, C, stream, _fy, p)
 
 
 @njit(**_JIT)
 def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, psum, pdot):
-    """Per block of rows: float64 ``sum(g)`` and ``sum(g * (x - mean))``, ``g = dy * act'(z)``.
-
-    identity/relu/leaky_relu take :func:`_rows_block_sums`; silu/gelu a
-    row at a time through a gradient buffer."""
+    """Per block of rows: float64 ``sum(g)`` and ``sum(g * (x - mean))``, ``g = dy * act'(z)``."""
     M, C = x.shape
-    mv = mean.astype(x.dtype)
-    av = scale.astype(x.dtype)
-    bv = shift.astype(x.dtype)
-    zero = _as(x, 0)
-    slf = _as(x, slope)
-    lo = _as(x, 1.0 if code == 0 else (0.0 if code == 1 else slope))
+    gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope)
     for bi in prange(nb):
-        r0 = bi * M // nb
-        r1 = (bi + 1) * M // nb
-        if code == 0:
-            _rows_block_sums(dy, x, x, False, 1, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot)
-        elif code <= 2 and has_r:
-            _rows_block_sums(dy, x, r, True, 2, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot)
-        elif code <= 2:
-            _rows_block_sums(dy, x, x, False, 2, mv, av, bv, lo, zero, r0, r1, bi, psum, pdot)
-        else:
-            accs = np.zeros(C, dtype=x.dtype)
-            acct = np.zeros(C, dtype=x.dtype)
-            g = np.empty(C, dtype=x.dtype)
-            for m in range(r0, r1):
-                xr = x[m]
-                _grad_into(dy[m], xr, r[m] if has_r else xr, has_r, mv, av, bv, code, slf, zero, g)
-                for c in range(C):
-                    accs[c] += g[c]
-                    acct[c] += g[c] * (xr[c] - mv[c])
-                if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
-                    _flush(accs, acct, psum, pdot, bi)
+        _rows_block_sums(gp, False, C, bi * M // nb, (bi + 1) * M // nb, bi, psum, pdot)
 
 
 @njit(**_JIT)
 def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
-                        need_dx, need_dr, dx, dr):
-    """``g``, then ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows."""
+                        need_dx, need_dr, dx, dr, stream):
+    """``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
-    mv = mean.astype(x.dtype)
-    av = scale.astype(x.dtype)
-    bv = shift.astype(x.dtype)
-    a = ka.astype(x.dtype)
-    bb = kb.astype(x.dtype)
-    cc = kc.astype(x.dtype)
-    zero = _as(x, 0)
-    slf = _as(x, slope)
-    lo = _as(x, 0.0 if code == 1 else slope)
+    gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope)
+    p = gp + (_tiled(ka, x), _tiled(kb, x), _tiled(kc, x))
+    dxf = _flat(dx)
+    drf = _flat(dr)
     for bi in prange(nb):
-        g = np.empty(C, dtype=x.dtype)
-        for m in range(bi * M // nb, (bi + 1) * M // nb):
-            if code == 0 and need_dx and not need_dr:  # plain batch norm, indexed in place
-                for c in range(C):
-                    dx[m, c] = dy[m, c] * a[c] + (x[m, c] - mv[c]) * bb[c] + cc[c]
-                continue
-            if code <= 2 and need_dx and not need_dr and not has_r:
-                # relu/leaky_relu: the gate and dx in one loop, no gradient buffer
-                for c in range(C):
-                    d = x[m, c] - mv[c]
-                    dx[m, c] = _gval(2, dy, x, False, m, c, d, av, bv, lo, zero) * a[c] + d * bb[c] + cc[c]
-                continue
-            xr = x[m]
-            _grad_into(dy[m], xr, r[m] if has_r else xr, has_r, mv, av, bv, code, slf, zero, g)
-            if need_dx:
-                _line_dx(g, xr, mv, a, bb, cc, dx[m])
-            if need_dr:
-                dr[m][:] = g
+        if need_dx:
+            store_rows(dxf, bi * M // nb, (bi + 1) * M // nb, C, stream, _fdx, p)
+        if need_dr:
+            store_rows(drf, bi * M // nb, (bi + 1) * M // nb, C, stream, _fg, gp)
 
 
 # ================================================================== drivers: one call per op
@@ -617,34 +534,34 @@ def _coefficients(x, mean, invstd, w, b):
 
 
 @njit(cache=True)
-def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y):
+def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
-    _act_apply_planes(x, r, has_r, mr, scale, shift, code, slope, y)
+    _act_apply_planes(x, r, has_r, mr, scale, shift, code, slope, y, stream)
 
 
 @njit(cache=True)
-def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y):
+def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
-    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y)
+    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream)
 
 
 @njit(cache=True)
-def _train_planes(x, r, has_r, w, b, eps, code, slope, y, mean, var, fused):
+def _train_planes(x, r, has_r, w, b, eps, code, slope, y, mean, var, stream, fused):
     """Training forward on planes: the fused one-channel-per-thread kernel, or (``fused`` false)
     per-plane statistics merged exactly, then the normalization."""
     if fused:
-        _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean, var)
+        _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean, var, stream)
         return
     N, C, L = x.shape
     pmean = np.empty((N, C))
     pm2 = np.empty((N, C))
     _plane_stats(x, pmean, pm2)
     _merge_planes(pmean, pm2, L, mean, var)
-    _apply_planes(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y)
+    _apply_planes(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
 
 
 @njit(cache=True)
-def _train_rows(x, r, has_r, w, b, eps, code, slope, y, mean, var, nb):
+def _train_rows(x, r, has_r, w, b, eps, code, slope, y, mean, var, stream, nb):
     """Training forward on rows: block partial sums shifted by the mean of the first rows (the
     pilot), merged in float64, then the normalization."""
     M, C = x.shape
@@ -666,7 +583,7 @@ def _train_rows(x, r, has_r, w, b, eps, code, slope, y, mean, var, nb):
         md = sd / M
         mean[c] = pilot[c] + md
         var[c] = max(sq / M - md * md, 0.0)
-    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y)
+    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
 
 
 @njit(cache=True)
@@ -694,12 +611,12 @@ def _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, cnt, train, kb, kc, s
 
 @njit(cache=True)
 def _bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr, dx, dr,
-                sum_dy, sum_dot, fused):
+                sum_dy, sum_dot, stream, fused):
     """Backward on planes: the fused one-channel-per-thread kernel, or (``fused`` false) per-plane
     reductions, their merge, then the elementwise gradients."""
     if fused:
         _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr,
-                        dx, dr, sum_dy, sum_dot)
+                        dx, dr, sum_dy, sum_dot, stream)
         return
     N, C, L = x.shape
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
@@ -710,12 +627,12 @@ def _bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx
     _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, N * L, train, kb, kc, sum_dy, sum_dot)
     if need_dx or need_dr:
         _act_bwd_elemt_planes(dy, x, r, has_r, mr, scale, shift, code, slope, scale, kb, kc, need_dx,
-                              need_dr, dx, dr)
+                              need_dr, dx, dr, stream)
 
 
 @njit(cache=True)
 def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr, dx, dr,
-              sum_dy, sum_dot, nb):
+              sum_dy, sum_dot, stream, nb):
     """Backward on rows: block reductions, their merge, then the elementwise gradients."""
     M, C = x.shape
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
@@ -726,7 +643,7 @@ def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, 
     _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, M, train, kb, kc, sum_dy, sum_dot)
     if need_dx or need_dr:
         _act_bwd_elemt_rows(dy, x, r, has_r, mr, scale, shift, code, slope, scale, kb, kc, need_dx,
-                            need_dr, dx, dr)
+                            need_dr, dx, dr, stream)
 
 
 # ============================================================================ python wrappers
@@ -820,6 +737,12 @@ def _out(v: np.ndarray, acc: torch.dtype, shape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(v.astype(np.float64 if acc == torch.float64 else np.float32).reshape(shape))
 
 
+def _stream(x: Tensor) -> bool:
+    """Whether the outputs (each the size of ``x``) go out with non-temporal stores: from
+    :data:`STREAM_MIN_BYTES` on, where nothing would find them in cache anyway."""
+    return x.numel() * x.element_size() >= STREAM_MIN_BYTES
+
+
 def _fused_channels(c: int, threads: int) -> bool:
     """Whether one-channel-per-thread keeps every thread busy (else split across the batch)."""
     return threads == 1 or c % threads == 0 or c >= 8 * threads
@@ -873,7 +796,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
     rv, has_r = _residual(residual, x, xv, layout)
     w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
     mean, var = np.empty(c), np.empty(c)
-    args = (xv, rv, has_r, w, b, float(eps), _ACT_CODES[act], float(slope), yv, mean, var)
+    args = (xv, rv, has_r, w, b, float(eps), _ACT_CODES[act], float(slope), yv, mean, var, _stream(x))
     if layout == "planes":
         _train_planes(*args, _fused_channels(c, threads))
     else:
@@ -892,7 +815,7 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     xv, yv = _view(x, layout), _view(y, layout)
     rv, has_r = _residual(residual, x, xv, layout)
     args = (xv, rv, has_r, _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0),
-            _vec(bias, c, 0.0), _ACT_CODES[act], float(slope), yv)
+            _vec(bias, c, 0.0), _ACT_CODES[act], float(slope), yv, _stream(x))
     if layout == "planes":
         _apply_planes(*args)
     else:
@@ -914,7 +837,7 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     args = (dyv, xv, rv, has_r, _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0),
             _vec(bias, c, 0.0), _ACT_CODES[act], float(slope), train, need_dx, need_dr,
             _view(dx, layout) if dx is not None else xv, _view(dr, layout) if dr is not None else xv,
-            sum_dy, sum_dot)
+            sum_dy, sum_dot, _stream(x))
     if layout == "planes":
         _bwd_planes(*args, _fused_channels(c, threads))
     else:

@@ -1,0 +1,422 @@
+"""32-byte SIMD vectors for the numba kernels, for one purpose: non-temporal (streaming) stores.
+
+A batch-norm kernel writes a tensor-sized output that nothing reads back soon. A plain store
+first reads the output's cache line from memory (write-allocate) and then evicts a line of the
+input the kernel is about to read again; a non-temporal store writes the line to memory
+directly. LLVM emits vector non-temporal stores only for aligned vector values, which numba code
+never has, so this module gives the kernels a vector type:
+
+* :class:`Pos` -- an index whose lanes are ``i .. i+W-1`` (``W`` = 32 bytes of the dtype).
+  The kernels' element formulas read their operands through :func:`at`, which gives
+  ``a[i]`` for an ``int`` index and a vector of ``W`` lanes for a :class:`Pos`, so each formula
+  is written once and compiles to the scalar and to the vector form.
+* arithmetic (``+ - *``, vector with vector or scalar) and the selects :func:`where_gt`,
+  :func:`where_le`, :func:`where_lt` (ordered compares: NaN picks the second value, as Python's
+  ``a if z > t else b`` does); :func:`lanewise` applies a scalar function lane by lane.
+* :func:`store_line` -- ``out[..., i] = f(args, i)`` over a line, the 32-byte-aligned middle as
+  non-temporal vector stores when ``stream`` is set, a plain loop (which LLVM vectorizes) else.
+
+Measured on the 2-core EPYC (2026-11-30, (32, 64, 56, 56) float32, caches flushed before each
+call): normalizing a tensor 1.59 -> 1.29 ms, a one-channel-per-thread training forward 2.4 ->
+1.8 ms, the backward's gradient sweep 3.35 -> 2.8 ms.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.datamodel import models
+from numba.core.extending import intrinsic, overload, register_model
+from numba.np.numpy_support import as_dtype
+
+WIDTH_BYTES = 32
+
+
+class Vec(types.Type):
+    """``W`` lanes of a float dtype in one LLVM vector (``W * itemsize == 32``)."""
+
+    def __init__(self, dtype: types.Float) -> None:
+        self.dtype = dtype
+        self.count = WIDTH_BYTES // (dtype.bitwidth // 8)
+        super().__init__(name=f"Vec({dtype} x {self.count})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):  # type: ignore[no-untyped-def]
+        elt = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(elt, fe_type.count))
+
+
+class Pos(types.Type):
+    """The index of a vector's first lane (an ``intp`` at run time)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="Pos")
+
+
+pos_type = Pos()
+
+
+@register_model(Pos)
+class _PosModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):  # type: ignore[no-untyped-def]
+        super().__init__(dmm, fe_type, ir.IntType(64))
+
+
+_FLAGS = ("reassoc", "contract", "arcp", "nsz")  # the kernels' fastmath set (no nnan/ninf)
+
+
+@intrinsic
+def vpos(typingctx, i):
+    """A :class:`Pos` at element ``i``."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.cast(builder, args[0], sig.args[0], types.intp)
+
+    return pos_type(i), codegen
+
+
+def _lane_count(ary: types.Array) -> int:
+    return WIDTH_BYTES // (ary.dtype.bitwidth // 8)
+
+
+def _vector_ptr(context, builder, aryty, ary_val, idx_vals, idx_types):  # type: ignore[no-untyped-def]
+    """Pointer to ``ary[idx]`` as a pointer to ``W`` lanes."""
+    ary = context.make_array(aryty)(context, builder, ary_val)
+    idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_types)]
+    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
+    vt = ir.VectorType(context.get_data_type(aryty.dtype), _lane_count(aryty))
+    return builder.bitcast(ptr, vt.as_pointer())
+
+
+def _last_axis_contiguous(ary: types.Type) -> bool:
+    return isinstance(ary, types.Array) and isinstance(ary.dtype, types.Float) and ary.layout == "C"
+
+
+@intrinsic
+def vload(typingctx, ary, idx):
+    """``W`` lanes of a C-contiguous array from ``ary[idx]`` on (``idx`` an int or a tuple of ints
+    whose last entry moves along the last axis); unaligned."""
+    if not _last_axis_contiguous(ary):
+        return None
+    itys = list(idx.types) if isinstance(idx, types.BaseTuple) else [idx]
+    if len(itys) != ary.ndim or not all(isinstance(t, types.Integer) for t in itys):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aryty, ity = sig.args
+        vals = [builder.extract_value(args[1], k) for k in range(len(itys))] if len(itys) > 1 or isinstance(
+            ity, types.BaseTuple) else [args[1]]
+        ptr = _vector_ptr(context, builder, aryty, args[0], vals, itys)
+        return builder.load(ptr, align=aryty.dtype.bitwidth // 8)
+
+    return Vec(ary.dtype)(ary, idx), codegen
+
+
+@intrinsic
+def vstream(typingctx, ary, idx, v):
+    """Non-temporal store of ``v`` to ``ary[idx]`` on; ``&ary[idx]`` must be 32-byte aligned."""
+    if not _last_axis_contiguous(ary) or not isinstance(v, Vec) or v.dtype != ary.dtype:
+        return None
+    itys = list(idx.types) if isinstance(idx, types.BaseTuple) else [idx]
+    if len(itys) != ary.ndim or not all(isinstance(t, types.Integer) for t in itys):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aryty, ity, _ = sig.args
+        vals = [builder.extract_value(args[1], k) for k in range(len(itys))] if isinstance(
+            ity, types.BaseTuple) else [args[1]]
+        ptr = _vector_ptr(context, builder, aryty, args[0], vals, itys)
+        st = builder.store(args[2], ptr, align=WIDTH_BYTES)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.void(ary, idx, v), codegen
+
+
+@intrinsic
+def address(typingctx, ary):
+    """The address of an array's first element."""
+    if not isinstance(ary, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
+
+    return types.intp(ary), codegen
+
+
+def _splat(context, builder, val, fromty, vecty: Vec):  # type: ignore[no-untyped-def]
+    """``val`` (a scalar of ``fromty``) in every lane of ``vecty``."""
+    s = context.cast(builder, val, fromty, vecty.dtype)
+    vt = ir.VectorType(s.type, vecty.count)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32),
+                                  vecty.count), [0] * vecty.count))
+
+
+def _operands(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    """Both operands as vectors of the result's type."""
+    vecty = sig.return_type
+    return [a if isinstance(t, Vec) else _splat(context, builder, a, t, vecty) for a, t in zip(args, sig.args)]
+
+
+def _vec_of(*tys: types.Type) -> Vec | None:
+    """The vector type of a vector/scalar operation, or ``None`` when it is not one."""
+    vecs = [t for t in tys if isinstance(t, Vec)]
+    if not vecs or any(not isinstance(t, (Vec, types.Number)) for t in tys):
+        return None
+    if any(v != vecs[0] for v in vecs):
+        return None
+    return vecs[0]
+
+
+def _binary(method: str):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def op(typingctx, a, b):
+        vt = _vec_of(a, b)
+        if vt is None:
+            return None
+
+        def codegen(context, builder, sig, args):
+            x, y = _operands(context, builder, sig, args)
+            return getattr(builder, method)(x, y, flags=_FLAGS)
+
+        return vt(a, b), codegen
+
+    return op
+
+
+_vadd, _vsub, _vmul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+
+for _pyop, _impl in ((operator.add, _vadd), (operator.iadd, _vadd), (operator.sub, _vsub),
+                     (operator.isub, _vsub), (operator.mul, _vmul), (operator.imul, _vmul)):
+
+    def _register(pyop, impl):  # type: ignore[no-untyped-def]
+        @overload(pyop, inline="always")
+        def _ov(a, b):
+            if _vec_of(a, b) is not None:
+                return lambda a, b: impl(a, b)
+            return None
+
+    _register(_pyop, _impl)
+
+
+def _select(predicate: str):  # type: ignore[no-untyped-def]
+    """``a if z <predicate> t else b``, lane by lane (an ordered compare: false for NaN)."""
+
+    @intrinsic
+    def sel(typingctx, z, t, a, b):
+        vt = _vec_of(z, t, a, b)
+        if vt is None:
+            return None
+
+        def codegen(context, builder, sig, args):
+            vz, vt_, va, vb = _operands(context, builder, sig, args)
+            return builder.select(builder.fcmp_ordered(predicate, vz, vt_), va, vb)
+
+        return vt(z, t, a, b), codegen
+
+    def scalar(z, t, a, b):  # type: ignore[no-untyped-def]
+        raise NotImplementedError  # only called from numba
+
+    return sel, scalar
+
+
+def _make_where(predicate: str, pyop):  # type: ignore[no-untyped-def]
+    sel, fn = _select(predicate)
+
+    @njit(cache=True)
+    def scalar(z, t, a, b):  # type: ignore[no-untyped-def]
+        return a if pyop(z, t) else b
+
+    @overload(fn, inline="always")
+    def _ov(z, t, a, b):
+        if _vec_of(z, t, a, b) is not None:
+            return lambda z, t, a, b: sel(z, t, a, b)
+        if all(isinstance(x, types.Number) for x in (z, t, a, b)):
+            return lambda z, t, a, b: scalar(z, t, a, b)
+        return None
+
+    return fn
+
+
+where_gt = _make_where(">", operator.gt)
+where_le = _make_where("<=", operator.le)
+where_lt = _make_where("<", operator.lt)
+where_gt.__doc__ = "``a if z > t else b`` for scalars and, lane by lane, for vectors."
+where_le.__doc__ = "``a if z <= t else b`` for scalars and, lane by lane, for vectors."
+where_lt.__doc__ = "``a if z < t else b`` for scalars and, lane by lane, for vectors."
+
+
+@intrinsic
+def _lane(typingctx, v, k):
+    if not isinstance(v, Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], context.cast(builder, args[1], sig.args[1], types.int32))
+
+    return v.dtype(v, k), codegen
+
+
+@intrinsic
+def _with_lane(typingctx, v, k, s):
+    if not isinstance(v, Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = context.cast(builder, args[2], sig.args[2], sig.args[0].dtype)
+        return builder.insert_element(args[0], s, context.cast(builder, args[1], sig.args[1], types.int32))
+
+    return v(v, k, s), codegen
+
+
+def lanewise(f, z, a, b):  # type: ignore[no-untyped-def]
+    """``f(z, a, b)`` for a scalar ``z``; for a vector, ``f`` on each lane."""
+    raise NotImplementedError  # only called from numba
+
+
+@overload(lanewise, inline="always")
+def _lanewise_ov(f, z, a, b):
+    if isinstance(z, Vec):
+        n = z.count
+
+        def impl(f, z, a, b):
+            out = z
+            for k in range(n):
+                out = _with_lane(out, k, f(_lane(z, k), a, b))
+            return out
+
+        return impl
+    if isinstance(z, types.Float):
+        ctor = as_dtype(z).type  # the result in z's dtype, as each lane of a vector is
+
+        return lambda f, z, a, b: ctor(f(z, a, b))
+    return None
+
+
+def at(t, i):  # type: ignore[no-untyped-def]
+    """A tensor operand at element ``i`` of its line: ``t[i]`` for an int, the ``W`` lanes from
+    ``t[i]`` on for a :class:`Pos`. For rows ``i`` is a pair ``(flat index, channel)``."""
+    raise NotImplementedError  # only called from numba
+
+
+def atc(p, i):  # type: ignore[no-untyped-def]
+    """A per-channel operand at element ``i``: ``p`` itself for a scalar (a plane has one
+    channel); for rows (``i = (flat, c)``) ``p[c]``, or the ``W`` lanes from ``p[c]`` on (``p``
+    tiled: ``p[k] == p[k % C]`` up to ``C + W``, so the lanes wrap around the channels)."""
+    raise NotImplementedError  # only called from numba
+
+
+def _elem(t, i):  # type: ignore[no-untyped-def]
+    raise NotImplementedError  # only called from numba
+
+
+@overload(_elem, inline="always")
+def _elem_ov(t, i):
+    if not isinstance(t, types.Array) or t.ndim != 1:
+        return None
+    if isinstance(i, Pos):
+        return lambda t, i: vload(t, pos_index(i))
+    if isinstance(i, types.Integer):
+        return lambda t, i: t[np.uint64(i)]  # unsigned: no negative-index wraparound to block vectorizing
+    return None
+
+
+@overload(at, inline="always")
+def _at_ov(t, i):
+    if isinstance(i, types.BaseTuple):
+        return lambda t, i: _elem(t, i[0])
+    return lambda t, i: _elem(t, i)
+
+
+@overload(atc, inline="always")
+def _atc_ov(p, i):
+    if isinstance(p, types.Number):
+        return lambda p, i: p
+    if isinstance(i, types.BaseTuple):
+        return lambda p, i: _elem(p, i[1])
+    return None
+
+
+@intrinsic
+def pos_index(typingctx, p):
+    """A :class:`Pos` as its ``intp`` index."""
+    if not isinstance(p, Pos):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return args[0]
+
+    return types.intp(p), codegen
+
+
+LINE_BYTES = 64  # a cache line: non-temporal stores write whole lines only
+
+
+@njit(inline="always", cache=True)
+def span(out, f0, f1):
+    """``(h, e)`` for writing ``out[f0:f1]`` (1D): ``out[h:e]`` is the run of whole cache lines
+    that may be streamed, ``h == e`` when there is none."""
+    isz = out.itemsize
+    per = LINE_BYTES // isz
+    h = min(f1, f0 + ((-(address(out) + f0 * isz)) % LINE_BYTES) // isz)
+    e = h + (f1 - h) // per * per
+    return h, e
+
+
+@njit(inline="always", cache=True)
+def store_line(out, stream, f, args):
+    """``out[i] = f(args, i)`` for every ``i`` of the 1D ``out``; with ``stream``, its whole cache
+    lines go out as non-temporal vector stores (``f`` then gets a :class:`Pos`)."""
+    n = out.shape[0]
+    if not stream:
+        for i in range(n):
+            out[i] = f(args, i)
+        return
+    h, e = span(out, 0, n)
+    for i in range(h):
+        out[i] = f(args, i)
+    w = WIDTH_BYTES // out.itemsize
+    for i in range(h, e, w):
+        vstream(out, i, f(args, vpos(i)))
+    for i in range(e, n):
+        out[i] = f(args, i)
+
+
+@njit(inline="always", cache=True)
+def store_rows(out, m0, m1, ch, stream, f, args):
+    """``out[m*ch + c] = f(args, (m*ch + c, c))`` for rows ``m0:m1`` of ``ch`` channels (``out``
+    the flat rows); with ``stream``, the whole cache lines of the span go out as non-temporal
+    vector stores, lanes wrapping across rows (per-channel operands must be tiled, see :func:`atc`)."""
+    if not stream:
+        for m in range(m0, m1):
+            for c in range(ch):
+                out[np.uint64(m * ch + c)] = f(args, (m * ch + c, c))
+        return
+    f0 = m0 * ch
+    f1 = m1 * ch
+    h, e = span(out, f0, f1)
+    c = 0
+    for i in range(f0, h):
+        out[i] = f(args, (i, c))
+        c = c + 1 if c + 1 < ch else 0
+    w = WIDTH_BYTES // out.itemsize
+    for i in range(h, e, w):
+        vstream(out, i, f(args, (vpos(i), vpos(c))))
+        c += w
+        while c >= ch:
+            c -= ch
+    for i in range(e, f1):
+        out[i] = f(args, (i, c))
+        c = c + 1 if c + 1 < ch else 0
