@@ -24,6 +24,7 @@ call): normalizing a tensor 1.59 -> 1.29 ms, a one-channel-per-thread training f
 from __future__ import annotations
 
 import operator
+import warnings
 
 import numpy as np
 
@@ -31,10 +32,17 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.core.datamodel import models
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.core.extending import intrinsic, overload, register_model
 from numba.np.numpy_support import as_dtype
 
 WIDTH_BYTES = 32
+
+# Inlining a formula with branches into these loops trips a pedantic internal check of numba's
+# SSA pass ("variable ... is not in scope"); the compiled code is right (the kernels are tested
+# against the float64 reference), so the check's warning is silenced for these helpers only.
+warnings.filterwarnings("ignore", message=r"variable '_(store_line|store_rows|lanewise)_ov",
+                        category=NumbaIRAssumptionWarning)
 
 
 class Vec(types.Type):
@@ -102,6 +110,72 @@ def _last_axis_contiguous(ary: types.Type) -> bool:
 
 
 @intrinsic
+def pointers(typingctx, tup):
+    """``tup`` with every array replaced by a pointer to its data. A formula that reads its
+    operands through pointers costs no reference counting: numba increfs an array taken out of a
+    tuple, and inside a loop with branches its pruning pass leaves those atomics in (measured:
+    the normalize loop 2x slower). The arrays must outlive the pointers (the caller holds them)."""
+    if not isinstance(tup, types.BaseTuple):
+        return None
+    outs = [types.CPointer(t.dtype) if isinstance(t, types.Array) else t for t in tup.types]
+    retty = types.Tuple(outs)
+
+    def codegen(context, builder, sig, args):
+        vals = []
+        for k, t in enumerate(sig.args[0].types):
+            v = builder.extract_value(args[0], k)
+            if isinstance(t, types.Array):
+                v = context.make_array(t)(context, builder, v).data
+            vals.append(v)
+        return context.make_tuple(builder, sig.return_type, vals)
+
+    return retty(tup), codegen
+
+
+def add_at(a, i, v):  # type: ignore[no-untyped-def]
+    """``a[i] += v`` for an int ``i``; the ``W`` lanes from ``a[i]`` on for a :class:`Pos`."""
+    raise NotImplementedError  # only called from numba
+
+
+@overload(add_at, inline="always")
+def _add_at_ov(a, i, v):
+    if isinstance(i, Pos):
+        def impl(a, i, v):  # type: ignore[no-untyped-def]
+            k = pos_index(i)
+            vstore(a, k, vload(a, k) + v)
+
+        return impl
+
+    def impl1(a, i, v):  # type: ignore[no-untyped-def]
+        a[i] += v
+
+    return impl1
+
+
+def _ptr_load(vec: bool):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def load(typingctx, ptr, i):
+        if not isinstance(ptr, types.CPointer) or not isinstance(ptr.dtype, types.Float):
+            return None
+        elt = ptr.dtype
+        lanes = WIDTH_BYTES // (elt.bitwidth // 8)
+
+        def codegen(context, builder, sig, args):
+            p = builder.gep(args[0], [context.cast(builder, args[1], sig.args[1], types.intp)], inbounds=True)
+            if vec:
+                p = builder.bitcast(p, ir.VectorType(context.get_data_type(elt), lanes).as_pointer())
+            return builder.load(p, align=elt.bitwidth // 8)
+
+        return (Vec(elt) if vec else elt)(ptr, i), codegen
+
+    return load
+
+
+_pload1 = _ptr_load(False)  # ptr[i]
+_ploadv = _ptr_load(True)  # the W lanes from ptr[i] on
+
+
+@intrinsic
 def vload(typingctx, ary, idx):
     """``W`` lanes of a C-contiguous array from ``ary[idx]`` on (``idx`` an int or a tuple of ints
     whose last entry moves along the last axis); unaligned."""
@@ -137,6 +211,22 @@ def vstream(typingctx, ary, idx, v):
         ptr = _vector_ptr(context, builder, aryty, args[0], vals, itys)
         st = builder.store(args[2], ptr, align=WIDTH_BYTES)
         st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.void(ary, idx, v), codegen
+
+
+@intrinsic
+def vstore(typingctx, ary, idx, v):
+    """Store of ``v`` to ``ary[idx]`` on (unaligned, through the cache)."""
+    if not _last_axis_contiguous(ary) or not isinstance(v, Vec) or v.dtype != ary.dtype:
+        return None
+    if not isinstance(idx, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _vector_ptr(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
+        builder.store(args[2], ptr, align=sig.args[0].dtype.bitwidth // 8)
         return context.get_dummy_value()
 
     return types.void(ary, idx, v), codegen
@@ -324,6 +414,10 @@ def _elem(t, i):  # type: ignore[no-untyped-def]
 
 @overload(_elem, inline="always")
 def _elem_ov(t, i):
+    if isinstance(t, types.CPointer):
+        if isinstance(i, Pos):
+            return lambda t, i: _ploadv(t, pos_index(i))
+        return lambda t, i: _pload1(t, i)
     if not isinstance(t, types.Array) or t.ndim != 1:
         return None
     if isinstance(i, Pos):
@@ -344,6 +438,8 @@ def _at_ov(t, i):
 def _atc_ov(p, i):
     if isinstance(p, types.Number):
         return lambda p, i: p
+    if isinstance(p, types.CPointer) and not isinstance(i, types.BaseTuple):
+        return lambda p, i: _elem(p, i)  # one row: its elements are its channels
     if isinstance(i, types.BaseTuple):
         return lambda p, i: _elem(p, i[1])
     return None
@@ -375,48 +471,82 @@ def span(out, f0, f1):
     return h, e
 
 
-@njit(inline="always", cache=True)
-def store_line(out, stream, f, args):
-    """``out[i] = f(args, i)`` for every ``i`` of the 1D ``out``; with ``stream``, its whole cache
-    lines go out as non-temporal vector stores (``f`` then gets a :class:`Pos`)."""
-    n = out.shape[0]
-    if not stream:
-        for i in range(n):
-            out[i] = f(args, i)
-        return
-    h, e = span(out, 0, n)
-    for i in range(h):
-        out[i] = f(args, i)
-    w = WIDTH_BYTES // out.itemsize
-    for i in range(h, e, w):
-        vstream(out, i, f(args, vpos(i)))
-    for i in range(e, n):
-        out[i] = f(args, i)
+def store_line(out, stream, f, args):  # type: ignore[no-untyped-def]
+    """``out[i] = f(args, i)`` for every ``i`` of the 1D ``out``, ``W`` lanes at a time (``f``
+    gets a :class:`Pos`) and the rest one by one; with ``stream``, the whole cache lines go out
+    as non-temporal stores. ``f`` must be an ``inline="always"`` jitted function: it is spliced
+    into the loop (a call per vector would cost more than the arithmetic)."""
+    raise NotImplementedError  # only called from numba
 
 
-@njit(inline="always", cache=True)
-def store_rows(out, m0, m1, ch, stream, f, args):
+def store_rows(out, m0, m1, ch, stream, f, args):  # type: ignore[no-untyped-def]
     """``out[m*ch + c] = f(args, (m*ch + c, c))`` for rows ``m0:m1`` of ``ch`` channels (``out``
-    the flat rows); with ``stream``, the whole cache lines of the span go out as non-temporal
-    vector stores, lanes wrapping across rows (per-channel operands must be tiled, see :func:`atc`)."""
-    if not stream:
-        for m in range(m0, m1):
-            for c in range(ch):
-                out[np.uint64(m * ch + c)] = f(args, (m * ch + c, c))
-        return
-    f0 = m0 * ch
-    f1 = m1 * ch
-    h, e = span(out, f0, f1)
-    c = 0
-    for i in range(f0, h):
-        out[i] = f(args, (i, c))
-        c = c + 1 if c + 1 < ch else 0
-    w = WIDTH_BYTES // out.itemsize
-    for i in range(h, e, w):
-        vstream(out, i, f(args, (vpos(i), vpos(c))))
-        c += w
-        while c >= ch:
-            c -= ch
-    for i in range(e, f1):
-        out[i] = f(args, (i, c))
-        c = c + 1 if c + 1 < ch else 0
+    the flat rows), ``W`` lanes at a time with the lanes wrapping across rows (per-channel
+    operands must be tiled, see :func:`atc`); ``stream`` and ``f`` as in :func:`store_line`."""
+    raise NotImplementedError  # only called from numba
+
+
+def _inlined(f: types.Type):  # type: ignore[no-untyped-def]
+    if not isinstance(f, types.Dispatcher):
+        raise TypeError("store_line/store_rows take a jitted formula")
+    return f.dispatcher
+
+
+@overload(store_line, inline="always")
+def _store_line_ov(out, stream, f, args):
+    fn = _inlined(f)
+
+    def impl(out, stream, f, args):  # type: ignore[no-untyped-def]
+        ptrs = pointers(args)
+        n = out.shape[0]
+        w = WIDTH_BYTES // out.itemsize
+        if stream:
+            h, e = span(out, 0, n)
+        else:
+            h = 0
+            e = n // w * w
+        for i in range(h, e, w):
+            v = fn(ptrs, vpos(i))
+            if stream:
+                vstream(out, i, v)
+            else:
+                vstore(out, i, v)
+        for k in range(h + n - e):  # the head and the tail, one element at a time
+            i = k if k < h else e + k - h
+            out[i] = fn(ptrs, i)
+
+    return impl
+
+
+@overload(store_rows, inline="always")
+def _store_rows_ov(out, m0, m1, ch, stream, f, args):
+    fn = _inlined(f)
+
+    def impl(out, m0, m1, ch, stream, f, args):  # type: ignore[no-untyped-def]
+        ptrs = pointers(args)
+        f0 = m0 * ch
+        f1 = m1 * ch
+        w = WIDTH_BYTES // out.itemsize
+        if stream:
+            h, e = span(out, f0, f1)
+        else:
+            h = f0
+            e = f0 + (f1 - f0) // w * w
+        c = 0
+        for i in range(f0, h):
+            out[i] = fn(ptrs, (i, c))
+            c = c + 1 if c + 1 < ch else 0
+        for i in range(h, e, w):
+            v = fn(ptrs, (vpos(i), vpos(c)))
+            if stream:
+                vstream(out, i, v)
+            else:
+                vstore(out, i, v)
+            c += w
+            while c >= ch:
+                c -= ch
+        for i in range(e, f1):
+            out[i] = fn(ptrs, (i, c))
+            c = c + 1 if c + 1 < ch else 0
+
+    return impl

@@ -38,7 +38,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from . import register_backend
-from ._simd import at, atc, lanewise, store_line, store_rows, where_gt, where_le, where_lt
+from ._simd import add_at, at, atc, lanewise, pointers, store_line, store_rows, vpos, where_gt, where_le, where_lt
 from .reference import acc_dtype
 
 name = "cpu"
@@ -217,25 +217,61 @@ def _fdx(p, i):
     return _fg(p, i) * atc(p[10], i) + (at(p[1], i) - atc(p[4], i)) * atc(p[11], i) + atc(p[12], i)
 
 
+# Each formula's loop is compiled once per signature in these (not inlined) functions and
+# called once per line or block of rows: inlined at every call site, the backward alone took
+# 150 s to compile.
+_LINE = {"cache": True, "fastmath": _FM}
+
+
+@njit(**_LINE)
+def _y_line(out, stream, p):
+    store_line(out, stream, _fy, p)
+
+
+@njit(**_LINE)
+def _g_line(out, stream, p):
+    store_line(out, stream, _fg, p)
+
+
+@njit(**_LINE)
+def _dx_line(out, stream, p):
+    store_line(out, stream, _fdx, p)
+
+
+@njit(**_LINE)
+def _y_rows(out, m0, m1, ch, stream, p):
+    store_rows(out, m0, m1, ch, stream, _fy, p)
+
+
+@njit(**_LINE)
+def _g_rows(out, m0, m1, ch, stream, p):
+    store_rows(out, m0, m1, ch, stream, _fg, p)
+
+
+@njit(**_LINE)
+def _dx_rows(out, m0, m1, ch, stream, p):
+    store_rows(out, m0, m1, ch, stream, _fdx, p)
+
+
 @njit(**_INL)
 def _grad(gp, out):
     """The line of ``g`` (:func:`_fg`) into ``out``; ``dy`` itself for the identity (no copy)."""
     if gp[7] == 0:
         return gp[0]
-    store_line(out, False, _fg, gp)
+    _g_line(out, False, gp)
     return out
 
 
 @njit(**_INL)
 def _gate(dy, x, r, has_r, n, c, mf, af, bf, code, slope, zero):
     """The :func:`_fg` parameters of plane ``(n, c)``."""
-    return (dy[n, c], x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slope, zero)
+    return (dy[n, c], x[n, c], r[n, c], has_r, mf, af, bf, code, slope, zero)
 
 
 @njit(**_INL)
 def _norm_plane(x, r, has_r, n, c, mf, af, bf, code, slope, zero, y, stream):
     """Plane ``(n, c)``: ``y = act((x - mf) * af + bf [+ r])``."""
-    store_line(y[n, c], stream, _fy, (x[n, c], r[n, c] if has_r else x[n, c], has_r, mf, af, bf, code, slope,
+    _y_line(y[n, c], stream, (x[n, c], r[n, c], has_r, mf, af, bf, code, slope,
                                       zero))
 
 
@@ -250,21 +286,31 @@ def _flush(accs, acct, psum, pdot, bi):
 
 
 @njit(**_INL)
+def _sums_step(q, moments, i, c, accs, acct):
+    """Add ``g`` and ``g * (x - k)`` at ``i`` (one element or ``W`` lanes) to the accumulators
+    at channel ``c``."""
+    d = at(q[1], i) - atc(q[4], i)
+    g = d if moments else _fg(q, i)
+    add_at(accs, c, g)
+    add_at(acct, c, g * d)
+
+
+@njit(**_INL)
 def _rows_block_sums(gp, moments, ch, r0, r1, bi, psum, pdot):
     """Rows ``r0:r1`` of the flat ``(M, ch)`` tensors of the gate parameters ``gp`` (:func:`_fg`)
     into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and ``sum(g * (x - k))``, ``k = gp[4]``,
-    with ``g = x - k`` (``moments``) or ``g`` of :func:`_fg`. The per-channel accumulators, in
-    the input dtype, are flushed to float64 every :data:`_RBLK` rows."""
-    x, k = gp[1], gp[4]
-    accs = np.zeros(ch, dtype=x.dtype)
-    acct = np.zeros(ch, dtype=x.dtype)
+    with ``g = x - k`` (``moments``) or ``g`` of :func:`_fg`; ``W`` channels at a time. The
+    per-channel accumulators, in the input dtype, are flushed to float64 every :data:`_RBLK` rows."""
+    accs = np.full(ch, gp[9])
+    acct = np.full(ch, gp[9])
+    q = pointers(gp)
+    w = 32 // accs.itemsize
+    cv = ch // w * w
     for m in range(r0, r1):
-        for c in range(ch):
-            i = (m * ch + c, c)
-            d = at(x, i) - atc(k, i)
-            g = d if moments else _fg(gp, i)
-            accs[c] += g
-            acct[c] += g * d
+        for c in range(0, cv, w):
+            _sums_step(q, moments, (vpos(m * ch + c), vpos(c)), vpos(c), accs, acct)
+        for c in range(cv, ch):
+            _sums_step(q, moments, (m * ch + c, c), c, accs, acct)
         if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
             _flush(accs, acct, psum, pdot, bi)
 
@@ -372,9 +418,9 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
             s += ps
             t += pt
             if need_dx and not train:
-                store_line(dx[n, c], stream, _fdx, gp + (af, zero, zero))
+                _dx_line(dx[n, c], stream, gp + (af, zero, zero))
             if need_dr and not (need_dx and train):
-                store_line(dr[n, c], stream, _fg, gp)
+                _g_line(dr[n, c], stream, gp)
         # sum(g * (x - mean)) with the exact float64 mean
         t -= md * s
         sum_dy[c] = s
@@ -385,9 +431,9 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
             kcf = _as(x, -a * s / cnt - kb * md)
             for nn in range(N):
                 gp = _gate(dy, x, r, has_r, N - 1 - nn, c, mf, af, bf, code, slf, zero)
-                store_line(dx[N - 1 - nn, c], stream, _fdx, gp + (af, kbf, kcf))
+                _dx_line(dx[N - 1 - nn, c], stream, gp + (af, kbf, kcf))
                 if need_dr:
-                    store_line(dr[N - 1 - nn, c], stream, _fg, gp)
+                    _g_line(dr[N - 1 - nn, c], stream, gp)
 
 
 @njit(**_INL)
@@ -422,9 +468,9 @@ def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, 
         c = k % C
         gp = _plane_gate(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
         if need_dx:
-            store_line(dx[n, c], stream, _fdx, gp + (_as(x, ka[c]), _as(x, kb[c]), _as(x, kc[c])))
+            _dx_line(dx[n, c], stream, gp + (_as(x, ka[c]), _as(x, kb[c]), _as(x, kc[c])))
         if need_dr:
-            store_line(dr[n, c], stream, _fg, gp)
+            _g_line(dr[n, c], stream, gp)
 
 
 # ================================================================================ rows (M, C)
@@ -478,7 +524,7 @@ def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream):
     p = (gp[1], gp[2], has_r, gp[4], gp[5], gp[6], code, gp[8], gp[9])
     yf = _flat(y)
     for bi in prange(nb):
-        store_rows(yf, bi * M // nb, (bi + 1) * M // nb, C, stream, _fy, p)
+        _y_rows(yf, bi * M // nb, (bi + 1) * M // nb, C, stream, p)
 
 
 @njit(**_JIT)
@@ -502,9 +548,9 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
     drf = _flat(dr)
     for bi in prange(nb):
         if need_dx:
-            store_rows(dxf, bi * M // nb, (bi + 1) * M // nb, C, stream, _fdx, p)
+            _dx_rows(dxf, bi * M // nb, (bi + 1) * M // nb, C, stream, p)
         if need_dr:
-            store_rows(drf, bi * M // nb, (bi + 1) * M // nb, C, stream, _fg, gp)
+            _g_rows(drf, bi * M // nb, (bi + 1) * M // nb, C, stream, gp)
 
 
 # ================================================================== drivers: one call per op
