@@ -28,7 +28,7 @@ def backends():
     try:
         import batchnorm.kernels.cpu  # noqa: F401
 
-        out.append("cpu")
+        out += ["cpu", "cpu-streamed"]
     except ImportError:
         pass
     return out
@@ -36,10 +36,13 @@ def backends():
 
 @pytest.fixture(params=backends())
 def backend(request, monkeypatch):
-    if request.param == "cpu":
+    if request.param.startswith("cpu"):
         cpu = pytest.importorskip("batchnorm.kernels.cpu")
         monkeypatch.setattr(cpu, "MIN_NUMEL", 0)
-    with batchnorm.use_backend(request.param):
+        if request.param == "cpu-streamed":  # every output through non-temporal vector stores
+            monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 0)
+            monkeypatch.setattr(cpu, "STREAM_MIN_BYTES_BACKWARD", 0)
+    with batchnorm.use_backend(request.param.split("-")[0]):
         yield request.param
 
 

@@ -7,18 +7,23 @@ directly. LLVM emits vector non-temporal stores only for aligned vector values, 
 never has, so this module gives the kernels a vector type:
 
 * :class:`Pos` -- an index whose lanes are ``i .. i+W-1`` (``W`` = 32 bytes of the dtype).
-  The kernels' element formulas read their operands through :func:`at`, which gives
-  ``a[i]`` for an ``int`` index and a vector of ``W`` lanes for a :class:`Pos`, so each formula
-  is written once and compiles to the scalar and to the vector form.
+  The kernels' element formulas read their operands through :func:`at` (tensors) and
+  :func:`atc` (per-channel values), which give one element for an ``int`` index and ``W``
+  lanes for a :class:`Pos`, so each formula is written once and compiles to both forms.
 * arithmetic (``+ - *``, vector with vector or scalar) and the selects :func:`where_gt`,
   :func:`where_le`, :func:`where_lt` (ordered compares: NaN picks the second value, as Python's
   ``a if z > t else b`` does); :func:`lanewise` applies a scalar function lane by lane.
-* :func:`store_line` -- ``out[..., i] = f(args, i)`` over a line, the 32-byte-aligned middle as
-  non-temporal vector stores when ``stream`` is set, a plain loop (which LLVM vectorizes) else.
+* :func:`store_line` / :func:`store_rows` -- ``out[i] = f(args, i)`` over a line, ``W`` lanes at
+  a time; with ``stream`` the whole cache lines go out as non-temporal stores. The formula's
+  array operands are read through raw pointers (:func:`pointers`): no reference counting in
+  the loop.
 
 Measured on the 2-core EPYC (2026-11-30, (32, 64, 56, 56) float32, caches flushed before each
-call): normalizing a tensor 1.59 -> 1.29 ms, a one-channel-per-thread training forward 2.4 ->
-1.8 ms, the backward's gradient sweep 3.35 -> 2.8 ms.
+call): normalizing a tensor 1.6-2.1 -> 1.3-1.5 ms; the whole training forward (stats sweep and
+normalize) 2.4-2.7 -> 1.8-2.0 ms; the backward's two sweeps 3.35-3.67 -> 2.8-2.9 ms.
+
+Numba's on-disk cache keys a kernel on its own source file only: after editing this module,
+delete ``src/batchnorm/kernels/__pycache__/*.nb[ic]`` so that the kernels recompile.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import operator
 import warnings
 
 import numpy as np
-
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -105,10 +109,6 @@ def _vector_ptr(context, builder, aryty, ary_val, idx_vals, idx_types):  # type:
     return builder.bitcast(ptr, vt.as_pointer())
 
 
-def _last_axis_contiguous(ary: types.Type) -> bool:
-    return isinstance(ary, types.Array) and isinstance(ary.dtype, types.Float) and ary.layout == "C"
-
-
 @intrinsic
 def pointers(typingctx, tup):
     """``tup`` with every array replaced by a pointer to its data. A formula that reads its
@@ -175,22 +175,21 @@ _pload1 = _ptr_load(False)  # ptr[i]
 _ploadv = _ptr_load(True)  # the W lanes from ptr[i] on
 
 
+def _flat_access(ary: types.Type, idx: types.Type, v: types.Type | None = None) -> bool:
+    """Whether ``(ary, idx[, v])`` is a 1D C-contiguous float array, an int and a vector of its dtype."""
+    ok = isinstance(ary, types.Array) and ary.ndim == 1 and ary.layout == "C" and isinstance(ary.dtype, types.Float)
+    return ok and isinstance(idx, types.Integer) and (v is None or (isinstance(v, Vec) and v.dtype == ary.dtype))
+
+
 @intrinsic
 def vload(typingctx, ary, idx):
-    """``W`` lanes of a C-contiguous array from ``ary[idx]`` on (``idx`` an int or a tuple of ints
-    whose last entry moves along the last axis); unaligned."""
-    if not _last_axis_contiguous(ary):
-        return None
-    itys = list(idx.types) if isinstance(idx, types.BaseTuple) else [idx]
-    if len(itys) != ary.ndim or not all(isinstance(t, types.Integer) for t in itys):
+    """The ``W`` lanes of a 1D contiguous array from ``ary[idx]`` on (unaligned)."""
+    if not _flat_access(ary, idx):
         return None
 
     def codegen(context, builder, sig, args):
-        aryty, ity = sig.args
-        vals = [builder.extract_value(args[1], k) for k in range(len(itys))] if len(itys) > 1 or isinstance(
-            ity, types.BaseTuple) else [args[1]]
-        ptr = _vector_ptr(context, builder, aryty, args[0], vals, itys)
-        return builder.load(ptr, align=aryty.dtype.bitwidth // 8)
+        ptr = _vector_ptr(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
+        return builder.load(ptr, align=sig.args[0].dtype.bitwidth // 8)
 
     return Vec(ary.dtype)(ary, idx), codegen
 
@@ -198,17 +197,11 @@ def vload(typingctx, ary, idx):
 @intrinsic
 def vstream(typingctx, ary, idx, v):
     """Non-temporal store of ``v`` to ``ary[idx]`` on; ``&ary[idx]`` must be 32-byte aligned."""
-    if not _last_axis_contiguous(ary) or not isinstance(v, Vec) or v.dtype != ary.dtype:
-        return None
-    itys = list(idx.types) if isinstance(idx, types.BaseTuple) else [idx]
-    if len(itys) != ary.ndim or not all(isinstance(t, types.Integer) for t in itys):
+    if not _flat_access(ary, idx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        aryty, ity, _ = sig.args
-        vals = [builder.extract_value(args[1], k) for k in range(len(itys))] if isinstance(
-            ity, types.BaseTuple) else [args[1]]
-        ptr = _vector_ptr(context, builder, aryty, args[0], vals, itys)
+        ptr = _vector_ptr(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
         st = builder.store(args[2], ptr, align=WIDTH_BYTES)
         st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
         return context.get_dummy_value()
@@ -219,9 +212,7 @@ def vstream(typingctx, ary, idx, v):
 @intrinsic
 def vstore(typingctx, ary, idx, v):
     """Store of ``v`` to ``ary[idx]`` on (unaligned, through the cache)."""
-    if not _last_axis_contiguous(ary) or not isinstance(v, Vec) or v.dtype != ary.dtype:
-        return None
-    if not isinstance(idx, types.Integer):
+    if not _flat_access(ary, idx, v):
         return None
 
     def codegen(context, builder, sig, args):
@@ -301,11 +292,15 @@ for _pyop, _impl in ((operator.add, _vadd), (operator.iadd, _vadd), (operator.su
     _register(_pyop, _impl)
 
 
-def _select(predicate: str):  # type: ignore[no-untyped-def]
-    """``a if z <predicate> t else b``, lane by lane (an ordered compare: false for NaN)."""
+def _make_where(predicate: str, pyop):  # type: ignore[no-untyped-def]
+    """``where(z, t, a, b) = a if z <predicate> t else b``, for scalars and lane by lane for
+    vectors (an ordered compare: false for NaN, as in Python)."""
+
+    def where(z, t, a, b):  # type: ignore[no-untyped-def]
+        raise NotImplementedError  # only called from numba
 
     @intrinsic
-    def sel(typingctx, z, t, a, b):
+    def select(typingctx, z, t, a, b):
         vt = _vec_of(z, t, a, b)
         if vt is None:
             return None
@@ -316,28 +311,19 @@ def _select(predicate: str):  # type: ignore[no-untyped-def]
 
         return vt(z, t, a, b), codegen
 
-    def scalar(z, t, a, b):  # type: ignore[no-untyped-def]
-        raise NotImplementedError  # only called from numba
-
-    return sel, scalar
-
-
-def _make_where(predicate: str, pyop):  # type: ignore[no-untyped-def]
-    sel, fn = _select(predicate)
-
     @njit(cache=True)
     def scalar(z, t, a, b):  # type: ignore[no-untyped-def]
         return a if pyop(z, t) else b
 
-    @overload(fn, inline="always")
+    @overload(where, inline="always")
     def _ov(z, t, a, b):
         if _vec_of(z, t, a, b) is not None:
-            return lambda z, t, a, b: sel(z, t, a, b)
+            return lambda z, t, a, b: select(z, t, a, b)
         if all(isinstance(x, types.Number) for x in (z, t, a, b)):
             return lambda z, t, a, b: scalar(z, t, a, b)
         return None
 
-    return fn
+    return where
 
 
 where_gt = _make_where(">", operator.gt)
@@ -543,8 +529,10 @@ def _store_rows_ov(out, m0, m1, ch, stream, f, args):
             else:
                 vstore(out, i, v)
             c += w
-            while c >= ch:
+            if c >= ch:
                 c -= ch
+                while c >= ch:  # fewer channels than lanes
+                    c -= ch
         for i in range(e, f1):
             out[i] = fn(ptrs, (i, c))
             c = c + 1 if c + 1 < ch else 0
