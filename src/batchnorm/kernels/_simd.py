@@ -194,33 +194,28 @@ def vload(typingctx, ary, idx):
     return Vec(ary.dtype)(ary, idx), codegen
 
 
-@intrinsic
-def vstream(typingctx, ary, idx, v):
-    """Non-temporal store of ``v`` to ``ary[idx]`` on; ``&ary[idx]`` must be 32-byte aligned."""
-    if not _flat_access(ary, idx, v):
-        return None
+def _vector_store(nontemporal: bool):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def store(typingctx, ary, idx, v):
+        if not _flat_access(ary, idx, v):
+            return None
 
-    def codegen(context, builder, sig, args):
-        ptr = _vector_ptr(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
-        st = builder.store(args[2], ptr, align=WIDTH_BYTES)
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            ptr = _vector_ptr(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
+            st = builder.store(args[2], ptr, align=WIDTH_BYTES if nontemporal else sig.args[0].dtype.bitwidth // 8)
+            if nontemporal:
+                st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+            return context.get_dummy_value()
 
-    return types.void(ary, idx, v), codegen
+        return types.void(ary, idx, v), codegen
+
+    return store
 
 
-@intrinsic
-def vstore(typingctx, ary, idx, v):
-    """Store of ``v`` to ``ary[idx]`` on (unaligned, through the cache)."""
-    if not _flat_access(ary, idx, v):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _vector_ptr(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
-        builder.store(args[2], ptr, align=sig.args[0].dtype.bitwidth // 8)
-        return context.get_dummy_value()
-
-    return types.void(ary, idx, v), codegen
+vstream = _vector_store(True)
+vstream.__doc__ = "Non-temporal store of ``v`` to ``ary[idx]`` on; ``&ary[idx]`` must be 32-byte aligned."
+vstore = _vector_store(False)
+vstore.__doc__ = "Store of ``v`` to ``ary[idx]`` on (unaligned, through the cache)."
 
 
 @intrinsic

@@ -18,6 +18,11 @@ Every kernel takes an activation (and optional residual): ``y = act(bn(x) [+ res
 batch norm is the identity, for which the backward uses ``dy`` itself (no gradient buffer), so it
 costs what a kernel written for it would.
 
+The element formulas (forward, gradient at the pre-activation, input gradient) are written once
+and compile to scalar and 32-byte vector code (:mod:`batchnorm.kernels._simd`); outputs of at
+least :data:`STREAM_MIN_BYTES` (backward: :data:`STREAM_MIN_BYTES_BACKWARD`) are written with
+non-temporal stores, which skip the write-allocate read and leave the cache to the input.
+
 Each op is one call from Python into a serial driver (``_train_planes``, ``_bwd_rows``, ...)
 that runs the parallel kernels and the per-channel arithmetic between them.
 
@@ -274,8 +279,7 @@ def _gate(dy, x, r, has_r, n, c, mf, af, bf, code, slope, zero):
 @njit(**_INL)
 def _norm_plane(x, r, has_r, n, c, mf, af, bf, code, slope, zero, y, stream):
     """Plane ``(n, c)``: ``y = act((x - mf) * af + bf [+ r])``."""
-    _y_line(y[n, c], stream, (x[n, c], r[n, c], has_r, mf, af, bf, code, slope,
-                                      zero))
+    _y_line(y[n, c], stream, (x[n, c], r[n, c], has_r, mf, af, bf, code, slope, zero))
 
 
 @njit(**_INL)
