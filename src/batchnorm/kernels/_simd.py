@@ -117,6 +117,8 @@ def pointers(typingctx, tup):
     the normalize loop 2x slower). The arrays must outlive the pointers (the caller holds them)."""
     if not isinstance(tup, types.BaseTuple):
         return None
+    if any(isinstance(t, types.Array) and t.layout != "C" for t in tup.types):
+        return None  # flat indexing through the pointer needs C-contiguous arrays
     outs = [types.CPointer(t.dtype) if isinstance(t, types.Array) else t for t in tup.types]
     retty = types.Tuple(outs)
 
