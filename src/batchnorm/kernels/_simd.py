@@ -31,7 +31,6 @@ from __future__ import annotations
 import operator
 import warnings
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -379,8 +378,9 @@ def _lanewise_ov(f, z, a, b):
 
 
 def at(t, i):  # type: ignore[no-untyped-def]
-    """A tensor operand at element ``i`` of its line: ``t[i]`` for an int, the ``W`` lanes from
-    ``t[i]`` on for a :class:`Pos`. For rows ``i`` is a pair ``(flat index, channel)``."""
+    """A tensor operand (a pointer, see :func:`pointers`) at element ``i`` of its line: ``t[i]``
+    for an int, the ``W`` lanes from ``t[i]`` on for a :class:`Pos`. For rows ``i`` is a pair
+    ``(flat index, channel)``."""
     raise NotImplementedError  # only called from numba
 
 
@@ -397,17 +397,12 @@ def _elem(t, i):  # type: ignore[no-untyped-def]
 
 @overload(_elem, inline="always")
 def _elem_ov(t, i):
-    if isinstance(t, types.CPointer):
-        if isinstance(i, Pos):
-            return lambda t, i: _ploadv(t, pos_index(i))
-        return lambda t, i: _pload1(t, i)
-    if not isinstance(t, types.Array) or t.ndim != 1:
+    # operands are pointers (store_line/store_rows and the kernels pass them through pointers())
+    if not isinstance(t, types.CPointer):
         return None
     if isinstance(i, Pos):
-        return lambda t, i: vload(t, pos_index(i))
-    if isinstance(i, types.Integer):
-        return lambda t, i: t[np.uint64(i)]  # unsigned: no negative-index wraparound to block vectorizing
-    return None
+        return lambda t, i: _ploadv(t, pos_index(i))
+    return lambda t, i: _pload1(t, i)
 
 
 @overload(at, inline="always")

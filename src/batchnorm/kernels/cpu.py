@@ -554,10 +554,14 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
     dxf = _flat(dx)
     drf = _flat(dr)
     for bi in prange(nb):
-        if need_dx:
-            _dx_rows(dxf, bi * M // nb, (bi + 1) * M // nb, C, stream, p)
-        if need_dr:
-            _g_rows(drf, bi * M // nb, (bi + 1) * M // nb, C, stream, gp)
+        m1 = (bi + 1) * M // nb
+        # with both outputs, _RBLK rows at a time: the second pass finds them in cache
+        step = _RBLK if need_dx and need_dr else M
+        for m0 in range(bi * M // nb, m1, step):
+            if need_dx:
+                _dx_rows(dxf, m0, min(m0 + step, m1), C, stream, p)
+            if need_dr:
+                _g_rows(drf, m0, min(m0 + step, m1), C, stream, gp)
 
 
 # ================================================================== drivers: one call per op
