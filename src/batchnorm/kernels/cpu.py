@@ -507,10 +507,16 @@ def _tiled(v, x):
 
 
 @njit(**_INL)
+def _row_norm(x, r, has_r, mean, scale, shift, code, slope):
+    """The :func:`_fy` parameters for flat rows (per-channel values tiled, see :func:`_tiled`)."""
+    return (_flat(x), _flat(r), has_r, _tiled(mean, x), _tiled(scale, x), _tiled(shift, x), code, _as(x, slope),
+            _as(x, 0))
+
+
+@njit(**_INL)
 def _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope):
-    """The :func:`_fg` parameters for flat rows (per-channel values tiled, see :func:`_tiled`)."""
-    return (_flat(dy), _flat(x), _flat(r), has_r, _tiled(mean, x), _tiled(scale, x), _tiled(shift, x), code,
-            _as(x, slope), _as(x, 0))
+    """The :func:`_fg` parameters for flat rows: ``dy`` and those of :func:`_row_norm`."""
+    return (_flat(dy),) + _row_norm(x, r, has_r, mean, scale, shift, code, slope)
 
 
 @njit(**_JIT)
@@ -527,8 +533,7 @@ def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream):
     """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
-    gp = _row_gate(x, x, r, has_r, mean, scale, shift, code, slope)
-    p = (gp[1], gp[2], has_r, gp[4], gp[5], gp[6], code, gp[8], gp[9])
+    p = _row_norm(x, r, has_r, mean, scale, shift, code, slope)
     yf = _flat(y)
     for bi in prange(nb):
         _y_rows(yf, bi * M // nb, (bi + 1) * M // nb, C, stream, p)
