@@ -64,9 +64,9 @@ def act_train_forward(
     return _train_forward_impl(x, weight, bias, residual, mask, eps, vbs, act, slope)
 
 
-def _train_forward_impl(x, weight, bias, residual, mask, eps, vbs, act, slope):  # type: ignore[no-untyped-def]
+def _train_forward_impl(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):  # type: ignore[no-untyped-def]
     backend = backend_for("forward_train_act", x, mask, vbs)
-    y, mean, var, count = backend.forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope)
+    y, mean, var, count = backend.forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running)
     return y.contiguous(memory_format=_layout(x)), mean, var, count
 
 
@@ -325,7 +325,8 @@ torch.library.register_autograd(
 
 # ------------------------------------------------------------------ eager entry points (see _ops)
 
-#: ``act_train(x, weight, bias, residual, mask, eps, vbs, act, slope) -> (y, mean, var, count)``
+#: ``act_train(x, weight, bias, residual, mask, eps, vbs, act, slope, [running=]) -> (y, mean, var,
+#: count)``; ``running`` as :data:`batchnorm._ops.train`
 act_train = eager_entry("act_train_forward", _train_forward_impl, _train_setup, _train_grad)
 #: ``act_apply(x, mean, invstd, weight, bias, residual, act, slope) -> y``
 act_apply = eager_entry("act_apply_forward", _apply_forward_impl, _apply_setup, _apply_grad)

@@ -77,9 +77,9 @@ def train_forward(
     return _train_forward_impl(x, weight, bias, mask, eps, vbs)
 
 
-def _train_forward_impl(x, weight, bias, mask, eps, vbs):  # type: ignore[no-untyped-def]
+def _train_forward_impl(x, weight, bias, mask, eps, vbs, running=None):  # type: ignore[no-untyped-def]
     backend = kernels.select("forward_train", x, mask, vbs)
-    y, mean, var, count = backend.forward_train(x, weight, bias, mask, eps, vbs)
+    y, mean, var, count = backend.forward_train(x, weight, bias, mask, eps, vbs, running)
     return y.contiguous(memory_format=_layout(x)), mean, var, count
 
 
@@ -191,7 +191,7 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, invstd, weight = ctx.saved_tensors
-    need_x, _, _, need_w, need_b = ctx.needs_input_grad
+    need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
     dx, dw, db = impl_or_op("apply_backward", _apply_backward_impl)(dy, x, mean, invstd, weight, need_x)
     return (
         dx if need_x else None,
@@ -226,30 +226,42 @@ def impl_or_op(name: str, impl: Any) -> Any:
 def eager_entry(name: str, impl: Any, setup: Any, grad: Any) -> Any:
     """The entry point of the registered op ``batchnorm::name``: the op itself while tracing, else
     ``impl`` under an autograd.Function with the op's ``setup``/``grad``, or bare ``impl`` when no
-    argument needs a gradient."""
+    argument needs a gradient.
+
+    Keyword arguments go to ``impl`` only, in eager mode (the training ops' ``running``: the
+    running statistics moved by the same kernel call); the registered op has no such argument,
+    so a caller passes them only when not tracing."""
 
     # forward(ctx, ...) style: a separate setup_context makes autograd bind arguments with inspect
-    def forward(ctx, *inputs):  # type: ignore[no-untyped-def]
-        output = impl(*inputs)
+    def forward(ctx, *inputs_extra):  # type: ignore[no-untyped-def]
+        inputs, extra = inputs_extra[:-1], inputs_extra[-1]
+        output = impl(*inputs, **extra)
         setup(ctx, inputs, output)
         return output
 
-    function: Any = type(f"_{name}", (torch.autograd.Function,),
-                         {"forward": staticmethod(forward), "backward": staticmethod(grad)})
+    def backward(ctx, *grads):  # type: ignore[no-untyped-def]
+        return (*grad(ctx, *grads), None)  # no gradient for the keyword arguments
 
-    def entry(*args: Any) -> Any:
+    function: Any = type(f"_{name}", (torch.autograd.Function,),
+                         {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def entry(*args: Any, **extra: Any) -> Any:
         if _tracing():
+            if extra:
+                raise RuntimeError(f"batchnorm::{name} takes {sorted(extra)} in eager mode only")
             return getattr(torch.ops.batchnorm, name)(*args)
         if not _needs_grad(args):
-            return impl(*args)
-        return function.apply(*args)
+            return impl(*args, **extra)
+        return function.apply(*args, extra)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = f"Eager entry point of ``batchnorm::{name}`` (see the module docstring)."
     return entry
 
 
-#: ``train(x, weight, bias, mask, eps, vbs) -> (y, mean, var, count)``: training-mode normalization.
+#: ``train(x, weight, bias, mask, eps, vbs, [running=]) -> (y, mean, var, count)``: training-mode
+#: normalization; with ``running`` (:class:`~batchnorm.kernels.reference.Running`, eager mode, one
+#: group, no mask) the backend moves the running statistics in the same call.
 train = eager_entry("train_forward", _train_forward_impl, _train_setup, _train_grad)
 #: ``apply(x, mean, invstd, weight, bias) -> y``: normalization with given statistics.
 apply = eager_entry("apply_forward", _apply_forward_impl, _apply_setup, _apply_grad)

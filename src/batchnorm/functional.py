@@ -227,14 +227,13 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stat
         # calls instead of twenty; each costs tens of microseconds after a large kernel)
         n = float(count)
         ok = n > 1
-        if ok:
+        if ok and nonfinite != "propagate":
             var_u = var_b.to(dt) * (n / (n - 1))
-            if nonfinite != "propagate" and not math.isfinite(float(mean.sum() + var_u.sum())):
+            if not math.isfinite(float(mean.sum() + var_u.sum())):
                 _report_nonfinite(nonfinite)
                 ok = False
         if ok:
-            running_mean.lerp_(mean.to(dt), momentum)
-            running_var.lerp_(var_u, momentum)
+            _ref.update_running(_ref.Running(running_mean, running_var, momentum), mean, var_b, n)
         return torch.tensor(ok, device=running_mean.device)
     var_u = unbiased(var_b.to(dt), count)
     accept = count.to(running_mean.device) > 1
@@ -248,6 +247,35 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stat
     running_mean.copy_(torch.where(accept, rm + f * (mean.to(rm) - rm), rm))
     running_var.copy_(torch.where(accept, rv + f * (var_u.to(rv) - rv), rv))
     return accept
+
+
+def _fuse_update(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float | Tensor,
+                 nonfinite: str) -> bool:
+    """Whether a training op may move the running statistics itself (``running=``): in eager
+    mode, with ``nonfinite="propagate"``, a number for momentum and buffers in the dtype the
+    update computes in (what :func:`_update_running_stats`' eager branch would do)."""
+    if _compiling() or nonfinite != "propagate" or isinstance(momentum, Tensor) or isinstance(momentum, bool):
+        return False
+    dt = torch.promote_types(torch.promote_types(running_mean.dtype, _ref.acc_dtype(x.dtype)), torch.float32)
+    return running_mean.dtype == dt and running_var.dtype == dt
+
+
+def train_with_update(op, args: tuple, running_mean: Tensor | None, running_var: Tensor | None, *,  # type: ignore[no-untyped-def]
+                      update: bool, momentum: float | Tensor, nonfinite: str, fusable: bool
+                      ) -> tuple[Tensor, Tensor | bool | None]:
+    """Run a training op ``op(*args) -> (y, mean, var, count)`` (``args[0]`` the input) and, with
+    ``update``, move the running statistics: by the op's own kernel call when it can
+    (``fusable``: one group and no mask; see :func:`_fuse_update`), else with
+    :func:`update_running_stats`. Returns ``(y, accepted)``: ``True`` when the op did it, else
+    the 0-d bool tensor (``None`` without ``update``). Every layer's training path goes here."""
+    if update and fusable and _fuse_update(args[0], running_mean, running_var, momentum, nonfinite):  # type: ignore[arg-type]
+        y = op(*args, running=_ref.Running(running_mean, running_var, momentum))[0]  # type: ignore[arg-type]
+        return y, True
+    y, mean, var, count = op(*args)
+    if not update:
+        return y, None
+    stats = _whole_batch(mean.detach(), var.detach(), count)
+    return y, update_running_stats(running_mean, running_var, stats, momentum, nonfinite)  # type: ignore[arg-type]
 
 
 def _whole_batch(mean: Tensor, var: Tensor, count: Tensor) -> Stats:
@@ -287,7 +315,7 @@ def batch_norm(
     * ``nonfinite``: what a non-finite batch does to the running statistics (``"propagate"``
       like torch, ``"skip"`` with a warning, or ``"raise"``).
     """
-    y, _ = batch_norm_with_update(
+    y, _ = _batch_norm_with_update(
         input, running_mean, running_var, weight, bias,
         normalize_with_batch=training or (running_mean is None and running_var is None),
         update=training and running_mean is not None and running_var is not None,
@@ -318,6 +346,31 @@ def batch_norm_with_update(
     (``normalize_with_batch``) and whether the running statistics ``update``. Returns the
     output and, when an update was attempted, the 0-d bool tensor telling whether it was applied.
     """
+    y, accepted = _batch_norm_with_update(
+        input, running_mean, running_var, weight, bias, normalize_with_batch=normalize_with_batch,
+        update=update, momentum=momentum, eps=eps, mask=mask, virtual_batch_size=virtual_batch_size,
+        nonfinite=nonfinite,
+    )
+    return y, (torch.tensor(accepted) if isinstance(accepted, bool) else accepted)
+
+
+def _batch_norm_with_update(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    normalize_with_batch: bool,
+    update: bool,
+    momentum: float | Tensor,
+    eps: float,
+    mask: Tensor | None,
+    virtual_batch_size: int | None,
+    nonfinite: str,
+) -> tuple[Tensor, Tensor | bool | None]:
+    """:func:`batch_norm_with_update`, with ``accepted`` a plain ``True`` when the training op
+    moved the running statistics itself (a tensor would cost a torch call for nothing)."""
     check_nonfinite_mode(nonfinite)
     check_input(
         input, running_mean, running_var, weight, bias,
@@ -332,13 +385,10 @@ def batch_norm_with_update(
         return input.clone(), (torch.zeros((), dtype=torch.bool) if update else None)
     kmask = _mask_for_kernels(mask, input)
     vbs = virtual_batch_size or 0
-    accepted = None
     if normalize_with_batch:
-        y, mean, var, count = _ops.train(input, weight, bias, kmask, eps, vbs)
-        if update:
-            stats = _whole_batch(mean.detach(), var.detach(), count)
-            accepted = update_running_stats(running_mean, running_var, stats, momentum, nonfinite)  # type: ignore[arg-type]
-        return y, accepted
+        return train_with_update(_ops.train, (input, weight, bias, kmask, eps, vbs), running_mean, running_var,
+                                 update=update, momentum=momentum, nonfinite=nonfinite,
+                                 fusable=kmask is None and not vbs)
     assert running_mean is not None and running_var is not None
     if update:
         stats = _whole_batch(*_ref.stats(input.detach(), kmask, 0))

@@ -42,9 +42,10 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from . import reference as ref
 from . import register_backend
 from ._simd import add_at, at, atc, lanewise, pointers, store_line, store_rows, vpos, where_gt, where_le, where_lt
-from .reference import acc_dtype
+from .reference import Running, acc_dtype
 
 name = "cpu"
 
@@ -410,9 +411,10 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
     zero = _as(x, 0)
     slf = _as(x, slope)
     for c in prange(C):
-        mf = _as(x, mean[c])
-        md = mean[c] - mf
-        inv = invstd[c]
+        m = np.float64(mean[c])
+        mf = _as(x, m)
+        md = m - mf
+        inv = np.float64(invstd[c])
         a = w[c] * inv
         af = _as(x, a)
         bf = _as(x, b[c] - md * a)
@@ -529,14 +531,25 @@ def _rows_moments(x, pilot, nb, psum, psq):
 
 
 @njit(**_JIT)
-def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream):
-    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows."""
+def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream, backwards):
+    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows; with ``backwards``, the
+    blocks and their :data:`_RBLK`-row pieces go last first (the rows a reduction just read are
+    the ones still in cache)."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
     p = _row_norm(x, r, has_r, mean, scale, shift, code, slope)
     yf = _flat(y)
-    for bi in prange(nb):
-        _y_rows(yf, bi * M // nb, (bi + 1) * M // nb, C, stream, p)
+    for bj in prange(nb):
+        if not backwards:
+            _y_rows(yf, bj * M // nb, (bj + 1) * M // nb, C, stream, p)
+            continue
+        bi = nb - 1 - bj
+        m0 = bi * M // nb
+        m1 = (bi + 1) * M // nb
+        step = 4 * _RBLK
+        for k in range((m1 - m0 + step - 1) // step):
+            e = m1 - k * step
+            _y_rows(yf, max(m0, e - step), e, C, stream, p)
 
 
 @njit(**_JIT)
@@ -558,15 +571,20 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
     p = gp + (_tiled(ka, x), _tiled(kb, x), _tiled(kc, x))
     dxf = _flat(dx)
     drf = _flat(dr)
-    for bi in prange(nb):
+    # last rows first (the reduction has just read them: they are the ones still in cache), in
+    # pieces of _RBLK rows with both outputs (the second output finds the piece in cache)
+    step = _RBLK if need_dx and need_dr else 4 * _RBLK
+    for bj in prange(nb):
+        bi = nb - 1 - bj
+        m0 = bi * M // nb
         m1 = (bi + 1) * M // nb
-        # with both outputs, _RBLK rows at a time: the second pass finds them in cache
-        step = _RBLK if need_dx and need_dr else M
-        for m0 in range(bi * M // nb, m1, step):
+        for k in range((m1 - m0 + step - 1) // step):
+            e = m1 - k * step
+            s = max(m0, e - step)
             if need_dx:
-                _dx_rows(dxf, m0, min(m0 + step, m1), C, stream, p)
+                _dx_rows(dxf, s, e, C, stream, p)
             if need_dr:
-                _g_rows(drf, m0, min(m0 + step, m1), C, stream, gp)
+                _g_rows(drf, s, e, C, stream, gp)
 
 
 # ================================================================== drivers: one call per op
@@ -602,31 +620,52 @@ def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
 
 
 @njit(cache=True)
-def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
+def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream, backwards):
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
-    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream)
+    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream, backwards)
 
 
 @njit(cache=True)
-def _train_planes(x, r, has_r, w, b, eps, code, slope, y, mean, var, stream, fused):
+def _finish(mean, var, cnt, out, rm, rv, momentum, update):
+    """The training forward's float64 ``mean``/``var`` over ``cnt`` values into ``out`` (``(3, 1,
+    C)`` in the statistics' dtype: mean, variance, and the count at ``[2, 0, 0]``); with
+    ``update``, the running statistics ``rm``/``rv`` move towards them (the variance unbiased)."""
+    for c in range(mean.shape[0]):
+        out[0, 0, c] = mean[c]
+        out[1, 0, c] = var[c]
+        if update:
+            rm[c] += momentum * (mean[c] - rm[c])
+            rv[c] += momentum * (var[c] * (cnt / (cnt - 1.0)) - rv[c])
+    out[2, 0, 0] = cnt
+
+
+@njit(cache=True)
+def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, fused):
     """Training forward on planes: the fused one-channel-per-thread kernel, or (``fused`` false)
-    per-plane statistics merged exactly, then the normalization."""
+    per-plane statistics merged exactly, then the normalization; statistics and running
+    statistics as :func:`_finish`."""
+    N, C, L = x.shape
+    mean = np.empty(C)
+    var = np.empty(C)
     if fused:
         _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean, var, stream)
-        return
-    N, C, L = x.shape
-    pmean = np.empty((N, C))
-    pm2 = np.empty((N, C))
-    _plane_stats(x, pmean, pm2)
-    _merge_planes(pmean, pm2, L, mean, var)
-    _apply_planes(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
+    else:
+        pmean = np.empty((N, C))
+        pm2 = np.empty((N, C))
+        _plane_stats(x, pmean, pm2)
+        _merge_planes(pmean, pm2, L, mean, var)
+        _apply_planes(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
+    _finish(mean, var, N * L, out, rm, rv, momentum, update)
 
 
 @njit(cache=True)
-def _train_rows(x, r, has_r, w, b, eps, code, slope, y, mean, var, stream, nb):
+def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb):
     """Training forward on rows: block partial sums shifted by the mean of the first rows (the
-    pilot), merged in float64, then the normalization."""
+    pilot), merged in float64, then the normalization (last rows first: they are still in
+    cache); statistics and running statistics as :func:`_finish`."""
     M, C = x.shape
+    mean = np.empty(C)
+    var = np.empty(C)
     k = min(M, 16)
     pilot = np.zeros(C)
     for i in range(k):
@@ -645,7 +684,8 @@ def _train_rows(x, r, has_r, w, b, eps, code, slope, y, mean, var, stream, nb):
         md = sd / M
         mean[c] = pilot[c] + md
         var[c] = max(sq / M - md * md, 0.0)
-    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
+    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream, True)
+    _finish(mean, var, M, out, rm, rv, momentum, update)
 
 
 @njit(cache=True)
@@ -774,6 +814,10 @@ def _prepare(t: Tensor, x: Tensor, layout: str) -> Tensor:
     return t.contiguous(memory_format=_channels_last_fmt(x))  # type: ignore[arg-type]
 
 
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+_CHANNELS_LAST = {n: (0, *range(2, n), 1) for n in range(3, 9)}  # (N, C, *S) -> (N, *S, C)
+
+
 def _view(t: Tensor, layout: str) -> np.ndarray:
     """The numpy view a kernel works on: ``(N, C, L)`` planes or ``(M, C)`` rows."""
     a = t.detach().numpy()
@@ -781,22 +825,19 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
         return a.reshape(a.shape[0], a.shape[1], -1)
     if a.ndim == 2:
         return a
-    return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+    # (an ndarray method: np.moveaxis costs ~3x more in Python after a kernel has flushed the caches)
+    return a.transpose(_CHANNELS_LAST[a.ndim]).reshape(-1, a.shape[1])
 
 
-def _vec(t: Tensor | None, c: int, fill: float) -> np.ndarray:
-    """A per-channel tensor as contiguous float64 numpy (``fill`` when absent). Always float64,
-    so that each kernel compiles once per input dtype whatever the parameters' dtypes."""
+def _vec(t: Tensor | None, c: int, fill: float, x: Tensor) -> np.ndarray:
+    """A per-channel tensor as a contiguous numpy vector in ``x``'s dtype (``fill`` when absent),
+    a view when it already is one. One dtype for all of them, so each kernel compiles once per
+    input dtype; it is the statistics' dtype, which the reference rounds parameters to as well."""
     if t is None:
-        return np.full(c, fill)
-    if t.dtype not in _DTYPES:  # numpy has no bfloat16
-        t = t.double()
-    return np.ascontiguousarray(t.detach().numpy().reshape(-1), dtype=np.float64)
-
-
-def _out(v: np.ndarray, acc: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    """A float64 per-channel result as a tensor of the statistics' dtype."""
-    return torch.from_numpy(v.astype(np.float64 if acc == torch.float64 else np.float32).reshape(shape))
+        return np.full(c, fill, dtype=_NP[x.dtype])
+    if t.dtype != x.dtype:
+        t = t.to(x.dtype)
+    return np.ascontiguousarray(t.detach().numpy().reshape(-1))
 
 
 def _stream(x: Tensor, backward: bool = False) -> bool:
@@ -813,9 +854,9 @@ def _fused_channels(c: int, threads: int) -> bool:
 # --------------------------------------------------------- plain batch norm: the identity activation
 
 
-def forward_train(x, weight, bias, mask, eps, vbs):
+def forward_train(x, weight, bias, mask, eps, vbs, running=None):
     """Training forward on the whole batch (one group): ``(y, mean, var, count)``."""
-    return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0)
+    return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0, running)
 
 
 def forward_apply(x, mean, invstd, weight, bias):
@@ -846,25 +887,46 @@ def _residual(r: Tensor | None, x: Tensor, xv: np.ndarray, layout: str) -> tuple
     return _view(_prepare(r.to(x.dtype), x, layout), layout), True
 
 
-def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
-    """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``."""
+def _running_views(running: Running | None, acc: torch.dtype, out: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """``(rm, rv, momentum, update)`` for a training driver: numpy views of the running statistics
+    when the driver can move them (CPU vectors in the statistics' dtype, a number for momentum),
+    else stand-ins with ``update`` false (the caller then updates with torch)."""
+    if running is not None:
+        rm, rv, f = running
+        if (isinstance(f, (int, float)) and rm.device.type == "cpu" and rm.dtype == rv.dtype == acc
+                and rm.dim() == rv.dim() == 1 and rm.is_contiguous() and rv.is_contiguous()
+                and not (rm.requires_grad or rv.requires_grad)):
+            return rm.numpy(), rv.numpy(), float(f), True
+    return out[0, 0], out[0, 0], 0.0, False
+
+
+def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
+    """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``; ``running``
+    (:class:`~batchnorm.kernels.reference.Running`) is moved by the same call."""
     threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, x, layout)
     c = x.shape[1]
-    count = x.numel() // c
     y = torch.empty_like(x)
     xv, yv = _view(x, layout), _view(y, layout)
     rv, has_r = _residual(residual, x, xv, layout)
-    w, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
-    mean, var = np.empty(c), np.empty(c)
-    args = (xv, rv, has_r, w, b, float(eps), _ACT_CODES[act], float(slope), yv, mean, var, _stream(x))
+    acc = acc_dtype(x.dtype)
+    out = np.empty((3, 1, c), dtype=_NP[acc])
+    run = _running_views(running, acc, out)
+    args = (xv, rv, has_r, _vec(weight, c, 1.0, x), _vec(bias, c, 0.0, x), float(eps), _ACT_CODES[act], float(slope),
+            yv, out, *run, _stream(x))
     if layout == "planes":
         _train_planes(*args, _fused_channels(c, threads))
     else:
         _train_rows(*args, _row_blocks(xv.shape[0]))
-    acc = acc_dtype(x.dtype)
-    return y, _out(mean, acc, (1, c)), _out(var, acc, (1, c)), torch.full((1,), float(count), dtype=acc)
+    mean, var = torch.from_numpy(out[0]), torch.from_numpy(out[1])
+    if running is not None:
+        if run[3]:  # written behind autograd's back: tell it, as an in-place torch op would
+            torch.autograd.graph.increment_version(running[:2])
+        else:
+            ref.update_running(running, mean, var, x.numel() // c)
+    return y, mean, var, torch.from_numpy(out[2, 0, :1])
 
 
 def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
@@ -876,12 +938,12 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     y = torch.empty_like(x)
     xv, yv = _view(x, layout), _view(y, layout)
     rv, has_r = _residual(residual, x, xv, layout)
-    args = (xv, rv, has_r, _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0),
-            _vec(bias, c, 0.0), _ACT_CODES[act], float(slope), yv, _stream(x))
+    args = (xv, rv, has_r, _vec(mean, c, 0.0, x), _vec(invstd, c, 1.0, x), _vec(weight, c, 1.0, x),
+            _vec(bias, c, 0.0, x), _ACT_CODES[act], float(slope), yv, _stream(x))
     if layout == "planes":
         _apply_planes(*args)
     else:
-        _apply_rows(*args)
+        _apply_rows(*args, False)
     return y
 
 
@@ -895,17 +957,17 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     rv, has_r = _residual(residual, x, xv, layout)
     dx = torch.empty_like(x) if need_dx else None
     dr = torch.empty_like(x) if need_dr else None
-    sum_dy, sum_dot = np.empty(c), np.empty(c)
-    args = (dyv, xv, rv, has_r, _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0),
-            _vec(bias, c, 0.0), _ACT_CODES[act], float(slope), train, need_dx, need_dr,
+    sums = np.empty((2, c), dtype=_NP[acc_dtype(x.dtype)])  # written in the statistics' dtype
+    sum_dy, sum_dot = sums[0], sums[1]
+    args = (dyv, xv, rv, has_r, _vec(mean, c, 0.0, x), _vec(invstd, c, 1.0, x), _vec(weight, c, 1.0, x),
+            _vec(bias, c, 0.0, x), _ACT_CODES[act], float(slope), train, need_dx, need_dr,
             _view(dx, layout) if dx is not None else xv, _view(dr, layout) if dr is not None else xv,
             sum_dy, sum_dot, _stream(x, backward=True))
     if layout == "planes":
         _bwd_planes(*args, _fused_channels(c, threads))
     else:
         _bwd_rows(*args, _row_blocks(xv.shape[0]))
-    acc = acc_dtype(x.dtype)
-    return dx, _out(sum_dot, acc, (c,)), _out(sum_dy, acc, (c,)), dr
+    return dx, torch.from_numpy(sum_dot), torch.from_numpy(sum_dy), dr
 
 
 def backward_train_act(dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,

@@ -25,11 +25,30 @@ Conventions shared by every backend (see :mod:`batchnorm.kernels`):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 name = "reference"
+
+
+class Running(NamedTuple):
+    """Running statistics a training forward moves in place (``running += momentum * (batch -
+    running)``, the variance unbiased): what ``forward_train(..., running=...)`` receives."""
+
+    mean: Tensor
+    var: Tensor
+    momentum: float
+
+
+def update_running(running: Running, mean: Tensor, var: Tensor, n: float) -> None:
+    """Move ``running`` towards one group's statistics (``mean``, biased ``var``, over ``n > 1``
+    values) in place; non-finite statistics are written as they are (torch's behaviour)."""
+    rm, rv, f = running
+    with torch.no_grad():
+        rm.lerp_(mean.reshape(-1).to(rm.dtype), f)
+        rv.lerp_(var.reshape(-1).to(rv.dtype) * (n / (n - 1)), f)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,10 +212,16 @@ def forward_train(
     mask: Tensor | None,
     eps: float,
     vbs: int,
+    running: Running | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Training forward (Algorithm 1): ``(y, mean, var, count)`` with per-group statistics."""
+    """Training forward (Algorithm 1): ``(y, mean, var, count)`` with per-group statistics.
+
+    With ``running`` (one group, no mask: the caller's promise), the running statistics are
+    moved too (:func:`update_running`); every backend's ``forward_train`` takes it."""
     mean, var, count = stats(x, mask, vbs)
     y = normalize(x, mean, torch.rsqrt(var + eps), weight, bias, vbs)
+    if running is not None:
+        update_running(running, mean, var, x.numel() // x.shape[1])
     return y, mean, var, count
 
 

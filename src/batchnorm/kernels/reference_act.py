@@ -89,11 +89,14 @@ def _pre_activation(x, mean, invstd, weight, bias, residual, vbs):
     return z
 
 
-def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
-    """Training forward: ``(act(bn(x) + residual), mean, var, count)`` (statistics as the reference)."""
+def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
+    """Training forward: ``(act(bn(x) + residual), mean, var, count)`` (statistics as the
+    reference); ``running`` as :func:`batchnorm.kernels.reference.forward_train`."""
     mean, var, count = ref.stats(x, mask, vbs)
     z = _pre_activation(x, mean, torch.rsqrt(var + eps), weight, bias, residual, vbs)
     y = ref._match_layout(activation(z, act, slope).to(x.dtype), x)
+    if running is not None:
+        ref.update_running(running, mean, var, x.numel() // x.shape[1])
     return y, mean, var, count
 
 

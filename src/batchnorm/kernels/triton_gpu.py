@@ -33,6 +33,7 @@ if not torch.cuda.is_available() and not _INTERPRET:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from . import reference as ref  # noqa: E402
 from . import register_backend  # noqa: E402
 
 name = "triton"
@@ -238,18 +239,20 @@ def _residual(r: Tensor | None, x: Tensor) -> Tensor | None:
 # ---------------------------------------------------------------------------- entry points
 
 
-def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope):
+def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
     x = _dense(x)
     c = x.shape[1]
     mean, var = _moments(x)
     scale = _f32(weight, c, 1.0, x.device).double() * torch.rsqrt(var + eps)
     y = _apply(x, _residual(residual, x), mean, scale, _f32(bias, c, 0.0, x.device), _ACT_CODES[act], slope)
     count = torch.full((1,), float(x.numel() // c), dtype=torch.float32, device=x.device)
+    if running is not None:
+        ref.update_running(running, mean, var, x.numel() // c)
     return y, mean.float().unsqueeze(0), var.float().unsqueeze(0), count
 
 
-def forward_train(x, weight, bias, mask, eps, vbs):
-    return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0)
+def forward_train(x, weight, bias, mask, eps, vbs, running=None):
+    return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0, running)
 
 
 def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):

@@ -72,11 +72,11 @@ class _BatchNormActBase(_NormBase):
         return y
 
     def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
-                   update: bool) -> tuple[Tensor, Tensor | None]:
+                   update: bool) -> tuple[Tensor, Tensor | bool | None]:
         return self._normalize_act(x, None, mask, normalize_with_batch, update)
 
     def _normalize_act(self, x: Tensor, residual: Tensor | None, mask: Tensor | None,
-                       normalize_with_batch: bool, update: bool) -> tuple[Tensor, Tensor | None]:
+                       normalize_with_batch: bool, update: bool) -> tuple[Tensor, Tensor | bool | None]:
         weight, bias = self._affine()
         vbs = (self.virtual_batch_size or 0) if normalize_with_batch else 0
         F.check_input(x, self.running_mean, self.running_var, weight, bias,
@@ -100,15 +100,13 @@ class _BatchNormActBase(_NormBase):
                     raise ValueError("inplace_abn=True takes no residual (the output alone must give x back)")
                 if weight is not None and not F._compiling() and bool((weight == 0).any()):
                     raise ValueError("inplace_abn=True needs every weight (gamma) non-zero to recover x from y")
-                y, mean, var, count = _act_ops.act_inplace_train(
-                    x, weight, bias, kmask, self.eps, self.act, slope)
+                op, fusable = _act_ops.act_inplace_train, False
+                args: tuple = (x, weight, bias, kmask, self.eps, self.act, slope)
             else:
-                y, mean, var, count = _act_ops.act_train(
-                    x, weight, bias, residual, kmask, self.eps, vbs, self.act, slope)
-            if update:
-                stats = F._whole_batch(mean.detach(), var.detach(), count)
-                accepted = F.update_running_stats(rm, rv, stats, momentum, self.nonfinite)  # type: ignore[arg-type]
-            return y, accepted
+                op, args = _act_ops.act_train, (x, weight, bias, residual, kmask, self.eps, vbs, self.act, slope)
+                fusable = kmask is None and not vbs
+            return F.train_with_update(op, args, rm, rv, update=update, momentum=momentum, nonfinite=self.nonfinite,
+                                       fusable=fusable)
         assert rm is not None and rv is not None
         if update:
             stats = F._whole_batch(*_ref.stats(x.detach(), kmask, 0))

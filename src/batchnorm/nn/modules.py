@@ -223,10 +223,15 @@ class _NormBase(nn.Module):
         assert self.num_batches_tracked is not None
         return (self.num_batches_tracked + 1).double().reciprocal()
 
-    def _count_batch(self, accepted: Tensor | None) -> None:
-        """Add an applied running-statistics update (a 0-d bool tensor) to ``num_batches_tracked``."""
+    def _count_batch(self, accepted: Tensor | bool | None) -> None:
+        """Add an applied running-statistics update (a 0-d bool tensor, or ``True``) to
+        ``num_batches_tracked``."""
         nbt = self.num_batches_tracked
-        if accepted is not None and nbt is not None:
+        if accepted is None or nbt is None:
+            return
+        if isinstance(accepted, bool):
+            nbt.add_(int(accepted))
+        else:
             nbt.add_(accepted if accepted.device == nbt.device else accepted.to(nbt.device))
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
@@ -236,10 +241,10 @@ class _NormBase(nn.Module):
                 None if self.bias is None else self.bias.detach())
 
     def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
-                   update: bool) -> tuple[Tensor, Tensor | None]:
+                   update: bool) -> tuple[Tensor, Tensor | bool | None]:
         """The math on channel-first input; subclasses change only this (e.g. renormalization)."""
         weight, bias = self._affine()
-        return F.batch_norm_with_update(
+        return F._batch_norm_with_update(
             x, self.running_mean, self.running_var, weight, bias,
             normalize_with_batch=normalize_with_batch, update=update,
             momentum=self._momentum_factor() if update else 0.0, eps=self.eps, mask=mask,

@@ -53,7 +53,7 @@ class _BatchRenormBase(_NormBase):
                                self.rmax_steps, self.dmax_steps)
 
     def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
-                   update: bool) -> tuple[Tensor, Tensor | None]:
+                   update: bool) -> tuple[Tensor, Tensor | bool | None]:
         if not normalize_with_batch:
             return super()._normalize(x, mask, normalize_with_batch, update)
         weight, bias = self._affine()

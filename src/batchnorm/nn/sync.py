@@ -121,7 +121,7 @@ class SyncBatchNorm(_NormBase):
         return super().extra_repr() + ("" if self.process_group is None else ", process_group=<group>")
 
     def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
-                   update: bool) -> tuple[Tensor, Tensor | None]:
+                   update: bool) -> tuple[Tensor, Tensor | bool | None]:
         if not normalize_with_batch or _world(self.process_group) == 1:
             return super()._normalize(x, mask, normalize_with_batch, update)
         weight, bias = self._affine()
