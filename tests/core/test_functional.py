@@ -206,3 +206,46 @@ def test_keras_momentum_conversion():
     assert BF.keras_to_torch_momentum(0.99) == pytest.approx(0.01)
     with pytest.raises(ValueError):
         BF.keras_to_torch_momentum(1.5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_running_update_in_the_training_call_matches_the_separate_update(backend, channels_last):
+    """A float momentum lets the training op move the running statistics itself (``running=``);
+    a 0-d tensor momentum takes the separate general update. Both agree, with and without
+    autograd, for the functional form and for the layers (num_batches_tracked included)."""
+    import batchnorm
+
+    if backend not in batchnorm.available_backends():
+        pytest.skip(f"backend {backend} not installed")
+    x = torch.randn(6, 5, 7, 9) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    with batchnorm.use_backend(backend):
+        for requires_grad in (False, True):
+            xx = x.clone().requires_grad_(requires_grad)
+            runs = []
+            for momentum in (0.2, torch.tensor(0.2)):
+                rm, rv = torch.zeros(5), torch.ones(5)
+                version = rm._version
+                y, accepted = BF.batch_norm_with_update(xx, rm, rv, w, b, normalize_with_batch=True, update=True,
+                                                        momentum=momentum)
+                assert isinstance(accepted, torch.Tensor) and accepted.shape == () and bool(accepted)
+                assert rm._version > version
+                runs.append((y, rm, rv))
+            for a, e in zip(*runs):
+                torch.testing.assert_close(a, e)
+            if requires_grad:
+                runs[0][0].sum().backward()
+        for layer, theirs in ((batchnorm.BatchNorm2d(5), torch.nn.BatchNorm2d(5)),
+                              (batchnorm.BatchNorm2d(5, momentum=None), torch.nn.BatchNorm2d(5, momentum=None)),
+                              (batchnorm.BatchNormAct2d(5, act="identity"), torch.nn.BatchNorm2d(5))):
+            for _ in range(3):
+                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+                layer(xa).square().sum().backward()
+                theirs(xb).square().sum().backward()
+                torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(layer.running_mean, theirs.running_mean)
+            torch.testing.assert_close(layer.running_var, theirs.running_var)
+            assert layer.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3

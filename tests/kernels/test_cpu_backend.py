@@ -241,3 +241,37 @@ def test_split_and_fused_channel_paths(cpu_backend, monkeypatch, shape, layout, 
                         assert a is None
                     else:
                         torch.testing.assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("buffers", ["acc", "float64"])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 1, 33, 17), (64, 7)])
+def test_training_forward_moves_running_statistics(cpu_backend, monkeypatch, shape, layout, dtype, fused, buffers):
+    """``forward_train(..., running=)`` moves the running statistics towards the float64 batch
+    statistics (the variance unbiased) and bumps their autograd versions; its outputs are those
+    of the call without it. Buffers in another dtype than the statistics' take the torch update."""
+    cpu = cpu_backend
+    monkeypatch.setattr(cpu, "_fused_channels", lambda c, threads: fused)
+    x = make(shape, layout, dtype)
+    c = x.shape[1]
+    w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    bdt = ref.acc_dtype(dtype) if buffers == "acc" else torch.float64
+    rm, rv = torch.randn(c, dtype=bdt), torch.rand(c, dtype=bdt) + 0.5
+    rm0, rv0 = rm.double().clone(), rv.double().clone()
+    versions = rm._version, rv._version
+    got = cpu.forward_train(x, w, b, None, 1e-5, 0, ref.Running(rm, rv, 0.3))
+    plain = cpu.forward_train(x, w, b, None, 1e-5, 0)
+    for a, e in zip(got, plain):
+        assert torch.equal(a, e)
+    _, mean64, var64, count64 = ref.forward_train(x.double(), w.double(), b.double(), None, 1e-5, 0)
+    n = count64.item()
+    t = tol(dtype)
+    torch.testing.assert_close(rm.double(), rm0 + 0.3 * (mean64[0] - rm0), **t)
+    torch.testing.assert_close(rv.double(), rv0 + 0.3 * (var64[0] * n / (n - 1) - rv0), **t)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    ya = cpu.forward_train_act(x, w, b, None, None, 1e-5, 0, "relu", 0.0, ref.Running(rm, rv, 1.0))[0]
+    torch.testing.assert_close(ya, plain[0].clamp_min(0))
+    torch.testing.assert_close(rm.double(), mean64[0], **t)  # momentum 1: the batch's statistics
+    torch.testing.assert_close(rv.double(), var64[0] * n / (n - 1), **t)
