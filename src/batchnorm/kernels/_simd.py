@@ -232,6 +232,18 @@ def address(typingctx, ary):
     return types.intp(ary), codegen
 
 
+@intrinsic
+def voidptr(typingctx, addr):
+    """An integer address (``Tensor.data_ptr()``) as a ``void*``, for ``numba.carray``."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return types.voidptr(addr), codegen
+
+
 def _splat(context, builder, val, fromty, vecty: Vec):  # type: ignore[no-untyped-def]
     """``val`` (a scalar of ``fromty``) in every lane of ``vecty``."""
     s = context.cast(builder, val, fromty, vecty.dtype)

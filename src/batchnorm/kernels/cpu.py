@@ -44,7 +44,20 @@ from torch import Tensor
 
 from . import reference as ref
 from . import register_backend
-from ._simd import add_at, at, atc, lanewise, pointers, store_line, store_rows, vpos, where_gt, where_le, where_lt
+from ._simd import (
+    add_at,
+    at,
+    atc,
+    lanewise,
+    pointers,
+    store_line,
+    store_rows,
+    voidptr,
+    vpos,
+    where_gt,
+    where_le,
+    where_lt,
+)
 from .reference import Running, acc_dtype
 
 name = "cpu"
@@ -748,6 +761,88 @@ def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, 
                             need_dr, dx, dr, stream)
 
 
+# ========================================================== entries: tensors by address
+#
+# Python passes each tensor as its address (``Tensor.data_ptr()``) and the drivers see numpy
+# arrays built over it here: after a large kernel has flushed the caches, ``Tensor.numpy()``
+# and the reshapes around it cost tens of microseconds each in Python, ``data_ptr()`` a few.
+# ``dims = (N, C, L)``: planes ``(N, C, L)`` or rows ``(N * L, C)``; ``dt`` the numpy dtype of
+# every tensor (input, outputs, per-channel vectors, statistics); address 0 = no such vector.
+
+
+@njit(**_INL)
+def _tensor(addr, shape, dt):
+    return numba.carray(voidptr(addr), shape, dt)
+
+
+@njit(**_INL)
+def _channel(addr, c, dt, fill):
+    """A per-channel vector, or ``fill`` everywhere for address 0 (no weight, no bias)."""
+    if addr == 0:
+        return np.full(c, fill, dt)
+    return numba.carray(voidptr(addr), c, dt)
+
+
+@njit(**_INL)
+def _shape(dims, rows):
+    """The kernels' view: rows ``(N * L, C, 1)`` (the last axis dropped) or planes ``(N, C, L)``."""
+    N, C, L = dims
+    return (N * L, C, 1) if rows else (N, C, L)
+
+
+@njit(cache=True)
+def _train(a, dims, dt, rows, has_r, eps, code, slope, momentum, update, stream, fused, nb):
+    """Training forward; ``a = (x, r, y, weight, bias, out, running_mean, running_var)`` (see
+    :func:`_finish` for ``out``; without ``update`` the running statistics' addresses are unused)."""
+    C = dims[1]
+    w, b = _channel(a[3], C, dt, 1.0), _channel(a[4], C, dt, 0.0)
+    out = _tensor(a[5], (3, 1, C), dt)
+    rm, rv = _tensor(a[6], C, dt), _tensor(a[7], C, dt)
+    s = _shape(dims, rows)
+    if rows:
+        x, r, y = _tensor(a[0], s[:2], dt), _tensor(a[1], s[:2], dt), _tensor(a[2], s[:2], dt)
+        _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb)
+    else:
+        x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
+        _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, fused)
+
+
+@njit(cache=True)
+def _apply(a, dims, dt, rows, has_r, code, slope, stream):
+    """Normalization with given statistics; ``a = (x, r, y, mean, invstd, weight, bias)``."""
+    C = dims[1]
+    mean, inv = _channel(a[3], C, dt, 0.0), _channel(a[4], C, dt, 1.0)
+    w, b = _channel(a[5], C, dt, 1.0), _channel(a[6], C, dt, 0.0)
+    s = _shape(dims, rows)
+    if rows:
+        x, r, y = _tensor(a[0], s[:2], dt), _tensor(a[1], s[:2], dt), _tensor(a[2], s[:2], dt)
+        _apply_rows(x, r, has_r, mean, inv, w, b, code, slope, y, stream, False)
+    else:
+        x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
+        _apply_planes(x, r, has_r, mean, inv, w, b, code, slope, y, stream)
+
+
+@njit(cache=True)
+def _bwd(a, dims, dt, rows, has_r, code, slope, train, need_dx, need_dr, stream, fused, nb):
+    """Backward; ``a = (dy, x, r, dx, dr, mean, invstd, weight, bias, sums)``, ``sums`` = ``(2, C)``
+    (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
+    C = dims[1]
+    mean, inv = _channel(a[5], C, dt, 0.0), _channel(a[6], C, dt, 1.0)
+    w, b = _channel(a[7], C, dt, 1.0), _channel(a[8], C, dt, 0.0)
+    sums = _tensor(a[9], (2, C), dt)
+    s = _shape(dims, rows)
+    if rows:
+        dy, x, r = _tensor(a[0], s[:2], dt), _tensor(a[1], s[:2], dt), _tensor(a[2], s[:2], dt)
+        dx, dr = _tensor(a[3], s[:2], dt), _tensor(a[4], s[:2], dt)
+        _bwd_rows(dy, x, r, has_r, mean, inv, w, b, code, slope, train, need_dx, need_dr, dx, dr, sums[0], sums[1],
+                  stream, nb)
+    else:
+        dy, x, r = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
+        dx, dr = _tensor(a[3], s, dt), _tensor(a[4], s, dt)
+        _bwd_planes(dy, x, r, has_r, mean, inv, w, b, code, slope, train, need_dx, need_dr, dx, dr, sums[0],
+                    sums[1], stream, fused)
+
+
 # ============================================================================ python wrappers
 
 
@@ -815,29 +910,25 @@ def _prepare(t: Tensor, x: Tensor, layout: str) -> Tensor:
 
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
-_CHANNELS_LAST = {n: (0, *range(2, n), 1) for n in range(3, 9)}  # (N, C, *S) -> (N, *S, C)
 
 
-def _view(t: Tensor, layout: str) -> np.ndarray:
-    """The numpy view a kernel works on: ``(N, C, L)`` planes or ``(M, C)`` rows."""
-    a = t.detach().numpy()
-    if layout == "planes":
-        return a.reshape(a.shape[0], a.shape[1], -1)
-    if a.ndim == 2:
-        return a
-    # (an ndarray method: np.moveaxis costs ~3x more in Python after a kernel has flushed the caches)
-    return a.transpose(_CHANNELS_LAST[a.ndim]).reshape(-1, a.shape[1])
+def _dims(x: Tensor) -> tuple[int, int, int]:
+    """``(N, C, L)``: the kernels see planes ``(N, C, L)`` or rows ``(N * L, C)`` (:func:`_shape`)."""
+    n, c = x.shape[0], x.shape[1]
+    return n, c, (x.numel() // (n * c) if n else 0)
 
 
-def _vec(t: Tensor | None, c: int, fill: float, x: Tensor) -> np.ndarray:
-    """A per-channel tensor as a contiguous numpy vector in ``x``'s dtype (``fill`` when absent),
-    a view when it already is one. One dtype for all of them, so each kernel compiles once per
-    input dtype; it is the statistics' dtype, which the reference rounds parameters to as well."""
-    if t is None:
-        return np.full(c, fill, dtype=_NP[x.dtype])
-    if t.dtype != x.dtype:
-        t = t.to(x.dtype)
-    return np.ascontiguousarray(t.detach().numpy().reshape(-1))
+def _cvec(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """A per-channel tensor contiguous in ``x``'s dtype (``None`` stays ``None``): one dtype for
+    every tensor a kernel sees, so each compiles once per input dtype; for float32/float64 input
+    it is the statistics' dtype, which the reference rounds parameters to as well."""
+    if t is None or (t.dtype == x.dtype and t.is_contiguous()):
+        return t
+    return t.to(x.dtype).contiguous()
+
+
+def _addr(t: Tensor | None, absent: int = 0) -> int:
+    return absent if t is None else t.data_ptr()
 
 
 def _stream(x: Tensor, backward: bool = False) -> bool:
@@ -880,25 +971,19 @@ def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
 _ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
 
 
-def _residual(r: Tensor | None, x: Tensor, xv: np.ndarray, layout: str) -> tuple[np.ndarray, bool]:
-    """The residual's kernel view and whether there is one (``xv`` stands in when there is none)."""
-    if r is None:
-        return xv, False
-    return _view(_prepare(r.to(x.dtype), x, layout), layout), True
+def _residual(r: Tensor | None, x: Tensor, layout: str) -> Tensor | None:
+    """The residual in ``x``'s dtype and the kernels' layout."""
+    return None if r is None else _prepare(r.to(x.dtype), x, layout)
 
 
-def _running_views(running: Running | None, acc: torch.dtype, out: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, float, bool]:
-    """``(rm, rv, momentum, update)`` for a training driver: numpy views of the running statistics
-    when the driver can move them (CPU vectors in the statistics' dtype, a number for momentum),
-    else stand-ins with ``update`` false (the caller then updates with torch)."""
-    if running is not None:
-        rm, rv, f = running
-        if (isinstance(f, (int, float)) and rm.device.type == "cpu" and rm.dtype == rv.dtype == acc
-                and rm.dim() == rv.dim() == 1 and rm.is_contiguous() and rv.is_contiguous()
-                and not (rm.requires_grad or rv.requires_grad)):
-            return rm.numpy(), rv.numpy(), float(f), True
-    return out[0, 0], out[0, 0], 0.0, False
+def _running(running: Running | None, acc: torch.dtype) -> bool:
+    """Whether the training driver can move ``running`` itself: CPU vectors in the statistics'
+    dtype and a number for momentum (else the caller updates with torch)."""
+    if running is None:
+        return False
+    rm, rv, f = running
+    return (isinstance(f, (int, float)) and rm.device.type == "cpu" and rm.dtype == rv.dtype == acc
+            and rm.dim() == rv.dim() == 1 and rm.is_contiguous() and rv.is_contiguous())
 
 
 def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
@@ -907,26 +992,28 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, x, layout)
-    c = x.shape[1]
+    dims = _dims(x)
     y = torch.empty_like(x)
-    xv, yv = _view(x, layout), _view(y, layout)
-    rv, has_r = _residual(residual, x, xv, layout)
+    r = _residual(residual, x, layout)
     acc = acc_dtype(x.dtype)
-    out = np.empty((3, 1, c), dtype=_NP[acc])
-    run = _running_views(running, acc, out)
-    args = (xv, rv, has_r, _vec(weight, c, 1.0, x), _vec(bias, c, 0.0, x), float(eps), _ACT_CODES[act], float(slope),
-            yv, out, *run, _stream(x))
-    if layout == "planes":
-        _train_planes(*args, _fused_channels(c, threads))
-    else:
-        _train_rows(*args, _row_blocks(xv.shape[0]))
-    mean, var = torch.from_numpy(out[0]), torch.from_numpy(out[1])
+    # mean, var, count (see _finish) in one buffer; separate tensors, as a custom op's outputs
+    # must not share storage
+    out = np.empty((3, 1, dims[1]), dtype=_NP[acc])
+    mean, var, count = torch.from_numpy(out[0]), torch.from_numpy(out[1]), torch.from_numpy(out[2, 0, :1])
+    w, b = _cvec(weight, x), _cvec(bias, x)
+    update = _running(running, acc)
+    o = mean.data_ptr()
+    rm, rv = (running.mean.data_ptr(), running.var.data_ptr()) if update else (o, o)  # type: ignore[union-attr]
+    xa = x.data_ptr()
+    _train((xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv), dims, _NP[x.dtype], layout == "rows",
+           r is not None, float(eps), _ACT_CODES[act], float(slope), float(running.momentum) if update else 0.0,  # type: ignore[union-attr]
+           update, _stream(x), _fused_channels(dims[1], threads), _row_blocks(dims[0] * dims[2]))
     if running is not None:
-        if run[3]:  # written behind autograd's back: tell it, as an in-place torch op would
+        if update:  # written behind autograd's back: tell it, as an in-place torch op would
             torch.autograd.graph.increment_version(running[:2])
         else:
-            ref.update_running(running, mean, var, x.numel() // c)
-    return y, mean, var, torch.from_numpy(out[2, 0, :1])
+            ref.update_running(running, mean, var, dims[0] * dims[2])
+    return y, mean, var, count
 
 
 def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
@@ -934,16 +1021,12 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, x, layout)
-    c = x.shape[1]
     y = torch.empty_like(x)
-    xv, yv = _view(x, layout), _view(y, layout)
-    rv, has_r = _residual(residual, x, xv, layout)
-    args = (xv, rv, has_r, _vec(mean, c, 0.0, x), _vec(invstd, c, 1.0, x), _vec(weight, c, 1.0, x),
-            _vec(bias, c, 0.0, x), _ACT_CODES[act], float(slope), yv, _stream(x))
-    if layout == "planes":
-        _apply_planes(*args)
-    else:
-        _apply_rows(*args, False)
+    r = _residual(residual, x, layout)
+    vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
+    xa = x.data_ptr()
+    _apply((xa, _addr(r, xa), y.data_ptr(), *[_addr(v) for v in vecs]), _dims(x), _NP[x.dtype], layout == "rows",
+           r is not None, _ACT_CODES[act], float(slope), _stream(x))
     return y
 
 
@@ -952,22 +1035,18 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     layout = _layout(x)
     x = _prepare(x, x, layout)
     dy = _prepare(dy, x, layout)
-    c = x.shape[1]
-    xv, dyv = _view(x, layout), _view(dy, layout)
-    rv, has_r = _residual(residual, x, xv, layout)
+    dims = _dims(x)
+    r = _residual(residual, x, layout)
     dx = torch.empty_like(x) if need_dx else None
     dr = torch.empty_like(x) if need_dr else None
-    sums = np.empty((2, c), dtype=_NP[acc_dtype(x.dtype)])  # written in the statistics' dtype
-    sum_dy, sum_dot = sums[0], sums[1]
-    args = (dyv, xv, rv, has_r, _vec(mean, c, 0.0, x), _vec(invstd, c, 1.0, x), _vec(weight, c, 1.0, x),
-            _vec(bias, c, 0.0, x), _ACT_CODES[act], float(slope), train, need_dx, need_dr,
-            _view(dx, layout) if dx is not None else xv, _view(dr, layout) if dr is not None else xv,
-            sum_dy, sum_dot, _stream(x, backward=True))
-    if layout == "planes":
-        _bwd_planes(*args, _fused_channels(c, threads))
-    else:
-        _bwd_rows(*args, _row_blocks(xv.shape[0]))
-    return dx, torch.from_numpy(sum_dot), torch.from_numpy(sum_dy), dr
+    sums = np.empty((2, dims[1]), dtype=_NP[acc_dtype(x.dtype)])  # sum(g), sum(g * xhat)
+    sum_dy, sum_dot = torch.from_numpy(sums[0]), torch.from_numpy(sums[1])  # (not sharing a storage)
+    vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
+    xa = x.data_ptr()
+    _bwd((dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs], sum_dy.data_ptr()),
+         dims, _NP[x.dtype], layout == "rows", r is not None, _ACT_CODES[act], float(slope), train, need_dx, need_dr,
+         _stream(x, backward=True), _fused_channels(dims[1], threads), _row_blocks(dims[0] * dims[2]))
+    return dx, sum_dot, sum_dy, dr
 
 
 def backward_train_act(dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
