@@ -544,25 +544,14 @@ def _rows_moments(x, pilot, nb, psum, psq):
 
 
 @njit(**_JIT)
-def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream, backwards):
-    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows; with ``backwards``, the
-    blocks and their :data:`_RBLK`-row pieces go last first (the rows a reduction just read are
-    the ones still in cache)."""
+def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream):
+    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows."""
     M, C = x.shape
     nb = max(1, min(M // 32, 64))
     p = _row_norm(x, r, has_r, mean, scale, shift, code, slope)
     yf = _flat(y)
-    for bj in prange(nb):
-        if not backwards:
-            _y_rows(yf, bj * M // nb, (bj + 1) * M // nb, C, stream, p)
-            continue
-        bi = nb - 1 - bj
-        m0 = bi * M // nb
-        m1 = (bi + 1) * M // nb
-        step = 4 * _RBLK
-        for k in range((m1 - m0 + step - 1) // step):
-            e = m1 - k * step
-            _y_rows(yf, max(m0, e - step), e, C, stream, p)
+    for bi in prange(nb):
+        _y_rows(yf, bi * M // nb, (bi + 1) * M // nb, C, stream, p)
 
 
 @njit(**_JIT)
@@ -584,20 +573,15 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
     p = gp + (_tiled(ka, x), _tiled(kb, x), _tiled(kc, x))
     dxf = _flat(dx)
     drf = _flat(dr)
-    # last rows first (the reduction has just read them: they are the ones still in cache), in
-    # pieces of _RBLK rows with both outputs (the second output finds the piece in cache)
-    step = _RBLK if need_dx and need_dr else 4 * _RBLK
-    for bj in prange(nb):
-        bi = nb - 1 - bj
-        m0 = bi * M // nb
+    for bi in prange(nb):
         m1 = (bi + 1) * M // nb
-        for k in range((m1 - m0 + step - 1) // step):
-            e = m1 - k * step
-            s = max(m0, e - step)
+        # with both outputs, _RBLK rows at a time: the second pass finds them in cache
+        step = _RBLK if need_dx and need_dr else M
+        for m0 in range(bi * M // nb, m1, step):
             if need_dx:
-                _dx_rows(dxf, s, e, C, stream, p)
+                _dx_rows(dxf, m0, min(m0 + step, m1), C, stream, p)
             if need_dr:
-                _g_rows(drf, s, e, C, stream, gp)
+                _g_rows(drf, m0, min(m0 + step, m1), C, stream, gp)
 
 
 # ================================================================== drivers: one call per op
@@ -633,9 +617,9 @@ def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
 
 
 @njit(cache=True)
-def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream, backwards):
+def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
-    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream, backwards)
+    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream)
 
 
 @njit(cache=True)
@@ -674,8 +658,8 @@ def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum,
 @njit(cache=True)
 def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb):
     """Training forward on rows: block partial sums shifted by the mean of the first rows (the
-    pilot), merged in float64, then the normalization (last rows first: they are still in
-    cache); statistics and running statistics as :func:`_finish`."""
+    pilot), merged in float64, then the normalization; statistics and running statistics as
+    :func:`_finish`."""
     M, C = x.shape
     mean = np.empty(C)
     var = np.empty(C)
@@ -697,7 +681,7 @@ def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, u
         md = sd / M
         mean[c] = pilot[c] + md
         var[c] = max(sq / M - md * md, 0.0)
-    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream, True)
+    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
     _finish(mean, var, M, out, rm, rv, momentum, update)
 
 
@@ -783,42 +767,35 @@ def _channel(addr, c, dt, fill):
     return numba.carray(voidptr(addr), c, dt)
 
 
-@njit(**_INL)
-def _shape(dims, rows):
-    """The kernels' view: rows ``(N * L, C, 1)`` (the last axis dropped) or planes ``(N, C, L)``."""
-    N, C, L = dims
-    return (N * L, C, 1) if rows else (N, C, L)
-
-
 @njit(cache=True)
 def _train(a, dims, dt, rows, has_r, eps, code, slope, momentum, update, stream, fused, nb):
     """Training forward; ``a = (x, r, y, weight, bias, out, running_mean, running_var)`` (see
     :func:`_finish` for ``out``; without ``update`` the running statistics' addresses are unused)."""
-    C = dims[1]
+    N, C, L = dims
     w, b = _channel(a[3], C, dt, 1.0), _channel(a[4], C, dt, 0.0)
     out = _tensor(a[5], (3, 1, C), dt)
     rm, rv = _tensor(a[6], C, dt), _tensor(a[7], C, dt)
-    s = _shape(dims, rows)
     if rows:
-        x, r, y = _tensor(a[0], s[:2], dt), _tensor(a[1], s[:2], dt), _tensor(a[2], s[:2], dt)
+        s = (N * L, C)
+        x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
         _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb)
     else:
-        x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
+        x, r, y = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
         _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, fused)
 
 
 @njit(cache=True)
 def _apply(a, dims, dt, rows, has_r, code, slope, stream):
     """Normalization with given statistics; ``a = (x, r, y, mean, invstd, weight, bias)``."""
-    C = dims[1]
+    N, C, L = dims
     mean, inv = _channel(a[3], C, dt, 0.0), _channel(a[4], C, dt, 1.0)
     w, b = _channel(a[5], C, dt, 1.0), _channel(a[6], C, dt, 0.0)
-    s = _shape(dims, rows)
     if rows:
-        x, r, y = _tensor(a[0], s[:2], dt), _tensor(a[1], s[:2], dt), _tensor(a[2], s[:2], dt)
-        _apply_rows(x, r, has_r, mean, inv, w, b, code, slope, y, stream, False)
-    else:
+        s = (N * L, C)
         x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
+        _apply_rows(x, r, has_r, mean, inv, w, b, code, slope, y, stream)
+    else:
+        x, r, y = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
         _apply_planes(x, r, has_r, mean, inv, w, b, code, slope, y, stream)
 
 
@@ -826,19 +803,19 @@ def _apply(a, dims, dt, rows, has_r, code, slope, stream):
 def _bwd(a, dims, dt, rows, has_r, code, slope, train, need_dx, need_dr, stream, fused, nb):
     """Backward; ``a = (dy, x, r, dx, dr, mean, invstd, weight, bias, sums)``, ``sums`` = ``(2, C)``
     (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
-    C = dims[1]
+    N, C, L = dims
     mean, inv = _channel(a[5], C, dt, 0.0), _channel(a[6], C, dt, 1.0)
     w, b = _channel(a[7], C, dt, 1.0), _channel(a[8], C, dt, 0.0)
     sums = _tensor(a[9], (2, C), dt)
-    s = _shape(dims, rows)
     if rows:
-        dy, x, r = _tensor(a[0], s[:2], dt), _tensor(a[1], s[:2], dt), _tensor(a[2], s[:2], dt)
-        dx, dr = _tensor(a[3], s[:2], dt), _tensor(a[4], s[:2], dt)
+        s = (N * L, C)
+        dy, x, r = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
+        dx, dr = _tensor(a[3], s, dt), _tensor(a[4], s, dt)
         _bwd_rows(dy, x, r, has_r, mean, inv, w, b, code, slope, train, need_dx, need_dr, dx, dr, sums[0], sums[1],
                   stream, nb)
     else:
-        dy, x, r = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
-        dx, dr = _tensor(a[3], s, dt), _tensor(a[4], s, dt)
+        dy, x, r = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
+        dx, dr = _tensor(a[3], dims, dt), _tensor(a[4], dims, dt)
         _bwd_planes(dy, x, r, has_r, mean, inv, w, b, code, slope, train, need_dx, need_dr, dx, dr, sums[0],
                     sums[1], stream, fused)
 
@@ -913,7 +890,7 @@ _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _dims(x: Tensor) -> tuple[int, int, int]:
-    """``(N, C, L)``: the kernels see planes ``(N, C, L)`` or rows ``(N * L, C)`` (:func:`_shape`)."""
+    """``(N, C, L)``: the kernels see planes ``(N, C, L)`` or rows ``(N * L, C)``."""
     n, c = x.shape[0], x.shape[1]
     return n, c, (x.numel() // (n * c) if n else 0)
 
