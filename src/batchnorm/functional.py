@@ -315,12 +315,12 @@ def batch_norm(
     * ``nonfinite``: what a non-finite batch does to the running statistics (``"propagate"``
       like torch, ``"skip"`` with a warning, or ``"raise"``).
     """
-    y, _ = _batch_norm_with_update(
+    y, _ = batch_norm_with_update(
         input, running_mean, running_var, weight, bias,
         normalize_with_batch=training or (running_mean is None and running_var is None),
         update=training and running_mean is not None and running_var is not None,
         momentum=momentum, eps=eps, mask=mask, virtual_batch_size=virtual_batch_size,
-        nonfinite=nonfinite,
+        nonfinite=nonfinite, accepted_tensor=False,
     )
     return y
 
@@ -339,38 +339,16 @@ def batch_norm_with_update(
     mask: Tensor | None = None,
     virtual_batch_size: int | None = None,
     nonfinite: str = "propagate",
-) -> tuple[Tensor, Tensor | None]:
+    accepted_tensor: bool = True,
+) -> tuple[Tensor, Tensor | bool | None]:
     """The general form behind :func:`batch_norm` and every layer.
 
     The two decisions that ``training`` conflates are separate: which statistics normalize
     (``normalize_with_batch``) and whether the running statistics ``update``. Returns the
-    output and, when an update was attempted, the 0-d bool tensor telling whether it was applied.
+    output and, when an update was attempted, the 0-d bool tensor telling whether it was applied;
+    with ``accepted_tensor=False`` that is a plain ``True`` when the training op moved the running
+    statistics itself (:func:`train_with_update`), which saves a torch call (the layers use it).
     """
-    y, accepted = _batch_norm_with_update(
-        input, running_mean, running_var, weight, bias, normalize_with_batch=normalize_with_batch,
-        update=update, momentum=momentum, eps=eps, mask=mask, virtual_batch_size=virtual_batch_size,
-        nonfinite=nonfinite,
-    )
-    return y, (torch.tensor(accepted) if isinstance(accepted, bool) else accepted)
-
-
-def _batch_norm_with_update(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    *,
-    normalize_with_batch: bool,
-    update: bool,
-    momentum: float | Tensor,
-    eps: float,
-    mask: Tensor | None,
-    virtual_batch_size: int | None,
-    nonfinite: str,
-) -> tuple[Tensor, Tensor | bool | None]:
-    """:func:`batch_norm_with_update`, with ``accepted`` a plain ``True`` when the training op
-    moved the running statistics itself (a tensor would cost a torch call for nothing)."""
     check_nonfinite_mode(nonfinite)
     check_input(
         input, running_mean, running_var, weight, bias,
@@ -386,9 +364,10 @@ def _batch_norm_with_update(
     kmask = _mask_for_kernels(mask, input)
     vbs = virtual_batch_size or 0
     if normalize_with_batch:
-        return train_with_update(_ops.train, (input, weight, bias, kmask, eps, vbs), running_mean, running_var,
-                                 update=update, momentum=momentum, nonfinite=nonfinite,
-                                 fusable=kmask is None and not vbs)
+        y, accepted = train_with_update(_ops.train, (input, weight, bias, kmask, eps, vbs), running_mean,
+                                        running_var, update=update, momentum=momentum, nonfinite=nonfinite,
+                                        fusable=kmask is None and not vbs)
+        return y, (torch.tensor(accepted) if accepted_tensor and isinstance(accepted, bool) else accepted)
     assert running_mean is not None and running_var is not None
     if update:
         stats = _whole_batch(*_ref.stats(input.detach(), kmask, 0))
@@ -464,11 +443,12 @@ def batch_renorm(
     Returns ``(y, accepted)`` as :func:`batch_norm_with_update`.
     """
     if not training:
-        return batch_norm_with_update(
+        y, _ = batch_norm_with_update(
             input, running_mean, running_var, weight, bias, normalize_with_batch=False,
             update=False, eps=eps, mask=mask, virtual_batch_size=virtual_batch_size,
             nonfinite=nonfinite,
         )
+        return y, None
     check_nonfinite_mode(nonfinite)
     check_input(input, running_mean, running_var, weight, bias, training=True, eps=eps, mask=mask,
                 virtual_batch_size=virtual_batch_size)

@@ -234,6 +234,10 @@ def test_running_update_in_the_training_call_matches_the_separate_update(backend
                 assert isinstance(accepted, torch.Tensor) and accepted.shape == () and bool(accepted)
                 assert rm._version > version
                 runs.append((y, rm, rv))
+                _, plain = BF.batch_norm_with_update(xx.detach(), rm.clone(), rv.clone(), w, b,
+                                                     normalize_with_batch=True, update=True, momentum=momentum,
+                                                     accepted_tensor=False)
+                assert plain is True if isinstance(momentum, float) else isinstance(plain, torch.Tensor)
             for a, e in zip(*runs):
                 torch.testing.assert_close(a, e)
             if requires_grad:

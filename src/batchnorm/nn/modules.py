@@ -244,12 +244,12 @@ class _NormBase(nn.Module):
                    update: bool) -> tuple[Tensor, Tensor | bool | None]:
         """The math on channel-first input; subclasses change only this (e.g. renormalization)."""
         weight, bias = self._affine()
-        return F._batch_norm_with_update(
+        return F.batch_norm_with_update(
             x, self.running_mean, self.running_var, weight, bias,
             normalize_with_batch=normalize_with_batch, update=update,
             momentum=self._momentum_factor() if update else 0.0, eps=self.eps, mask=mask,
             virtual_batch_size=self.virtual_batch_size if normalize_with_batch else None,
-            nonfinite=self.nonfinite,
+            nonfinite=self.nonfinite, accepted_tensor=False,
         )
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
