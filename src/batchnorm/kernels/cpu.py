@@ -23,8 +23,10 @@ and compile to scalar and 32-byte vector code (:mod:`batchnorm.kernels._simd`); 
 least :data:`STREAM_MIN_BYTES` (backward: :data:`STREAM_MIN_BYTES_BACKWARD`) are written with
 non-temporal stores, which skip the write-allocate read and leave the cache to the input.
 
-Each op is one call from Python into a serial driver (``_train_planes``, ``_bwd_rows``, ...)
-that runs the parallel kernels and the per-channel arithmetic between them.
+Each op is one call from Python (``_train``, ``_apply``, ``_bwd``: tensors passed by address,
+arrays built inside numba) into a serial driver (``_train_planes``, ``_bwd_rows``, ...) that runs
+the parallel kernels and the per-channel arithmetic between them; the training forward also moves
+the running statistics when it is given them (``running=``).
 
 Statistics are float64 sums of float32 block partials (float64 throughout for float64 input).
 Masks, ghost batches and half precision go to the reference backend
@@ -960,7 +962,8 @@ def _running(running: Running | None, acc: torch.dtype) -> bool:
         return False
     rm, rv, f = running
     return (isinstance(f, (int, float)) and rm.device.type == "cpu" and rm.dtype == rv.dtype == acc
-            and rm.dim() == rv.dim() == 1 and rm.is_contiguous() and rv.is_contiguous())
+            and rm.dim() == rv.dim() == 1 and rm.is_contiguous() and rv.is_contiguous()
+            and not (rm.requires_grad or rv.requires_grad))
 
 
 def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):

@@ -45,6 +45,9 @@ class Running(NamedTuple):
 def update_running(running: Running, mean: Tensor, var: Tensor, n: float) -> None:
     """Move ``running`` towards one group's statistics (``mean``, biased ``var``, over ``n > 1``
     values) in place; non-finite statistics are written as they are (torch's behaviour)."""
+    if mean.dim() > 1 and mean.shape[0] != 1:
+        raise ValueError(f"running statistics move with one group's statistics, got shape {tuple(mean.shape)} "
+                         "(ghost batches: merge the groups first, see batchnorm.functional.combine_stats)")
     rm, rv, f = running
     with torch.no_grad():
         rm.lerp_(mean.reshape(-1).to(rm.dtype), f)
