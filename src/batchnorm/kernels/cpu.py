@@ -322,20 +322,36 @@ def _sums_step(q, moments, i, c, accs, acct):
 def _rows_block_sums(gp, moments, ch, r0, r1, bi, psum, pdot):
     """Rows ``r0:r1`` of the flat ``(M, ch)`` tensors of the gate parameters ``gp`` (:func:`_fg`)
     into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and ``sum(g * (x - k))``, ``k = gp[4]``,
-    with ``g = x - k`` (``moments``) or ``g`` of :func:`_fg`; ``W`` channels at a time. The
-    per-channel accumulators, in the input dtype, are flushed to float64 every :data:`_RBLK` rows."""
+    with ``g = x - k`` (``moments``) or ``g`` of :func:`_fg`; ``W`` channels at a time, two rows
+    per step (one accumulator update for both). The per-channel accumulators, in the input dtype,
+    are flushed to float64 every :data:`_RBLK` rows."""
     accs = np.full(ch, gp[9])
     acct = np.full(ch, gp[9])
     q = pointers(gp)
     w = 32 // accs.itemsize
     cv = ch // w * w
-    for m in range(r0, r1):
-        for c in range(0, cv, w):
-            _sums_step(q, moments, (vpos(m * ch + c), vpos(c)), vpos(c), accs, acct)
-        for c in range(cv, ch):
-            _sums_step(q, moments, (m * ch + c, c), c, accs, acct)
-        if (m - r0) % _RBLK == _RBLK - 1 or m == r1 - 1:
-            _flush(accs, acct, psum, pdot, bi)
+    for s0 in range(r0, r1, _RBLK):
+        s1 = min(s0 + _RBLK, r1)
+        for m in range(s0, s1 - 1, 2):
+            for c in range(0, cv, w):
+                i0 = (vpos(m * ch + c), vpos(c))
+                i1 = (vpos((m + 1) * ch + c), vpos(c))
+                d0 = at(q[1], i0) - atc(q[4], i0)
+                d1 = at(q[1], i1) - atc(q[4], i1)
+                g0 = d0 if moments else _fg(q, i0)
+                g1 = d1 if moments else _fg(q, i1)
+                add_at(accs, vpos(c), g0 + g1)
+                add_at(acct, vpos(c), g0 * d0 + g1 * d1)
+            for c in range(cv, ch):
+                _sums_step(q, moments, (m * ch + c, c), c, accs, acct)
+                _sums_step(q, moments, ((m + 1) * ch + c, c), c, accs, acct)
+        if (s1 - s0) % 2:
+            m = s1 - 1
+            for c in range(0, cv, w):
+                _sums_step(q, moments, (vpos(m * ch + c), vpos(c)), vpos(c), accs, acct)
+            for c in range(cv, ch):
+                _sums_step(q, moments, (m * ch + c, c), c, accs, acct)
+        _flush(accs, acct, psum, pdot, bi)
 
 
 # ============================================================================ planes (N, C, L)
