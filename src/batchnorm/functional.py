@@ -216,11 +216,16 @@ def _report_nonfinite(nonfinite: str) -> None:
     )
 
 
+def _update_dtype(buffers: torch.dtype, stats: torch.dtype) -> torch.dtype:
+    """The dtype the running-statistics update computes in: the wider of the buffers' and the
+    statistics' dtypes, float32 at least."""
+    return torch.promote_types(torch.promote_types(buffers, stats), torch.float32)
+
+
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stats,
                           momentum: float | Tensor, nonfinite: str) -> Tensor:
     mean, var_b, count = stats
-    # computed in the wider of the buffers' and the statistics' dtypes (float32 at least)
-    dt = torch.promote_types(torch.promote_types(running_mean.dtype, mean.dtype), torch.float32)
+    dt = _update_dtype(running_mean.dtype, mean.dtype)
     if (not isinstance(momentum, Tensor) and count.device.type == "cpu" and running_mean.dtype == dt
             and running_var.dtype == dt and not _compiling()):
         # eager, CPU count: the same update with its branches taken in Python (a handful of torch
@@ -254,9 +259,9 @@ def _fuse_update(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum:
     """Whether a training op may move the running statistics itself (``running=``): in eager
     mode, with ``nonfinite="propagate"``, a number for momentum and buffers in the dtype the
     update computes in (what :func:`_update_running_stats`' eager branch would do)."""
-    if _compiling() or nonfinite != "propagate" or isinstance(momentum, Tensor) or isinstance(momentum, bool):
+    if _compiling() or nonfinite != "propagate" or isinstance(momentum, (Tensor, bool)):
         return False
-    dt = torch.promote_types(torch.promote_types(running_mean.dtype, _ref.acc_dtype(x.dtype)), torch.float32)
+    dt = _update_dtype(running_mean.dtype, _ref.acc_dtype(x.dtype))
     return running_mean.dtype == dt and running_var.dtype == dt
 
 

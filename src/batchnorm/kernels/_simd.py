@@ -428,8 +428,6 @@ def _at_ov(t, i):
 def _atc_ov(p, i):
     if isinstance(p, types.Number):
         return lambda p, i: p
-    if isinstance(p, types.CPointer) and not isinstance(i, types.BaseTuple):
-        return lambda p, i: _elem(p, i)  # one row: its elements are its channels
     if isinstance(i, types.BaseTuple):
         return lambda p, i: _elem(p, i[1])
     return None

@@ -309,11 +309,17 @@ def _flush(accs, acct, psum, pdot, bi):
 
 
 @njit(**_INL)
-def _sums_step(q, moments, i, c, accs, acct):
-    """Add ``g`` and ``g * (x - k)`` at ``i`` (one element or ``W`` lanes) to the accumulators
-    at channel ``c``."""
+def _g_d(q, moments, i):
+    """``(g, x - k)`` at ``i`` (one element or ``W`` lanes), ``k = q[4]``: ``g = x - k`` for the
+    ``moments``, else ``g`` of :func:`_fg`."""
     d = at(q[1], i) - atc(q[4], i)
-    g = d if moments else _fg(q, i)
+    return (d if moments else _fg(q, i)), d
+
+
+@njit(**_INL)
+def _sums_step(q, moments, i, c, accs, acct):
+    """Add ``g`` and ``g * (x - k)`` at ``i`` (:func:`_g_d`) to the accumulators at channel ``c``."""
+    g, d = _g_d(q, moments, i)
     add_at(accs, c, g)
     add_at(acct, c, g * d)
 
@@ -334,12 +340,8 @@ def _rows_block_sums(gp, moments, ch, r0, r1, bi, psum, pdot):
         s1 = min(s0 + _RBLK, r1)
         for m in range(s0, s1 - 1, 2):
             for c in range(0, cv, w):
-                i0 = (vpos(m * ch + c), vpos(c))
-                i1 = (vpos((m + 1) * ch + c), vpos(c))
-                d0 = at(q[1], i0) - atc(q[4], i0)
-                d1 = at(q[1], i1) - atc(q[4], i1)
-                g0 = d0 if moments else _fg(q, i0)
-                g1 = d1 if moments else _fg(q, i1)
+                g0, d0 = _g_d(q, moments, (vpos(m * ch + c), vpos(c)))
+                g1, d1 = _g_d(q, moments, (vpos((m + 1) * ch + c), vpos(c)))
                 add_at(accs, vpos(c), g0 + g1)
                 add_at(acct, vpos(c), g0 * d0 + g1 * d1)
             for c in range(cv, ch):
@@ -782,7 +784,7 @@ def _channel(addr, c, dt, fill):
     """A per-channel vector, or ``fill`` everywhere for address 0 (no weight, no bias)."""
     if addr == 0:
         return np.full(c, fill, dt)
-    return numba.carray(voidptr(addr), c, dt)
+    return _tensor(addr, c, dt)
 
 
 @njit(cache=True)
