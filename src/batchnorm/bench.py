@@ -12,8 +12,8 @@ Passes:
   ``torch.nn.functional.batch_norm`` (both update running statistics). Floor 1R+1W.
 * ``eval``: inference forward with running statistics. Floor 1R+1W.
 * ``backward``: the training backward (dx, dgamma, dbeta) as eager autograd runs it (the
-  implementation behind the ``batchnorm::train_backward`` op) vs ATen's
-  ``native_batch_norm_backward``. Floor 2R+1W.
+  implementation behind the ``batchnorm::train_backward`` op) vs the backward autograd runs after
+  torch's forward (``native_batch_norm_backward``; cuDNN's on a GPU when it took the forward). Floor 2R+1W.
 * ``bn_relu``: fused BN+ReLU forward+backward (``BatchNormAct``'s eager entry point) vs ATen BN
   then ``relu_`` with autograd. Floor 1R+1W forward + 2R+1W backward.
 """
@@ -121,12 +121,15 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
         cases.append((name, fns))
     if "backward" in passes:
         _, mean, var, count = torch.ops.batchnorm.train_forward(x, w, b, None, eps, 0)
-        _, smean, sinv, _, _ = torch.ops.aten._batch_norm_impl_index(x, w, b, rm_t, rv_t, True, 0.1, eps, True)
+        # torch's side is the backward autograd would run after this forward (native, or cuDNN on
+        # a GPU); the running statistics are unused by a training backward
+        _, smean, sinv, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+            x, w, b, rm_t, rv_t, True, 0.1, eps, True)
         mask3 = [True, True, True]
         cases.append(("backward", {
             "ours": lambda: _ops._train_backward_impl(dy, x, mean, var, w, None, count, eps, 0, True),
-            "torch": lambda: torch.ops.aten.native_batch_norm_backward(
-                dy, x, w, rm_t, rv_t, smean, sinv, True, eps, mask3),
+            "torch": lambda: torch.ops.aten._batch_norm_impl_index_backward(
+                impl, x, dy, w, None, None, smean, sinv, True, eps, mask3, reserve),
         }))
     if "bn_relu" in passes:
         xg = x.detach().clone().requires_grad_()

@@ -1,12 +1,16 @@
 """Triton backend checks, run under Triton's CPU interpreter by test_triton.py (a subprocess:
-the interpreter must be chosen before triton is imported). Exit code 0 when every check passes."""
+the interpreter must be chosen before triton is imported). Exit code 0 when every check passes.
+
+On a machine with a CUDA GPU, ``python tests/kernels/_triton_checks.py`` runs the same checks on
+the GPU (compiled kernels instead of the interpreter)."""
 
 import os
 import sys
 
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("BATCHNORM_TRITON") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+assert DEVICE == "cuda" or (os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("BATCHNORM_TRITON") == "1")
 
 import batchnorm  # noqa: E402
 from batchnorm.kernels import reference_act as ra  # noqa: E402
@@ -25,17 +29,19 @@ def close(name, a, e, atol=2e-4, rtol=2e-4):
 
 
 CASES = [((3, 5, 4, 7), "nchw"), ((3, 5, 4, 7), "cl"), ((17, 1), "nchw"), ((2, 3, 9), "nchw"),
-         ((2, 3, 2, 3, 5), "cl"), ((70, 40), "nchw"), ((2, 40, 3, 5), "nc")]
+         ((2, 3, 2, 3, 5), "cl"), ((70, 40), "nchw"), ((2, 40, 3, 5), "nc"),
+         # several chunks per channel (planes split along the positions too), several channel blocks
+         ((1, 2, 40, 50), "nchw"), ((6, 130), "nchw")]
 for shape, layout in CASES:
-    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE) * 2 + 1
     if layout == "cl":
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     if layout == "nc":
         x = torch.cat([x, x], -1)[..., ::2]
     c = shape[1]
-    w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
-    r = torch.randn(shape, dtype=torch.float64)
-    dy = torch.randn(shape, dtype=torch.float64)
+    w, b = (torch.randn(c, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    r = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     for dtype in (torch.float32, torch.bfloat16):
         tol = {} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
         xs = x.to(dtype)
@@ -64,9 +70,9 @@ for shape, layout in CASES:
                 close(f"apply bwd {part} {tag}", a_, e_, **({"atol": 2e-3, "rtol": 2e-3} if not tol else tol))
 
 # through the public layer, the dispatcher choosing triton
-x = torch.randn(4, 3, 5, 5, requires_grad=True)
-layer = batchnorm.BatchNormAct2d(3, act="relu")
-ref_layer = torch.nn.BatchNorm2d(3)
+x = torch.randn(4, 3, 5, 5, device=DEVICE, requires_grad=True)
+layer = batchnorm.BatchNormAct2d(3, act="relu").to(DEVICE)
+ref_layer = torch.nn.BatchNorm2d(3).to(DEVICE)
 with batchnorm.use_backend("triton"):
     from batchnorm import kernels
 
@@ -83,4 +89,4 @@ if failures:
     print("\n".join(failures[:20]))
     print(f"{len(failures)} failures")
     sys.exit(1)
-print("triton interpreter checks passed")
+print(f"triton {'GPU' if DEVICE == 'cuda' else 'interpreter'} checks passed")

@@ -5,18 +5,33 @@ Registered when a CUDA device is present, or on the CPU when both ``TRITON_INTER
 it on tiny shapes). Otherwise importing this module raises ``ImportError`` and the dispatcher
 skips it.
 
-Three kernels cover every op, for NCHW and channels_last (any dense layout where the channel has
-one stride), float32/float16/bfloat16 with float32 statistics:
+A dense input (contiguous or channels_last; anything else is copied to contiguous first) is seen
+in one of two geometries, like the CPU backend's:
 
-* ``_partial_sums``: a 2D grid ``(P, ceil(C / BLOCK_C))`` whose first axis splits the ``N * L``
-  positions into ``P`` chunks chosen from the device's SM count, *not* from ``C``: with ``C = 64``
-  a 132-SM H100 still gets a few hundred programs. Each program writes per-chunk float32 sums
-  (shifted by a per-channel pilot value for the forward, so the one-pass variance has no
-  cancellation; ``sum(g)``, ``sum(g * (x - mean))`` with ``g = dy * act'(z)`` for the backward).
-  The ``(P, C)`` partials are merged in float64.
-* ``_elementwise_fwd``: ``y = act((x - mean) * scale + shift [+ residual])`` over the flat storage.
-* ``_elementwise_bwd``: ``g`` recomputed from ``x`` (and the residual), ``dx = g * ka + (x - mean)
-  * kb + kc`` and ``dresidual = g``.
+* *planes* (NCHW, ``L > 1``): ``N * C`` contiguous planes of ``L`` values; tiles are
+  ``[planes, positions in a plane]``, so every load runs along contiguous memory;
+* *rows* (channels_last, or ``(N, C)``): ``N * L`` rows of ``C`` contiguous values; tiles are
+  ``[rows, channels]``.
+
+Four kernels cover every op, float32/float16/bfloat16 with float32 statistics (merged in
+float64):
+
+* ``_stats``: per-chunk partial sums on a grid that does not depend on ``C``: each channel's
+  ``N * L`` positions are split into ``G`` chunks chosen from the SM count, so ``C = 64`` still
+  gives a 132-SM H100 about a thousand programs. Forward: ``sum(x - k)``, ``sum((x - k)^2)``
+  with ``k`` the channel's first value (a shift that keeps the one-pass variance free of
+  cancellation); backward: ``sum(g)``, ``sum(g * (x - mean))`` with ``g = dy * act'(z)``
+  recomputed from ``x`` (and the residual).
+* ``_finish_fwd`` / ``_finish_bwd``: one small program per block of channels merges the ``(G, C)``
+  partials in float64 and writes the op's per-channel outputs: mean, variance, ``1/std`` and the
+  count, and moves the running statistics in place (``running=``); or ``dweight``, ``dbias``
+  and the backward's two per-channel coefficients.
+* ``_apply``: ``y = act((x - mean) * invstd * weight + bias [+ residual])``, or, with
+  ``BACKWARD``, ``dx = g * invstd * weight + (x - mean) * kb + kc`` and ``dresidual = g``. It
+  walks the tensor last tile first, so the tiles the statistics pass read last are still in L2.
+
+A training forward is three launches (statistics, finish, apply), a backward three, an
+inference forward one; nothing else runs on the GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import triton.language as tl  # noqa: E402
 
 from . import reference as ref  # noqa: E402
 from . import register_backend  # noqa: E402
+from .reference import Running  # noqa: E402
 
 name = "triton"
 
@@ -74,89 +90,237 @@ def _dact(z, slope, ACT: tl.constexpr):
 
 
 @triton.jit
-def _partial_sums(x_ptr, dy_ptr, r_ptr, shift_ptr, mean_ptr, scale_ptr, bias_ptr, out1_ptr, out2_ptr,
-                  M, C, L, sN, sC, sL, rows_per_prog, slope,
-                  BACKWARD: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per chunk of positions and block of channels: forward ``sum(x - k)``, ``sum((x - k)^2)``;
-    backward ``sum(g)``, ``sum(g * (x - mean))``."""
-    p = tl.program_id(0)
-    cb = tl.program_id(1)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    k = tl.load(shift_ptr + cs, mask=cmask, other=0.0)
-    if BACKWARD:
-        a = tl.load(scale_ptr + cs, mask=cmask, other=0.0)
-        b = tl.load(bias_ptr + cs, mask=cmask, other=0.0)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    m0 = p * rows_per_prog
-    m_end = tl.minimum(m0 + rows_per_prog, M)
-    for start in range(m0, m_end, BLOCK_M):
-        ms = start + tl.arange(0, BLOCK_M)
-        mmask = ms < m_end
-        n = ms // L
-        l_ = ms % L
-        off = n[:, None] * sN + cs[None, :] * sC + l_[:, None] * sL
-        msk = mmask[:, None] & cmask[None, :]
-        d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k[None, :]
-        if BACKWARD:
-            z = d * a[None, :] + b[None, :]
-            if HAS_R:
-                z += tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
-            g = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32) * _dact(z, slope, ACT)
-            g = tl.where(msk, g, 0.0)
-            acc1 += g
-            acc2 += g * d
-        else:
-            d = tl.where(msk, d, 0.0)
-            acc1 += d
-            acc2 += d * d
-    tl.store(out1_ptr + p * C + cs, tl.sum(acc1, 0), mask=cmask)
-    tl.store(out2_ptr + p * C + cs, tl.sum(acc2, 0), mask=cmask)
+def _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Per-channel ``(mean, invstd * weight, bias)`` in float32 for channel index(es) ``c``."""
+    m = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    a = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_W:
+        a = a * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = m * 0.0
+    return m, a, b
 
 
 @triton.jit
-def _elementwise_fwd(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, total, C, stride_c, slope,
-                     HAS_R: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    c = (offs // stride_c) % C
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(mean_ptr + c, mask=mask, other=0.0)
-    a = tl.load(scale_ptr + c, mask=mask, other=0.0)
-    b = tl.load(shift_ptr + c, mask=mask, other=0.0)
-    z = (x - m) * a + b
-    if HAS_R:
-        z += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _act(z, slope, ACT)
-    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _elementwise_bwd(dy_ptr, x_ptr, r_ptr, dx_ptr, dr_ptr, mean_ptr, scale_ptr, shift_ptr, ka_ptr, kb_ptr,
-                     kc_ptr, total, C, stride_c, slope, HAS_R: tl.constexpr, ACT: tl.constexpr,
-                     NEED_DX: tl.constexpr, NEED_DR: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    c = (offs // stride_c) % C
-    d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(mean_ptr + c, mask=mask, other=0.0)
-    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _grad_out(dy, d, r, a, b, slope, HAS_R: tl.constexpr, ACT: tl.constexpr):
+    """``g = dy * act'(z)`` with ``z = d * a + b [+ r]`` recomputed (``dy`` itself for the identity)."""
     if ACT != 0:
-        z = d * tl.load(scale_ptr + c, mask=mask, other=0.0) + tl.load(shift_ptr + c, mask=mask, other=0.0)
+        z = d * a + b
         if HAS_R:
-            z += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = g * _dact(z, slope, ACT)
-    if NEED_DX:
-        ka = tl.load(ka_ptr + c, mask=mask, other=0.0)
-        kb = tl.load(kb_ptr + c, mask=mask, other=0.0)
-        kc = tl.load(kc_ptr + c, mask=mask, other=0.0)
-        tl.store(dx_ptr + offs, (g * ka + d * kb + kc).to(dx_ptr.dtype.element_ty), mask=mask)
-    if NEED_DR:
-        tl.store(dr_ptr + offs, g.to(dr_ptr.dtype.element_ty), mask=mask)
+            z += r
+        dy = dy * _dact(z, slope, ACT)
+    return dy
 
 
-# ------------------------------------------------------------------------------- helpers
+@triton.jit
+def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+           N, C, L, NB, LSEG, GL, G, slope,
+           ROWS: tl.constexpr, BACKWARD: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
+           HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Partial sums of one chunk of positions: ``part[0, g, c]``, ``part[1, g, c]``.
+
+    Planes: program ``(g, c)`` covers samples ``[gn * NB, gn * NB + NB)`` and positions
+    ``[gl * LSEG, gl * LSEG + LSEG)`` of channel ``c`` in ``[BLOCK_P samples, BLOCK_Q positions]``
+    tiles. Rows: program ``(g, channel block)`` covers rows ``[g * NB, g * NB + NB)`` in
+    ``[BLOCK_P rows, BLOCK_Q channels]`` tiles.
+    """
+    pid = tl.program_id(0)
+    if ROWS:
+        nblk = tl.cdiv(C, BLOCK_Q)
+        g = pid // nblk
+        cs = (pid % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        cmask = cs < C
+        lo = g * NB
+        hi = tl.minimum(lo + NB, N * L)
+        ps = tl.arange(0, BLOCK_P)
+        k = tl.load(x_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            k, a, b = _params(cs, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+        acc1 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_P):
+            rows = start + ps
+            msk = (rows < hi)[:, None] & cmask[None, :]
+            off = rows.to(tl.int64)[:, None] * C + cs[None, :]
+            d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k[None, :]
+            if BACKWARD:
+                r = 0.0
+                if HAS_R:
+                    r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
+                gy = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
+                gy = tl.where(msk, _grad_out(gy, d, r, a[None, :], b[None, :], slope, HAS_R, ACT), 0.0)
+                acc1 += gy
+                acc2 += gy * d
+            else:
+                d = tl.where(msk, d, 0.0)
+                acc1 += d
+                acc2 += d * d
+        tl.store(part_ptr + g * C + cs, tl.sum(acc1, 0), mask=cmask)
+        tl.store(part_ptr + (G + g) * C + cs, tl.sum(acc2, 0), mask=cmask)
+    else:
+        c = pid % C
+        g = pid // C
+        n_lo = (g // GL) * NB
+        n_hi = tl.minimum(n_lo + NB, N)
+        l_lo = (g % GL) * LSEG
+        l_hi = tl.minimum(l_lo + LSEG, L)
+        ns = tl.arange(0, BLOCK_P)
+        ls = tl.arange(0, BLOCK_Q)
+        k = tl.load(x_ptr + c * L).to(tl.float32)
+        if BACKWARD:
+            k, a, b = _params(c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+        acc1 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+        for n0 in range(n_lo, n_hi, BLOCK_P):
+            n = n0 + ns
+            base = (n.to(tl.int64) * C + c) * L
+            for l0 in range(l_lo, l_hi, BLOCK_Q):
+                pos = l0 + ls
+                msk = (n < n_hi)[:, None] & (pos < l_hi)[None, :]
+                off = base[:, None] + pos[None, :]
+                d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k
+                if BACKWARD:
+                    r = 0.0
+                    if HAS_R:
+                        r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
+                    gy = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
+                    gy = tl.where(msk, _grad_out(gy, d, r, a, b, slope, HAS_R, ACT), 0.0)
+                    acc1 += gy
+                    acc2 += gy * d
+                else:
+                    d = tl.where(msk, d, 0.0)
+                    acc1 += d
+                    acc2 += d * d
+        tl.store(part_ptr + g * C + c, tl.sum(tl.sum(acc1, 1), 0))
+        tl.store(part_ptr + (G + g) * C + c, tl.sum(tl.sum(acc2, 1), 0))
+
+
+@triton.jit
+def _merge(part_ptr, G, C, cs, cmask):
+    """Float64 sums over the ``G`` chunks of ``part[0]`` and ``part[1]`` for channels ``cs``."""
+    s = tl.zeros(cs.shape, dtype=tl.float64)
+    q = tl.zeros(cs.shape, dtype=tl.float64)
+    for g in range(0, G):
+        s += tl.load(part_ptr + g * C + cs, mask=cmask, other=0.0).to(tl.float64)
+        q += tl.load(part_ptr + (G + g) * C + cs, mask=cmask, other=0.0).to(tl.float64)
+    return s, q
+
+
+@triton.jit
+def _finish_fwd(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, G, C, k_stride,
+                count, eps, momentum, unbias, UPDATE: tl.constexpr, BLOCK: tl.constexpr):
+    """Mean, biased variance, ``1/sqrt(var + eps)`` (and the running statistics) per channel."""
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cs < C
+    s, q = _merge(part_ptr, G, C, cs, cmask)
+    k = tl.load(x_ptr + cs * k_stride, mask=cmask, other=0.0).to(tl.float64)
+    md = s / count
+    var = tl.maximum(q / count - md * md, 0.0)
+    mean = k + md
+    tl.store(mean_ptr + cs, mean.to(tl.float32), mask=cmask)
+    tl.store(var_ptr + cs, var.to(tl.float32), mask=cmask)
+    tl.store(invstd_ptr + cs, (1.0 / tl.sqrt(var + eps)).to(tl.float32), mask=cmask)
+    tl.store(count_ptr + cs * 0, (s * 0.0 + count).to(tl.float32), mask=cs == 0)
+    if UPDATE:  # torch's lerp_ of the eager update, in float32
+        rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0)
+        rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0)
+        tl.store(rm_ptr + cs, rm + momentum * (mean.to(tl.float32) - rm), mask=cmask)
+        tl.store(rv_ptr + cs, rv + momentum * ((var.to(tl.float32) * unbias) - rv), mask=cmask)
+
+
+@triton.jit
+def _finish_bwd(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, G, C, count,
+                TRAIN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """``dweight = sum(g * xhat)``, ``dbias = sum(g)``; training: ``kb``, ``kc`` of ``dx``."""
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cs < C
+    s, t = _merge(part_ptr, G, C, cs, cmask)
+    inv = tl.load(invstd_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
+    tl.store(dw_ptr + cs, (t * inv).to(tl.float32), mask=cmask)
+    tl.store(db_ptr + cs, s.to(tl.float32), mask=cmask)
+    if TRAIN:
+        a = inv
+        if HAS_W:
+            a = a * tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
+        tl.store(k_ptr + cs, (-a * inv * inv * t / count).to(tl.float32), mask=cmask)
+        tl.store(k_ptr + C + cs, (-a * s / count).to(tl.float32), mask=cmask)
+
+
+@triton.jit
+def _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m, a, b, kb, kc, slope,
+          BACKWARD: tl.constexpr, TRAIN: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
+          NEED_DX: tl.constexpr, NEED_DR: tl.constexpr):
+    d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - m
+    r = 0.0
+    if HAS_R:
+        r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    if BACKWARD:
+        g = _grad_out(tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32), d, r, a, b, slope, HAS_R, ACT)
+        if NEED_DX:
+            dx = g * a
+            if TRAIN:
+                dx += d * kb + kc
+            tl.store(y_ptr + off, dx.to(y_ptr.dtype.element_ty), mask=msk)
+        if NEED_DR:
+            tl.store(dr_ptr + off, g.to(dr_ptr.dtype.element_ty), mask=msk)
+    else:
+        z = d * a + b
+        if HAS_R:
+            z += r
+        tl.store(y_ptr + off, _act(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, N, C, L, slope,
+           ROWS: tl.constexpr, BACKWARD: tl.constexpr, TRAIN: tl.constexpr, HAS_R: tl.constexpr,
+           HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
+           NEED_DR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """The elementwise pass (forward: ``y``; backward: ``dx`` into ``y_ptr`` and ``dresidual``),
+    one ``[BLOCK_P, BLOCK_Q]`` tile (rows x channels, or planes x positions) per program, the
+    programs taken last tile first."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    if ROWS:
+        nblk = tl.cdiv(C, BLOCK_Q)
+        rows = (pid // nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
+        cs = (pid % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        cmask = cs < C
+        m, a, b = _params(cs, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+        kb = 0.0
+        kc = 0.0
+        if TRAIN:
+            kb = tl.load(k_ptr + cs, mask=cmask, other=0.0)[None, :]
+            kc = tl.load(k_ptr + C + cs, mask=cmask, other=0.0)[None, :]
+        off = rows.to(tl.int64)[:, None] * C + cs[None, :]
+        msk = (rows < N * L)[:, None] & cmask[None, :]
+        _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m[None, :], a[None, :], b[None, :], kb, kc, slope,
+              BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR)
+    else:
+        nblk = tl.cdiv(L, BLOCK_Q)
+        planes = (pid // nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pos = (pid % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        pmask = planes < N * C
+        c = planes % C
+        m, a, b = _params(c, pmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+        kb = 0.0
+        kc = 0.0
+        if TRAIN:
+            kb = tl.load(k_ptr + c, mask=pmask, other=0.0)[:, None]
+            kc = tl.load(k_ptr + C + c, mask=pmask, other=0.0)[:, None]
+        off = planes.to(tl.int64)[:, None] * L + pos[None, :]
+        msk = pmask[:, None] & (pos < L)[None, :]
+        _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m[:, None], a[:, None], b[:, None], kb, kc, slope,
+              BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR)
+
+
+# ------------------------------------------------------------------------------- geometry
+
+#: Elements per tile of the statistics and elementwise kernels, and channels per finish program.
+_STATS_TILE, _APPLY_TILE, _FINISH_BLOCK = 2048, 2048, 128
+#: Statistics programs per SM (the chunk count ``G`` per channel follows from it); warps per program.
+_PROGRAMS_PER_SM, _STATS_WARPS, _APPLY_WARPS = 8, 4, 4
+_SMS: dict[int, int] = {}
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -175,80 +339,117 @@ def _like_layout(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x).copy_(t)
 
 
-def _dims(x: Tensor) -> tuple[int, int, int, int, int, int]:
-    """``(M, C, L, sN, sC, sL)`` of ``x`` seen as ``(N, C, L)`` positions."""
-    n, c = x.shape[0], x.shape[1]
-    L = x.numel() // max(n * c, 1)
-    sL = x.stride(-1) if x.dim() > 2 else 1
-    if x.dim() > 2 and not x.is_contiguous():
-        sL = c  # channels_last: the spatial positions are C apart
-    return n * L, c, L, x.stride(0), x.stride(1), sL
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _programs(m: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    """Number of chunks of positions and rows per chunk (from the SM count, not from C)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
-    chunks = max(1, min(triton.cdiv(m, block_m), target))
-    rows = triton.cdiv(triton.cdiv(m, chunks), block_m) * block_m
-    return triton.cdiv(m, rows), rows
+class _Geometry:
+    """How a dense ``x`` is tiled: rows (channel stride 1) or planes, and the launch grids."""
+
+    def __init__(self, x: Tensor) -> None:
+        n, c = x.shape[0], x.shape[1]
+        self.N, self.C, self.L = n, c, x.numel() // (n * c)
+        self.rows = self.L == 1 or x.stride(1) == 1
+        if x.device.type == "cuda":
+            idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            if idx not in _SMS:
+                _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+            target = _PROGRAMS_PER_SM * _SMS[idx]
+        else:
+            target = 4
+        M = n * self.L
+        if self.rows:
+            self.q = _pow2(c, 16, 128)
+            self.p_stats = max(1, _STATS_TILE // self.q)
+            self.p_apply = max(1, _APPLY_TILE // self.q)
+            cblocks = triton.cdiv(c, self.q)
+            chunks = max(1, min(triton.cdiv(target, cblocks), triton.cdiv(M, self.p_stats)))
+            self.nb = triton.cdiv(triton.cdiv(M, chunks), self.p_stats) * self.p_stats
+            self.lseg, self.gl = 1, 1
+            self.G = triton.cdiv(M, self.nb)
+            self.stats_grid = (self.G * cblocks,)
+            self.apply_grid = (triton.cdiv(M, self.p_apply) * cblocks,)
+            self.q_apply = self.q
+        else:
+            L = self.L
+            self.q = _pow2(L, 16, 1024)
+            self.p_stats = max(1, _STATS_TILE // self.q)
+            want = max(1, triton.cdiv(target, c))
+            gn = min(n, want)
+            self.nb = triton.cdiv(n, gn)
+            gn = triton.cdiv(n, self.nb)
+            gl = max(1, min(want // gn, triton.cdiv(L, self.q)))
+            self.lseg = triton.cdiv(triton.cdiv(L, gl), self.q) * self.q
+            self.gl = triton.cdiv(L, self.lseg)
+            self.G = gn * self.gl
+            self.stats_grid = (self.G * c,)
+            self.q_apply = self.q
+            self.p_apply = max(1, _APPLY_TILE // self.q)
+            self.apply_grid = (triton.cdiv(n * c, self.p_apply) * triton.cdiv(L, self.q),)
+        self.count = M
 
 
-def _f32(t: Tensor | None, c: int, fill: float, device: torch.device) -> Tensor:
+def _vec(t: Tensor | None) -> Tensor | None:
+    """A per-channel tensor as a contiguous 1-D view (any float dtype: the kernels convert)."""
     if t is None:
-        return torch.full((c,), fill, dtype=torch.float32, device=device)
-    return t.detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-
-
-_BLOCK_M, _BLOCK_C, _BLOCK = 64, 32, 1024
-
-
-def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Float64 mean and biased variance per channel."""
-    M, C, L, sN, sC, sL = _dims(x)
-    P, rows = _programs(M, _BLOCK_M, x.device)
-    pilot = x.select(0, 0).reshape(C, -1)[:, 0].float().contiguous()
-    s = torch.empty((P, C), dtype=torch.float32, device=x.device)
-    q = torch.empty_like(s)
-    dummy = pilot
-    _partial_sums[(P, triton.cdiv(C, _BLOCK_C))](
-        x, x, x, pilot, dummy, dummy, dummy, s, q, M, C, L, sN, sC, sL, rows, 0.0,
-        BACKWARD=False, HAS_R=False, ACT=0, BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
-    md = s.double().sum(0) / M
-    var = (q.double().sum(0) / M - md * md).clamp_min(0)
-    return pilot.double() + md, var
-
-
-def _apply(x: Tensor, r: Tensor | None, mean: Tensor, scale: Tensor, shift: Tensor, act: int, slope: float
-           ) -> Tensor:
-    y = torch.empty_like(x)
-    total = x.numel()
-    _elementwise_fwd[(triton.cdiv(total, _BLOCK),)](
-        x, r if r is not None else x, y, mean.float().contiguous(), scale.float().contiguous(),
-        shift.float().contiguous(), total, x.shape[1], x.stride(1), float(slope),
-        HAS_R=r is not None, ACT=act, BLOCK=_BLOCK)
-    return y
+        return None
+    t = t.detach().reshape(-1)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _residual(r: Tensor | None, x: Tensor) -> Tensor | None:
     return None if r is None else _like_layout(r.to(x.dtype), x)
 
 
+def _fused_running(running: Running | None, x: Tensor) -> bool:
+    """Whether ``_finish_fwd`` can move ``running`` itself (float32 vectors on x's device, a number
+    for momentum); else the caller updates with torch."""
+    if running is None:
+        return False
+    rm, rv, f = running
+    return (isinstance(f, (int, float)) and not isinstance(f, bool) and rm.device == x.device
+            and rm.dtype == rv.dtype == torch.float32 and rm.dim() == rv.dim() == 1 and rm.is_contiguous()
+            and rv.is_contiguous() and not (rm.requires_grad or rv.requires_grad))
+
+
 # ---------------------------------------------------------------------------- entry points
 
 
 def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
+    """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``; ``running``
+    (:class:`~batchnorm.kernels.reference.Running`) moves in the same call."""
     x = _dense(x)
-    c = x.shape[1]
-    mean, var = _moments(x)
-    scale = _f32(weight, c, 1.0, x.device).double() * torch.rsqrt(var + eps)
-    y = _apply(x, _residual(residual, x), mean, scale, _f32(bias, c, 0.0, x.device), _ACT_CODES[act], slope)
-    count = torch.full((1,), float(x.numel() // c), dtype=torch.float32, device=x.device)
+    geo = _Geometry(x)
+    C, dev = geo.C, x.device
+    w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
+    scratch = torch.empty(C + 2 * geo.G * C, dtype=torch.float32, device=dev)
+    invstd, part = scratch[:C], scratch[C:]
+    mean = torch.empty((1, C), dtype=torch.float32, device=dev)
+    var = torch.empty((1, C), dtype=torch.float32, device=dev)
+    count = torch.empty((1,), dtype=torch.float32, device=dev)
+    _stats[geo.stats_grid](
+        x, x, x, x, x, x, x, part, geo.N, C, geo.L, geo.nb, geo.lseg, geo.gl, geo.G, 0.0,
+        ROWS=geo.rows, BACKWARD=False, HAS_R=False, HAS_W=False, HAS_B=False, ACT=0,
+        BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, num_warps=_STATS_WARPS)
+    update = _fused_running(running, x)
+    rm, rv = (running.mean, running.var) if update else (mean, var)  # type: ignore[union-attr]
+    M = geo.count
+    _finish_fwd[(triton.cdiv(C, _FINISH_BLOCK),)](
+        part, x, mean, var, invstd, count, rm, rv, geo.G, C, 1 if geo.rows else geo.L, float(M), float(eps),
+        float(running.momentum) if update else 0.0, M / (M - 1) if M > 1 else float("inf"),  # type: ignore[union-attr]
+        UPDATE=update, BLOCK=_FINISH_BLOCK)
+    y = torch.empty_like(x)
+    _apply[geo.apply_grid](
+        x, y, x, r if r is not None else x, x, mean, invstd, w if w is not None else x, b if b is not None else x,
+        x, geo.N, C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False, TRAIN=False, HAS_R=r is not None,
+        HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act], NEED_DX=False, NEED_DR=False,
+        BLOCK_P=geo.p_apply, BLOCK_Q=geo.q_apply, num_warps=_APPLY_WARPS)
     if running is not None:
-        ref.update_running(running, mean, var, x.numel() // c)
-    return y, mean.float().unsqueeze(0), var.float().unsqueeze(0), count
+        if update:  # written behind autograd's back: tell it, as an in-place torch op would
+            torch.autograd.graph.increment_version(running[:2])
+        else:
+            ref.update_running(running, mean, var, M)
+    return y, mean, var, count
 
 
 def forward_train(x, weight, bias, mask, eps, vbs, running=None):
@@ -256,11 +457,17 @@ def forward_train(x, weight, bias, mask, eps, vbs, running=None):
 
 
 def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
+    """``y = act(bn(x; mean, invstd) [+ residual])`` with given ``(C,)`` statistics."""
     x = _dense(x)
-    c = x.shape[1]
-    scale = _f32(invstd, c, 1.0, x.device) * _f32(weight, c, 1.0, x.device)
-    return _apply(x, _residual(residual, x), _f32(mean, c, 0.0, x.device), scale, _f32(bias, c, 0.0, x.device),
-                  _ACT_CODES[act], slope)
+    geo = _Geometry(x)
+    w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
+    y = torch.empty_like(x)
+    _apply[geo.apply_grid](
+        x, y, x, r if r is not None else x, x, _vec(mean), _vec(invstd), w if w is not None else x,
+        b if b is not None else x, x, geo.N, geo.C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False,
+        TRAIN=False, HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act],
+        NEED_DX=False, NEED_DR=False, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q_apply, num_warps=_APPLY_WARPS)
+    return y
 
 
 def forward_apply(x, mean, invstd, weight, bias):
@@ -270,38 +477,33 @@ def forward_apply(x, mean, invstd, weight, bias):
 def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, need_dx, need_dr):
     x = _dense(x)
     dy = _like_layout(dy, x)
-    r = _residual(residual, x)
-    M, C, L, sN, sC, sL = _dims(x)
-    dev = x.device
-    m32 = _f32(mean, C, 0.0, dev)
-    inv = _f32(invstd, C, 1.0, dev).double()
-    scale = _f32(weight, C, 1.0, dev).double() * inv
-    b = _f32(bias, C, 0.0, dev)
+    geo = _Geometry(x)
+    C, dev = geo.C, x.device
+    w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
+    m, inv = _vec(mean), _vec(invstd)
     code = _ACT_CODES[act]
-    P, rows = _programs(M, _BLOCK_M, dev)
-    s1 = torch.empty((P, C), dtype=torch.float32, device=dev)
-    s2 = torch.empty_like(s1)
-    scale32 = scale.float()
-    _partial_sums[(P, triton.cdiv(C, _BLOCK_C))](
-        x, dy, r if r is not None else x, m32, m32, scale32, b, s1, s2, M, C, L, sN, sC, sL, rows, float(slope),
-        BACKWARD=True, HAS_R=r is not None, ACT=code, BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
-    s = s1.double().sum(0)
-    t = s2.double().sum(0)
+    scratch = torch.empty(2 * C + 2 * geo.G * C, dtype=torch.float32, device=dev)
+    kbc, part = scratch[:2 * C], scratch[2 * C:]
+    dw = torch.empty(C, dtype=torch.float32, device=dev)
+    db = torch.empty(C, dtype=torch.float32, device=dev)
+    wx = w if w is not None else x
+    bx = b if b is not None else x
+    rx = r if r is not None else x
+    flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=code)
+    _stats[geo.stats_grid](
+        x, dy, rx, m, inv, wx, bx, part, geo.N, C, geo.L, geo.nb, geo.lseg, geo.gl, geo.G, float(slope),
+        ROWS=geo.rows, BACKWARD=True, BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, num_warps=_STATS_WARPS, **flags)
+    _finish_bwd[(triton.cdiv(C, _FINISH_BLOCK),)](
+        part, inv, wx, dw, db, kbc, geo.G, C, float(geo.count), TRAIN=train, HAS_W=w is not None,
+        BLOCK=_FINISH_BLOCK)
     dx = torch.empty_like(x) if need_dx else None
     dr = torch.empty_like(x) if need_dr else None
     if need_dx or need_dr:
-        if train:
-            kb = -scale * inv * inv * t / M
-            kc = -scale * s / M
-        else:
-            kb = torch.zeros_like(scale)
-            kc = torch.zeros_like(scale)
-        total = x.numel()
-        _elementwise_bwd[(triton.cdiv(total, _BLOCK),)](
-            dy, x, r if r is not None else x, dx if dx is not None else x, dr if dr is not None else x,
-            m32, scale32, b, scale32, kb.float().contiguous(), kc.float().contiguous(), total, C, x.stride(1),
-            float(slope), HAS_R=r is not None, ACT=code, NEED_DX=need_dx, NEED_DR=need_dr, BLOCK=_BLOCK)
-    return dx, (t * inv).float(), s.float(), dr
+        _apply[geo.apply_grid](
+            x, dx if dx is not None else x, dy, rx, dr if dr is not None else x, m, inv, wx, bx, kbc, geo.N, C,
+            geo.L, float(slope), ROWS=geo.rows, BACKWARD=True, TRAIN=train, NEED_DX=need_dx, NEED_DR=need_dr,
+            BLOCK_P=geo.p_apply, BLOCK_Q=geo.q_apply, num_warps=_APPLY_WARPS, **flags)
+    return dx, dw, db, dr
 
 
 def backward_train_act(dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
@@ -317,15 +519,11 @@ def backward_apply_act(dy, x, residual, mean, invstd, weight, bias, act, slope,
 
 
 def backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad=True):
-    dx, dw, db, _ = _backward(dy, x, None, mean, invstd, weight, None, "identity", 0.0, True, need_input_grad,
-                              False)
-    return dx, dw, db
+    return _backward(dy, x, None, mean, invstd, weight, None, "identity", 0.0, True, need_input_grad, False)[:3]
 
 
 def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
-    dx, dw, db, _ = _backward(dy, x, None, mean, invstd, weight, None, "identity", 0.0, False, need_input_grad,
-                              False)
-    return dx, dw, db
+    return _backward(dy, x, None, mean, invstd, weight, None, "identity", 0.0, False, need_input_grad, False)[:3]
 
 
 def supports(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> bool:
