@@ -69,16 +69,45 @@ def _clock(fn: Callable[[], Any], device: torch.device) -> float:
     return _TIMER() - t0
 
 
+#: Bytes zeroed before each timed call on a GPU, to evict the previous call's data from L2.
+L2_FLUSH_BYTES = 256 << 20
+
+
+def _cuda_times(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each call between two CUDA events, L2 flushed before each (triton's ``do_bench``
+    method): the GPU time of the call, plus any time the GPU waits for the call's host code."""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    events = {k: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)] for k in fns}
+    for i in range(repeats):
+        for k, fn in fns.items():
+            flush.zero_()
+            start, end = events[k][i]
+            start.record()
+            fn()
+            end.record()
+    torch.cuda.synchronize(device)
+    return {k: [s.elapsed_time(e) * 1e-3 for s, e in ev] for k, ev in events.items()}
+
+
 def time_side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
                       warmup: int = 3) -> dict[str, dict[str, float]]:
-    """Median and min seconds of each function, repeats interleaved (a, b, c, a, b, c, ...)."""
+    """Median and min seconds of each function, repeats interleaved (a, b, c, a, b, c, ...).
+
+    CPU: wall (or process) time of each call. GPU: CUDA-event time of each call (see
+    :func:`_cuda_times`); calls are not synchronized one by one, so host overhead counts only
+    where the GPU has to wait for it, as in a training loop.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(_clock(fn, device))
+    if device.type == "cuda":
+        times = _cuda_times(fns, repeats, device)
+    else:
+        times = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                times[k].append(_clock(fn, device))
     return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
 
 
@@ -99,8 +128,10 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
     x = torch.randn(shape, dtype=dtype, device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    w = torch.rand(c, dtype=dtype, device=device) + 0.5
-    b = torch.randn(c, dtype=dtype, device=device)
+    # half-precision activations get float32 parameters, as under autocast (cuDNN's mixed mode)
+    pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = torch.rand(c, dtype=pdtype, device=device) + 0.5
+    b = torch.randn(c, dtype=pdtype, device=device)
     rm_ours, rv_ours = torch.zeros(c, device=device), torch.ones(c, device=device)
     rm_t, rv_t = torch.zeros(c, device=device), torch.ones(c, device=device)
     dy = torch.randn_like(x)
@@ -189,7 +220,7 @@ def run(shapes: list[tuple[int, ...]], layouts: list[str], dtypes: list[torch.dt
             or platform.machine(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "clock": "cpu" if _TIMER is time.process_time else "wall",
+            "clock": "cuda events" if device.type == "cuda" else "cpu" if _TIMER is time.process_time else "wall",
         },
         "copy_gbps": bw / 1e9,
         "repeats": repeats,

@@ -45,6 +45,7 @@ for shape, layout in CASES:
     for dtype in (torch.float32, torch.bfloat16):
         tol = {} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
         xs = x.to(dtype)
+        print(shape, layout, dtype, flush=True)
         for act in ("identity", "relu", "leaky_relu", "silu", "gelu"):
             res = r.to(dtype) if act != "identity" else None
             res64 = res.double() if res is not None else None
@@ -68,6 +69,26 @@ for shape, layout in CASES:
             exp = ra.backward_apply_act(dy.to(dtype).double(), xs64, res64, m64[0], inv[0], w, b, act, 0.1, True, True)
             for part, a_, e_ in zip(("dx", "dw", "db", "dr"), got, exp):
                 close(f"apply bwd {part} {tag}", a_, e_, **({"atol": 2e-3, "rtol": 2e-3} if not tol else tol))
+
+# the finish kernels merging the chunks' partial sums in several steps
+tg._FINISH_CHUNKS = 2
+for shape in ((70, 40), (1, 1, 60, 60)):
+    x = torch.randn(shape, device=DEVICE) * 3 + 2
+    c = shape[1]
+    w, b = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    dy = torch.randn_like(x)
+    assert tg._geometry(x).G > 2, tg._geometry(x).G
+    y, m, v, n = tg.forward_train(x, w, b, None, 1e-5, 0)
+    y64, m64, v64, n64 = ra.forward_train_act(x.double(), w.double(), b.double(), None, None, 1e-5, 0, "identity", 0.0)
+    close(f"merged fwd y {shape}", y, y64)
+    close(f"merged fwd var {shape}", v, v64, atol=1e-4, rtol=1e-4)
+    inv = torch.rsqrt(v64 + 1e-5)
+    got = tg.backward_train(dy, x, m64, inv, w, None, n64, 0)
+    exp = ra.backward_train_act(dy.double(), x.double(), None, m64, inv, w.double(), None, None, n64, 0, "identity",
+                                0.0)
+    for part, a_, e_ in zip(("dx", "dw", "db"), got, exp):
+        close(f"merged bwd {part} {shape}", a_, e_, atol=2e-3, rtol=2e-3)
+tg._FINISH_CHUNKS = 64
 
 # through the public layer, the dispatcher choosing triton
 x = torch.randn(4, 3, 5, 5, device=DEVICE, requires_grad=True)

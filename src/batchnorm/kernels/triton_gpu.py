@@ -198,23 +198,28 @@ def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
 
 
 @triton.jit
-def _merge(part_ptr, G, C, cs, cmask):
-    """Float64 sums over the ``G`` chunks of ``part[0]`` and ``part[1]`` for channels ``cs``."""
-    s = tl.zeros(cs.shape, dtype=tl.float64)
-    q = tl.zeros(cs.shape, dtype=tl.float64)
-    for g in range(0, G):
-        s += tl.load(part_ptr + g * C + cs, mask=cmask, other=0.0).to(tl.float64)
-        q += tl.load(part_ptr + (G + g) * C + cs, mask=cmask, other=0.0).to(tl.float64)
-    return s, q
+def _merge(part_ptr, G, C, cs, cmask, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+    """Float64 sums over the ``G`` chunks of ``part[0]`` and ``part[1]`` for channels ``cs``
+    (``[BLOCK_G, channels]`` tiles: a thousand chunks take 16 steps, not a thousand)."""
+    s = tl.zeros([BLOCK_G, BLOCK], dtype=tl.float64)
+    q = tl.zeros([BLOCK_G, BLOCK], dtype=tl.float64)
+    gs = tl.arange(0, BLOCK_G)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + gs
+        msk = (g < G)[:, None] & cmask[None, :]
+        off = g[:, None] * C + cs[None, :]
+        s += tl.load(part_ptr + off, mask=msk, other=0.0).to(tl.float64)
+        q += tl.load(part_ptr + G * C + off, mask=msk, other=0.0).to(tl.float64)
+    return tl.sum(s, 0), tl.sum(q, 0)
 
 
 @triton.jit
 def _finish_fwd(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, G, C, k_stride,
-                count, eps, momentum, unbias, UPDATE: tl.constexpr, BLOCK: tl.constexpr):
+                count, eps, momentum, unbias, UPDATE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
     """Mean, biased variance, ``1/sqrt(var + eps)`` (and the running statistics) per channel."""
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cs < C
-    s, q = _merge(part_ptr, G, C, cs, cmask)
+    s, q = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK)
     k = tl.load(x_ptr + cs * k_stride, mask=cmask, other=0.0).to(tl.float64)
     md = s / count
     var = tl.maximum(q / count - md * md, 0.0)
@@ -232,11 +237,11 @@ def _finish_fwd(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_pt
 
 @triton.jit
 def _finish_bwd(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, G, C, count,
-                TRAIN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                TRAIN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
     """``dweight = sum(g * xhat)``, ``dbias = sum(g)``; training: ``kb``, ``kc`` of ``dx``."""
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cs < C
-    s, t = _merge(part_ptr, G, C, cs, cmask)
+    s, t = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK)
     inv = tl.load(invstd_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
     tl.store(dw_ptr + cs, (t * inv).to(tl.float32), mask=cmask)
     tl.store(db_ptr + cs, s.to(tl.float32), mask=cmask)
@@ -316,11 +321,10 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
 
 # ------------------------------------------------------------------------------- geometry
 
-#: Elements per tile of the statistics and elementwise kernels, and channels per finish program.
-_STATS_TILE, _APPLY_TILE, _FINISH_BLOCK = 2048, 2048, 128
+#: Elements per tile of the statistics and elementwise kernels; channels and chunks per finish step.
+_STATS_TILE, _APPLY_TILE, _FINISH_BLOCK, _FINISH_CHUNKS = 2048, 2048, 32, 64
 #: Statistics programs per SM (the chunk count ``G`` per channel follows from it); warps per program.
 _PROGRAMS_PER_SM, _STATS_WARPS, _APPLY_WARPS = 8, 4, 4
-_SMS: dict[int, int] = {}
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -339,54 +343,64 @@ def _like_layout(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x).copy_(t)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv is a constexpr function: ~3 us a call on the host)
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, 1 << (max(n, 1) - 1).bit_length()))
 
 
 class _Geometry:
     """How a dense ``x`` is tiled: rows (channel stride 1) or planes, and the launch grids."""
 
-    def __init__(self, x: Tensor) -> None:
-        n, c = x.shape[0], x.shape[1]
-        self.N, self.C, self.L = n, c, x.numel() // (n * c)
-        self.rows = self.L == 1 or x.stride(1) == 1
-        if x.device.type == "cuda":
-            idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-            if idx not in _SMS:
-                _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-            target = _PROGRAMS_PER_SM * _SMS[idx]
-        else:
-            target = 4
-        M = n * self.L
-        if self.rows:
-            self.q = _pow2(c, 16, 128)
+    def __init__(self, N: int, C: int, L: int, rows: bool, target: int) -> None:
+        self.N, self.C, self.L, self.rows = N, C, L, rows
+        M = self.count = N * L
+        if rows:
+            self.q = _pow2(C, 16, 128)
             self.p_stats = max(1, _STATS_TILE // self.q)
             self.p_apply = max(1, _APPLY_TILE // self.q)
-            cblocks = triton.cdiv(c, self.q)
-            chunks = max(1, min(triton.cdiv(target, cblocks), triton.cdiv(M, self.p_stats)))
-            self.nb = triton.cdiv(triton.cdiv(M, chunks), self.p_stats) * self.p_stats
+            cblocks = _cdiv(C, self.q)
+            chunks = max(1, min(_cdiv(target, cblocks), _cdiv(M, self.p_stats)))
+            self.nb = _cdiv(_cdiv(M, chunks), self.p_stats) * self.p_stats
             self.lseg, self.gl = 1, 1
-            self.G = triton.cdiv(M, self.nb)
+            self.G = _cdiv(M, self.nb)
             self.stats_grid = (self.G * cblocks,)
-            self.apply_grid = (triton.cdiv(M, self.p_apply) * cblocks,)
-            self.q_apply = self.q
+            self.apply_grid = (_cdiv(M, self.p_apply) * cblocks,)
         else:
-            L = self.L
             self.q = _pow2(L, 16, 1024)
             self.p_stats = max(1, _STATS_TILE // self.q)
-            want = max(1, triton.cdiv(target, c))
-            gn = min(n, want)
-            self.nb = triton.cdiv(n, gn)
-            gn = triton.cdiv(n, self.nb)
-            gl = max(1, min(want // gn, triton.cdiv(L, self.q)))
-            self.lseg = triton.cdiv(triton.cdiv(L, gl), self.q) * self.q
-            self.gl = triton.cdiv(L, self.lseg)
-            self.G = gn * self.gl
-            self.stats_grid = (self.G * c,)
-            self.q_apply = self.q
             self.p_apply = max(1, _APPLY_TILE // self.q)
-            self.apply_grid = (triton.cdiv(n * c, self.p_apply) * triton.cdiv(L, self.q),)
-        self.count = M
+            want = max(1, _cdiv(target, C))
+            gn = min(N, want)
+            self.nb = _cdiv(N, gn)
+            gn = _cdiv(N, self.nb)
+            gl = max(1, min(want // gn, _cdiv(L, self.q)))
+            self.lseg = _cdiv(_cdiv(L, gl), self.q) * self.q
+            self.gl = _cdiv(L, self.lseg)
+            self.G = gn * self.gl
+            self.stats_grid = (self.G * C,)
+            self.apply_grid = (_cdiv(N * C, self.p_apply) * _cdiv(L, self.q),)
+
+
+_GEOMETRIES: dict[tuple, _Geometry] = {}
+
+
+def _geometry(x: Tensor) -> _Geometry:
+    """The (cached) :class:`_Geometry` of a dense ``x``."""
+    n, c = x.shape[0], x.shape[1]
+    L = x.numel() // (n * c)
+    rows = L == 1 or x.stride(1) == 1
+    key = (n, c, L, rows, x.device, _STATS_TILE, _APPLY_TILE, _PROGRAMS_PER_SM)
+    geo = _GEOMETRIES.get(key)
+    if geo is None:
+        if x.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        else:  # the interpreter: one "SM"
+            sms = 1
+        geo = _GEOMETRIES[key] = _Geometry(n, c, L, rows, _PROGRAMS_PER_SM * sms)
+    return geo
 
 
 def _vec(t: Tensor | None) -> Tensor | None:
@@ -419,7 +433,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``; ``running``
     (:class:`~batchnorm.kernels.reference.Running`) moves in the same call."""
     x = _dense(x)
-    geo = _Geometry(x)
+    geo = _geometry(x)
     C, dev = geo.C, x.device
     w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
     scratch = torch.empty(C + 2 * geo.G * C, dtype=torch.float32, device=dev)
@@ -434,16 +448,16 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     update = _fused_running(running, x)
     rm, rv = (running.mean, running.var) if update else (mean, var)  # type: ignore[union-attr]
     M = geo.count
-    _finish_fwd[(triton.cdiv(C, _FINISH_BLOCK),)](
+    _finish_fwd[(_cdiv(C, _FINISH_BLOCK),)](
         part, x, mean, var, invstd, count, rm, rv, geo.G, C, 1 if geo.rows else geo.L, float(M), float(eps),
         float(running.momentum) if update else 0.0, M / (M - 1) if M > 1 else float("inf"),  # type: ignore[union-attr]
-        UPDATE=update, BLOCK=_FINISH_BLOCK)
+        UPDATE=update, BLOCK=_FINISH_BLOCK, BLOCK_G=_pow2(geo.G, 1, _FINISH_CHUNKS))
     y = torch.empty_like(x)
     _apply[geo.apply_grid](
         x, y, x, r if r is not None else x, x, mean, invstd, w if w is not None else x, b if b is not None else x,
         x, geo.N, C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False, TRAIN=False, HAS_R=r is not None,
         HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act], NEED_DX=False, NEED_DR=False,
-        BLOCK_P=geo.p_apply, BLOCK_Q=geo.q_apply, num_warps=_APPLY_WARPS)
+        BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, num_warps=_APPLY_WARPS)
     if running is not None:
         if update:  # written behind autograd's back: tell it, as an in-place torch op would
             torch.autograd.graph.increment_version(running[:2])
@@ -459,14 +473,14 @@ def forward_train(x, weight, bias, mask, eps, vbs, running=None):
 def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     """``y = act(bn(x; mean, invstd) [+ residual])`` with given ``(C,)`` statistics."""
     x = _dense(x)
-    geo = _Geometry(x)
+    geo = _geometry(x)
     w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
     y = torch.empty_like(x)
     _apply[geo.apply_grid](
         x, y, x, r if r is not None else x, x, _vec(mean), _vec(invstd), w if w is not None else x,
         b if b is not None else x, x, geo.N, geo.C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False,
         TRAIN=False, HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act],
-        NEED_DX=False, NEED_DR=False, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q_apply, num_warps=_APPLY_WARPS)
+        NEED_DX=False, NEED_DR=False, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, num_warps=_APPLY_WARPS)
     return y
 
 
@@ -477,7 +491,7 @@ def forward_apply(x, mean, invstd, weight, bias):
 def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, need_dx, need_dr):
     x = _dense(x)
     dy = _like_layout(dy, x)
-    geo = _Geometry(x)
+    geo = _geometry(x)
     C, dev = geo.C, x.device
     w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
     m, inv = _vec(mean), _vec(invstd)
@@ -493,16 +507,16 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
     _stats[geo.stats_grid](
         x, dy, rx, m, inv, wx, bx, part, geo.N, C, geo.L, geo.nb, geo.lseg, geo.gl, geo.G, float(slope),
         ROWS=geo.rows, BACKWARD=True, BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, num_warps=_STATS_WARPS, **flags)
-    _finish_bwd[(triton.cdiv(C, _FINISH_BLOCK),)](
+    _finish_bwd[(_cdiv(C, _FINISH_BLOCK),)](
         part, inv, wx, dw, db, kbc, geo.G, C, float(geo.count), TRAIN=train, HAS_W=w is not None,
-        BLOCK=_FINISH_BLOCK)
+        BLOCK=_FINISH_BLOCK, BLOCK_G=_pow2(geo.G, 1, _FINISH_CHUNKS))
     dx = torch.empty_like(x) if need_dx else None
     dr = torch.empty_like(x) if need_dr else None
     if need_dx or need_dr:
         _apply[geo.apply_grid](
             x, dx if dx is not None else x, dy, rx, dr if dr is not None else x, m, inv, wx, bx, kbc, geo.N, C,
             geo.L, float(slope), ROWS=geo.rows, BACKWARD=True, TRAIN=train, NEED_DX=need_dx, NEED_DR=need_dr,
-            BLOCK_P=geo.p_apply, BLOCK_Q=geo.q_apply, num_warps=_APPLY_WARPS, **flags)
+            BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, num_warps=_APPLY_WARPS, **flags)
     return dx, dw, db, dr
 
 
