@@ -166,24 +166,25 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
         xg = x.detach().clone().requires_grad_()
         wg = w.detach().clone().requires_grad_()
         bg = b.detach().clone().requires_grad_()
+        leaves = (xg, wg, bg)
 
+        # torch.autograd.grad: the gradients are returned, not accumulated into .grad (which would
+        # add a full-tensor add_ to every call after the first)
         def ours_act() -> None:
             y = _act_ops.act_train(xg, wg, bg, None, None, eps, 0, "relu", 0.0)[0]
-            torch.autograd.backward(y, dy)
+            torch.autograd.grad(y, leaves, dy)
 
         def torch_act() -> None:
             y = TF.batch_norm(xg, rm_t, rv_t, wg, bg, True, 0.1, eps)
             y.relu_()
-            torch.autograd.backward(y, dy)
+            torch.autograd.grad(y, leaves, dy)
 
         fns = {"ours": ours_act, "torch": torch_act}
         if with_compile:
             cact = torch.compile(lambda t: TF.batch_norm(t, rm_t, rv_t, wg, bg, True, 0.1, eps).relu(),
                                  dynamic=False)
-            fns["compile"] = lambda: torch.autograd.backward(cact(xg), dy)
+            fns["compile"] = lambda: torch.autograd.grad(cact(xg), leaves, dy)
         cases.append(("bn_relu", fns))
-        for t in (xg, wg, bg):
-            t.grad = None
     return cases
 
 

@@ -322,7 +322,7 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
 # ------------------------------------------------------------------------------- geometry
 
 #: Elements per tile of the statistics and elementwise kernels; channels and chunks per finish step.
-_STATS_TILE, _APPLY_TILE, _FINISH_BLOCK, _FINISH_CHUNKS = 2048, 2048, 16, 128
+_STATS_TILE, _APPLY_TILE, _FINISH_BLOCK, _FINISH_CHUNKS = 4096, 2048, 16, 128
 #: Statistics programs per SM (the chunk count ``G`` per channel follows from it); warps per program.
 _PROGRAMS_PER_SM, _STATS_WARPS, _APPLY_WARPS = 8, 4, 4
 
