@@ -115,6 +115,41 @@ def _grad_out(dy, d, r, a, b, slope, HAS_R: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
+def _shift(x_ptr, pilot_off, c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+           BACKWARD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """``(k, a, b)`` for :func:`_accumulate`: backward the channel's mean, ``invstd * weight``, bias;
+    forward the pilot (the channel's first value, at ``pilot_off``) and placeholders."""
+    if BACKWARD:
+        k, a, b = _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+    else:
+        k = tl.load(x_ptr + pilot_off, mask=cmask, other=0.0).to(tl.float32)
+        a = k
+        b = k
+    return k, a, b
+
+
+@triton.jit
+def _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2,
+                BACKWARD: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr):
+    """One tile's contribution: forward ``x - k`` and its square (``k`` the pilot); backward
+    ``g`` and ``g * (x - k)`` (``k`` the mean, ``a``/``b`` scale and shift for ``act'``)."""
+    d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k
+    if BACKWARD:
+        r = 0.0
+        if HAS_R:
+            r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        g = tl.where(msk, _grad_out(g, d, r, a, b, slope, HAS_R, ACT), 0.0)
+        acc1 += g
+        acc2 += g * d
+    else:
+        d = tl.where(msk, d, 0.0)
+        acc1 += d
+        acc2 += d * d
+    return acc1, acc2
+
+
+@triton.jit
 def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
            N, C, L, NB, LSEG, GL, G, slope,
            ROWS: tl.constexpr, BACKWARD: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
@@ -135,28 +170,15 @@ def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
         lo = g * NB
         hi = tl.minimum(lo + NB, N * L)
         ps = tl.arange(0, BLOCK_P)
-        k = tl.load(x_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        if BACKWARD:
-            k, a, b = _params(cs, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+        k, a, b = _shift(x_ptr, cs, cs, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, BACKWARD, HAS_W, HAS_B)
         acc1 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_P):
             rows = start + ps
             msk = (rows < hi)[:, None] & cmask[None, :]
             off = rows.to(tl.int64)[:, None] * C + cs[None, :]
-            d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k[None, :]
-            if BACKWARD:
-                r = 0.0
-                if HAS_R:
-                    r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
-                gy = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
-                gy = tl.where(msk, _grad_out(gy, d, r, a[None, :], b[None, :], slope, HAS_R, ACT), 0.0)
-                acc1 += gy
-                acc2 += gy * d
-            else:
-                d = tl.where(msk, d, 0.0)
-                acc1 += d
-                acc2 += d * d
+            acc1, acc2 = _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k[None, :], a[None, :], b[None, :], slope,
+                                     acc1, acc2, BACKWARD, HAS_R, ACT)
         tl.store(part_ptr + g * C + cs, tl.sum(acc1, 0), mask=cmask)
         tl.store(part_ptr + (G + g) * C + cs, tl.sum(acc2, 0), mask=cmask)
     else:
@@ -168,9 +190,7 @@ def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
         l_hi = tl.minimum(l_lo + LSEG, L)
         ns = tl.arange(0, BLOCK_P)
         ls = tl.arange(0, BLOCK_Q)
-        k = tl.load(x_ptr + c * L).to(tl.float32)
-        if BACKWARD:
-            k, a, b = _params(c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+        k, a, b = _shift(x_ptr, c * L, c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr, BACKWARD, HAS_W, HAS_B)
         acc1 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
         for n0 in range(n_lo, n_hi, BLOCK_P):
@@ -180,19 +200,8 @@ def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
                 pos = l0 + ls
                 msk = (n < n_hi)[:, None] & (pos < l_hi)[None, :]
                 off = base[:, None] + pos[None, :]
-                d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k
-                if BACKWARD:
-                    r = 0.0
-                    if HAS_R:
-                        r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
-                    gy = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
-                    gy = tl.where(msk, _grad_out(gy, d, r, a, b, slope, HAS_R, ACT), 0.0)
-                    acc1 += gy
-                    acc2 += gy * d
-                else:
-                    d = tl.where(msk, d, 0.0)
-                    acc1 += d
-                    acc2 += d * d
+                acc1, acc2 = _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2, BACKWARD,
+                                         HAS_R, ACT)
         tl.store(part_ptr + g * C + c, tl.sum(tl.sum(acc1, 1), 0))
         tl.store(part_ptr + (G + g) * C + c, tl.sum(tl.sum(acc2, 1), 0))
 
