@@ -5,7 +5,9 @@ bandwidth; >= 2x ATen on NCHW bfloat16; fused BN+ReLU >= 1.45x eager BN then ReL
 
     python benchmarks/gpu_bench.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 50] [--json gpu.json]
 
-It is ``batchnorm bench --device cuda`` with the issue's defaults (same table and JSON).
+It is ``batchnorm bench --device cuda`` with the issue's defaults (same table and JSON); measured
+on an H200 on 2026-11-30: docs/performance.md, "GPU". Correctness on the same machine:
+``python tests/kernels/_triton_checks.py`` (the CI's interpreter checks, compiled for the GPU).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ For each case (shape, layout, dtype, pass) it times our public op and torch's na
 machine load, and reports the medians, the ratio ``torch / ours`` (> 1: ours is faster), our
 effective bandwidth over the pass's memory floor (``../shared/DESIGN.md``: bytes the pass must
 move at least) and that bandwidth as a fraction of this machine's measured copy bandwidth.
+On a GPU (``--device cuda``) each call is timed with CUDA events after flushing L2 (see
+``_cuda_times``), and half-precision inputs get float32 weight and bias (autocast's mixed mode).
 
 Passes:
 
@@ -308,8 +310,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile of torch's batch norm")
     p.add_argument("--json", default="bench.json", help="where to write the results ('' for nowhere)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall time, or this process's CPU time (robust to other processes' load with "
-                        "--threads 1; with more threads it also counts threads that spin-wait)")
+                   help="CPU runs: wall time, or this process's CPU time (robust to other processes' load "
+                        "with --threads 1; with more threads it also counts threads that spin-wait); "
+                        "GPU runs always use CUDA events")
     p.add_argument("--no-malloc-reuse", dest="malloc_reuse", action="store_false",
                    help="keep glibc's default thresholds (freed large outputs go back to the OS)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
