@@ -90,6 +90,33 @@ for shape in ((200, 40), (1, 1, 60, 60)):
         close(f"merged bwd {part} {shape}", a_, e_, atol=2e-3, rtol=2e-3)
 tg._FINISH_CHUNKS = 128
 
+# float16, the input gradient not needed, no weight/bias, the running statistics moved in the call
+x = torch.randn(5, 6, 7, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
+dy = torch.randn_like(x)
+x16 = x.half()
+y, m, v, n = tg.forward_train(x16, None, None, None, 1e-5, 0)
+y64, m64, v64, n64 = ra.forward_train_act(x16.double(), None, None, None, None, 1e-5, 0, "identity", 0.0)
+close("fp16 fwd y", y, y64, atol=5e-3, rtol=5e-3)
+assert y.dtype == torch.float16 and m.dtype == torch.float32
+inv = torch.rsqrt(v64 + 1e-5)
+dx, dw, db = tg.backward_train(dy.half(), x16, m64, inv, None, None, n64, 0, need_input_grad=False)
+exp = ra.backward_train_act(dy.half().double(), x16.double(), None, m64, inv, None, None, None, n64, 0, "identity", 0.0)
+assert dx is None
+close("fp16 bwd dw", dw, exp[1], atol=5e-3, rtol=5e-3)
+close("fp16 bwd db", db, exp[2], atol=5e-3, rtol=5e-3)
+rm, rv = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
+versions = rm._version, rv._version
+tg.forward_train(x, None, None, None, 1e-5, 0, running=tg.Running(rm, rv, 0.25))
+cnt = x.numel() // 6
+m64 = x.double().mean((0, 2, 3))
+v64 = x.double().var((0, 2, 3), unbiased=False)
+close("running mean moved in the call", rm, 0.25 * m64, atol=1e-6, rtol=1e-5)
+close("running var moved in the call", rv, 0.75 + 0.25 * v64 * cnt / (cnt - 1), atol=1e-6, rtol=1e-5)
+assert rm._version > versions[0] and rv._version > versions[1], "the in-kernel update must bump the versions"
+rm64, rv64 = torch.zeros(6, device=DEVICE, dtype=torch.float64), torch.ones(6, device=DEVICE, dtype=torch.float64)
+tg.forward_train(x, None, None, None, 1e-5, 0, running=tg.Running(rm64, rv64, 0.25))  # torch's update (float64)
+close("running mean, float64 buffers", rm64, 0.25 * m64, atol=1e-6, rtol=1e-5)
+
 # through the public layer, the dispatcher choosing triton
 x = torch.randn(4, 3, 5, 5, device=DEVICE, requires_grad=True)
 layer = batchnorm.BatchNormAct2d(3, act="relu").to(DEVICE)
