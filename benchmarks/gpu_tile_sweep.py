@@ -1,0 +1,88 @@
+"""Tile sweep of the Triton backend (rerun it on any machine with a CUDA GPU).
+
+Times the backend's own entry points (training forward, backward, inference; plain and with ReLU)
+for a few settings of its tiling constants, measured like ``batchnorm bench --device cuda`` (CUDA
+events, L2 flushed before each call, settings interleaved per repeat), and prints one row per
+setting with the sum over the cases. The defaults in ``batchnorm/kernels/triton_gpu.py`` come
+from the run recorded in ``benchmarks/results/gpu_h200_tile_sweep.json`` (docs/performance.md, "GPU").
+
+    python benchmarks/gpu_tile_sweep.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 60] [--json sweep.json]
+
+Settings are ``programs per SM, statistics tile, elementwise tile`` (``_PROGRAMS_PER_SM``,
+``_STATS_TILE``, ``_APPLY_TILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+SETTINGS = [(8, 4096, 2048), (8, 2048, 2048), (4, 4096, 2048), (16, 4096, 2048), (8, 8192, 2048),
+            (8, 4096, 4096), (8, 2048, 4096), (8, 1024, 1024)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="256,64,56,56")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=60)
+    p.add_argument("--json", default="gpu_tile_sweep.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU here: nothing to measure")
+        return 0
+    from batchnorm import bench
+    from batchnorm.kernels import triton_gpu as tg
+
+    dev = torch.device("cuda")
+    shape = tuple(int(v) for v in args.shape.split(","))
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    cases = {}
+    for layout in ("nchw", "channels_last"):
+        x = torch.randn(shape, device=dev, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        c = shape[1]
+        w, b = torch.rand(c, device=dev) + 0.5, torch.randn(c, device=dev)
+        dy = torch.randn_like(x)
+        _, m, v, n = tg.forward_train(x, w, b, None, 1e-5, 0)
+        inv = torch.rsqrt(v + 1e-5)
+        for act in ("identity", "relu"):
+            cases[f"{layout} train {act}"] = (
+                lambda x=x, w=w, b=b, act=act: tg.forward_train_act(x, w, b, None, None, 1e-5, 0, act, 0.0))
+            cases[f"{layout} backward {act}"] = (
+                lambda x=x, w=w, b=b, dy=dy, m=m, inv=inv, n=n, act=act:
+                tg.backward_train_act(dy, x, None, m, inv, w, b, None, n, 0, act, 0.0))
+        cases[f"{layout} eval"] = (lambda x=x, w=w, b=b, m=m, inv=inv: tg.forward_apply(x, m, inv, w, b))
+    defaults = tg._PROGRAMS_PER_SM, tg._STATS_TILE, tg._APPLY_TILE
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for setting in SETTINGS:
+            tg._PROGRAMS_PER_SM, tg._STATS_TILE, tg._APPLY_TILE = setting
+            for fn in cases.values():  # compile this setting's kernels outside the timing
+                fn()
+            times = bench._cuda_times(cases, args.repeats, dev)
+            med = {k: statistics.median(t) * 1e6 for k, t in times.items()}
+            results[str(setting)] = med
+            print(f"{setting}: total {sum(med.values()):7.1f} us | "
+                  + " | ".join(f"{k} {t:.1f}" for k, t in med.items()), flush=True)
+    finally:
+        tg._PROGRAMS_PER_SM, tg._STATS_TILE, tg._APPLY_TILE = defaults
+    best = min(results, key=lambda s: sum(results[s].values()))
+    print(f"fastest: {best} (defaults {defaults})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(dev), "shape": shape, "dtype": args.dtype,
+                       "repeats": args.repeats, "defaults": defaults, "results": results, "fastest": best},
+                      fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
