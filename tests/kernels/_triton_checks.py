@@ -125,6 +125,13 @@ with batchnorm.use_backend("triton"):
     from batchnorm import kernels
 
     assert kernels.select("forward_train", x.detach()) is tg
+    # masks and ghost batches are not the triton backend's: the dispatcher routes them to reference
+    mask = torch.ones(4, 5, 5, dtype=torch.bool, device=DEVICE)
+    assert kernels.select("forward_train", x.detach(), mask) is kernels.reference
+    assert kernels.select("backward_train", x.detach(), None, 2) is kernels.reference
+    ym = batchnorm.functional.batch_norm(x.detach(), None, None, training=True, mask=mask)  # all valid
+    close("masked batch through the dispatcher", ym,
+          torch.nn.functional.batch_norm(x.detach(), None, None, training=True), atol=1e-5, rtol=1e-5)
     y = layer(x)
 y2 = torch.relu(ref_layer(x))
 close("layer", y, y2, atol=1e-5, rtol=1e-5)
