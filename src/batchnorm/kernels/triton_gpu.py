@@ -18,7 +18,7 @@ float64):
 
 * ``_stats``: per-chunk partial sums on a grid that does not depend on ``C``: each channel's
   ``N * L`` positions are split into ``G`` chunks chosen from the SM count, so ``C = 64`` still
-  gives a 132-SM H100 about a thousand programs. Forward: ``sum(x - k)``, ``sum((x - k)^2)``
+  gives a 132-SM H100/H200 about a thousand programs. Forward: ``sum(x - k)``, ``sum((x - k)^2)``
   with ``k`` the channel's first value (a shift that keeps the one-pass variance free of
   cancellation); backward: ``sum(g)``, ``sum(g * (x - mean))`` with ``g = dy * act'(z)``
   recomputed from ``x`` (and the residual).
@@ -408,6 +408,8 @@ def _geometry(x: Tensor) -> _Geometry:
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         else:  # the interpreter: one "SM"
             sms = 1
+        if len(_GEOMETRIES) >= 4096:  # many shapes (varying batch sizes): start over
+            _GEOMETRIES.clear()
         geo = _GEOMETRIES[key] = _Geometry(n, c, L, rows, _PROGRAMS_PER_SM * sms)
     return geo
 
