@@ -15,6 +15,7 @@ assert DEVICE == "cuda" or (os.environ.get("TRITON_INTERPRET") == "1" and os.env
 import batchnorm  # noqa: E402
 from batchnorm.kernels import reference_act as ra  # noqa: E402
 from batchnorm.kernels import triton_gpu as tg  # noqa: E402
+from batchnorm.kernels.reference import Running  # noqa: E402
 
 torch.manual_seed(0)
 assert "triton" in batchnorm.available_backends()
@@ -106,7 +107,7 @@ close("fp16 bwd dw", dw, exp[1], atol=5e-3, rtol=5e-3)
 close("fp16 bwd db", db, exp[2], atol=5e-3, rtol=5e-3)
 rm, rv = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
 versions = rm._version, rv._version
-tg.forward_train(x, None, None, None, 1e-5, 0, running=tg.Running(rm, rv, 0.25))
+tg.forward_train(x, None, None, None, 1e-5, 0, running=Running(rm, rv, 0.25))
 cnt = x.numel() // 6
 m64 = x.double().mean((0, 2, 3))
 v64 = x.double().var((0, 2, 3), unbiased=False)
@@ -114,7 +115,7 @@ close("running mean moved in the call", rm, 0.25 * m64, atol=1e-6, rtol=1e-5)
 close("running var moved in the call", rv, 0.75 + 0.25 * v64 * cnt / (cnt - 1), atol=1e-6, rtol=1e-5)
 assert rm._version > versions[0] and rv._version > versions[1], "the in-kernel update must bump the versions"
 rm64, rv64 = torch.zeros(6, device=DEVICE, dtype=torch.float64), torch.ones(6, device=DEVICE, dtype=torch.float64)
-tg.forward_train(x, None, None, None, 1e-5, 0, running=tg.Running(rm64, rv64, 0.25))  # torch's update (float64)
+tg.forward_train(x, None, None, None, 1e-5, 0, running=Running(rm64, rv64, 0.25))  # torch's update (float64)
 close("running mean, float64 buffers", rm64, 0.25 * m64, atol=1e-6, rtol=1e-5)
 
 # through the public layer, the dispatcher choosing triton

@@ -60,7 +60,7 @@ from ._simd import (
     where_le,
     where_lt,
 )
-from .reference import Running, acc_dtype
+from .reference import acc_dtype
 
 name = "cpu"
 
@@ -973,17 +973,6 @@ def _residual(r: Tensor | None, x: Tensor, layout: str) -> Tensor | None:
     return None if r is None else _prepare(r.to(x.dtype), x, layout)
 
 
-def _running(running: Running | None, acc: torch.dtype) -> bool:
-    """Whether the training driver can move ``running`` itself: CPU vectors in the statistics'
-    dtype and a number for momentum (else the caller updates with torch)."""
-    if running is None:
-        return False
-    rm, rv, f = running
-    return (isinstance(f, (int, float)) and rm.device.type == "cpu" and rm.dtype == rv.dtype == acc
-            and rm.dim() == rv.dim() == 1 and rm.is_contiguous() and rv.is_contiguous()
-            and not (rm.requires_grad or rv.requires_grad))
-
-
 def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
     """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``; ``running``
     (:class:`~batchnorm.kernels.reference.Running`) is moved by the same call."""
@@ -999,18 +988,14 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     out = np.empty((3, 1, dims[1]), dtype=_NP[acc])
     mean, var, count = torch.from_numpy(out[0]), torch.from_numpy(out[1]), torch.from_numpy(out[2, 0, :1])
     w, b = _cvec(weight, x), _cvec(bias, x)
-    update = _running(running, acc)
+    update = ref.kernel_can_update(running, x.device, acc)
     o = mean.data_ptr()
     rm, rv = (running.mean.data_ptr(), running.var.data_ptr()) if update else (o, o)  # type: ignore[union-attr]
     xa = x.data_ptr()
     _train((xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv), dims, _NP[x.dtype], layout == "rows",
            r is not None, float(eps), _ACT_CODES[act], float(slope), float(running.momentum) if update else 0.0,  # type: ignore[union-attr]
            update, _stream(x), _fused_channels(dims[1], threads), _row_blocks(dims[0] * dims[2]))
-    if running is not None:
-        if update:  # written behind autograd's back: tell it, as an in-place torch op would
-            torch.autograd.graph.increment_version(running[:2])
-        else:
-            ref.update_running(running, mean, var, dims[0] * dims[2])
+    ref.finish_running(running, update, mean, var, dims[0] * dims[2])
     return y, mean, var, count
 
 

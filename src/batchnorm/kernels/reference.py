@@ -54,6 +54,29 @@ def update_running(running: Running, mean: Tensor, var: Tensor, n: float) -> Non
         rv.lerp_(var.reshape(-1).to(rv.dtype) * (n / (n - 1)), f)
 
 
+def kernel_can_update(running: Running | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a backend's kernel may move ``running`` itself: 1-D contiguous vectors of ``dtype``
+    on ``device`` that do not require grad, and a number for momentum. Otherwise the backend
+    calls :func:`finish_running` with ``updated=False`` and torch does it."""
+    if running is None:
+        return False
+    rm, rv, f = running
+    return (isinstance(f, (int, float)) and not isinstance(f, bool) and rm.device == device
+            and rm.dtype == rv.dtype == dtype and rm.dim() == rv.dim() == 1 and rm.is_contiguous()
+            and rv.is_contiguous() and not (rm.requires_grad or rv.requires_grad))
+
+
+def finish_running(running: Running | None, updated: bool, mean: Tensor, var: Tensor, n: float) -> None:
+    """After a training kernel: tell autograd the buffers changed if the kernel moved them
+    (``updated``, as an in-place torch op would), else move them with :func:`update_running`."""
+    if running is None:
+        return
+    if updated:
+        torch.autograd.graph.increment_version(running[:2])
+    else:
+        update_running(running, mean, var, n)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype statistics are accumulated in: float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

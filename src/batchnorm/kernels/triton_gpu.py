@@ -50,7 +50,6 @@ import triton.language as tl  # noqa: E402
 
 from . import reference as ref  # noqa: E402
 from . import register_backend  # noqa: E402
-from .reference import Running  # noqa: E402
 
 name = "triton"
 
@@ -332,8 +331,8 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
 
 #: Elements per tile of the statistics and elementwise kernels; channels and chunks per finish step.
 _STATS_TILE, _APPLY_TILE, _FINISH_BLOCK, _FINISH_CHUNKS = 4096, 2048, 16, 128
-#: Statistics programs per SM (the chunk count ``G`` per channel follows from it); warps per program.
-_PROGRAMS_PER_SM, _STATS_WARPS, _APPLY_WARPS = 8, 4, 4
+#: Statistics programs per SM (the chunk count ``G`` per channel follows from it).
+_PROGRAMS_PER_SM = 8
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -426,17 +425,6 @@ def _residual(r: Tensor | None, x: Tensor) -> Tensor | None:
     return None if r is None else _like_layout(r.to(x.dtype), x)
 
 
-def _fused_running(running: Running | None, x: Tensor) -> bool:
-    """Whether ``_finish_fwd`` can move ``running`` itself (float32 vectors on x's device, a number
-    for momentum); else the caller updates with torch."""
-    if running is None:
-        return False
-    rm, rv, f = running
-    return (isinstance(f, (int, float)) and not isinstance(f, bool) and rm.device == x.device
-            and rm.dtype == rv.dtype == torch.float32 and rm.dim() == rv.dim() == 1 and rm.is_contiguous()
-            and rv.is_contiguous() and not (rm.requires_grad or rv.requires_grad))
-
-
 # ---------------------------------------------------------------------------- entry points
 
 
@@ -455,8 +443,8 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     _stats[geo.stats_grid](
         x, x, x, x, x, x, x, part, geo.N, C, geo.L, geo.nb, geo.lseg, geo.gl, geo.G, 0.0,
         ROWS=geo.rows, BACKWARD=False, HAS_R=False, HAS_W=False, HAS_B=False, ACT=0,
-        BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, num_warps=_STATS_WARPS)
-    update = _fused_running(running, x)
+        BLOCK_P=geo.p_stats, BLOCK_Q=geo.q)
+    update = ref.kernel_can_update(running, x.device, torch.float32)
     rm, rv = (running.mean, running.var) if update else (mean, var)  # type: ignore[union-attr]
     M = geo.count
     _finish_fwd[(_cdiv(C, _FINISH_BLOCK),)](
@@ -468,12 +456,8 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
         x, y, x, r if r is not None else x, x, mean, invstd, w if w is not None else x, b if b is not None else x,
         x, geo.N, C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False, TRAIN=False, HAS_R=r is not None,
         HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act], NEED_DX=False, NEED_DR=False,
-        BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, num_warps=_APPLY_WARPS)
-    if running is not None:
-        if update:  # written behind autograd's back: tell it, as an in-place torch op would
-            torch.autograd.graph.increment_version(running[:2])
-        else:
-            ref.update_running(running, mean, var, M)
+        BLOCK_P=geo.p_apply, BLOCK_Q=geo.q)
+    ref.finish_running(running, update, mean, var, M)
     return y, mean, var, count
 
 
@@ -491,7 +475,7 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
         x, y, x, r if r is not None else x, x, _vec(mean), _vec(invstd), w if w is not None else x,
         b if b is not None else x, x, geo.N, geo.C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False,
         TRAIN=False, HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act],
-        NEED_DX=False, NEED_DR=False, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, num_warps=_APPLY_WARPS)
+        NEED_DX=False, NEED_DR=False, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q)
     return y
 
 
@@ -517,7 +501,7 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
     flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=code)
     _stats[geo.stats_grid](
         x, dy, rx, m, inv, wx, bx, part, geo.N, C, geo.L, geo.nb, geo.lseg, geo.gl, geo.G, float(slope),
-        ROWS=geo.rows, BACKWARD=True, BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, num_warps=_STATS_WARPS, **flags)
+        ROWS=geo.rows, BACKWARD=True, BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, **flags)
     _finish_bwd[(_cdiv(C, _FINISH_BLOCK),)](
         part, inv, wx, dw, db, kbc, geo.G, C, float(geo.count), TRAIN=train, HAS_W=w is not None,
         BLOCK=_FINISH_BLOCK, BLOCK_G=_pow2(geo.G, 1, _FINISH_CHUNKS))
@@ -527,7 +511,7 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
         _apply[geo.apply_grid](
             x, dx if dx is not None else x, dy, rx, dr if dr is not None else x, m, inv, wx, bx, kbc, geo.N, C,
             geo.L, float(slope), ROWS=geo.rows, BACKWARD=True, TRAIN=train, NEED_DX=need_dx, NEED_DR=need_dr,
-            BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, num_warps=_APPLY_WARPS, **flags)
+            BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, **flags)
     return dx, dw, db, dr
 
 
