@@ -33,7 +33,12 @@ CASES = [((3, 5, 4, 7), "nchw"), ((3, 5, 4, 7), "cl"), ((17, 1), "nchw"), ((2, 3
          ((2, 3, 2, 3, 5), "cl"), ((70, 40), "nchw"), ((2, 40, 3, 5), "nc"),
          # several chunks per channel (planes split along the positions too), several channel blocks
          ((1, 2, 40, 50), "nchw"), ((6, 130), "nchw")]
-for shape, layout in CASES:
+ACTS = ("identity", "relu", "leaky_relu", "silu", "gelu")
+
+
+def check_case(shape, layout, acts=ACTS, dtypes=(torch.float32, torch.bfloat16), label=""):
+    """Every entry point on ``shape`` against the float64 reference (``act`` other than the
+    identity with a residual)."""
     x = torch.randn(shape, dtype=torch.float64, device=DEVICE) * 2 + 1
     if layout == "cl":
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
@@ -43,20 +48,21 @@ for shape, layout in CASES:
     w, b = (torch.randn(c, dtype=torch.float64, device=DEVICE) for _ in range(2))
     r = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         tol = {} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
         xs = x.to(dtype)
-        print(shape, layout, dtype, flush=True)
-        for act in ("identity", "relu", "leaky_relu", "silu", "gelu"):
+        print(label, shape, layout, dtype, flush=True)
+        for act in acts:
             res = r.to(dtype) if act != "identity" else None
             res64 = res.double() if res is not None else None
             xs64 = xs.double()
-            tag = f"{shape} {layout} {dtype} {act}"
+            tag = f"{label}{shape} {layout} {dtype} {act}"
             y, m, v, n = tg.forward_train_act(xs, w, b, res, None, 1e-5, 0, act, 0.1)
             y64, m64, v64, n64 = ra.forward_train_act(xs64, w, b, res64, None, 1e-5, 0, act, 0.1)
             close(f"fwd y {tag}", y, y64, **tol)
             close(f"fwd mean {tag}", m, m64)
             close(f"fwd var {tag}", v, v64, atol=1e-4, rtol=1e-3)
+            close(f"fwd count {tag}", n, n64)
             assert y.dtype == dtype and y.shape == xs.shape and y.stride() == tg._dense(xs).stride()
             inv = torch.rsqrt(v64 + 1e-5)
             got = tg.backward_train_act(dy.to(dtype), xs, res, m64, inv, w, b, None, n64, 0, act, 0.1, True, True)
@@ -70,6 +76,23 @@ for shape, layout in CASES:
             exp = ra.backward_apply_act(dy.to(dtype).double(), xs64, res64, m64[0], inv[0], w, b, act, 0.1, True, True)
             for part, a_, e_ in zip(("dx", "dw", "db", "dr"), got, exp):
                 close(f"apply bwd {part} {tag}", a_, e_, **({"atol": 2e-3, "rtol": 2e-3} if not tol else tol))
+
+
+for shape, layout in CASES:
+    check_case(shape, layout)
+
+# the pipelined single launch (planes only; rows keep the three launches), its channel groups
+# forced small: one channel per group, several (the last padded), all channels in one group
+tg._PIPELINE = True
+x = torch.randn(3, 5, 4, 7, device=DEVICE)  # a channel of float32 input: 3 * 28 * 4 = 336 bytes
+for group_bytes, cg, groups in ((0, 1, 5), (672, 2, 3), (10 ** 9, 8, 1)):
+    tg._GROUP_BYTES = group_bytes
+    plan = tg._geometry(x).pipeline(4)  # the training forward's plan (the backward reads dy too)
+    assert (plan.cg, plan.K) == (cg, groups), (group_bytes, plan.cg, plan.K)
+    for shape in ((3, 5, 4, 7), (1, 2, 40, 50), (2, 6, 9)):
+        check_case(shape, "nchw", acts=("identity", "gelu"), label=f"pipelined {group_bytes} ",
+                   dtypes=(torch.float32, torch.bfloat16) if cg == 2 else (torch.float32,))
+tg._PIPELINE, tg._GROUP_BYTES = False, None
 
 # the finish kernels merging the chunks' partial sums in several steps
 finish_chunks, tg._FINISH_CHUNKS = tg._FINISH_CHUNKS, 2

@@ -89,10 +89,12 @@ def _dact(z, slope, ACT: tl.constexpr):
 
 
 @triton.jit
-def _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """Per-channel ``(mean, invstd * weight, bias)`` in float32 for channel index(es) ``c``."""
-    m = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    a = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+def _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+            CM: tl.constexpr):
+    """Per-channel ``(mean, invstd * weight, bias)`` in float32 for channel index(es) ``c``
+    (``CM=".cg"``: read from L2, for values another program of the same launch wrote)."""
+    m = tl.load(mean_ptr + c, mask=cmask, other=0.0, cache_modifier=CM).to(tl.float32)
+    a = tl.load(invstd_ptr + c, mask=cmask, other=0.0, cache_modifier=CM).to(tl.float32)
     if HAS_W:
         a = a * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_B:
@@ -119,7 +121,7 @@ def _shift(x_ptr, pilot_off, c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
     """``(k, a, b)`` for :func:`_accumulate`: backward the channel's mean, ``invstd * weight``, bias;
     forward the pilot (the channel's first value, at ``pilot_off``) and placeholders."""
     if BACKWARD:
-        k, a, b = _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+        k, a, b = _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B, "")
     else:
         k = tl.load(x_ptr + pilot_off, mask=cmask, other=0.0).to(tl.float32)
         a = k
@@ -149,16 +151,44 @@ def _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2,
 
 
 @triton.jit
+def _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, c, g,
+                 N, C, L, NB, LSEG, GL, G, slope, BACKWARD: tl.constexpr, HAS_R: tl.constexpr,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_Q: tl.constexpr):
+    """Partial sums of chunk ``g`` of channel ``c`` on planes: samples ``[gn * NB, gn * NB + NB)``
+    and positions ``[gl * LSEG, gl * LSEG + LSEG)`` (``gn, gl = divmod(g, GL)``) in
+    ``[BLOCK_P samples, BLOCK_Q positions]`` tiles, into ``part[0, g, c]`` and ``part[1, g, c]``."""
+    n_lo = (g // GL) * NB
+    n_hi = tl.minimum(n_lo + NB, N)
+    l_lo = (g % GL) * LSEG
+    l_hi = tl.minimum(l_lo + LSEG, L)
+    ns = tl.arange(0, BLOCK_P)
+    ls = tl.arange(0, BLOCK_Q)
+    k, a, b = _shift(x_ptr, c * L, c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr, BACKWARD, HAS_W, HAS_B)
+    acc1 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_P):
+        n = n0 + ns
+        base = (n.to(tl.int64) * C + c) * L
+        for l0 in range(l_lo, l_hi, BLOCK_Q):
+            pos = l0 + ls
+            msk = (n < n_hi)[:, None] & (pos < l_hi)[None, :]
+            off = base[:, None] + pos[None, :]
+            acc1, acc2 = _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2, BACKWARD,
+                                     HAS_R, ACT)
+    tl.store(part_ptr + g * C + c, tl.sum(tl.sum(acc1, 1), 0))
+    tl.store(part_ptr + (G + g) * C + c, tl.sum(tl.sum(acc2, 1), 0))
+
+
+@triton.jit
 def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
            N, C, L, NB, LSEG, GL, G, slope,
            ROWS: tl.constexpr, BACKWARD: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
            HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Partial sums of one chunk of positions: ``part[0, g, c]``, ``part[1, g, c]``.
 
-    Planes: program ``(g, c)`` covers samples ``[gn * NB, gn * NB + NB)`` and positions
-    ``[gl * LSEG, gl * LSEG + LSEG)`` of channel ``c`` in ``[BLOCK_P samples, BLOCK_Q positions]``
-    tiles. Rows: program ``(g, channel block)`` covers rows ``[g * NB, g * NB + NB)`` in
-    ``[BLOCK_P rows, BLOCK_Q channels]`` tiles.
+    Planes: program ``(g, c)`` is :func:`_plane_chunk`. Rows: program ``(g, channel block)``
+    covers rows ``[g * NB, g * NB + NB)`` in ``[BLOCK_P rows, BLOCK_Q channels]`` tiles.
     """
     pid = tl.program_id(0)
     if ROWS:
@@ -181,32 +211,12 @@ def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
         tl.store(part_ptr + g * C + cs, tl.sum(acc1, 0), mask=cmask)
         tl.store(part_ptr + (G + g) * C + cs, tl.sum(acc2, 0), mask=cmask)
     else:
-        c = pid % C
-        g = pid // C
-        n_lo = (g // GL) * NB
-        n_hi = tl.minimum(n_lo + NB, N)
-        l_lo = (g % GL) * LSEG
-        l_hi = tl.minimum(l_lo + LSEG, L)
-        ns = tl.arange(0, BLOCK_P)
-        ls = tl.arange(0, BLOCK_Q)
-        k, a, b = _shift(x_ptr, c * L, c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr, BACKWARD, HAS_W, HAS_B)
-        acc1 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
-        for n0 in range(n_lo, n_hi, BLOCK_P):
-            n = n0 + ns
-            base = (n.to(tl.int64) * C + c) * L
-            for l0 in range(l_lo, l_hi, BLOCK_Q):
-                pos = l0 + ls
-                msk = (n < n_hi)[:, None] & (pos < l_hi)[None, :]
-                off = base[:, None] + pos[None, :]
-                acc1, acc2 = _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2, BACKWARD,
-                                         HAS_R, ACT)
-        tl.store(part_ptr + g * C + c, tl.sum(tl.sum(acc1, 1), 0))
-        tl.store(part_ptr + (G + g) * C + c, tl.sum(tl.sum(acc2, 1), 0))
+        _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, pid % C, pid // C,
+                     N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_P, BLOCK_Q)
 
 
 @triton.jit
-def _merge(part_ptr, G, C, cs, cmask, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+def _merge(part_ptr, G, C, cs, cmask, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, CM: tl.constexpr):
     """Float64 sums over the ``G`` chunks of ``part[0]`` and ``part[1]`` for channels ``cs``
     (``[BLOCK_G, channels]`` tiles: a thousand chunks take 16 steps, not a thousand)."""
     s = tl.zeros([BLOCK_G, BLOCK], dtype=tl.float64)
@@ -216,18 +226,17 @@ def _merge(part_ptr, G, C, cs, cmask, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr
         g = g0 + gs
         msk = (g < G)[:, None] & cmask[None, :]
         off = g[:, None] * C + cs[None, :]
-        s += tl.load(part_ptr + off, mask=msk, other=0.0).to(tl.float64)
-        q += tl.load(part_ptr + G * C + off, mask=msk, other=0.0).to(tl.float64)
+        s += tl.load(part_ptr + off, mask=msk, other=0.0, cache_modifier=CM).to(tl.float64)
+        q += tl.load(part_ptr + G * C + off, mask=msk, other=0.0, cache_modifier=CM).to(tl.float64)
     return tl.sum(s, 0), tl.sum(q, 0)
 
 
 @triton.jit
-def _finish_fwd(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, G, C, k_stride,
-                count, eps, momentum, unbias, UPDATE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Mean, biased variance, ``1/sqrt(var + eps)`` (and the running statistics) per channel."""
-    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cmask = cs < C
-    s, q = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK)
+def _fwd_channels(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, cs, cmask, G, C,
+                  k_stride, count, eps, momentum, unbias, UPDATE: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCK_G: tl.constexpr, CM: tl.constexpr):
+    """Mean, biased variance, ``1/sqrt(var + eps)`` (and the running statistics) of channels ``cs``."""
+    s, q = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK, CM)
     k = tl.load(x_ptr + cs * k_stride, mask=cmask, other=0.0).to(tl.float64)
     md = s / count
     var = tl.maximum(q / count - md * md, 0.0)
@@ -244,12 +253,11 @@ def _finish_fwd(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_pt
 
 
 @triton.jit
-def _finish_bwd(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, G, C, count,
-                TRAIN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
-    """``dweight = sum(g * xhat)``, ``dbias = sum(g)``; training: ``kb``, ``kc`` of ``dx``."""
-    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cmask = cs < C
-    s, t = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK)
+def _bwd_channels(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, cs, cmask, G, C, count,
+                  TRAIN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
+                  CM: tl.constexpr):
+    """``dweight = sum(g * xhat)``, ``dbias = sum(g)`` of channels ``cs``; training: ``kb``, ``kc`` of ``dx``."""
+    s, t = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK, CM)
     inv = tl.load(invstd_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
     tl.store(dw_ptr + cs, (t * inv).to(tl.float32), mask=cmask)
     tl.store(db_ptr + cs, s.to(tl.float32), mask=cmask)
@@ -259,6 +267,24 @@ def _finish_bwd(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, G, C, count,
             a = a * tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
         tl.store(k_ptr + cs, (-a * inv * inv * t / count).to(tl.float32), mask=cmask)
         tl.store(k_ptr + C + cs, (-a * s / count).to(tl.float32), mask=cmask)
+
+
+@triton.jit
+def _finish_fwd(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, G, C, k_stride,
+                count, eps, momentum, unbias, UPDATE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+    """:func:`_fwd_channels` for one block of ``BLOCK`` channels per program."""
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _fwd_channels(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, cs, cs < C, G, C,
+                  k_stride, count, eps, momentum, unbias, UPDATE, BLOCK, BLOCK_G, "")
+
+
+@triton.jit
+def _finish_bwd(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, G, C, count,
+                TRAIN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+    """:func:`_bwd_channels` for one block of ``BLOCK`` channels per program."""
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _bwd_channels(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, cs, cs < C, G, C, count, TRAIN, HAS_W,
+                  BLOCK, BLOCK_G, "")
 
 
 @triton.jit
@@ -286,6 +312,24 @@ def _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m, a, b, kb, kc, slope,
 
 
 @triton.jit
+def _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, n, c, pmask, pos,
+                C, L, slope, BACKWARD: tl.constexpr, TRAIN: tl.constexpr, HAS_R: tl.constexpr,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
+                NEED_DR: tl.constexpr, CM: tl.constexpr):
+    """The elementwise pass on planes ``(n, c)`` (vectors, ``pmask`` the valid ones) at positions ``pos``."""
+    m, a, b = _params(c, pmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B, CM)
+    kb = 0.0
+    kc = 0.0
+    if TRAIN:
+        kb = tl.load(k_ptr + c, mask=pmask, other=0.0, cache_modifier=CM)[:, None]
+        kc = tl.load(k_ptr + C + c, mask=pmask, other=0.0, cache_modifier=CM)[:, None]
+    off = (n.to(tl.int64) * C + c)[:, None] * L + pos[None, :]
+    msk = pmask[:, None] & (pos < L)[None, :]
+    _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m[:, None], a[:, None], b[:, None], kb, kc, slope,
+          BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR)
+
+
+@triton.jit
 def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, N, C, L, slope,
            ROWS: tl.constexpr, BACKWARD: tl.constexpr, TRAIN: tl.constexpr, HAS_R: tl.constexpr,
            HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
@@ -299,7 +343,7 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
         rows = (pid // nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
         cs = (pid % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         cmask = cs < C
-        m, a, b = _params(cs, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+        m, a, b = _params(cs, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B, "")
         kb = 0.0
         kc = 0.0
         if TRAIN:
@@ -313,18 +357,68 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
         nblk = tl.cdiv(L, BLOCK_Q)
         planes = (pid // nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
         pos = (pid % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        pmask = planes < N * C
-        c = planes % C
-        m, a, b = _params(c, pmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
-        kb = 0.0
-        kc = 0.0
-        if TRAIN:
-            kb = tl.load(k_ptr + c, mask=pmask, other=0.0)[:, None]
-            kc = tl.load(k_ptr + C + c, mask=pmask, other=0.0)[:, None]
-        off = planes.to(tl.int64)[:, None] * L + pos[None, :]
-        msk = pmask[:, None] & (pos < L)[None, :]
-        _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m[:, None], a[:, None], b[:, None], kb, kc, slope,
-              BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR)
+        _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, planes // C,
+                    planes % C, planes < N * C, pos, C, L, slope, BACKWARD, TRAIN, HAS_R, HAS_W, HAS_B, ACT,
+                    NEED_DX, NEED_DR, "")
+
+
+@triton.jit
+def _pipelined(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr,
+               w_ptr, b_ptr, dw_ptr, db_ptr, k_ptr, part_ptr, ws_ptr,
+               N, C, L, NB, LSEG, GL, G, K, S, A, count, eps, momentum, unbias, slope,
+               BACKWARD: tl.constexpr, TRAIN: tl.constexpr, UPDATE: tl.constexpr, HAS_R: tl.constexpr,
+               HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
+               NEED_DR: tl.constexpr, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PS: tl.constexpr,
+               BLOCK_PA: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """A whole training forward or backward on planes in one launch, ``K`` groups of ``CG``
+    channels in a pipeline (see :class:`_Pipeline`).
+
+    Each program first takes a ticket (``ws[0]``): the order in which programs started. Tickets
+    ``S_0, S_1, A_0, S_2, A_1, ..., A_(K-1)`` (``S`` statistics chunks then ``A`` elementwise
+    tiles per group) mean that while group ``k`` is normalized, group ``k + 1`` is being read, and
+    that a program only ever waits for programs holding lower tickets, which have started and never
+    wait themselves: no deadlock, whatever order the hardware starts programs in. The last
+    statistics program of a group (counter ``ws[1 + k]``) merges the group's partial sums, writes
+    its per-channel outputs and raises the group's flag ``ws[1 + K + k]``; the group's elementwise
+    programs wait for it. A group's data is sized to stay in L2 until its elementwise pass reads it
+    again, so the tensor comes from memory once instead of twice.
+    """
+    t = tl.atomic_add(ws_ptr, 1)
+    u = t - S
+    unit = u // (S + A)
+    r = u - unit * (S + A)
+    is_stats = (t < S) | ((unit < K - 1) & (r < S))
+    grp = tl.where(t < S, 0, tl.where(is_stats, unit + 1, unit))
+    loc = tl.where(t < S, t, tl.where(is_stats | (unit == K - 1), r, r - S))
+    if is_stats:
+        c = grp * CG + loc % CG
+        if c < C:
+            _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, c, loc // CG,
+                         N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_PS, BLOCK_Q)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        if tl.atomic_add(ws_ptr + 1 + grp, 1, sem="acq_rel") == S - 1:  # the group's last chunk
+            cs = grp * CG + tl.arange(0, CG)
+            if BACKWARD:
+                _bwd_channels(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, cs, cs < C, G, C, count, TRAIN,
+                              HAS_W, CG, BLOCK_G, ".cg")
+            else:
+                _fwd_channels(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, cs,
+                              cs < C, G, C, L, count, eps, momentum, unbias, UPDATE, CG, BLOCK_G, ".cg")
+            tl.debug_barrier()
+            tl.atomic_xchg(ws_ptr + 1 + K + grp, 1, sem="release")
+    else:
+        while tl.load(ws_ptr + 1 + K + grp, volatile=True) == 0:
+            pass
+        tl.atomic_add(ws_ptr + 1 + K + grp, 0, sem="acquire")
+        tl.debug_barrier()
+        nblk = tl.cdiv(L, BLOCK_Q)
+        lp = (loc // nblk) * BLOCK_PA + tl.arange(0, BLOCK_PA)  # planes of the group: (n, c) n-major
+        pos = (loc % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        n = lp // CG
+        c = grp * CG + lp % CG
+        _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, n, c,
+                    (n < N) & (c < C), pos, C, L, slope, BACKWARD, TRAIN, HAS_R, HAS_W, HAS_B, ACT, NEED_DX,
+                    NEED_DR, ".cg")
 
 
 # ------------------------------------------------------------------------------- geometry
@@ -333,6 +427,15 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
 _STATS_TILE, _APPLY_TILE, _FINISH_BLOCK, _FINISH_CHUNKS = 4096, 2048, 16, 128
 #: Statistics programs per SM (the chunk count ``G`` per channel follows from it).
 _PROGRAMS_PER_SM = 8
+#: Whether training forwards and backwards on planes run as one pipelined launch (:func:`_pipelined`)
+#: instead of three: ``BATCHNORM_TRITON_PIPELINE=1``. Off by default until a GPU has measured it
+#: (docs/performance.md, "GPU").
+_PIPELINE = os.environ.get("BATCHNORM_TRITON_PIPELINE") == "1"
+#: A pipelined channel group's data fills at most ``1 / _GROUP_L2_SHARE`` of L2 (the group being
+#: normalized shares L2 with the next group being read and the outputs being written).
+_GROUP_L2_SHARE = 4
+#: Bytes of one channel group, ``None``: from the device's L2 (the checks set it to force groups).
+_GROUP_BYTES: int | None = None
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -359,11 +462,43 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << (max(n, 1) - 1).bit_length()))
 
 
+def _plane_chunks(N: int, C: int, L: int, q: int, target: int) -> tuple[int, int, int, int]:
+    """``(NB, LSEG, GL, G)``: each of ``C`` channels' planes split into ``G`` chunks of ``NB``
+    samples times ``LSEG`` positions (``GL`` chunks along the positions), about ``target``
+    statistics programs in all."""
+    want = max(1, _cdiv(target, C))
+    gn = min(N, want)
+    nb = _cdiv(N, gn)
+    gn = _cdiv(N, nb)
+    gl = max(1, min(want // gn, _cdiv(L, q)))
+    lseg = _cdiv(_cdiv(L, gl), q) * q
+    gl = _cdiv(L, lseg)
+    return nb, lseg, gl, gn * gl
+
+
+class _Pipeline:
+    """The plan of :func:`_pipelined` for planes: ``K`` groups of ``cg`` channels (a power of two),
+    each small enough to stay in L2 between its statistics and its elementwise pass; ``S``
+    statistics chunks (``G`` per channel) and ``A`` elementwise tiles per group."""
+
+    def __init__(self, geo: _Geometry, channel_bytes: int, group_bytes: int, target: int) -> None:
+        cg = 1
+        while cg < geo.C and 2 * cg * channel_bytes <= group_bytes:
+            cg *= 2
+        self.cg, self.K = cg, _cdiv(geo.C, cg)
+        self.nb, self.lseg, self.gl, self.G = _plane_chunks(geo.N, cg, geo.L, geo.q, target)
+        self.S = self.G * cg
+        self.A = _cdiv(geo.N * cg, geo.p_apply) * _cdiv(geo.L, geo.q)
+        self.grid = (self.K * (self.S + self.A),)
+
+
 class _Geometry:
     """How a dense ``x`` is tiled: rows (channel stride 1) or planes, and the launch grids."""
 
-    def __init__(self, N: int, C: int, L: int, rows: bool, target: int) -> None:
+    def __init__(self, N: int, C: int, L: int, rows: bool, target: int, l2_bytes: int) -> None:
         self.N, self.C, self.L, self.rows = N, C, L, rows
+        self.target, self.l2_bytes = target, l2_bytes
+        self._pipelines: dict[tuple[int, int], _Pipeline] = {}
         M = self.count = N * L
         if rows:
             self.q = _pow2(C, 16, 128)
@@ -380,16 +515,19 @@ class _Geometry:
             self.q = _pow2(L, 16, 1024)
             self.p_stats = max(1, _STATS_TILE // self.q)
             self.p_apply = max(1, _APPLY_TILE // self.q)
-            want = max(1, _cdiv(target, C))
-            gn = min(N, want)
-            self.nb = _cdiv(N, gn)
-            gn = _cdiv(N, self.nb)
-            gl = max(1, min(want // gn, _cdiv(L, self.q)))
-            self.lseg = _cdiv(_cdiv(L, gl), self.q) * self.q
-            self.gl = _cdiv(L, self.lseg)
-            self.G = gn * self.gl
+            self.nb, self.lseg, self.gl, self.G = _plane_chunks(N, C, L, self.q, target)
             self.stats_grid = (self.G * C,)
             self.apply_grid = (_cdiv(N * C, self.p_apply) * _cdiv(L, self.q),)
+
+    def pipeline(self, bytes_per_value: int) -> _Pipeline:
+        """The (cached) :class:`_Pipeline` for planes when each position of a channel brings
+        ``bytes_per_value`` bytes into the statistics pass (the input's, plus ``dy``'s, ...)."""
+        group = _GROUP_BYTES if _GROUP_BYTES is not None else self.l2_bytes // _GROUP_L2_SHARE
+        key = (bytes_per_value, group)
+        plan = self._pipelines.get(key)
+        if plan is None:
+            plan = self._pipelines[key] = _Pipeline(self, self.N * self.L * bytes_per_value, group, self.target)
+        return plan
 
 
 _GEOMETRIES: dict[tuple, _Geometry] = {}
@@ -404,12 +542,13 @@ def _geometry(x: Tensor) -> _Geometry:
     geo = _GEOMETRIES.get(key)
     if geo is None:
         if x.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        else:  # the interpreter: one "SM"
-            sms = 1
+            props = torch.cuda.get_device_properties(x.device)
+            sms, l2 = props.multi_processor_count, props.L2_cache_size
+        else:  # the interpreter: one "SM", no L2
+            sms, l2 = 1, 0
         if len(_GEOMETRIES) >= 4096:  # many shapes (varying batch sizes): start over
             _GEOMETRIES.clear()
-        geo = _GEOMETRIES[key] = _Geometry(n, c, L, rows, _PROGRAMS_PER_SM * sms)
+        geo = _GEOMETRIES[key] = _Geometry(n, c, L, rows, _PROGRAMS_PER_SM * sms, l2)
     return geo
 
 
@@ -433,30 +572,42 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     (:class:`~batchnorm.kernels.reference.Running`) moves in the same call."""
     x = _dense(x)
     geo = _geometry(x)
-    C, dev = geo.C, x.device
+    C, dev, M = geo.C, x.device, geo.count
     w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
-    scratch = torch.empty(C + 2 * geo.G * C, dtype=torch.float32, device=dev)
-    invstd, part = scratch[:C], scratch[C:]
     mean = torch.empty((1, C), dtype=torch.float32, device=dev)
     var = torch.empty((1, C), dtype=torch.float32, device=dev)
     count = torch.empty((1,), dtype=torch.float32, device=dev)
+    update = ref.kernel_can_update(running, x.device, torch.float32)
+    rm, rv = (running.mean, running.var) if update else (mean, var)  # type: ignore[union-attr]
+    momentum = float(running.momentum) if update else 0.0  # type: ignore[union-attr]
+    unbias = M / (M - 1) if M > 1 else float("inf")
+    y = torch.empty_like(x)
+    wx, bx, rx = (w if w is not None else x), (b if b is not None else x), (r if r is not None else x)
+    flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act])
+    if _PIPELINE and not geo.rows:
+        plan = geo.pipeline(x.element_size() * (1 if r is None else 2))
+        scratch = torch.empty(C + 2 * plan.G * C, dtype=torch.float32, device=dev)
+        _pipelined[plan.grid](
+            x, y, x, rx, x, mean, var, scratch[:C], count, rm, rv, wx, bx, x, x, x, scratch[C:],
+            torch.zeros(1 + 2 * plan.K, dtype=torch.int32, device=dev), geo.N, C, geo.L, plan.nb, plan.lseg,
+            plan.gl, plan.G, plan.K, plan.S, plan.A, float(M), float(eps), momentum, unbias, float(slope),
+            BACKWARD=False, TRAIN=False, UPDATE=update, NEED_DX=False, NEED_DR=False, CG=plan.cg,
+            BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS), BLOCK_PS=geo.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q,
+            **flags)
+        ref.finish_running(running, update, mean, var, M)
+        return y, mean, var, count
+    scratch = torch.empty(C + 2 * geo.G * C, dtype=torch.float32, device=dev)
+    invstd, part = scratch[:C], scratch[C:]
     _stats[geo.stats_grid](
         x, x, x, x, x, x, x, part, geo.N, C, geo.L, geo.nb, geo.lseg, geo.gl, geo.G, 0.0,
         ROWS=geo.rows, BACKWARD=False, HAS_R=False, HAS_W=False, HAS_B=False, ACT=0,
         BLOCK_P=geo.p_stats, BLOCK_Q=geo.q)
-    update = ref.kernel_can_update(running, x.device, torch.float32)
-    rm, rv = (running.mean, running.var) if update else (mean, var)  # type: ignore[union-attr]
-    M = geo.count
     _finish_fwd[(_cdiv(C, _FINISH_BLOCK),)](
         part, x, mean, var, invstd, count, rm, rv, geo.G, C, 1 if geo.rows else geo.L, float(M), float(eps),
-        float(running.momentum) if update else 0.0, M / (M - 1) if M > 1 else float("inf"),  # type: ignore[union-attr]
-        UPDATE=update, BLOCK=_FINISH_BLOCK, BLOCK_G=_pow2(geo.G, 1, _FINISH_CHUNKS))
-    y = torch.empty_like(x)
+        momentum, unbias, UPDATE=update, BLOCK=_FINISH_BLOCK, BLOCK_G=_pow2(geo.G, 1, _FINISH_CHUNKS))
     _apply[geo.apply_grid](
-        x, y, x, r if r is not None else x, x, mean, invstd, w if w is not None else x, b if b is not None else x,
-        x, geo.N, C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False, TRAIN=False, HAS_R=r is not None,
-        HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act], NEED_DX=False, NEED_DR=False,
-        BLOCK_P=geo.p_apply, BLOCK_Q=geo.q)
+        x, y, x, rx, x, mean, invstd, wx, bx, x, geo.N, C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False,
+        TRAIN=False, NEED_DX=False, NEED_DR=False, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, **flags)
     ref.finish_running(running, update, mean, var, M)
     return y, mean, var, count
 
@@ -490,28 +641,37 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
     C, dev = geo.C, x.device
     w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
     m, inv = _vec(mean), _vec(invstd)
-    code = _ACT_CODES[act]
-    scratch = torch.empty(2 * C + 2 * geo.G * C, dtype=torch.float32, device=dev)
-    kbc, part = scratch[:2 * C], scratch[2 * C:]
     dw = torch.empty(C, dtype=torch.float32, device=dev)
     db = torch.empty(C, dtype=torch.float32, device=dev)
-    wx = w if w is not None else x
-    bx = b if b is not None else x
-    rx = r if r is not None else x
-    flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=code)
+    dx = torch.empty_like(x) if need_dx else None
+    dr = torch.empty_like(x) if need_dr else None
+    wx, bx, rx = (w if w is not None else x), (b if b is not None else x), (r if r is not None else x)
+    dxx, drx = (dx if dx is not None else x), (dr if dr is not None else x)
+    flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act],
+                 TRAIN=train, NEED_DX=need_dx, NEED_DR=need_dr)
+    if _PIPELINE and not geo.rows and (need_dx or need_dr):
+        plan = geo.pipeline(x.element_size() * (2 if r is None else 3))
+        scratch = torch.empty(2 * C + 2 * plan.G * C, dtype=torch.float32, device=dev)
+        _pipelined[plan.grid](
+            x, dxx, dy, rx, drx, m, x, inv, x, x, x, wx, bx, dw, db, scratch[:2 * C], scratch[2 * C:],
+            torch.zeros(1 + 2 * plan.K, dtype=torch.int32, device=dev), geo.N, C, geo.L, plan.nb, plan.lseg,
+            plan.gl, plan.G, plan.K, plan.S, plan.A, float(geo.count), 0.0, 0.0, 0.0, float(slope),
+            BACKWARD=True, UPDATE=False, CG=plan.cg, BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS),
+            BLOCK_PS=geo.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q, **flags)
+        return dx, dw, db, dr
+    scratch = torch.empty(2 * C + 2 * geo.G * C, dtype=torch.float32, device=dev)
+    kbc, part = scratch[:2 * C], scratch[2 * C:]
     _stats[geo.stats_grid](
         x, dy, rx, m, inv, wx, bx, part, geo.N, C, geo.L, geo.nb, geo.lseg, geo.gl, geo.G, float(slope),
-        ROWS=geo.rows, BACKWARD=True, BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, **flags)
+        ROWS=geo.rows, BACKWARD=True, BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, HAS_R=r is not None, HAS_W=w is not None,
+        HAS_B=b is not None, ACT=flags["ACT"])
     _finish_bwd[(_cdiv(C, _FINISH_BLOCK),)](
         part, inv, wx, dw, db, kbc, geo.G, C, float(geo.count), TRAIN=train, HAS_W=w is not None,
         BLOCK=_FINISH_BLOCK, BLOCK_G=_pow2(geo.G, 1, _FINISH_CHUNKS))
-    dx = torch.empty_like(x) if need_dx else None
-    dr = torch.empty_like(x) if need_dr else None
     if need_dx or need_dr:
         _apply[geo.apply_grid](
-            x, dx if dx is not None else x, dy, rx, dr if dr is not None else x, m, inv, wx, bx, kbc, geo.N, C,
-            geo.L, float(slope), ROWS=geo.rows, BACKWARD=True, TRAIN=train, NEED_DX=need_dx, NEED_DR=need_dr,
-            BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, **flags)
+            x, dxx, dy, rx, drx, m, inv, wx, bx, kbc, geo.N, C, geo.L, float(slope), ROWS=geo.rows,
+            BACKWARD=True, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, **flags)
     return dx, dw, db, dr
 
 
