@@ -415,9 +415,9 @@ def _pipelined(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, var_ptr, invstd_pt
         lp = (loc // nblk) * BLOCK_PA + tl.arange(0, BLOCK_PA)  # planes of the group: (n, c) n-major
         pos = (loc % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         n = lp // CG
-        c = grp * CG + lp % CG
-        _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, n, c,
-                    (n < N) & (c < C), pos, C, L, slope, BACKWARD, TRAIN, HAS_R, HAS_W, HAS_B, ACT, NEED_DX,
+        ch = grp * CG + lp % CG
+        _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, n, ch,
+                    (n < N) & (ch < C), pos, C, L, slope, BACKWARD, TRAIN, HAS_R, HAS_W, HAS_B, ACT, NEED_DX,
                     NEED_DR, ".cg")
 
 
