@@ -8,8 +8,10 @@ from the run recorded in ``benchmarks/results/gpu_h200_tile_sweep.json`` (docs/p
 
     python benchmarks/gpu_tile_sweep.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 60] [--json sweep.json]
 
-Settings are ``programs per SM, statistics tile, elementwise tile`` (``_PROGRAMS_PER_SM``,
-``_STATS_TILE``, ``_APPLY_TILE``).
+Settings are ``programs per SM, statistics tile, elementwise tile, pipelined, L2 share``
+(``_PROGRAMS_PER_SM``, ``_STATS_TILE``, ``_APPLY_TILE``, ``_PIPELINE``, ``_GROUP_L2_SHARE``): the
+pipelined single launch (NCHW training forward and backward; channels_last and inference are
+the same kernels in every setting) with channel groups of at most 1/share of L2.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import sys
 
 import torch
 
-SETTINGS = [(8, 4096, 2048), (8, 2048, 2048), (4, 4096, 2048), (16, 4096, 2048), (8, 8192, 2048),
-            (8, 4096, 4096), (8, 2048, 4096), (8, 1024, 1024)]
+SETTINGS = [(8, 4096, 2048, False, 4), (8, 2048, 2048, False, 4), (4, 4096, 2048, False, 4),
+            (8, 4096, 4096, False, 4), (8, 4096, 2048, True, 4), (8, 4096, 2048, True, 2),
+            (8, 4096, 2048, True, 8), (8, 2048, 2048, True, 4), (4, 4096, 2048, True, 4), (2, 4096, 2048, True, 4),
+            (8, 4096, 4096, True, 4)]
+_KNOBS = ("_PROGRAMS_PER_SM", "_STATS_TILE", "_APPLY_TILE", "_PIPELINE", "_GROUP_L2_SHARE")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                 lambda x=x, w=w, b=b, dy=dy, m=m, inv=inv, n=n, act=act:
                 tg.backward_train_act(dy, x, None, m, inv, w, b, None, n, 0, act, 0.0))
         cases[f"{layout} eval"] = (lambda x=x, w=w, b=b, m=m, inv=inv: tg.forward_apply(x, m, inv, w, b))
-    defaults = tg._PROGRAMS_PER_SM, tg._STATS_TILE, tg._APPLY_TILE
+    defaults = tuple(getattr(tg, k) for k in _KNOBS)
     results: dict[str, dict[str, float]] = {}
     try:
         for setting in SETTINGS:
-            tg._PROGRAMS_PER_SM, tg._STATS_TILE, tg._APPLY_TILE = setting
+            for k, v in zip(_KNOBS, setting):
+                setattr(tg, k, v)
             for fn in cases.values():  # compile this setting's kernels outside the timing
                 fn()
             times = bench._cuda_times(cases, args.repeats, dev)
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setting}: total {sum(med.values()):7.1f} us | "
                   + " | ".join(f"{k} {t:.1f}" for k, t in med.items()), flush=True)
     finally:
-        tg._PROGRAMS_PER_SM, tg._STATS_TILE, tg._APPLY_TILE = defaults
+        for k, v in zip(_KNOBS, defaults):
+            setattr(tg, k, v)
     best = min(results, key=lambda s: sum(results[s].values()))
     print(f"fastest: {best} (defaults {defaults})")
     if args.json:

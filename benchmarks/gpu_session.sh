@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything this project measures on a GPU, as one prepared run for a short device lease.
+#
+#   bash benchmarks/gpu_session.sh [STEP ...]      # default: every step, in this order
+#
+# Steps (about 9 minutes in all on an H200, most of it compiling kernels the first time):
+#   pipeline  benchmarks/gpu_pipeline_check.py: the pipelined single launch vs three launches at
+#             full size, correctness and speed (timeout 150 s: a hang means its ordering is wrong)
+#   checks    tests/kernels/_triton_checks.py: CI's interpreter checks, compiled for the GPU (240 s)
+#   bench     benchmarks/gpu_bench.py, bfloat16, default and --pipeline (120 s each)
+#   sweep     benchmarks/gpu_tile_sweep.py (240 s)
+# Every step writes its log and JSON under $OUT (the device tool's output folder) or ./gpu_session.
+set -u
+OUT=${OUT:-gpu_session}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # batchnorm from this checkout, installed or not
+STEPS=${*:-pipeline checks bench sweep}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1
+for m in numpy numba rich matplotlib; do  # what batchnorm and the benches import
+    python -c "import $m" 2> /dev/null || echo "missing python module: $m" >> "$OUT/gpu.txt"
+done
+cat "$OUT/gpu.txt"
+
+step() {  # step NAME TIMEOUT COMMAND...
+    local name=$1 limit=$2 start
+    shift 2
+    start=$(date +%s)
+    echo "== $name: $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "== $name: exit $rc after $(( $(date +%s) - start )) s"
+}
+
+for s in $STEPS; do
+    case $s in
+        pipeline) step pipeline 150 python benchmarks/gpu_pipeline_check.py --json "$OUT/pipeline_check.json" ;;
+        checks) step checks 240 python tests/kernels/_triton_checks.py ;;
+        bench)
+            step bench 120 python benchmarks/gpu_bench.py --dtype bfloat16 --json "$OUT/bench.json"
+            step bench_pipelined 120 python benchmarks/gpu_bench.py --dtype bfloat16 --pipeline \
+                --json "$OUT/bench_pipelined.json" ;;
+        sweep) step sweep 240 python benchmarks/gpu_tile_sweep.py --repeats 40 --json "$OUT/sweep.json" ;;
+        *) echo "unknown step $s (pipeline, checks, bench, sweep)"; exit 2 ;;
+    esac
+done
