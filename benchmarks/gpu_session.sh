@@ -9,12 +9,15 @@
 #   checks    tests/kernels/_triton_checks.py: CI's interpreter checks, compiled for the GPU (240 s)
 #   bench     benchmarks/gpu_bench.py, bfloat16, default and --pipeline (120 s each)
 #   sweep     benchmarks/gpu_tile_sweep.py (240 s)
+#   small     batchnorm bench on small shapes with the triton backend, then forced to the reference
+#             backend (torch ops): whether the dispatcher should route small GPU tensors elsewhere
 # Every step writes its log and JSON under $OUT (the device tool's output folder) or ./gpu_session.
 set -u
 OUT=${OUT:-gpu_session}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # batchnorm from this checkout, installed or not
-STEPS=${*:-pipeline checks bench sweep}
+STEPS=${*:-pipeline checks bench sweep small}
+SMALL="--shape 8,16,8,8 --shape 32,64,14,14 --shape 64,128,28,28 --layouts contiguous --dtype bfloat16"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 for m in numpy numba rich matplotlib; do  # what batchnorm and the benches import
@@ -42,6 +45,12 @@ for s in $STEPS; do
             step bench_pipelined 120 python benchmarks/gpu_bench.py --dtype bfloat16 --pipeline \
                 --json "$OUT/bench_pipelined.json" ;;
         sweep) step sweep 240 python benchmarks/gpu_tile_sweep.py --repeats 40 --json "$OUT/sweep.json" ;;
-        *) echo "unknown step $s (pipeline, checks, bench, sweep)"; exit 2 ;;
+        small)
+            step small_triton 120 python -c "import sys; from batchnorm.cli import main; sys.exit(main())" \
+                bench --device cuda $SMALL --json "$OUT/small_triton.json"
+            BATCHNORM_BACKEND=reference step small_reference 120 python -c \
+                "import sys; from batchnorm.cli import main; sys.exit(main())" \
+                bench --device cuda $SMALL --json "$OUT/small_reference.json" ;;
+        *) echo "unknown step $s (pipeline, checks, bench, sweep, small)"; exit 2 ;;
     esac
 done
