@@ -32,6 +32,14 @@ float64):
 
 A training forward is three launches (statistics, finish, apply), a backward three, an
 inference forward one; nothing else runs on the GPU.
+
+Between the statistics and the elementwise pass the input leaves L2 when the tensor is larger
+than L2, so those three launches read it twice from memory. ``_pipelined`` (planes only, opt-in
+with ``BATCHNORM_TRITON_PIPELINE=1`` or ``_PIPELINE``, until a GPU has measured it) runs a whole
+training forward or backward as one launch over groups of channels each small enough to stay in
+L2: the group's statistics chunks, then, when the last of them has merged the group's sums, its
+elementwise tiles, while the next group is being read. Programs take tickets in the order they
+start and only wait for lower tickets, so no program waits for one that has not started.
 """
 
 from __future__ import annotations
