@@ -1,7 +1,7 @@
 """Compile the Triton kernels for an H100/H200 (sm_90) on a machine without a GPU, with the
 ptxas that ships in Triton's wheel: catches what the interpreter cannot (the interpreter runs the
-kernels as Python, so a type that differs between the branches of an ``if``, an unsupported
-operation or a register-file overflow only shows when compiling). Nothing is executed.
+kernels as Python, so a name whose type differs between the branches of an ``if``, or an
+operation the GPU code generator lacks, only shows when compiling). Nothing is executed.
 Run by test_triton.py in a subprocess; exit code 0 when every variant compiled."""
 
 import inspect

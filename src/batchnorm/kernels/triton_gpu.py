@@ -392,12 +392,12 @@ def _pipelined(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, var_ptr, invstd_pt
     again, so the tensor comes from memory once instead of twice.
     """
     t = tl.atomic_add(ws_ptr, 1)
-    u = t - S
-    unit = u // (S + A)
-    r = u - unit * (S + A)
-    is_stats = (t < S) | ((unit < K - 1) & (r < S))
+    # after S_0, units of S + A tickets: S_(unit + 1) then A_unit; the last unit is A_(K-1) alone
+    unit = (t - S) // (S + A)
+    rem = (t - S) - unit * (S + A)
+    is_stats = (t < S) | ((unit < K - 1) & (rem < S))
     grp = tl.where(t < S, 0, tl.where(is_stats, unit + 1, unit))
-    loc = tl.where(t < S, t, tl.where(is_stats | (unit == K - 1), r, r - S))
+    loc = tl.where(t < S, t, tl.where(is_stats | (unit == K - 1), rem, rem - S))
     if is_stats:
         c = grp * CG + loc % CG
         if c < C:
@@ -655,8 +655,8 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
     dr = torch.empty_like(x) if need_dr else None
     wx, bx, rx = (w if w is not None else x), (b if b is not None else x), (r if r is not None else x)
     dxx, drx = (dx if dx is not None else x), (dr if dr is not None else x)
-    flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act],
-                 TRAIN=train, NEED_DX=need_dx, NEED_DR=need_dr)
+    flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act])
+    outs = dict(TRAIN=train, NEED_DX=need_dx, NEED_DR=need_dr)
     if _PIPELINE and not geo.rows and (need_dx or need_dr):
         plan = geo.pipeline(x.element_size() * (2 if r is None else 3))
         scratch = torch.empty(2 * C + 2 * plan.G * C, dtype=torch.float32, device=dev)
@@ -665,21 +665,20 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
             torch.zeros(1 + 2 * plan.K, dtype=torch.int32, device=dev), geo.N, C, geo.L, plan.nb, plan.lseg,
             plan.gl, plan.G, plan.K, plan.S, plan.A, float(geo.count), 0.0, 0.0, 0.0, float(slope),
             BACKWARD=True, UPDATE=False, CG=plan.cg, BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS),
-            BLOCK_PS=geo.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q, **flags)
+            BLOCK_PS=geo.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q, **flags, **outs)
         return dx, dw, db, dr
     scratch = torch.empty(2 * C + 2 * geo.G * C, dtype=torch.float32, device=dev)
     kbc, part = scratch[:2 * C], scratch[2 * C:]
     _stats[geo.stats_grid](
         x, dy, rx, m, inv, wx, bx, part, geo.N, C, geo.L, geo.nb, geo.lseg, geo.gl, geo.G, float(slope),
-        ROWS=geo.rows, BACKWARD=True, BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, HAS_R=r is not None, HAS_W=w is not None,
-        HAS_B=b is not None, ACT=flags["ACT"])
+        ROWS=geo.rows, BACKWARD=True, BLOCK_P=geo.p_stats, BLOCK_Q=geo.q, **flags)
     _finish_bwd[(_cdiv(C, _FINISH_BLOCK),)](
         part, inv, wx, dw, db, kbc, geo.G, C, float(geo.count), TRAIN=train, HAS_W=w is not None,
         BLOCK=_FINISH_BLOCK, BLOCK_G=_pow2(geo.G, 1, _FINISH_CHUNKS))
     if need_dx or need_dr:
         _apply[geo.apply_grid](
             x, dxx, dy, rx, drx, m, inv, wx, bx, kbc, geo.N, C, geo.L, float(slope), ROWS=geo.rows,
-            BACKWARD=True, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, **flags)
+            BACKWARD=True, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q, **flags, **outs)
     return dx, dw, db, dr
 
 
