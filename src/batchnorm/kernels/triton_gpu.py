@@ -487,7 +487,8 @@ def _plane_chunks(N: int, C: int, L: int, q: int, target: int) -> tuple[int, int
 class _Pipeline:
     """The plan of :func:`_pipelined` for planes: ``K`` groups of ``cg`` channels (a power of two),
     each small enough to stay in L2 between its statistics and its elementwise pass; ``S``
-    statistics chunks (``G`` per channel) and ``A`` elementwise tiles per group."""
+    statistics chunks (``G`` per channel) and ``A`` elementwise tiles per group. Small groups
+    give chunks of a few samples, so the statistics tile is no taller than a chunk (``p_stats``)."""
 
     def __init__(self, geo: _Geometry, channel_bytes: int, group_bytes: int, target: int) -> None:
         cg = 1
@@ -495,6 +496,7 @@ class _Pipeline:
             cg *= 2
         self.cg, self.K = cg, _cdiv(geo.C, cg)
         self.nb, self.lseg, self.gl, self.G = _plane_chunks(geo.N, cg, geo.L, geo.q, target)
+        self.p_stats = min(geo.p_stats, _pow2(self.nb, 1, geo.p_stats))
         self.S = self.G * cg
         self.A = _cdiv(geo.N * cg, geo.p_apply) * _cdiv(geo.L, geo.q)
         self.grid = (self.K * (self.S + self.A),)
@@ -600,7 +602,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
             torch.zeros(1 + 2 * plan.K, dtype=torch.int32, device=dev), geo.N, C, geo.L, plan.nb, plan.lseg,
             plan.gl, plan.G, plan.K, plan.S, plan.A, float(M), float(eps), momentum, unbias, float(slope),
             BACKWARD=False, TRAIN=False, UPDATE=update, NEED_DX=False, NEED_DR=False, CG=plan.cg,
-            BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS), BLOCK_PS=geo.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q,
+            BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS), BLOCK_PS=plan.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q,
             **flags)
         ref.finish_running(running, update, mean, var, M)
         return y, mean, var, count
@@ -665,7 +667,7 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
             torch.zeros(1 + 2 * plan.K, dtype=torch.int32, device=dev), geo.N, C, geo.L, plan.nb, plan.lseg,
             plan.gl, plan.G, plan.K, plan.S, plan.A, float(geo.count), 0.0, 0.0, 0.0, float(slope),
             BACKWARD=True, UPDATE=False, CG=plan.cg, BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS),
-            BLOCK_PS=geo.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q, **flags, **outs)
+            BLOCK_PS=plan.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q, **flags, **outs)
         return dx, dw, db, dr
     scratch = torch.empty(2 * C + 2 * geo.G * C, dtype=torch.float32, device=dev)
     kbc, part = scratch[:2 * C], scratch[2 * C:]
