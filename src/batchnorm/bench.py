@@ -93,16 +93,18 @@ def _cuda_times(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.d
 
 
 def time_side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
-                      warmup: int = 3) -> dict[str, dict[str, float]]:
+                      warmup: int = 3, allocator: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
     """Median and min seconds of each function, repeats interleaved (a, b, c, a, b, c, ...).
 
     CPU: wall (or process) time of each call. GPU: CUDA-event time of each call (see
-    :func:`_cuda_times`); calls are not synchronized one by one, so host overhead counts only
+    :func:`_cuda_times`), and ``allocator`` (when given) gets :func:`_allocator_counts`' increase
+    over the timed repeats; calls are not synchronized one by one, so host overhead counts only
     where the GPU has to wait for it, as in a training loop.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    before = _allocator_counts(device)
     if device.type == "cuda":
         times = _cuda_times(fns, repeats, device)
     else:
@@ -110,7 +112,21 @@ def time_side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: t
         for _ in range(repeats):
             for k, fn in fns.items():
                 times[k].append(_clock(fn, device))
+    if allocator is not None:
+        after = _allocator_counts(device)
+        allocator.update({k: after[k] - before[k] for k in after})
     return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
+
+
+def _allocator_counts(device: torch.device) -> dict[str, int]:
+    """On a GPU, the caching allocator's counts of ``cudaMalloc`` segments and of allocation
+    retries (each retry frees cached blocks, and ``cudaFree`` waits for the device): a case whose
+    timing window sees new ones measures the allocator, not the kernels. Empty on the CPU."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {"cuda_segments_allocated": int(stats.get("segment.all.allocated", 0)),
+            "cuda_alloc_retries": int(stats.get("num_alloc_retries", 0))}
 
 
 def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 30) -> float:
@@ -203,7 +219,8 @@ def run(shapes: list[tuple[int, ...]], layouts: list[str], dtypes: list[torch.dt
                 continue
             for dtype in dtypes:
                 for pname, fns in _make_cases(shape, layout, dtype, device, passes, with_compile):
-                    t = time_side_by_side(fns, repeats, device)
+                    allocator: dict[str, int] = {}
+                    t = time_side_by_side(fns, repeats, device, allocator=allocator)
                     nbytes = FLOOR_PASSES[pname] * int(torch.tensor(shape).prod()) * torch.finfo(dtype).bits // 8
                     ours = t["ours"]["median"]
                     row = {
@@ -215,8 +232,10 @@ def run(shapes: list[tuple[int, ...]], layouts: list[str], dtypes: list[torch.dt
                     }
                     if "compile" in t:
                         row["compile_ms"] = t["compile"]["median"] * 1e3
+                    row.update(allocator)  # GPU: new device memory the allocator needed while timing
                     rows.append(row)
-                    log(f"{pname:9s} {layout:13s} {row['ratio']:.2f}x")
+                    grew = ", ".join(f"{v} {k}" for k, v in allocator.items() if v)
+                    log(f"{pname:9s} {layout:13s} {row['ratio']:.2f}x" + (f" (while timing: {grew})" if grew else ""))
     return {
         "machine": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
