@@ -8,10 +8,11 @@ from the run recorded in ``benchmarks/results/gpu_h200_tile_sweep.json`` (docs/p
 
     python benchmarks/gpu_tile_sweep.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 60] [--json sweep.json]
 
-Settings are ``programs per SM, statistics tile, elementwise tile, pipelined, L2 share``
-(``_PROGRAMS_PER_SM``, ``_STATS_TILE``, ``_APPLY_TILE``, ``_PIPELINE``, ``_GROUP_L2_SHARE``): the
-pipelined single launch (NCHW training forward and backward; channels_last and inference are
-the same kernels in every setting) with channel groups of at most 1/share of L2.
+Settings are ``programs per SM, statistics tile, elementwise tile, pipelined, L2 share, L2 hints``
+(``_PROGRAMS_PER_SM``, ``_STATS_TILE``, ``_APPLY_TILE``, ``_PIPELINE``, ``_GROUP_L2_SHARE``,
+``_PIPELINE_HINTS``): the pipelined single launch (NCHW training forward and backward;
+channels_last and inference are the same kernels in every setting) with channel groups of at most
+1/share of L2, with or without its L2 eviction hints.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import sys
 
 import torch
 
-SETTINGS = [(8, 4096, 2048, False, 4), (8, 2048, 2048, False, 4), (4, 4096, 2048, False, 4),
-            (8, 4096, 4096, False, 4), (8, 4096, 2048, True, 4), (8, 4096, 2048, True, 2),
-            (8, 4096, 2048, True, 8), (8, 2048, 2048, True, 4), (4, 4096, 2048, True, 4), (2, 4096, 2048, True, 4),
-            (8, 4096, 4096, True, 4)]
-_KNOBS = ("_PROGRAMS_PER_SM", "_STATS_TILE", "_APPLY_TILE", "_PIPELINE", "_GROUP_L2_SHARE")
+SETTINGS = [(8, 4096, 2048, False, 4, True), (8, 2048, 2048, False, 4, True), (4, 4096, 2048, False, 4, True),
+            (8, 4096, 4096, False, 4, True), (8, 4096, 2048, True, 4, True), (8, 4096, 2048, True, 4, False),
+            (8, 4096, 2048, True, 2, True), (8, 4096, 2048, True, 8, True), (8, 2048, 2048, True, 4, True),
+            (4, 4096, 2048, True, 4, True), (2, 4096, 2048, True, 4, True), (8, 4096, 4096, True, 4, True)]
+_KNOBS = ("_PROGRAMS_PER_SM", "_STATS_TILE", "_APPLY_TILE", "_PIPELINE", "_GROUP_L2_SHARE", "_PIPELINE_HINTS")
 
 
 def main(argv: list[str] | None = None) -> int:

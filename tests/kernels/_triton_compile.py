@@ -2,11 +2,16 @@
 ptxas that ships in Triton's wheel: catches what the interpreter cannot (the interpreter runs the
 kernels as Python, so a name whose type differs between the branches of an ``if``, or an
 operation the GPU code generator lacks, only shows when compiling). Nothing is executed.
+The kernels are compiled knowing what a real launch tells Triton about a typical shape (tensor
+pointers 16-byte aligned, sizes divisible by 16), and the ones that stream tensors must then read
+them with 16-byte vector loads (``ld.global...v4``): a change that hides the contiguity from
+Triton fails here instead of halving the bandwidth on a GPU.
 Run by test_triton.py in a subprocess; exit code 0 when every variant compiled."""
 
 import inspect
 import itertools
 import os
+import re
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, not the interpreter's
@@ -24,6 +29,8 @@ from batchnorm.kernels import triton_gpu as tg  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"count", "eps", "momentum", "unbias", "slope"}
 TENSORS = {"x_ptr", "y_ptr", "dy_ptr", "r_ptr", "dr_ptr"}
+#: Arguments a launch on (N, 64, 56, 56) or channels_last (N, 64, ...) tells Triton are multiples of 16.
+DIVISIBLE = TENSORS | {"C", "L", "LSEG", "NB"}
 
 
 def compile_variant(fn, dtype: str, consts: dict) -> triton.compiler.CompiledKernel:
@@ -42,7 +49,9 @@ def compile_variant(fn, dtype: str, consts: dict) -> triton.compiler.CompiledKer
             signature[n] = "fp32" if n in FLOATS else "i32"
     missing = set(consts) - set(names)
     assert not missing, f"{fn.fn.__name__} has no parameters {missing}"
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in DIVISIBLE and n not in consts}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
     return triton.compile(src, target=TARGET)
 
 
@@ -59,7 +68,8 @@ def variants():
         for backward in (False, True):
             yield "_pipelined", tg._pipelined, dtype, dict(
                 BACKWARD=backward, TRAIN=True, UPDATE=not backward, ACT=act, NEED_DX=backward, NEED_DR=backward,
-                CG=4, BLOCK_G=128, BLOCK_PS=4, BLOCK_PA=2, BLOCK_Q=1024, **flags)
+                CG=4, BLOCK_G=128, BLOCK_PS=4, BLOCK_PA=2, BLOCK_Q=1024, KEEP="evict_last", DROP="evict_first",
+                **flags)
     yield "_finish_fwd", tg._finish_fwd, "fp32", dict(UPDATE=True, BLOCK=16, BLOCK_G=128)
     yield "_finish_bwd", tg._finish_bwd, "fp32", dict(TRAIN=True, HAS_W=True, BLOCK=16, BLOCK_G=128)
 
@@ -67,7 +77,9 @@ def variants():
 failures = 0
 for name, fn, dtype, consts in variants():
     try:
-        compile_variant(fn, dtype, consts)
+        ptx = compile_variant(fn, dtype, consts).asm["ptx"]
+        if name != "_finish_fwd" and name != "_finish_bwd" and not re.search(r"ld\.global\.[^ ]*v4", ptx):
+            raise AssertionError("no 16-byte vector loads: the tensor reads lost their contiguity")
         print(f"{name} {dtype} {consts}: ok", flush=True)
     except Exception as exc:  # report every variant, then fail
         failures += 1

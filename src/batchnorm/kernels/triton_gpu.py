@@ -139,15 +139,15 @@ def _shift(x_ptr, pilot_off, c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
 
 @triton.jit
 def _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2,
-                BACKWARD: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr):
+                BACKWARD: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr, EVICT: tl.constexpr):
     """One tile's contribution: forward ``x - k`` and its square (``k`` the pilot); backward
     ``g`` and ``g * (x - k)`` (``k`` the mean, ``a``/``b`` scale and shift for ``act'``)."""
-    d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k
+    d = tl.load(x_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32) - k
     if BACKWARD:
         r = 0.0
         if HAS_R:
-            r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
-        g = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        g = tl.load(dy_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
         g = tl.where(msk, _grad_out(g, d, r, a, b, slope, HAS_R, ACT), 0.0)
         acc1 += g
         acc2 += g * d
@@ -162,7 +162,7 @@ def _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2,
 def _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, c, g,
                  N, C, L, NB, LSEG, GL, G, slope, BACKWARD: tl.constexpr, HAS_R: tl.constexpr,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_Q: tl.constexpr):
+                 BLOCK_Q: tl.constexpr, EVICT: tl.constexpr):
     """Partial sums of chunk ``g`` of channel ``c`` on planes: samples ``[gn * NB, gn * NB + NB)``
     and positions ``[gl * LSEG, gl * LSEG + LSEG)`` (``gn, gl = divmod(g, GL)``) in
     ``[BLOCK_P samples, BLOCK_Q positions]`` tiles, into ``part[0, g, c]`` and ``part[1, g, c]``."""
@@ -183,7 +183,7 @@ def _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_
             msk = (n < n_hi)[:, None] & (pos < l_hi)[None, :]
             off = base[:, None] + pos[None, :]
             acc1, acc2 = _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2, BACKWARD,
-                                     HAS_R, ACT)
+                                     HAS_R, ACT, EVICT)
     tl.store(part_ptr + g * C + c, tl.sum(tl.sum(acc1, 1), 0))
     tl.store(part_ptr + (G + g) * C + c, tl.sum(tl.sum(acc2, 1), 0))
 
@@ -215,12 +215,12 @@ def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
             msk = (rows < hi)[:, None] & cmask[None, :]
             off = rows.to(tl.int64)[:, None] * C + cs[None, :]
             acc1, acc2 = _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k[None, :], a[None, :], b[None, :], slope,
-                                     acc1, acc2, BACKWARD, HAS_R, ACT)
+                                     acc1, acc2, BACKWARD, HAS_R, ACT, "")
         tl.store(part_ptr + g * C + cs, tl.sum(acc1, 0), mask=cmask)
         tl.store(part_ptr + (G + g) * C + cs, tl.sum(acc2, 0), mask=cmask)
     else:
         _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, pid % C, pid // C,
-                     N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_P, BLOCK_Q)
+                     N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_P, BLOCK_Q, "")
 
 
 @triton.jit
@@ -298,32 +298,34 @@ def _finish_bwd(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, G, C, count,
 @triton.jit
 def _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m, a, b, kb, kc, slope,
           BACKWARD: tl.constexpr, TRAIN: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
-          NEED_DX: tl.constexpr, NEED_DR: tl.constexpr):
-    d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - m
+          NEED_DX: tl.constexpr, NEED_DR: tl.constexpr, EVICT: tl.constexpr):
+    """The elementwise formulas on one tile (``EVICT``: L2 policy of its loads and stores)."""
+    d = tl.load(x_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32) - m
     r = 0.0
     if HAS_R:
-        r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
     if BACKWARD:
-        g = _grad_out(tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32), d, r, a, b, slope, HAS_R, ACT)
+        dy = tl.load(dy_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        g = _grad_out(dy, d, r, a, b, slope, HAS_R, ACT)
         if NEED_DX:
             dx = g * a
             if TRAIN:
                 dx += d * kb + kc
-            tl.store(y_ptr + off, dx.to(y_ptr.dtype.element_ty), mask=msk)
+            tl.store(y_ptr + off, dx.to(y_ptr.dtype.element_ty), mask=msk, eviction_policy=EVICT)
         if NEED_DR:
-            tl.store(dr_ptr + off, g.to(dr_ptr.dtype.element_ty), mask=msk)
+            tl.store(dr_ptr + off, g.to(dr_ptr.dtype.element_ty), mask=msk, eviction_policy=EVICT)
     else:
         z = d * a + b
         if HAS_R:
             z += r
-        tl.store(y_ptr + off, _act(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=msk)
+        tl.store(y_ptr + off, _act(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=msk, eviction_policy=EVICT)
 
 
 @triton.jit
 def _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, n, c, pmask, pos,
                 C, L, slope, BACKWARD: tl.constexpr, TRAIN: tl.constexpr, HAS_R: tl.constexpr,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
-                NEED_DR: tl.constexpr, CM: tl.constexpr):
+                NEED_DR: tl.constexpr, CM: tl.constexpr, EVICT: tl.constexpr):
     """The elementwise pass on planes ``(n, c)`` (vectors, ``pmask`` the valid ones) at positions ``pos``."""
     m, a, b = _params(c, pmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B, CM)
     kb = 0.0
@@ -334,7 +336,7 @@ def _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr
     off = (n.to(tl.int64) * C + c)[:, None] * L + pos[None, :]
     msk = pmask[:, None] & (pos < L)[None, :]
     _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m[:, None], a[:, None], b[:, None], kb, kc, slope,
-          BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR)
+          BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR, EVICT)
 
 
 @triton.jit
@@ -360,14 +362,14 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
         off = rows.to(tl.int64)[:, None] * C + cs[None, :]
         msk = (rows < N * L)[:, None] & cmask[None, :]
         _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m[None, :], a[None, :], b[None, :], kb, kc, slope,
-              BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR)
+              BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR, "")
     else:
         nblk = tl.cdiv(L, BLOCK_Q)
         planes = (pid // nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
         pos = (pid % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, planes // C,
                     planes % C, planes < N * C, pos, C, L, slope, BACKWARD, TRAIN, HAS_R, HAS_W, HAS_B, ACT,
-                    NEED_DX, NEED_DR, "")
+                    NEED_DX, NEED_DR, "", "")
 
 
 @triton.jit
@@ -377,7 +379,7 @@ def _pipelined(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, var_ptr, invstd_pt
                BACKWARD: tl.constexpr, TRAIN: tl.constexpr, UPDATE: tl.constexpr, HAS_R: tl.constexpr,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
                NEED_DR: tl.constexpr, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PS: tl.constexpr,
-               BLOCK_PA: tl.constexpr, BLOCK_Q: tl.constexpr):
+               BLOCK_PA: tl.constexpr, BLOCK_Q: tl.constexpr, KEEP: tl.constexpr, DROP: tl.constexpr):
     """A whole training forward or backward on planes in one launch, ``K`` groups of ``CG``
     channels in a pipeline (see :class:`_Pipeline`).
 
@@ -389,7 +391,9 @@ def _pipelined(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, var_ptr, invstd_pt
     statistics program of a group (counter ``ws[1 + k]``) merges the group's partial sums, writes
     its per-channel outputs and raises the group's flag ``ws[1 + K + k]``; the group's elementwise
     programs wait for it. A group's data is sized to stay in L2 until its elementwise pass reads it
-    again, so the tensor comes from memory once instead of twice.
+    again, so the tensor comes from memory once instead of twice; ``KEEP`` and ``DROP`` are the L2
+    eviction policies of the statistics loads and of the elementwise loads and stores (see
+    :data:`_PIPELINE_HINTS`).
     """
     t = tl.atomic_add(ws_ptr, 1)
     # after S_0, units of S + A tickets: S_(unit + 1) then A_unit; the last unit is A_(K-1) alone
@@ -402,7 +406,8 @@ def _pipelined(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, var_ptr, invstd_pt
         c = grp * CG + loc % CG
         if c < C:
             _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, c, loc // CG,
-                         N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_PS, BLOCK_Q)
+                         N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_PS, BLOCK_Q,
+                         KEEP)
         tl.debug_barrier()  # every thread's partial stores precede the release below
         if tl.atomic_add(ws_ptr + 1 + grp, 1, sem="acq_rel") == S - 1:  # the group's last chunk
             cs = grp * CG + tl.arange(0, CG)
@@ -426,7 +431,7 @@ def _pipelined(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, var_ptr, invstd_pt
         ch = grp * CG + lp % CG
         _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, n, ch,
                     (n < N) & (ch < C), pos, C, L, slope, BACKWARD, TRAIN, HAS_R, HAS_W, HAS_B, ACT, NEED_DX,
-                    NEED_DR, ".cg")
+                    NEED_DR, ".cg", DROP)
 
 
 # ------------------------------------------------------------------------------- geometry
@@ -444,6 +449,14 @@ _PIPELINE = os.environ.get("BATCHNORM_TRITON_PIPELINE") == "1"
 _GROUP_L2_SHARE = 4
 #: Bytes of one channel group, ``None``: from the device's L2 (the checks set it to force groups).
 _GROUP_BYTES: int | None = None
+#: L2 eviction policies of the pipelined launch: its statistics loads ``evict_last`` (the group is
+#: read again soon), the elementwise pass's loads and stores ``evict_first`` (last use; outputs
+#: should not push the next group out). ``False``: the hardware's default policy.
+_PIPELINE_HINTS = True
+
+
+def _pipeline_policies() -> dict[str, str]:
+    return {"KEEP": "evict_last", "DROP": "evict_first"} if _PIPELINE_HINTS else {"KEEP": "", "DROP": ""}
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -603,7 +616,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
             plan.gl, plan.G, plan.K, plan.S, plan.A, float(M), float(eps), momentum, unbias, float(slope),
             BACKWARD=False, TRAIN=False, UPDATE=update, NEED_DX=False, NEED_DR=False, CG=plan.cg,
             BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS), BLOCK_PS=plan.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q,
-            **flags)
+            **_pipeline_policies(), **flags)
         ref.finish_running(running, update, mean, var, M)
         return y, mean, var, count
     scratch = torch.empty(C + 2 * geo.G * C, dtype=torch.float32, device=dev)
@@ -667,7 +680,8 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
             torch.zeros(1 + 2 * plan.K, dtype=torch.int32, device=dev), geo.N, C, geo.L, plan.nb, plan.lseg,
             plan.gl, plan.G, plan.K, plan.S, plan.A, float(geo.count), 0.0, 0.0, 0.0, float(slope),
             BACKWARD=True, UPDATE=False, CG=plan.cg, BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS),
-            BLOCK_PS=plan.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q, **flags, **outs)
+            BLOCK_PS=plan.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q, **_pipeline_policies(), **flags,
+            **outs)
         return dx, dw, db, dr
     scratch = torch.empty(2 * C + 2 * geo.G * C, dtype=torch.float32, device=dev)
     kbc, part = scratch[:2 * C], scratch[2 * C:]
