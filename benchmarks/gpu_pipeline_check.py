@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     n = torch.tensor([x.numel() // c], dtype=torch.float32, device=dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     out: dict[str, object] = {"device": name, "shape": shape, "dtype": args.dtype}
+    geo = tg._geometry(x)
+    for pas, values in (("forward", 1), ("backward", 2)):  # tensors the statistics pass reads
+        plan = geo.pipeline(x.element_size() * values)
+        out[f"plan_{pas}"] = {"channels_per_group": plan.cg, "groups": plan.K, "stats_programs_per_group": plan.S,
+                              "elementwise_programs_per_group": plan.A, "programs": plan.grid[0]}
+        print(f"{pas} plan: {out[f'plan_{pas}']} (L2 {geo.l2_bytes >> 20} MiB)")
     ok = True
     results = {}
     for pipelined in (False, True):
