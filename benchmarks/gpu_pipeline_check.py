@@ -3,8 +3,8 @@
 
 At (256, 64, 56, 56) the pipelined kernel has tens of thousands of programs, far more than fit on
 the GPU at once, which is where its ticket ordering matters (the small shapes of
-``tests/kernels/_triton_checks.py`` fit at once). For each layout-independent NCHW case it checks
-both paths against float64 statistics and each other, then times both like ``batchnorm bench``
+``tests/kernels/_triton_checks.py`` fit at once). On an NCHW input it checks the training forward
+and backward of both paths against float64 statistics and each other, then times both like ``batchnorm bench``
 (CUDA events, L2 flushed before each call, interleaved), and prints the fraction of the copy
 bandwidth each reaches over the pass's floor (1R+1W forward, 2R+1W backward).
 
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return call
 
     cases = {}
-    for name, fn in (("train", lambda: tg.forward_train(x, w, b, None, 1e-5, 0)),
-                     ("backward", lambda: tg.backward_train(dy, x, mean, inv, w, None, n, 0))):
-        cases[f"{name} three launches"] = run(False, fn)
-        cases[f"{name} pipelined"] = run(True, fn)
+    for pas, fn in (("train", lambda: tg.forward_train(x, w, b, None, 1e-5, 0)),
+                    ("backward", lambda: tg.backward_train(dy, x, mean, inv, w, None, n, 0))):
+        cases[f"{pas} three launches"] = run(False, fn)
+        cases[f"{pas} pipelined"] = run(True, fn)
     times = bench.time_side_by_side(cases, args.repeats, dev)
     bw = bench.copy_bandwidth(x.numel() * 4, dev)
     size = x.numel() * x.element_size()
