@@ -86,17 +86,18 @@ def main(argv: list[str] | None = None) -> int:
             fn()
         return call
 
-    cases = {}
+    cases, passes = {}, {}
     for pas, fn in (("train", lambda: tg.forward_train(x, w, b, None, 1e-5, 0)),
                     ("backward", lambda: tg.backward_train(dy, x, mean, inv, w, None, n, 0))):
-        cases[f"{pas} three launches"] = run(False, fn)
-        cases[f"{pas} pipelined"] = run(True, fn)
+        for pipelined, label in ((False, "three launches"), (True, "pipelined")):
+            cases[f"{pas} {label}"] = run(pipelined, fn)
+            passes[f"{pas} {label}"] = pas
     times = bench.time_side_by_side(cases, args.repeats, dev)
     bw = bench.copy_bandwidth(x.numel() * 4, dev)
     size = x.numel() * x.element_size()
     timing = {}
     for k, t in times.items():
-        floor = (2 if k.startswith("train") else 3) * size
+        floor = bench.FLOOR_PASSES[passes[k]] * size  # the bench's floor for the pass
         timing[k] = {"us": t["median"] * 1e6, "copy_fraction": floor / t["median"] / bw}
         print(f"{k:26s} {t['median'] * 1e6:8.1f} us  {floor / t['median'] / bw:5.1%} of copy")
     out["timing"], out["copy_gbps"] = timing, bw / 1e9
