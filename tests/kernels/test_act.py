@@ -8,6 +8,8 @@ import batchnorm
 from batchnorm import _act_ops  # noqa: F401
 from batchnorm.kernels import reference_act as ra
 
+from .conftest import configure_cpu
+
 ACTS = ["identity", "relu", "leaky_relu", "silu", "gelu"]
 
 
@@ -28,7 +30,7 @@ def backends():
     try:
         import batchnorm.kernels.cpu  # noqa: F401
 
-        out += ["cpu", "cpu-streamed"]
+        out += ["cpu", "cpu-streamed", "cpu-planes", "cpu-planes-streamed"]
     except ImportError:
         pass
     return out
@@ -37,11 +39,7 @@ def backends():
 @pytest.fixture(params=backends())
 def backend(request, monkeypatch):
     if request.param.startswith("cpu"):
-        cpu = pytest.importorskip("batchnorm.kernels.cpu")
-        monkeypatch.setattr(cpu, "MIN_NUMEL", 0)
-        if request.param == "cpu-streamed":  # every output through non-temporal vector stores
-            monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 0)
-            monkeypatch.setattr(cpu, "STREAM_MIN_BYTES_BACKWARD", 0)
+        configure_cpu(pytest.importorskip("batchnorm.kernels.cpu"), monkeypatch, request.param)
     with batchnorm.use_backend(request.param.split("-")[0]):
         yield request.param
 

@@ -18,6 +18,8 @@ SHAPES = [
     (2, 16, 1, 1),  # one position per sample (rows)
     (40, 9, 1),  # 3D with one position (rows)
     (1, 8, 40, 41),  # N = 1
+    (70, 3, 2, 3),  # small planes as rows, several blocks of rows
+    (9, 2, 17, 19),  # planes: a channel's sums flushed to float64 mid-channel
 ]
 LAYOUTS = ["contiguous", "channels_last", "noncontiguous"]
 
@@ -95,17 +97,44 @@ def test_no_affine_and_large_mean(cpu_backend):
 
 
 @pytest.mark.parametrize("shape, first, offset", [((64, 4, 6, 6), 1, 0.0), ((64, 4, 6, 6), 1, 1e4),
-                                                  ((8192, 2, 8, 8), 16, 100.0)])
-def test_fused_channel_variance_with_misleading_first_planes(cpu_backend, shape, first, offset):
-    """The one-channel-per-thread forward shifts by the mean of the first planes (~1024 values):
-    when those sit far from the rest in units of the channel's std (the last case: ~23 std off,
-    where the one-pass variance is ~5e-7 off) it must still match float64 to float32 rounding."""
+                                                  ((8192, 2, 8, 8), 16, 100.0), ((64, 4, 4, 4), 1, 1e4),
+                                                  ((8192, 2, 4, 4), 16, 100.0)])
+def test_variance_with_misleading_first_values(cpu_backend, shape, first, offset):
+    """Both training forwards shift their sums by a pilot mean (planes: the first ~1024 values
+    of a channel; rows: 16 rows spread over the tensor): when the first values sit far from the
+    rest in units of the channel's std (the (8192, 2, ...) cases: ~23 std off, where the one-pass
+    variance is ~5e-7 off) the statistics must still match float64 to float32 rounding. The
+    4x4 planes run as rows (as planes in the "planes" variants). channels_last: rows of one
+    value per channel, summed 64 rows at a time in float32, so a block holding a whole sample
+    10^4 off rounds the rest to ~1e-6 (it was 2e-6 for the variance and 1e-6 for the mean when
+    the rows' pilot was the first 16 rows and the mean added back the pilot unrounded)."""
     x = torch.randn(shape) * 0.01 + 3.0
     x[:first] += offset
     _, mean, var, _ = cpu_backend.forward_train(x, None, None, None, 1e-5, 0)
     _, mean64, var64, _ = ref.forward_train(x.double(), None, None, None, 1e-5, 0)
     torch.testing.assert_close(var.double(), var64, rtol=2e-7, atol=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=2e-7, atol=0)
+    _, mean, var, _ = cpu_backend.forward_train(x.contiguous(memory_format=torch.channels_last), None, None, None,
+                                                1e-5, 0)
+    torch.testing.assert_close(var.double(), var64, rtol=2e-6, atol=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=0)
+
+
+def test_small_planes_run_on_the_rows_kernels():
+    """Contiguous input with planes shorter than ROWS_MAX_PLANE (and samples of at most
+    ROWS_MAX_COLUMNS values) runs as (N, C * L) rows, each channel L columns; the rest on planes."""
+    cpu = pytest.importorskip("batchnorm.kernels.cpu")
+
+    def rep(*shape, cl=False):
+        x = torch.empty(shape)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return cpu._view(x, cpu._layout(x))[1]
+
+    assert rep(8, 4, 5, 5) == 25
+    assert rep(8, 4, 6, 6) == 0  # L = 36: planes
+    assert rep(8, 1024, 2, 2) == 4 and rep(8, 2048, 2, 2) == 0  # C * L = 4096 / 8192 columns
+    assert rep(8, 4, 5, 5, cl=True) == 1 and rep(8, 4) == 1 and rep(8, 4, 1, 1) == 1
 
 
 def test_nan_propagates(cpu_backend):

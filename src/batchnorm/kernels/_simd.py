@@ -13,8 +13,9 @@ never has, so this module gives the kernels a vector type:
 * arithmetic (``+ - *``, vector with vector or scalar) and the selects :func:`where_gt`,
   :func:`where_le`, :func:`where_lt` (ordered compares: NaN picks the second value, as Python's
   ``a if z > t else b`` does); :func:`lanewise` applies a scalar function lane by lane.
-* :func:`store_line` / :func:`store_rows` -- ``out[i] = f(args, i)`` over a line, ``W`` lanes at
-  a time; with ``stream`` the whole cache lines go out as non-temporal stores. The formula's
+* :func:`store_span` / :func:`store_rows` -- ``out[i] = f(args, i)`` over a span of a flat
+  tensor, ``W`` lanes at a time; with ``stream`` the whole cache lines go out as non-temporal
+  stores. The formula's
   array operands are read through raw pointers (:func:`pointers`): no reference counting in
   the loop.
 
@@ -44,7 +45,7 @@ WIDTH_BYTES = 32
 # Inlining a formula with branches into these loops trips a pedantic internal check of numba's
 # SSA pass ("variable ... is not in scope"); the compiled code is right (the kernels are tested
 # against the float64 reference), so the check's warning is silenced for these helpers only.
-warnings.filterwarnings("ignore", message=r"variable '_(store_line|store_rows|lanewise)_ov",
+warnings.filterwarnings("ignore", message=r"variable '_(store_span|store_rows|lanewise)_ov",
                         category=NumbaIRAssumptionWarning)
 
 
@@ -365,6 +366,51 @@ def _with_lane(typingctx, v, k, s):
     return v(v, k, s), codegen
 
 
+@intrinsic
+def vfill(typingctx, v):
+    """A vector with the float ``v`` in every lane (32 bytes of ``v``'s type)."""
+    if not isinstance(v, types.Float):
+        return None
+    vt = Vec(v)
+
+    def codegen(context, builder, sig, args):
+        return _splat(context, builder, args[0], sig.args[0], vt)
+
+    return vt(v), codegen
+
+
+def lanes(v):  # type: ignore[no-untyped-def]
+    """The number of lanes of a vector of ``v``'s float type (a compile-time constant)."""
+    raise NotImplementedError  # only called from numba
+
+
+@overload(lanes, inline="always")
+def _lanes_ov(v):
+    if not isinstance(v, types.Float):
+        return None
+    n = WIDTH_BYTES // (v.bitwidth // 8)
+    return lambda v: n
+
+
+@intrinsic
+def hsum(typingctx, v):
+    """The sum of a vector's lanes, in float64 (lane by lane, in order)."""
+    if not isinstance(v, Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dbl = ir.DoubleType()
+        total = ir.Constant(dbl, 0.0)
+        for k in range(sig.args[0].count):
+            lane = builder.extract_element(args[0], ir.Constant(ir.IntType(32), k))
+            if lane.type != dbl:
+                lane = builder.fpext(lane, dbl)
+            total = builder.fadd(total, lane)
+        return total
+
+    return types.float64(v), codegen
+
+
 def lanewise(f, z, a, b):  # type: ignore[no-untyped-def]
     """``f(z, a, b)`` for a scalar ``z``; for a vector, ``f`` on each lane."""
     raise NotImplementedError  # only called from numba
@@ -409,7 +455,7 @@ def _elem(t, i):  # type: ignore[no-untyped-def]
 
 @overload(_elem, inline="always")
 def _elem_ov(t, i):
-    # operands are pointers (store_line/store_rows and the kernels pass them through pointers())
+    # operands are pointers (store_span/store_rows and the kernels pass them through pointers())
     if not isinstance(t, types.CPointer):
         return None
     if isinstance(i, Pos):
@@ -448,20 +494,38 @@ def pos_index(typingctx, p):
 LINE_BYTES = 64  # a cache line: non-temporal stores write whole lines only
 
 
-@njit(inline="always", cache=True)
-def span(out, f0, f1):
+def span(out, f0, f1):  # type: ignore[no-untyped-def]
     """``(h, e)`` for writing ``out[f0:f1]`` (1D): ``out[h:e]`` is the run of whole cache lines
     that may be streamed, ``h == e`` when there is none."""
-    isz = out.itemsize
+    raise NotImplementedError  # only called from numba
+
+
+def _itemsize(ary: types.Array) -> int:
+    return ary.dtype.bitwidth // 8
+
+
+# The loops below take their sizes (item, vector, cache line) from the array's type, as
+# compile-time constants: as run-time values every span paid integer divisions, which on short
+# spans (a 64-value plane) cost as much as the arithmetic.
+
+
+@overload(span, inline="always")
+def _span_ov(out, f0, f1):
+    isz = _itemsize(out)
     per = LINE_BYTES // isz
-    h = min(f1, f0 + ((-(address(out) + f0 * isz)) % LINE_BYTES) // isz)
-    e = h + (f1 - h) // per * per
-    return h, e
+
+    def impl(out, f0, f1):  # type: ignore[no-untyped-def]
+        h = min(f1, f0 + ((-(address(out) + f0 * isz)) % LINE_BYTES) // isz)
+        e = h + (f1 - h) // per * per
+        return h, e
+
+    return impl
 
 
-def store_line(out, stream, f, args):  # type: ignore[no-untyped-def]
-    """``out[i] = f(args, i)`` for every ``i`` of the 1D ``out``, ``W`` lanes at a time (``f``
-    gets a :class:`Pos`) and the rest one by one; with ``stream``, the whole cache lines go out
+def store_span(out, f0, f1, off, stream, f, args):  # type: ignore[no-untyped-def]
+    """``out[i - off] = f(args, i)`` for ``i`` in ``f0:f1`` (``out`` 1D; ``off`` 0 when ``out`` is
+    the flat output tensor, ``f0`` for a buffer holding one span), ``W`` lanes at a time (``f``
+    gets a :class:`Pos`) and the ends one by one; with ``stream``, the whole cache lines go out
     as non-temporal stores. ``f`` must be an ``inline="always"`` jitted function: it is spliced
     into the loop (a call per vector would cost more than the arithmetic)."""
     raise NotImplementedError  # only called from numba
@@ -470,38 +534,39 @@ def store_line(out, stream, f, args):  # type: ignore[no-untyped-def]
 def store_rows(out, m0, m1, ch, stream, f, args):  # type: ignore[no-untyped-def]
     """``out[m*ch + c] = f(args, (m*ch + c, c))`` for rows ``m0:m1`` of ``ch`` channels (``out``
     the flat rows), ``W`` lanes at a time with the lanes wrapping across rows (per-channel
-    operands must be tiled, see :func:`atc`); ``stream`` and ``f`` as in :func:`store_line`."""
+    operands must be tiled, see :func:`atc`); ``stream`` and ``f`` as in :func:`store_span`."""
     raise NotImplementedError  # only called from numba
 
 
 def _inlined(f: types.Type):  # type: ignore[no-untyped-def]
     if not isinstance(f, types.Dispatcher):
-        raise TypeError("store_line/store_rows take a jitted formula")
+        raise TypeError("store_span/store_rows take a jitted formula")
     return f.dispatcher
 
 
-@overload(store_line, inline="always")
-def _store_line_ov(out, stream, f, args):
+@overload(store_span, inline="always")
+def _store_span_ov(out, f0, f1, off, stream, f, args):
     fn = _inlined(f)
+    w = WIDTH_BYTES // _itemsize(out)
 
-    def impl(out, stream, f, args):  # type: ignore[no-untyped-def]
+    def impl(out, f0, f1, off, stream, f, args):  # type: ignore[no-untyped-def]
         ptrs = pointers(args)
-        n = out.shape[0]
-        w = WIDTH_BYTES // out.itemsize
+        j0 = f0 - off
+        j1 = f1 - off
         if stream:
-            h, e = span(out, 0, n)
+            h, e = span(out, j0, j1)
         else:
-            h = 0
-            e = n // w * w
-        for i in range(h, e, w):
-            v = fn(ptrs, vpos(i))
+            h = j0
+            e = j0 + (j1 - j0) // w * w
+        for j in range(h, e, w):
+            v = fn(ptrs, vpos(j + off))
             if stream:
-                vstream(out, i, v)
+                vstream(out, j, v)
             else:
-                vstore(out, i, v)
-        for k in range(h + n - e):  # the head and the tail, one element at a time
-            i = k if k < h else e + k - h
-            out[i] = fn(ptrs, i)
+                vstore(out, j, v)
+        for k in range(h - j0 + j1 - e):  # the head and the tail, one element at a time
+            j = j0 + k if j0 + k < h else e + k - (h - j0)
+            out[j] = fn(ptrs, j + off)
 
     return impl
 
@@ -509,12 +574,12 @@ def _store_line_ov(out, stream, f, args):
 @overload(store_rows, inline="always")
 def _store_rows_ov(out, m0, m1, ch, stream, f, args):
     fn = _inlined(f)
+    w = WIDTH_BYTES // _itemsize(out)
 
     def impl(out, m0, m1, ch, stream, f, args):  # type: ignore[no-untyped-def]
         ptrs = pointers(args)
         f0 = m0 * ch
         f1 = m1 * ch
-        w = WIDTH_BYTES // out.itemsize
         if stream:
             h, e = span(out, f0, f1)
         else:

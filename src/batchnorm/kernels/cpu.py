@@ -50,10 +50,13 @@ from ._simd import (
     add_at,
     at,
     atc,
+    hsum,
+    lanes,
     lanewise,
     pointers,
-    store_line,
+    store_span,
     store_rows,
+    vfill,
     voidptr,
     vpos,
     where_gt,
@@ -68,7 +71,7 @@ name = "cpu"
 # (the layers detect non-finite batches from the statistics).
 _FM = {"reassoc", "contract", "arcp", "nsz"}
 _JIT = {"parallel": True, "cache": True, "fastmath": _FM, "nogil": True}
-_BLK = 2048  # elements summed in the input dtype before a float64 flush (planes)
+_VBLK = 256  # values of a channel summed in input-dtype vectors before a float64 flush (planes)
 _RBLK = 64  # rows summed in the input dtype before a float64 flush (rows)
 
 # Below this many elements the reference path would run. Since each op is one driver call (and
@@ -84,6 +87,15 @@ MIN_NUMEL = 1
 # 0.87-0.99 up to 6 MiB, 1.09-1.13 at 12.5 MiB; backward 1.08-1.22 from 1.5 MiB on.
 STREAM_MIN_BYTES = 8 << 20
 STREAM_MIN_BYTES_BACKWARD = 1 << 20
+# Contiguous (N, C, *S) input whose planes hold fewer than ROWS_MAX_PLANE values (and whose
+# samples at most ROWS_MAX_COLUMNS) runs on the rows kernels as (N, C * L) rows, each channel L
+# consecutive columns: below that the planes kernels' per-plane work (loop setup, horizontal sums)
+# costs more than the rows kernels' per-column accumulators. Measured on the 2-core EPYC, 2 MiB
+# float32, time of forward_apply + forward_train + backward_train, planes / rows: C = 64: L = 9
+# 2822/837 us, 16 1322/1012, 25 1286/1027, 36 1165/1140, 49 1026/1252; C = 256: L = 9
+# 3230/1349, 16 1333/1448, 25 1371/1550 (so C = 256, L = 16 takes rows at 9% cost: one rule).
+ROWS_MAX_PLANE = 36
+ROWS_MAX_COLUMNS = 4096
 # Below this many elements one thread does the work: waking a second thread costs more than it
 # saves, and much more when the machine is busy (the join waits for a time slice).
 PARALLEL_MIN = 1 << 16
@@ -109,47 +121,86 @@ def _as(x, v):
 
 
 @njit(**_INL)
-def _line_sums(g, row, mf, use_g):
-    """Float64 ``sum(g)`` and ``sum(g * (row - mf))`` over one line, summed in the input dtype in
-    blocks of :data:`_BLK`; ``g = row - mf`` when not ``use_g`` (the shifted moments)."""
-    L = row.shape[0]
-    zr = _as(row, 0)
+def _flat(t):
+    return t.reshape(t.size)
+
+
+@njit(**_INL)
+def _ptr(t):
+    """A pointer to the data of the C-contiguous ``t``, read with ``at`` at flat indices: no view
+    and no reference count per plane (a plane's views cost more than its arithmetic when it is
+    small: (128, 64, 8, 8) normalized in 3x the time of the flat loop)."""
+    return pointers((_flat(t),))[0]
+
+
+@njit(**_INL)
+def _span_sums(g, goff, xp, f0, n, step, count, mf, use_g, zero):
+    """Float64 ``sum(g)`` and ``sum(g * (x - mf))`` over ``count`` spans of ``n`` values of ``x``
+    from ``f0``, ``f0 + step``, ... (``xp`` a pointer; ``g`` at ``i`` is the pointer ``g`` at
+    ``i - goff``); ``g = x - mf`` when not ``use_g`` (the shifted moments). Summed in 32-byte
+    vectors of the input dtype across spans (a horizontal sum per plane cost as much as a short
+    plane's arithmetic), two per step, and added to float64 every :data:`_VBLK` values."""
+    w = lanes(zero)
     s = 0.0
     t = 0.0
-    for l0 in range(0, L, _BLK):
-        l1 = min(l0 + _BLK, L)
-        ps = zr
-        pt = zr
-        for i in range(l0, l1):
-            d = row[i] - mf
-            gi = g[i] if use_g else d
+    z = vfill(zero)
+    vs0, vt0, vs1, vt1 = z, z, z, z
+    ps = zero
+    pt = zero
+    since = 0
+    for k in range(count):
+        a = f0 + k * step
+        e2 = a + n // (2 * w) * (2 * w)
+        e1 = a + n // w * w
+        for i in range(a, e2, 2 * w):
+            d0 = at(xp, vpos(i)) - mf
+            d1 = at(xp, vpos(i + w)) - mf
+            g0 = at(g, vpos(i - goff)) if use_g else d0
+            g1 = at(g, vpos(i + w - goff)) if use_g else d1
+            vs0 += g0
+            vt0 += g0 * d0
+            vs1 += g1
+            vt1 += g1 * d1
+        for i in range(e2, e1, w):
+            d0 = at(xp, vpos(i)) - mf
+            g0 = at(g, vpos(i - goff)) if use_g else d0
+            vs0 += g0
+            vt0 += g0 * d0
+        for i in range(e1, a + n):
+            d = at(xp, i) - mf
+            gi = at(g, i - goff) if use_g else d
             ps += gi
             pt += gi * d
-        s += ps
-        t += pt
+        since += n
+        if since >= _VBLK or k == count - 1:
+            s += hsum(vs0 + vs1) + ps
+            t += hsum(vt0 + vt1) + pt
+            vs0, vt0, vs1, vt1 = z, z, z, z
+            ps = zero
+            pt = zero
+            since = 0
     return s, t
 
 
 @njit(**_INL)
-def _moments(x, n0, n1, c):
-    """Planes ``x[n0:n1, c]``: their mean rounded to the input dtype ``mf``, then float64
-    ``sum(x - mf)`` and ``sum((x - mf)**2)`` in a second sweep while they are hot (the shift
-    keeps the one-pass variance free of cancellation)."""
-    s = 0.0
-    for n in range(n0, n1):
-        s += _line_sums(x[n, c], x[n, c], _as(x, 0), True)[0]
-    mf = _as(x, s / ((n1 - n0) * x.shape[2]))
-    sd = 0.0
-    sq = 0.0
-    for n in range(n0, n1):
-        pd, pq = _line_sums(x[n, c], x[n, c], mf, False)
-        sd += pd
-        sq += pq
+def _plane_sums(x, xp, n0, n1, c, mf):
+    """Float64 ``sum(x - mf)`` and ``sum((x - mf)**2)`` over the planes ``x[n0:n1, c]``."""
+    _, C, L = x.shape
+    return _span_sums(xp, 0, xp, (n0 * C + c) * L, L, C * L, n1 - n0, mf, False, _as(x, 0))
+
+
+@njit(**_INL)
+def _moments(x, xp, n0, n1, c):
+    """Planes ``x[n0:n1, c]`` (``xp`` = ``_ptr(x)``): their mean rounded to the input dtype
+    ``mf``, then float64 ``sum(x - mf)`` and ``sum((x - mf)**2)`` in a second sweep while they are
+    hot (the shift keeps the one-pass variance free of cancellation)."""
+    mf = _as(x, _plane_sums(x, xp, n0, n1, c, _as(x, 0))[0] / ((n1 - n0) * x.shape[2]))
+    sd, sq = _plane_sums(x, xp, n0, n1, c, mf)
     return mf, sd, sq
 
 
 @njit(**_INL)
-def _pilot_moments(x, c):
+def _pilot_moments(x, xp, c):
     """All planes of channel ``c`` in one sweep: a pilot mean ``mf`` (in the input dtype, from
     the first planes, at least ~1024 values, which are then hot), then float64 ``sum(x - mf)`` and
     ``sum((x - mf)**2)`` over the channel. It saves :func:`_moments`' second sweep over the
@@ -157,26 +208,19 @@ def _pilot_moments(x, c):
     units of the standard deviation), where the one-pass variance would cancel."""
     N, L = x.shape[0], x.shape[2]
     npl = min(N, max(1, (1024 + L - 1) // L))
-    s = 0.0
-    for n in range(npl):
-        s += _line_sums(x[n, c], x[n, c], _as(x, 0), True)[0]
-    mf = _as(x, s / (npl * L))
-    sd = 0.0
-    sq = 0.0
-    for n in range(N):
-        pd, pq = _line_sums(x[n, c], x[n, c], mf, False)
-        sd += pd
-        sq += pq
+    mf = _as(x, _plane_sums(x, xp, 0, npl, c, _as(x, 0))[0] / (npl * L))
+    sd, sq = _plane_sums(x, xp, 0, N, c, mf)
     return mf, sd, sq
 
 
 # ------------------------------------------------------------------ element formulas
 #
-# Each formula is written once, as a function of a parameter tuple ``p`` and an index ``i``: an
-# int, a :class:`~batchnorm.kernels._simd.Pos` (the formula then computes 32 bytes of lanes), or
-# for rows ``(flat index, channel)``. Tensors are read with ``at``, per-channel values (a
-# plane's scalars, a row's arrays) with ``atc``; :func:`~batchnorm.kernels._simd.store_line` and
-# ``store_rows`` run a formula over a line and stream large outputs past the cache.
+# Each formula is written once, as a function of a parameter tuple ``p`` and an index ``i``: a
+# flat index (an int, or a :class:`~batchnorm.kernels._simd.Pos`: the formula then computes 32
+# bytes of lanes), or for rows ``(flat index, column)``. Tensors are pointers read with ``at``,
+# per-channel values (a plane's scalars, a row's tiled arrays) with ``atc``;
+# :func:`~batchnorm.kernels._simd.store_span` and ``store_rows`` run a formula over a span of a
+# flat output and stream large outputs past the cache.
 
 
 @njit(**_INL)
@@ -242,24 +286,45 @@ def _fdx(p, i):
 
 
 # Each formula's loop is compiled once per signature in these (not inlined) functions and
-# called once per line or block of rows: inlined at every call site, the backward alone took
-# 150 s to compile.
+# called once per plane or block of rows, with flat outputs and pointer operands (no reference
+# counting): inlined at every call site, the backward alone took 150 s to compile.
 _LINE = {"cache": True, "fastmath": _FM}
 
 
-@njit(**_LINE)
-def _y_line(out, stream, p):
-    store_line(out, stream, _fy, p)
+# A ``_spans`` function writes ``count`` spans of ``n`` values starting at ``f0``, ``f0 + step``, ...
+# (a plane: ``count = 1``; a channel's planes, last first: ``step = -C * L``).
 
 
 @njit(**_LINE)
-def _g_line(out, stream, p):
-    store_line(out, stream, _fg, p)
+def _y_spans(out, f0, n, step, count, off, stream, p):
+    for k in range(count):
+        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, _fy, p)
 
 
 @njit(**_LINE)
-def _dx_line(out, stream, p):
-    store_line(out, stream, _fdx, p)
+def _g_spans(out, f0, n, step, count, off, stream, p):
+    for k in range(count):
+        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, _fg, p)
+
+
+@njit(**_LINE)
+def _dx_spans(out, f0, n, step, count, off, stream, p):
+    for k in range(count):
+        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, _fdx, p)
+
+
+@njit(**_LINE)
+def _y_planes(out, k0, k1, C, L, stream, p):
+    """Planes ``k0:k1`` of the flat ``(N, C, L)`` tensors with the per-channel values ``p[3:6]``
+    (pointers, read at each plane's channel): one call for a run of planes, as a call per short
+    plane costs as much as its arithmetic."""
+    c = k0 % C
+    f0 = k0 * L
+    for _ in range(k0, k1):
+        store_span(out, f0, f0 + L, 0, stream, _fy,
+                   (p[0], p[1], p[2], at(p[3], c), at(p[4], c), at(p[5], c), p[6], p[7], p[8]))
+        f0 += L
+        c = c + 1 if c + 1 < C else 0
 
 
 @njit(**_LINE)
@@ -278,24 +343,14 @@ def _dx_rows(out, m0, m1, ch, stream, p):
 
 
 @njit(**_INL)
-def _grad(gp, out):
-    """The line of ``g`` (:func:`_fg`) into ``out``; ``dy`` itself for the identity (no copy)."""
+def _grad(gp, buf, bp, f0, f1):
+    """``g`` (:func:`_fg`, parameters ``gp``) on the span ``f0:f1`` as ``(pointer, offset)``, ``g``
+    at ``i`` being the pointer at ``i - offset``: ``dy`` itself for the identity (no copy), else
+    computed into ``buf`` (``bp`` its pointer, at least ``f1 - f0`` long)."""
     if gp[7] == 0:
-        return gp[0]
-    _g_line(out, False, gp)
-    return out
-
-
-@njit(**_INL)
-def _gate(dy, x, r, has_r, n, c, mf, af, bf, code, slope, zero):
-    """The :func:`_fg` parameters of plane ``(n, c)``."""
-    return (dy[n, c], x[n, c], r[n, c], has_r, mf, af, bf, code, slope, zero)
-
-
-@njit(**_INL)
-def _norm_plane(x, r, has_r, n, c, mf, af, bf, code, slope, zero, y, stream):
-    """Plane ``(n, c)``: ``y = act((x - mf) * af + bf [+ r])``."""
-    _y_line(y[n, c], stream, (x[n, c], r[n, c], has_r, mf, af, bf, code, slope, zero))
+        return gp[0], 0
+    _g_spans(buf, f0, f1 - f0, 0, 1, f0, False, gp)
+    return bp, f0
 
 
 @njit(**_INL)
@@ -363,10 +418,11 @@ def _rows_block_sums(gp, moments, ch, r0, r1, bi, psum, pdot):
 def _plane_stats(x, pmean, pm2):
     """Per ``(n, c)`` plane: mean and sum of squared deviations (two passes, plane is hot)."""
     N, C, L = x.shape
+    xp = _ptr(x)
     for k in prange(N * C):
         n = k // C
         c = k % C
-        mf, sd, sq = _moments(x, n, n + 1, c)
+        mf, sd, sq = _moments(x, xp, n, n + 1, c)
         md = sd / L
         pmean[n, c] = mf + md
         pm2[n, c] = max(sq - L * md * md, 0.0)
@@ -398,35 +454,34 @@ def _act_train_fwd_planes(x, r, has_r, w, b, eps, code, slope, y, mean_out, var_
     cnt = N * L
     zero = _as(x, 0)
     slf = _as(x, slope)
+    xp, rp, yf = _ptr(x), _ptr(r), _flat(y)
     for c in prange(C):
-        mf, sd, sq = _pilot_moments(x, c)
+        mf, sd, sq = _pilot_moments(x, xp, c)
         md = sd / cnt
         v = max(sq / cnt - md * md, 0.0)
         if md * md > 64.0 * v:  # the pilot was far from the mean (in std units): two exact sweeps
-            mf, sd, sq = _moments(x, 0, N, c)
+            mf, sd, sq = _moments(x, xp, 0, N, c)
             md = sd / cnt
             v = max(sq / cnt - md * md, 0.0)
         mean_out[c] = mf + md
         var_out[c] = v
         a = w[c] / math.sqrt(v + eps)
         # (x - mf) * a + (b - md * a): the subtraction stays in the input dtype, exact near the mean
-        af = _as(x, a)
-        bf = _as(x, b[c] - md * a)
-        for nn in range(N):
-            _norm_plane(x, r, has_r, N - 1 - nn, c, mf, af, bf, code, slf, zero, y, stream)
+        p = (xp, rp, has_r, mf, _as(x, a), _as(x, b[c] - md * a), code, slf, zero)
+        _y_spans(yf, ((N - 1) * C + c) * L, L, -C * L, N, 0, stream, p)
 
 
 @njit(**_JIT)
 def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y, stream):
     """``y = act((x - mean) * scale + shift [+ r])``, parallel over planes."""
     N, C, L = x.shape
-    zero = _as(x, 0)
-    slf = _as(x, slope)
-    for k in prange(N * C):
-        n = k // C
-        c = k % C
-        _norm_plane(x, r, has_r, n, c, _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c]), code, slf, zero, y,
-                    stream)
+    K = N * C
+    nb = max(1, min(K, K * L // 1024, 64))
+    mt, st, ht = _tiled(mean, x, 1), _tiled(scale, x, 1), _tiled(shift, x, 1)  # in x's dtype
+    p = (_ptr(x), _ptr(r), has_r, _ptr(mt), _ptr(st), _ptr(ht), code, _as(x, slope), _as(x, 0))
+    yf = _flat(y)
+    for bi in prange(nb):
+        _y_planes(yf, bi * K // nb, (bi + 1) * K // nb, C, L, stream, p)
 
 
 @njit(**_JIT)
@@ -443,6 +498,7 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
     cnt = N * L
     zero = _as(x, 0)
     slf = _as(x, slope)
+    dyp, xp, rp, dxf, drf = _ptr(dy), _ptr(x), _ptr(r), _flat(dx), _flat(dr)
     for c in prange(C):
         m = np.float64(mean[c])
         mf = _as(x, m)
@@ -450,52 +506,58 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
         inv = np.float64(invstd[c])
         a = w[c] * inv
         af = _as(x, a)
-        bf = _as(x, b[c] - md * a)
         buf = np.empty(L if code != 0 else 0, dtype=x.dtype)
+        bp = _ptr(buf)
+        gp = (dyp, xp, rp, has_r, mf, af, _as(x, b[c] - md * a), code, slf, zero)
         s = 0.0
         t = 0.0
-        for n in range(N):
-            gp = _gate(dy, x, r, has_r, n, c, mf, af, bf, code, slf, zero)
-            ps, pt = _line_sums(_grad(gp, buf), x[n, c], mf, True)
+        per_plane = code != 0 or (need_dx and not train) or (need_dr and not (need_dx and train))
+        if not per_plane:  # plain BN: the whole channel in one strided sweep
+            s, t = _span_sums(dyp, 0, xp, c * L, L, C * L, N, mf, True, zero)
+        for n in range(N if per_plane else 0):
+            f0 = (n * C + c) * L
+            g, goff = _grad(gp, buf, bp, f0, f0 + L)
+            ps, pt = _span_sums(g, goff, xp, f0, L, 0, 1, mf, True, zero)
             s += ps
             t += pt
             if need_dx and not train:
-                _dx_line(dx[n, c], stream, gp + (af, zero, zero))
+                _dx_spans(dxf, f0, L, 0, 1, 0, stream, gp + (af, zero, zero))
             if need_dr and not (need_dx and train):
-                _g_line(dr[n, c], stream, gp)
+                _g_spans(drf, f0, L, 0, 1, 0, stream, gp)
         # sum(g * (x - mean)) with the exact float64 mean
         t -= md * s
         sum_dy[c] = s
         sum_dot[c] = t * inv
         if need_dx and train:
             kb = -a * inv * inv * t / cnt
-            kbf = _as(x, kb)
-            kcf = _as(x, -a * s / cnt - kb * md)
-            for nn in range(N):
-                gp = _gate(dy, x, r, has_r, N - 1 - nn, c, mf, af, bf, code, slf, zero)
-                _dx_line(dx[N - 1 - nn, c], stream, gp + (af, kbf, kcf))
-                if need_dr:
-                    _g_line(dr[N - 1 - nn, c], stream, gp)
+            p = gp + (af, _as(x, kb), _as(x, -a * s / cnt - kb * md))
+            if not need_dr:
+                _dx_spans(dxf, ((N - 1) * C + c) * L, L, -C * L, N, 0, stream, p)
+            for nn in range(N if need_dr else 0):  # both outputs plane by plane, while it is hot
+                f0 = ((N - 1 - nn) * C + c) * L
+                _dx_spans(dxf, f0, L, 0, 1, 0, stream, p)
+                _g_spans(drf, f0, L, 0, 1, 0, stream, gp)
 
 
 @njit(**_INL)
-def _plane_gate(dy, x, r, has_r, n, c, mean, scale, shift, code, slope):
-    """Split paths: the :func:`_fg` parameters of plane ``(n, c)`` (per-channel values rounded
-    to the input dtype)."""
-    return _gate(dy, x, r, has_r, n, c, _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c]), code, _as(x, slope),
-                 _as(x, 0))
+def _plane_gate(dyp, xp, rp, has_r, c, mean, scale, shift, code, slope, x):
+    """Split paths: the :func:`_fg` parameters of channel ``c`` (pointers, per-channel values
+    rounded to the dtype of the input ``x``)."""
+    return (dyp, xp, rp, has_r, _as(x, mean[c]), _as(x, scale[c]), _as(x, shift[c]), code, _as(x, slope), _as(x, 0))
 
 
 @njit(**_JIT)
 def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psum, pdot):
     """Split path: per plane ``sum(g)`` and ``sum(g * (x - mean_rounded))``."""
     N, C, L = x.shape
+    dyp, xp, rp = _ptr(dy), _ptr(x), _ptr(r)
     for k in prange(N * C):
         n = k // C
         c = k % C
-        gp = _plane_gate(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
+        gp = _plane_gate(dyp, xp, rp, has_r, c, mean, scale, shift, code, slope, x)
         buf = np.empty(L if code != 0 else 0, dtype=x.dtype)
-        s, t = _line_sums(_grad(gp, buf), x[n, c], gp[4], True)
+        g, goff = _grad(gp, buf, _ptr(buf), k * L, k * L + L)
+        s, t = _span_sums(g, goff, xp, k * L, L, 0, 1, gp[4], True, gp[9])
         psum[n, c] = s
         pdot[n, c] = t
 
@@ -505,92 +567,114 @@ def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, 
                           need_dx, need_dr, dx, dr, stream):
     """Split path: ``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g``."""
     N, C, L = x.shape
+    dyp, xp, rp, dxf, drf = _ptr(dy), _ptr(x), _ptr(r), _flat(dx), _flat(dr)
     for k in prange(N * C):
-        n = k // C
         c = k % C
-        gp = _plane_gate(dy, x, r, has_r, n, c, mean, scale, shift, code, slope)
+        gp = _plane_gate(dyp, xp, rp, has_r, c, mean, scale, shift, code, slope, x)
         if need_dx:
-            _dx_line(dx[n, c], stream, gp + (_as(x, ka[c]), _as(x, kb[c]), _as(x, kc[c])))
+            _dx_spans(dxf, k * L, L, 0, 1, 0, stream, gp + (_as(x, ka[c]), _as(x, kb[c]), _as(x, kc[c])))
         if need_dr:
-            _g_line(dr[n, c], stream, gp)
+            _g_spans(drf, k * L, L, 0, 1, 0, stream, gp)
 
 
-# ================================================================================ rows (M, C)
+# ============================================================================== rows (M, P)
 #
-# The row kernels see the tensors flat (``x.reshape(M * C)``) and index them ``(m * C + c, c)``;
-# per-channel values are tiled to ``C + W`` entries (:func:`_tiled`) so that a vector of ``W``
-# lanes starting at any channel reads consecutive entries.
+# The row kernels see the tensors as ``M`` rows of ``P`` columns, each channel ``rep`` consecutive
+# columns: channels_last ``(N, *S, C)`` and 2D ``(N, C)`` are ``(N * L, C)`` with ``rep = 1``;
+# contiguous ``(N, C, *S)`` with small planes is ``(N, C * L)`` with ``rep = L`` (a plane is then
+# too short for the planes kernels' per-plane loop, see :data:`ROWS_MAX_PLANE`). They index the
+# flat tensors ``(m * P + j, j)``; per-channel values are tiled to ``P + W`` column entries
+# (:func:`_tiled`) so that a vector of ``W`` lanes starting at any column reads consecutive entries.
 
 
 def _row_blocks(m: int) -> int:
+    """Blocks of rows that the reductions split ``m`` rows into: at least 32 rows each, since a
+    block's partial sums cost as much as 32 rows' arithmetic (measured with 4096-column rows:
+    blocks of 8 rows took the training forward 1.6-2x longer)."""
     return max(1, min(m // 32, 8 * numba.get_num_threads()))
 
 
-@njit(**_INL)
-def _flat(t):
-    return t.reshape(t.size)
+@njit(cache=True)
+def _tiled(v, x, rep):
+    """Per-channel ``v`` in ``x``'s dtype as column entries (channel ``c`` at columns
+    ``c * rep .. c * rep + rep - 1``), repeated to ``P + W`` entries (``W`` lanes of 32 bytes)."""
+    p = v.shape[0] * rep
+    out = np.empty(p + 32 // x.itemsize, dtype=x.dtype)
+    for k in range(out.shape[0]):
+        out[k] = v[(k % p) // rep]
+    return out
 
 
 @njit(cache=True)
-def _tiled(v, x):
-    """Per-channel ``v`` in ``x``'s dtype, repeated to ``C + W`` entries (``W`` lanes of 32 bytes)."""
-    c = v.shape[0]
-    out = np.empty(c + 32 // x.itemsize, dtype=x.dtype)
-    for k in range(out.shape[0]):
-        out[k] = v[k % c]
+def _fold(ps, rep):
+    """Per-column partial sums ``(nb, P)`` to per-channel ones ``(nb, P // rep)``."""
+    if rep == 1:
+        return ps
+    nb, p = ps.shape
+    out = np.zeros((nb, p // rep))
+    for j in range(nb):
+        for k in range(p):
+            out[j, k // rep] += ps[j, k]
     return out
 
 
 @njit(**_INL)
-def _row_norm(x, r, has_r, mean, scale, shift, code, slope):
+def _row_norm(x, r, has_r, mean, scale, shift, code, slope, rep):
     """The :func:`_fy` parameters for flat rows (per-channel values tiled, see :func:`_tiled`)."""
-    return (_flat(x), _flat(r), has_r, _tiled(mean, x), _tiled(scale, x), _tiled(shift, x), code, _as(x, slope),
-            _as(x, 0))
+    return (_flat(x), _flat(r), has_r, _tiled(mean, x, rep), _tiled(scale, x, rep), _tiled(shift, x, rep), code,
+            _as(x, slope), _as(x, 0))
 
 
 @njit(**_INL)
-def _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope):
+def _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep):
     """The :func:`_fg` parameters for flat rows: ``dy`` and those of :func:`_row_norm`."""
-    return (_flat(dy),) + _row_norm(x, r, has_r, mean, scale, shift, code, slope)
+    return (_flat(dy),) + _row_norm(x, r, has_r, mean, scale, shift, code, slope, rep)
+
+
+@njit(**_INL)
+def _eblocks(M, P):
+    """Blocks of rows for the elementwise kernels: at least ~1024 values each, at most 64."""
+    return max(1, min(M, M * P // 1024, 64))
 
 
 @njit(**_JIT)
-def _rows_moments(x, pilot, nb, psum, psq):
-    """Per block of rows: float64 sums of ``x - pilot`` and ``(x - pilot)**2``."""
-    M, C = x.shape
-    gp = _row_gate(x, x, x, False, pilot, pilot, pilot, 0, 0.0)
+def _rows_moments(x, pilot, nb, psum, psq, rep):
+    """Per block of rows: float64 per-column sums of ``x - pilot`` and ``(x - pilot)**2``."""
+    M, P = x.shape
+    gp = _row_gate(x, x, x, False, pilot, pilot, pilot, 0, 0.0, rep)
     for bi in prange(nb):
-        _rows_block_sums(gp, True, C, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
+        _rows_block_sums(gp, True, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
 
 
 @njit(**_JIT)
-def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream):
-    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, C)`` rows."""
-    M, C = x.shape
-    nb = max(1, min(M // 32, 64))
-    p = _row_norm(x, r, has_r, mean, scale, shift, code, slope)
+def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream, rep):
+    """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, P)`` rows."""
+    M, P = x.shape
+    nb = _eblocks(M, P)
+    p = _row_norm(x, r, has_r, mean, scale, shift, code, slope, rep)
     yf = _flat(y)
     for bi in prange(nb):
-        _y_rows(yf, bi * M // nb, (bi + 1) * M // nb, C, stream, p)
+        _y_rows(yf, bi * M // nb, (bi + 1) * M // nb, P, stream, p)
 
 
 @njit(**_JIT)
-def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, psum, pdot):
-    """Per block of rows: float64 ``sum(g)`` and ``sum(g * (x - mean))``, ``g = dy * act'(z)``."""
-    M, C = x.shape
-    gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope)
+def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, psum, pdot, rep):
+    """Per block of rows: float64 per-column ``sum(g)`` and ``sum(g * (x - mean))``,
+    ``g = dy * act'(z)``."""
+    M, P = x.shape
+    gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep)
     for bi in prange(nb):
-        _rows_block_sums(gp, False, C, bi * M // nb, (bi + 1) * M // nb, bi, psum, pdot)
+        _rows_block_sums(gp, False, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, pdot)
 
 
 @njit(**_JIT)
 def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
-                        need_dx, need_dr, dx, dr, stream):
-    """``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, C)`` rows."""
-    M, C = x.shape
-    nb = max(1, min(M // 32, 64))
-    gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope)
-    p = gp + (_tiled(ka, x), _tiled(kb, x), _tiled(kc, x))
+                        need_dx, need_dr, dx, dr, stream, rep):
+    """``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, P)`` rows."""
+    M, P = x.shape
+    nb = _eblocks(M, P)
+    gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep)
+    p = gp + (_tiled(ka, x, rep), _tiled(kb, x, rep), _tiled(kc, x, rep))
     dxf = _flat(dx)
     drf = _flat(dr)
     for bi in prange(nb):
@@ -599,9 +683,9 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
         step = _RBLK if need_dx and need_dr else M
         for m0 in range(bi * M // nb, m1, step):
             if need_dx:
-                _dx_rows(dxf, m0, min(m0 + step, m1), C, stream, p)
+                _dx_rows(dxf, m0, min(m0 + step, m1), P, stream, p)
             if need_dr:
-                _g_rows(drf, m0, min(m0 + step, m1), C, stream, gp)
+                _g_rows(drf, m0, min(m0 + step, m1), P, stream, gp)
 
 
 # ================================================================== drivers: one call per op
@@ -637,9 +721,9 @@ def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
 
 
 @njit(cache=True)
-def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
+def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream, rep):
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
-    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream)
+    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream, rep)
 
 
 @njit(cache=True)
@@ -676,33 +760,57 @@ def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum,
 
 
 @njit(cache=True)
-def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb):
-    """Training forward on rows: block partial sums shifted by the mean of the first rows (the
-    pilot), merged in float64, then the normalization; statistics and running statistics as
-    :func:`_finish`."""
-    M, C = x.shape
+def _rows_stats(x, pilot, nb, rep):
+    """Per-channel float64 mean and biased variance of the rows from sums shifted by ``pilot``,
+    and whether a channel's pilot was more than 2 standard deviations from its mean. The kernels
+    subtract the pilot in the input dtype, so the mean adds back that rounded value (adding the
+    float64 pilot put the mean up to half an ulp of the pilot off)."""
+    M, P = x.shape
+    C = P // rep
+    cnt = M * rep
+    pilot = pilot.copy()
+    for c in range(C):
+        pilot[c] = _as(x, pilot[c])
+    psum = np.zeros((nb, P))
+    psq = np.zeros((nb, P))
+    _rows_moments(x, pilot, nb, psum, psq, rep)
+    psum, psq = _fold(psum, rep), _fold(psq, rep)
     mean = np.empty(C)
     var = np.empty(C)
-    k = min(M, 16)
-    pilot = np.zeros(C)
-    for i in range(k):
-        for c in range(C):
-            pilot[c] += x[i, c]
-    pilot /= k
-    psum = np.zeros((nb, C))
-    psq = np.zeros((nb, C))
-    _rows_moments(x, pilot, nb, psum, psq)
+    far = False
     for c in range(C):
         sd = 0.0
         sq = 0.0
         for j in range(nb):
             sd += psum[j, c]
             sq += psq[j, c]
-        md = sd / M
+        md = sd / cnt
         mean[c] = pilot[c] + md
-        var[c] = max(sq / M - md * md, 0.0)
-    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
-    _finish(mean, var, M, out, rm, rv, momentum, update)
+        var[c] = max(sq / cnt - md * md, 0.0)
+        far = far or md * md > 4.0 * var[c]
+    return mean, var, far
+
+
+@njit(cache=True)
+def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb, rep):
+    """Training forward on rows: block partial sums shifted by the mean of 16 rows spread over
+    the tensor (the pilot; neighbouring rows, e.g. one image's corner, can sit far from the
+    mean), merged in float64 -- summed again around that mean when the pilot was more than 2
+    standard deviations off, where the one-pass variance would lose digits -- then the
+    normalization; statistics and running statistics as :func:`_finish`."""
+    M, P = x.shape
+    C = P // rep
+    k = min(M, 16)
+    pilot = np.zeros(C)
+    for i in range(k):
+        for j in range(P):
+            pilot[j // rep] += x[i * M // k, j]
+    pilot /= k * rep
+    mean, var, far = _rows_stats(x, pilot, nb, rep)
+    if far:
+        mean, var, _ = _rows_stats(x, mean, nb, rep)
+    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream, rep)
+    _finish(mean, var, M * rep, out, rm, rv, momentum, update)
 
 
 @njit(cache=True)
@@ -751,18 +859,20 @@ def _bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx
 
 @njit(cache=True)
 def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr, dx, dr,
-              sum_dy, sum_dot, stream, nb):
+              sum_dy, sum_dot, stream, nb, rep):
     """Backward on rows: block reductions, their merge, then the elementwise gradients."""
-    M, C = x.shape
+    M, P = x.shape
+    C = P // rep
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
-    psum = np.zeros((nb, C))
-    pdot = np.zeros((nb, C))
-    _act_bwd_reduce_rows(dy, x, r, has_r, mr, scale, shift, code, slope, nb, psum, pdot)
+    psum = np.zeros((nb, P))
+    pdot = np.zeros((nb, P))
+    _act_bwd_reduce_rows(dy, x, r, has_r, mr, scale, shift, code, slope, nb, psum, pdot, rep)
     kb, kc = np.empty(C), np.empty(C)
-    _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, M, train, kb, kc, sum_dy, sum_dot)
+    _bwd_coefficients(_fold(psum, rep), _fold(pdot, rep), mean, invstd, mr, scale, M * rep, train, kb, kc, sum_dy,
+                      sum_dot)
     if need_dx or need_dr:
         _act_bwd_elemt_rows(dy, x, r, has_r, mr, scale, shift, code, slope, scale, kb, kc, need_dx,
-                            need_dr, dx, dr, stream)
+                            need_dr, dx, dr, stream, rep)
 
 
 # ========================================================== entries: tensors by address
@@ -770,8 +880,9 @@ def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, 
 # Python passes each tensor as its address (``Tensor.data_ptr()``) and the drivers see numpy
 # arrays built over it here: after a large kernel has flushed the caches, ``Tensor.numpy()``
 # and the reshapes around it cost tens of microseconds each in Python, ``data_ptr()`` a few.
-# ``dims = (N, C, L)``: planes ``(N, C, L)`` or rows ``(N * L, C)``; ``dt`` the numpy dtype of
-# every tensor (input, outputs, per-channel vectors, statistics); address 0 = no such vector.
+# ``dims = (N, C, L)``; ``rep = 0``: planes ``(N, C, L)``, else rows ``(N * L / rep, C * rep)`` (see
+# "rows" above); ``dt`` the numpy dtype of every tensor (input, outputs, per-channel vectors,
+# statistics); address 0 = no such vector.
 
 
 @njit(**_INL)
@@ -788,51 +899,51 @@ def _channel(addr, c, dt, fill):
 
 
 @njit(cache=True)
-def _train(a, dims, dt, rows, has_r, eps, code, slope, momentum, update, stream, fused, nb):
+def _train(a, dims, dt, rep, has_r, eps, code, slope, momentum, update, stream, fused, nb):
     """Training forward; ``a = (x, r, y, weight, bias, out, running_mean, running_var)`` (see
     :func:`_finish` for ``out``; without ``update`` the running statistics' addresses are unused)."""
     N, C, L = dims
     w, b = _channel(a[3], C, dt, 1.0), _channel(a[4], C, dt, 0.0)
     out = _tensor(a[5], (3, 1, C), dt)
     rm, rv = _tensor(a[6], C, dt), _tensor(a[7], C, dt)
-    if rows:
-        s = (N * L, C)
+    if rep:
+        s = (N * L // rep, C * rep)
         x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
-        _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb)
+        _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb, rep)
     else:
         x, r, y = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
         _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, fused)
 
 
 @njit(cache=True)
-def _apply(a, dims, dt, rows, has_r, code, slope, stream):
+def _apply(a, dims, dt, rep, has_r, code, slope, stream):
     """Normalization with given statistics; ``a = (x, r, y, mean, invstd, weight, bias)``."""
     N, C, L = dims
     mean, inv = _channel(a[3], C, dt, 0.0), _channel(a[4], C, dt, 1.0)
     w, b = _channel(a[5], C, dt, 1.0), _channel(a[6], C, dt, 0.0)
-    if rows:
-        s = (N * L, C)
+    if rep:
+        s = (N * L // rep, C * rep)
         x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
-        _apply_rows(x, r, has_r, mean, inv, w, b, code, slope, y, stream)
+        _apply_rows(x, r, has_r, mean, inv, w, b, code, slope, y, stream, rep)
     else:
         x, r, y = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
         _apply_planes(x, r, has_r, mean, inv, w, b, code, slope, y, stream)
 
 
 @njit(cache=True)
-def _bwd(a, dims, dt, rows, has_r, code, slope, train, need_dx, need_dr, stream, fused, nb):
+def _bwd(a, dims, dt, rep, has_r, code, slope, train, need_dx, need_dr, stream, fused, nb):
     """Backward; ``a = (dy, x, r, dx, dr, mean, invstd, weight, bias, sums)``, ``sums`` = ``(2, C)``
     (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
     N, C, L = dims
     mean, inv = _channel(a[5], C, dt, 0.0), _channel(a[6], C, dt, 1.0)
     w, b = _channel(a[7], C, dt, 1.0), _channel(a[8], C, dt, 0.0)
     sums = _tensor(a[9], (2, C), dt)
-    if rows:
-        s = (N * L, C)
+    if rep:
+        s = (N * L // rep, C * rep)
         dy, x, r = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
         dx, dr = _tensor(a[3], s, dt), _tensor(a[4], s, dt)
         _bwd_rows(dy, x, r, has_r, mean, inv, w, b, code, slope, train, need_dx, need_dr, dx, dr, sums[0], sums[1],
-                  stream, nb)
+                  stream, nb, rep)
     else:
         dy, x, r = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
         dx, dr = _tensor(a[3], dims, dt), _tensor(a[4], dims, dt)
@@ -910,9 +1021,22 @@ _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _dims(x: Tensor) -> tuple[int, int, int]:
-    """``(N, C, L)``: the kernels see planes ``(N, C, L)`` or rows ``(N * L, C)``."""
+    """``(N, C, L)``: the kernels see planes ``(N, C, L)`` or rows (see :func:`_view`)."""
     n, c = x.shape[0], x.shape[1]
     return n, c, (x.numel() // (n * c) if n else 0)
+
+
+def _view(x: Tensor, layout: str) -> tuple[tuple[int, int, int], int, int]:
+    """``(dims, rep, nb)`` of the prepared ``x``: :func:`_dims`; ``rep = 0`` for the planes
+    kernels, else the rows kernels on ``(N * L / rep, C * rep)`` -- channels_last and 2D with
+    ``rep = 1``, contiguous input with planes shorter than :data:`ROWS_MAX_PLANE` with
+    ``rep = L``; ``nb`` the rows reductions' blocks."""
+    n, c, l = dims = _dims(x)
+    if layout == "rows":
+        rep = 1
+    else:
+        rep = l if l < ROWS_MAX_PLANE and c * l <= ROWS_MAX_COLUMNS else 0
+    return dims, rep, (_row_blocks(n * l // rep) if rep else 1)
 
 
 def _cvec(t: Tensor | None, x: Tensor) -> Tensor | None:
@@ -979,7 +1103,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, x, layout)
-    dims = _dims(x)
+    dims, rep, nb = _view(x, layout)
     y = torch.empty_like(x)
     r = _residual(residual, x, layout)
     acc = acc_dtype(x.dtype)
@@ -992,9 +1116,9 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     o = mean.data_ptr()
     rm, rv = (running.mean.data_ptr(), running.var.data_ptr()) if update else (o, o)  # type: ignore[union-attr]
     xa = x.data_ptr()
-    _train((xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv), dims, _NP[x.dtype], layout == "rows",
+    _train((xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv), dims, _NP[x.dtype], rep,
            r is not None, float(eps), _ACT_CODES[act], float(slope), float(running.momentum) if update else 0.0,  # type: ignore[union-attr]
-           update, _stream(x), _fused_channels(dims[1], threads), _row_blocks(dims[0] * dims[2]))
+           update, _stream(x), _fused_channels(dims[1], threads), nb)
     ref.finish_running(running, update, mean, var, dims[0] * dims[2])
     return y, mean, var, count
 
@@ -1008,7 +1132,8 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     r = _residual(residual, x, layout)
     vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
     xa = x.data_ptr()
-    _apply((xa, _addr(r, xa), y.data_ptr(), *[_addr(v) for v in vecs]), _dims(x), _NP[x.dtype], layout == "rows",
+    dims, rep, _ = _view(x, layout)
+    _apply((xa, _addr(r, xa), y.data_ptr(), *[_addr(v) for v in vecs]), dims, _NP[x.dtype], rep,
            r is not None, _ACT_CODES[act], float(slope), _stream(x))
     return y
 
@@ -1018,7 +1143,7 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     layout = _layout(x)
     x = _prepare(x, x, layout)
     dy = _prepare(dy, x, layout)
-    dims = _dims(x)
+    dims, rep, nb = _view(x, layout)
     r = _residual(residual, x, layout)
     dx = torch.empty_like(x) if need_dx else None
     dr = torch.empty_like(x) if need_dr else None
@@ -1027,8 +1152,8 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
     xa = x.data_ptr()
     _bwd((dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs], sum_dy.data_ptr()),
-         dims, _NP[x.dtype], layout == "rows", r is not None, _ACT_CODES[act], float(slope), train, need_dx, need_dr,
-         _stream(x, backward=True), _fused_channels(dims[1], threads), _row_blocks(dims[0] * dims[2]))
+         dims, _NP[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope), train, need_dx, need_dr,
+         _stream(x, backward=True), _fused_channels(dims[1], threads), nb)
     return dx, sum_dot, sum_dy, dr
 
 
