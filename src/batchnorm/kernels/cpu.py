@@ -587,11 +587,11 @@ def _act_bwd_elemt_planes(dy, x, r, has_r, mean, scale, shift, code, slope, ka, 
 # (:func:`_tiled`) so that a vector of ``W`` lanes starting at any column reads consecutive entries.
 
 
-def _row_blocks(m: int) -> int:
+def _row_blocks(m: int, threads: int) -> int:
     """Blocks of rows that the reductions split ``m`` rows into: at least 32 rows each, since a
     block's partial sums cost as much as 32 rows' arithmetic (measured with 4096-column rows:
     blocks of 8 rows took the training forward 1.6-2x longer)."""
-    return max(1, min(m // 32, 8 * numba.get_num_threads()))
+    return max(1, min(m // 32, 8 * threads))
 
 
 @njit(cache=True)
@@ -880,9 +880,11 @@ def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, 
 # Python passes each tensor as its address (``Tensor.data_ptr()``) and the drivers see numpy
 # arrays built over it here: after a large kernel has flushed the caches, ``Tensor.numpy()``
 # and the reshapes around it cost tens of microseconds each in Python, ``data_ptr()`` a few.
-# ``dims = (N, C, L)``; ``rep = 0``: planes ``(N, C, L)``, else rows ``(N * L / rep, C * rep)`` (see
-# "rows" above); ``dt`` the numpy dtype of every tensor (input, outputs, per-channel vectors,
-# statistics); address 0 = no such vector.
+# ``a``: one int64 array of the addresses followed by ``N, C, L`` (numba types an array in C; a
+# tuple of ints and a dtype class cost ~12 us of Python typing per call); ``rep = 0``: planes
+# ``(N, C, L)``, else rows ``(N * L / rep, C * rep)`` (see "rows" above); ``proto`` an empty array
+# of the dtype of every tensor (input, outputs, per-channel vectors, statistics); address 0 =
+# no such vector.
 
 
 @njit(**_INL)
@@ -899,10 +901,13 @@ def _channel(addr, c, dt, fill):
 
 
 @njit(cache=True)
-def _train(a, dims, dt, rep, has_r, eps, code, slope, momentum, update, stream, fused, nb):
-    """Training forward; ``a = (x, r, y, weight, bias, out, running_mean, running_var)`` (see
-    :func:`_finish` for ``out``; without ``update`` the running statistics' addresses are unused)."""
-    N, C, L = dims
+def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, stream, fused, nb):
+    """Training forward; ``a = (x, r, y, weight, bias, out, running_mean, running_var, N, C, L)``
+    (see :func:`_finish` for ``out``; without ``update`` the running statistics' addresses are
+    unused)."""
+    dt = proto.dtype
+    N, C, L = a[8], a[9], a[10]
+    dims = (N, C, L)
     w, b = _channel(a[3], C, dt, 1.0), _channel(a[4], C, dt, 0.0)
     out = _tensor(a[5], (3, 1, C), dt)
     rm, rv = _tensor(a[6], C, dt), _tensor(a[7], C, dt)
@@ -916,9 +921,11 @@ def _train(a, dims, dt, rep, has_r, eps, code, slope, momentum, update, stream, 
 
 
 @njit(cache=True)
-def _apply(a, dims, dt, rep, has_r, code, slope, stream):
-    """Normalization with given statistics; ``a = (x, r, y, mean, invstd, weight, bias)``."""
-    N, C, L = dims
+def _apply(a, proto, rep, has_r, code, slope, stream):
+    """Normalization with given statistics; ``a = (x, r, y, mean, invstd, weight, bias, N, C, L)``."""
+    dt = proto.dtype
+    N, C, L = a[7], a[8], a[9]
+    dims = (N, C, L)
     mean, inv = _channel(a[3], C, dt, 0.0), _channel(a[4], C, dt, 1.0)
     w, b = _channel(a[5], C, dt, 1.0), _channel(a[6], C, dt, 0.0)
     if rep:
@@ -931,10 +938,12 @@ def _apply(a, dims, dt, rep, has_r, code, slope, stream):
 
 
 @njit(cache=True)
-def _bwd(a, dims, dt, rep, has_r, code, slope, train, need_dx, need_dr, stream, fused, nb):
-    """Backward; ``a = (dy, x, r, dx, dr, mean, invstd, weight, bias, sums)``, ``sums`` = ``(2, C)``
-    (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
-    N, C, L = dims
+def _bwd(a, proto, rep, has_r, code, slope, train, need_dx, need_dr, stream, fused, nb):
+    """Backward; ``a = (dy, x, r, dx, dr, mean, invstd, weight, bias, sums, N, C, L)``, ``sums`` =
+    ``(2, C)`` (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
+    dt = proto.dtype
+    N, C, L = a[10], a[11], a[12]
+    dims = (N, C, L)
     mean, inv = _channel(a[5], C, dt, 0.0), _channel(a[6], C, dt, 1.0)
     w, b = _channel(a[7], C, dt, 1.0), _channel(a[8], C, dt, 0.0)
     sums = _tensor(a[9], (2, C), dt)
@@ -1018,6 +1027,12 @@ def _prepare(t: Tensor, x: Tensor, layout: str) -> Tensor:
 
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
+_PROTO = {t: np.empty(0, d) for t, d in _NP.items()}  # the entries take the dtype from an array
+
+
+def _args(*values: int) -> np.ndarray:
+    """The entries' ``a``: addresses and sizes as one int64 array."""
+    return np.array(values, dtype=np.int64)
 
 
 def _dims(x: Tensor) -> tuple[int, int, int]:
@@ -1026,7 +1041,7 @@ def _dims(x: Tensor) -> tuple[int, int, int]:
     return n, c, (x.numel() // (n * c) if n else 0)
 
 
-def _view(x: Tensor, layout: str) -> tuple[tuple[int, int, int], int, int]:
+def _view(x: Tensor, layout: str, threads: int = 1) -> tuple[tuple[int, int, int], int, int]:
     """``(dims, rep, nb)`` of the prepared ``x``: :func:`_dims`; ``rep = 0`` for the planes
     kernels, else the rows kernels on ``(N * L / rep, C * rep)`` -- channels_last and 2D with
     ``rep = 1``, contiguous input with planes shorter than :data:`ROWS_MAX_PLANE` with
@@ -1036,7 +1051,7 @@ def _view(x: Tensor, layout: str) -> tuple[tuple[int, int, int], int, int]:
         rep = 1
     else:
         rep = l if l < ROWS_MAX_PLANE and c * l <= ROWS_MAX_COLUMNS else 0
-    return dims, rep, (_row_blocks(n * l // rep) if rep else 1)
+    return dims, rep, (_row_blocks(n * l // rep, threads) if rep else 1)
 
 
 def _cvec(t: Tensor | None, x: Tensor) -> Tensor | None:
@@ -1103,7 +1118,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, x, layout)
-    dims, rep, nb = _view(x, layout)
+    dims, rep, nb = _view(x, layout, threads)
     y = torch.empty_like(x)
     r = _residual(residual, x, layout)
     acc = acc_dtype(x.dtype)
@@ -1116,7 +1131,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     o = mean.data_ptr()
     rm, rv = (running.mean.data_ptr(), running.var.data_ptr()) if update else (o, o)  # type: ignore[union-attr]
     xa = x.data_ptr()
-    _train((xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv), dims, _NP[x.dtype], rep,
+    _train(_args(xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv, *dims), _PROTO[x.dtype], rep,
            r is not None, float(eps), _ACT_CODES[act], float(slope), float(running.momentum) if update else 0.0,  # type: ignore[union-attr]
            update, _stream(x), _fused_channels(dims[1], threads), nb)
     ref.finish_running(running, update, mean, var, dims[0] * dims[2])
@@ -1133,7 +1148,7 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
     xa = x.data_ptr()
     dims, rep, _ = _view(x, layout)
-    _apply((xa, _addr(r, xa), y.data_ptr(), *[_addr(v) for v in vecs]), dims, _NP[x.dtype], rep,
+    _apply(_args(xa, _addr(r, xa), y.data_ptr(), *[_addr(v) for v in vecs], *dims), _PROTO[x.dtype], rep,
            r is not None, _ACT_CODES[act], float(slope), _stream(x))
     return y
 
@@ -1143,7 +1158,7 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     layout = _layout(x)
     x = _prepare(x, x, layout)
     dy = _prepare(dy, x, layout)
-    dims, rep, nb = _view(x, layout)
+    dims, rep, nb = _view(x, layout, threads)
     r = _residual(residual, x, layout)
     dx = torch.empty_like(x) if need_dx else None
     dr = torch.empty_like(x) if need_dr else None
@@ -1151,8 +1166,8 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     sum_dy, sum_dot = torch.from_numpy(sums[0]), torch.from_numpy(sums[1])  # (not sharing a storage)
     vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
     xa = x.data_ptr()
-    _bwd((dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs], sum_dy.data_ptr()),
-         dims, _NP[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope), train, need_dx, need_dr,
+    _bwd(_args(dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs],
+               sum_dy.data_ptr(), *dims), _PROTO[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope), train, need_dx, need_dr,
          _stream(x, backward=True), _fused_channels(dims[1], threads), nb)
     return dx, sum_dot, sum_dy, dr
 
