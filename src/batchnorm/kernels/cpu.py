@@ -10,9 +10,10 @@ Two memory layouts are handled without copies:
   served by the cache the reduction just filled. When there are fewer channels than threads
   can share evenly, a split path reduces per ``(n, c)`` plane in parallel and merges the parts
   exactly (Chan et al.), so ``C = 1`` still uses every core.
-* **rows**: channels_last ``(N, *S, C)`` and 2D ``(N, C)`` seen as ``(M, C)``; threads take
-  blocks of rows and keep per-block partial sums (shifted by a per-channel pilot mean, so the
-  one-pass variance has no cancellation), merged in float64.
+* **rows**: channels_last ``(N, *S, C)`` and 2D ``(N, C)`` seen as ``(M, C)``, and contiguous
+  input with short planes as ``(N, C * L)`` (each channel ``L`` consecutive columns, see
+  :data:`ROWS_MAX_PLANE`); threads take blocks of rows and keep per-block partial sums (shifted
+  by a per-channel pilot mean, so the one-pass variance has no cancellation), merged in float64.
 
 Every kernel takes an activation (and optional residual): ``y = act(bn(x) [+ residual])``; plain
 batch norm is the identity, for which the backward uses ``dy`` itself (no gradient buffer), so it
