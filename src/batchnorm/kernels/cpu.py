@@ -55,8 +55,8 @@ from ._simd import (
     lanes,
     lanewise,
     pointers,
-    store_span,
     store_rows,
+    store_span,
     vfill,
     voidptr,
     vpos,
@@ -1168,8 +1168,8 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
     xa = x.data_ptr()
     _bwd(_args(dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs],
-               sum_dy.data_ptr(), *dims), _PROTO[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope), train, need_dx, need_dr,
-         _stream(x, backward=True), _fused_channels(dims[1], threads), nb)
+               sum_dy.data_ptr(), *dims), _PROTO[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope),
+         train, need_dx, need_dr, _stream(x, backward=True), _fused_channels(dims[1], threads), nb)
     return dx, sum_dot, sum_dy, dr
 
 
