@@ -127,6 +127,13 @@ def _flat(t):
 
 
 @njit(**_INL)
+def _eblocks(M, P):
+    """Blocks for the elementwise kernels over ``M`` units (rows, planes) of ``P`` values: at
+    least ~1024 values each, at most 64."""
+    return max(1, min(M, M * P // 1024, 64))
+
+
+@njit(**_INL)
 def _ptr(t):
     """A pointer to the data of the C-contiguous ``t``, read with ``at`` at flat indices: no view
     and no reference count per plane (a plane's views cost more than its arithmetic when it is
@@ -477,7 +484,7 @@ def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y, stream):
     """``y = act((x - mean) * scale + shift [+ r])``, parallel over planes."""
     N, C, L = x.shape
     K = N * C
-    nb = max(1, min(K, K * L // 1024, 64))
+    nb = _eblocks(K, L)
     mt, st, ht = _tiled(mean, x, 1), _tiled(scale, x, 1), _tiled(shift, x, 1)  # in x's dtype
     p = (_ptr(x), _ptr(r), has_r, _ptr(mt), _ptr(st), _ptr(ht), code, _as(x, slope), _as(x, 0))
     yf = _flat(y)
@@ -510,21 +517,23 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
         buf = np.empty(L if code != 0 else 0, dtype=x.dtype)
         bp = _ptr(buf)
         gp = (dyp, xp, rp, has_r, mf, af, _as(x, b[c] - md * a), code, slf, zero)
-        s = 0.0
-        t = 0.0
-        per_plane = code != 0 or (need_dx and not train) or (need_dr and not (need_dx and train))
-        if not per_plane:  # plain BN: the whole channel in one strided sweep
+        dx_now = need_dx and not train  # outputs written during the reduction
+        dr_now = need_dr and not (need_dx and train)
+        if code == 0 and not dx_now and not dr_now:  # plain BN: the whole channel in one strided sweep
             s, t = _span_sums(dyp, 0, xp, c * L, L, C * L, N, mf, True, zero)
-        for n in range(N if per_plane else 0):
-            f0 = (n * C + c) * L
-            g, goff = _grad(gp, buf, bp, f0, f0 + L)
-            ps, pt = _span_sums(g, goff, xp, f0, L, 0, 1, mf, True, zero)
-            s += ps
-            t += pt
-            if need_dx and not train:
-                _dx_spans(dxf, f0, L, 0, 1, 0, stream, gp + (af, zero, zero))
-            if need_dr and not (need_dx and train):
-                _g_spans(drf, f0, L, 0, 1, 0, stream, gp)
+        else:
+            s = 0.0
+            t = 0.0
+            for n in range(N):
+                f0 = (n * C + c) * L
+                g, goff = _grad(gp, buf, bp, f0, f0 + L)
+                ps, pt = _span_sums(g, goff, xp, f0, L, 0, 1, mf, True, zero)
+                s += ps
+                t += pt
+                if dx_now:
+                    _dx_spans(dxf, f0, L, 0, 1, 0, stream, gp + (af, zero, zero))
+                if dr_now:
+                    _g_spans(drf, f0, L, 0, 1, 0, stream, gp)
         # sum(g * (x - mean)) with the exact float64 mean
         t -= md * s
         sum_dy[c] = s
@@ -534,10 +543,11 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
             p = gp + (af, _as(x, kb), _as(x, -a * s / cnt - kb * md))
             if not need_dr:
                 _dx_spans(dxf, ((N - 1) * C + c) * L, L, -C * L, N, 0, stream, p)
-            for nn in range(N if need_dr else 0):  # both outputs plane by plane, while it is hot
-                f0 = ((N - 1 - nn) * C + c) * L
-                _dx_spans(dxf, f0, L, 0, 1, 0, stream, p)
-                _g_spans(drf, f0, L, 0, 1, 0, stream, gp)
+            else:  # both outputs plane by plane, while the plane is hot
+                for nn in range(N):
+                    f0 = ((N - 1 - nn) * C + c) * L
+                    _dx_spans(dxf, f0, L, 0, 1, 0, stream, p)
+                    _g_spans(drf, f0, L, 0, 1, 0, stream, gp)
 
 
 @njit(**_INL)
@@ -630,12 +640,6 @@ def _row_norm(x, r, has_r, mean, scale, shift, code, slope, rep):
 def _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep):
     """The :func:`_fg` parameters for flat rows: ``dy`` and those of :func:`_row_norm`."""
     return (_flat(dy),) + _row_norm(x, r, has_r, mean, scale, shift, code, slope, rep)
-
-
-@njit(**_INL)
-def _eblocks(M, P):
-    """Blocks of rows for the elementwise kernels: at least ~1024 values each, at most 64."""
-    return max(1, min(M, M * P // 1024, 64))
 
 
 @njit(**_JIT)
