@@ -92,10 +92,10 @@ STREAM_MIN_BYTES_BACKWARD = 1 << 20
 # samples at most ROWS_MAX_COLUMNS) runs on the rows kernels as (N, C * L) rows, each channel L
 # consecutive columns: below that the planes kernels' per-plane work (loop setup, horizontal sums)
 # costs more than the rows kernels' per-column accumulators. Measured on the 2-core EPYC, 2 MiB
-# float32, time of forward_apply + forward_train + backward_train, planes / rows: C = 64: L = 9
-# 2822/837 us, 16 1322/1012, 25 1286/1027, 36 1165/1140, 49 1026/1252; C = 256: L = 9
-# 3230/1349, 16 1333/1448, 25 1371/1550 (so C = 256, L = 16 takes rows at 9% cost: one rule).
-ROWS_MAX_PLANE = 36
+# float32, time of forward_apply + forward_train + backward_train, planes / rows (us), since the
+# plain batch norm has its own loops (see _plain): C = 64: L = 4 2623/502, 9 1450/546, 16 701/676,
+# 25 739/746, 36 611/876, 49 486/1003; C = 256: L = 4 2754/702, 9 1417/843, 16 639/1087.
+ROWS_MAX_PLANE = 16
 ROWS_MAX_COLUMNS = 4096
 # Below this many elements one thread does the work: waking a second thread costs more than it
 # saves, and much more when the machine is busy (the join waits for a time slice).
@@ -299,33 +299,72 @@ def _fdx(p, i):
 _LINE = {"cache": True, "fastmath": _FM}
 
 
+# The plain batch norm (the identity, no residual) runs its own copy of each loop, with those two
+# as compile-time constants: as run-time values every vector tested them (LLVM does not unswitch
+# a loop this large), which made a (128, 64, 8, 8) inference 2.5x slower. The copy is cheap to
+# compile (no activation code).
+
+
+@njit(**_INL)
+def _plain(p):
+    """Whether the :func:`_fy` parameters ``p`` are those of the plain batch norm."""
+    return p[6] == 0 and not p[2]
+
+
+@njit(**_INL)
+def _as_plain(p):
+    """The :func:`_fy` parameters ``p`` with the identity and no residual as constants."""
+    return p[:2] + (False,) + p[3:6] + (0,) + p[7:]
+
+
+@njit(**_INL)
+def _plain_g(p):
+    """:func:`_plain` for the :func:`_fg` (and :func:`_fdx`) parameters."""
+    return _plain(p[1:])
+
+
+@njit(**_INL)
+def _as_plain_g(p):
+    """:func:`_as_plain` for the :func:`_fg` (and :func:`_fdx`) parameters."""
+    return p[:1] + _as_plain(p[1:])
+
+
 # A ``_spans`` function writes ``count`` spans of ``n`` values starting at ``f0``, ``f0 + step``, ...
 # (a plane: ``count = 1``; a channel's planes, last first: ``step = -C * L``).
 
 
+@njit(**_INL)
+def _spans(out, f0, n, step, count, off, stream, f, p):
+    for k in range(count):
+        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, f, p)
+
+
 @njit(**_LINE)
 def _y_spans(out, f0, n, step, count, off, stream, p):
-    for k in range(count):
-        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, _fy, p)
+    if _plain(p):
+        _spans(out, f0, n, step, count, off, stream, _fy, _as_plain(p))
+    else:
+        _spans(out, f0, n, step, count, off, stream, _fy, p)
 
 
 @njit(**_LINE)
 def _g_spans(out, f0, n, step, count, off, stream, p):
-    for k in range(count):
-        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, _fg, p)
+    if _plain_g(p):
+        _spans(out, f0, n, step, count, off, stream, _fg, _as_plain_g(p))
+    else:
+        _spans(out, f0, n, step, count, off, stream, _fg, p)
 
 
 @njit(**_LINE)
 def _dx_spans(out, f0, n, step, count, off, stream, p):
-    for k in range(count):
-        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, _fdx, p)
+    if _plain_g(p):
+        _spans(out, f0, n, step, count, off, stream, _fdx, _as_plain_g(p))
+    else:
+        _spans(out, f0, n, step, count, off, stream, _fdx, p)
 
 
-@njit(**_LINE)
-def _y_planes(out, k0, k1, C, L, stream, p):
-    """Planes ``k0:k1`` of the flat ``(N, C, L)`` tensors with the per-channel values ``p[3:6]``
-    (pointers, read at each plane's channel): one call for a run of planes, as a call per short
-    plane costs as much as its arithmetic."""
+@njit(**_INL)
+def _planes(out, k0, k1, C, L, stream, p):
     c = k0 % C
     f0 = k0 * L
     for _ in range(k0, k1):
@@ -336,18 +375,38 @@ def _y_planes(out, k0, k1, C, L, stream, p):
 
 
 @njit(**_LINE)
+def _y_planes(out, k0, k1, C, L, stream, p):
+    """Planes ``k0:k1`` of the flat ``(N, C, L)`` tensors with the per-channel values ``p[3:6]``
+    (pointers, read at each plane's channel): one call for a run of planes, as a call per short
+    plane costs as much as its arithmetic."""
+    if _plain(p):
+        _planes(out, k0, k1, C, L, stream, _as_plain(p))
+    else:
+        _planes(out, k0, k1, C, L, stream, p)
+
+
+@njit(**_LINE)
 def _y_rows(out, m0, m1, ch, stream, p):
-    store_rows(out, m0, m1, ch, stream, _fy, p)
+    if _plain(p):
+        store_rows(out, m0, m1, ch, stream, _fy, _as_plain(p))
+    else:
+        store_rows(out, m0, m1, ch, stream, _fy, p)
 
 
 @njit(**_LINE)
 def _g_rows(out, m0, m1, ch, stream, p):
-    store_rows(out, m0, m1, ch, stream, _fg, p)
+    if _plain_g(p):
+        store_rows(out, m0, m1, ch, stream, _fg, _as_plain_g(p))
+    else:
+        store_rows(out, m0, m1, ch, stream, _fg, p)
 
 
 @njit(**_LINE)
 def _dx_rows(out, m0, m1, ch, stream, p):
-    store_rows(out, m0, m1, ch, stream, _fdx, p)
+    if _plain_g(p):
+        store_rows(out, m0, m1, ch, stream, _fdx, _as_plain_g(p))
+    else:
+        store_rows(out, m0, m1, ch, stream, _fdx, p)
 
 
 @njit(**_INL)
@@ -417,6 +476,16 @@ def _rows_block_sums(gp, moments, ch, r0, r1, bi, psum, pdot):
             for c in range(cv, ch):
                 _sums_step(q, moments, (m * ch + c, c), c, accs, acct)
         _flush(accs, acct, psum, pdot, bi)
+
+
+@njit(**_LINE)
+def _g_block_sums(gp, ch, r0, r1, bi, psum, pdot):
+    """:func:`_rows_block_sums` of ``g`` (the backward's reduction), the plain batch norm on its
+    own copy (see :func:`_plain`)."""
+    if _plain_g(gp):
+        _rows_block_sums(_as_plain_g(gp), False, ch, r0, r1, bi, psum, pdot)
+    else:
+        _rows_block_sums(gp, False, ch, r0, r1, bi, psum, pdot)
 
 
 # ============================================================================ planes (N, C, L)
@@ -669,7 +738,7 @@ def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, p
     M, P = x.shape
     gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep)
     for bi in prange(nb):
-        _rows_block_sums(gp, False, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, pdot)
+        _g_block_sums(gp, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, pdot)
 
 
 @njit(**_JIT)
