@@ -201,7 +201,7 @@ def update_running_stats(
         return _update_running_stats(running_mean, running_var, stats, momentum, nonfinite)
 
 
-def _report_nonfinite(nonfinite: str) -> None:
+def _report_nonfinite(nonfinite: str, stacklevel: int = 6) -> None:
     """Raise (``"raise"``) or warn (``"skip"``) about a batch whose statistics are not finite."""
     if nonfinite == "raise":
         raise FloatingPointError(
@@ -212,7 +212,7 @@ def _report_nonfinite(nonfinite: str) -> None:
         "batch statistics are not finite (NaN or inf in the batch): running statistics keep "
         "their last good values (nonfinite='skip')",
         RuntimeWarning,
-        stacklevel=6,
+        stacklevel=stacklevel,
     )
 
 
@@ -254,12 +254,12 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stat
     return accept
 
 
-def _fuse_update(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float | Tensor,
-                 nonfinite: str) -> bool:
+def _fuse_update(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float | Tensor) -> bool:
     """Whether a training op may move the running statistics itself (``running=``): in eager
-    mode, with ``nonfinite="propagate"``, a number for momentum and buffers in the dtype the
-    update computes in (what :func:`_update_running_stats`' eager branch would do)."""
-    if _compiling() or nonfinite != "propagate" or isinstance(momentum, (Tensor, bool)):
+    mode, with a number for momentum and buffers in the dtype the update computes in (what
+    :func:`_update_running_stats`' eager branch would do; ``nonfinite`` "skip" and "raise" leave
+    them alone for a non-finite batch, see :class:`~batchnorm.kernels.reference.Running`)."""
+    if _compiling() or isinstance(momentum, (Tensor, bool)):
         return False
     dt = _update_dtype(running_mean.dtype, _ref.acc_dtype(x.dtype))
     return running_mean.dtype == dt and running_var.dtype == dt
@@ -271,11 +271,16 @@ def train_with_update(op, args: tuple, running_mean: Tensor | None, running_var:
     """Run a training op ``op(*args) -> (y, mean, var, count)`` (``args[0]`` the input) and, with
     ``update``, move the running statistics: by the op's own kernel call when it can
     (``fusable``: one group and no mask; see :func:`_fuse_update`), else with
-    :func:`update_running_stats`. Returns ``(y, accepted)``: ``True`` when the op did it, else
-    the 0-d bool tensor (``None`` without ``update``). Every layer's training path goes here."""
-    if update and fusable and _fuse_update(args[0], running_mean, running_var, momentum, nonfinite):  # type: ignore[arg-type]
-        y = op(*args, running=_ref.Running(running_mean, running_var, momentum))[0]  # type: ignore[arg-type]
-        return y, True
+    :func:`update_running_stats`. Returns ``(y, accepted)``: a plain bool when the op did it
+    (``False``: a non-finite batch left alone, after the warning or error ``nonfinite`` asks for),
+    else the 0-d bool tensor (``None`` without ``update``). Every layer's training path goes here."""
+    if update and fusable and _fuse_update(args[0], running_mean, running_var, momentum):  # type: ignore[arg-type]
+        running = _ref.Running(running_mean, running_var, momentum,  # type: ignore[arg-type]
+                               skip_nonfinite=nonfinite != "propagate")
+        y = op(*args, running=running)[0]
+        if not running.accepted:
+            _report_nonfinite(nonfinite, stacklevel=5)
+        return y, running.accepted
     y, mean, var, count = op(*args)
     if not update:
         return y, None
@@ -351,7 +356,7 @@ def batch_norm_with_update(
     The two decisions that ``training`` conflates are separate: which statistics normalize
     (``normalize_with_batch``) and whether the running statistics ``update``. Returns the
     output and, when an update was attempted, the 0-d bool tensor telling whether it was applied;
-    with ``accepted_tensor=False`` that is a plain ``True`` when the training op moved the running
+    with ``accepted_tensor=False`` that is a plain bool when the training op moved the running
     statistics itself (:func:`train_with_update`), which saves a torch call (the layers use it).
     """
     check_nonfinite_mode(nonfinite)

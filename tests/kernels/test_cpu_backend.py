@@ -304,3 +304,33 @@ def test_training_forward_moves_running_statistics(cpu_backend, monkeypatch, sha
     torch.testing.assert_close(ya, plain[0].clamp_min(0))
     torch.testing.assert_close(rm.double(), mean64[0], **t)  # momentum 1: the batch's statistics
     torch.testing.assert_close(rv.double(), var64[0] * n / (n - 1), **t)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_skip_nonfinite_leaves_running_statistics_alone(cpu_backend, layout, bad):
+    """``Running(skip_nonfinite=True)``: a batch with a non-finite mean or variance (a NaN, an
+    inf, or finite values whose variance overflows float32) leaves the buffers and their autograd
+    versions as they were and sets ``accepted`` to False; a finite batch moves them exactly as
+    without the flag. The outputs are those of the call without ``running``."""
+    cpu = cpu_backend
+    x = make((6, 3, 4, 5), layout, torch.float32)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    moved = ref.Running(rm.clone(), rv.clone(), 0.3)
+    cpu.forward_train(x, None, None, None, 1e-5, 0, moved)
+    skipping = ref.Running(rm.clone(), rv.clone(), 0.3, skip_nonfinite=True)
+    cpu.forward_train(x, None, None, None, 1e-5, 0, skipping)
+    assert skipping.accepted and moved.accepted
+    assert torch.equal(skipping.mean, moved.mean) and torch.equal(skipping.var, moved.var)
+
+    x[2, 1, 3, 0] = bad
+    if bad == 3e38:
+        x[3, 1, 0, 0] = -bad
+    running = ref.Running(rm.clone(), rv.clone(), 0.3, skip_nonfinite=True)
+    versions = running.mean._version, running.var._version
+    got = cpu.forward_train(x, None, None, None, 1e-5, 0, running)
+    assert not running.accepted
+    assert torch.equal(running.mean, rm) and torch.equal(running.var, rv)
+    assert (running.mean._version, running.var._version) == versions
+    for a, e in zip(got, cpu.forward_train(x, None, None, None, 1e-5, 0)):
+        torch.testing.assert_close(a, e, equal_nan=True, rtol=0, atol=0)

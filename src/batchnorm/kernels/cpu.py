@@ -801,21 +801,28 @@ def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream, rep):
 
 
 @njit(cache=True)
-def _finish(mean, var, cnt, out, rm, rv, momentum, update):
+def _finish(mean, var, cnt, out, rm, rv, momentum, update, skip):
     """The training forward's float64 ``mean``/``var`` over ``cnt`` values into ``out`` (``(3, 1,
     C)`` in the statistics' dtype: mean, variance, and the count at ``[2, 0, 0]``); with
-    ``update``, the running statistics ``rm``/``rv`` move towards them (the variance unbiased)."""
+    ``update``, the running statistics ``rm``/``rv`` move towards them (the variance unbiased),
+    unless ``skip`` and a channel's mean or unbiased variance is not finite in the statistics'
+    dtype. Returns whether they moved (or would have)."""
+    ok = True
     for c in range(mean.shape[0]):
         out[0, 0, c] = mean[c]
         out[1, 0, c] = var[c]
-        if update:
+        if skip:
+            ok = ok and math.isfinite(out[0, 0, c]) and math.isfinite(_as(out, var[c] * (cnt / (cnt - 1.0))))
+    for c in range(mean.shape[0]):
+        if update and ok:
             rm[c] += momentum * (mean[c] - rm[c])
             rv[c] += momentum * (var[c] * (cnt / (cnt - 1.0)) - rv[c])
     out[2, 0, 0] = cnt
+    return ok
 
 
 @njit(cache=True)
-def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, fused):
+def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, skip, stream, fused):
     """Training forward on planes: the fused one-channel-per-thread kernel, or (``fused`` false)
     per-plane statistics merged exactly, then the normalization; statistics and running
     statistics as :func:`_finish`."""
@@ -830,7 +837,7 @@ def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum,
         _plane_stats(x, pmean, pm2)
         _merge_planes(pmean, pm2, L, mean, var)
         _apply_planes(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
-    _finish(mean, var, N * L, out, rm, rv, momentum, update)
+    return _finish(mean, var, N * L, out, rm, rv, momentum, update, skip)
 
 
 @njit(cache=True)
@@ -866,7 +873,7 @@ def _rows_stats(x, pilot, nb, rep):
 
 
 @njit(cache=True)
-def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb, rep):
+def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, skip, stream, nb, rep):
     """Training forward on rows: block partial sums shifted by the mean of 16 rows spread over
     the tensor (the pilot; neighbouring rows, e.g. one image's corner, can sit far from the
     mean), merged in float64 -- summed again around that mean when the pilot was more than 2
@@ -884,7 +891,7 @@ def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, u
     if far:
         mean, var, _ = _rows_stats(x, mean, nb, rep)
     _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream, rep)
-    _finish(mean, var, M * rep, out, rm, rv, momentum, update)
+    return _finish(mean, var, M * rep, out, rm, rv, momentum, update, skip)
 
 
 @njit(cache=True)
@@ -975,10 +982,10 @@ def _channel(addr, c, dt, fill):
 
 
 @njit(cache=True)
-def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, stream, fused, nb):
+def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, skip, stream, fused, nb):
     """Training forward; ``a = (x, r, y, weight, bias, out, running_mean, running_var, N, C, L)``
-    (see :func:`_finish` for ``out``; without ``update`` the running statistics' addresses are
-    unused)."""
+    (see :func:`_finish` for ``out``, ``skip`` and the result; without ``update`` the running
+    statistics' addresses are unused)."""
     dt = proto.dtype
     N, C, L = a[8], a[9], a[10]
     dims = (N, C, L)
@@ -988,10 +995,12 @@ def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, stream, fus
     if rep:
         s = (N * L // rep, C * rep)
         x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
-        _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, nb, rep)
+        return _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, skip, stream, nb,
+                           rep)
     else:
         x, r, y = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
-        _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, stream, fused)
+        return _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, skip, stream,
+                             fused)
 
 
 @njit(cache=True)
@@ -1201,13 +1210,16 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     out = np.empty((3, 1, dims[1]), dtype=_NP[acc])
     mean, var, count = torch.from_numpy(out[0]), torch.from_numpy(out[1]), torch.from_numpy(out[2, 0, :1])
     w, b = _cvec(weight, x), _cvec(bias, x)
-    update = ref.kernel_can_update(running, x.device, acc)
+    update = ref.kernel_can_update(running, x.device, acc, checks_finite=True)
     o = mean.data_ptr()
     rm, rv = (running.mean.data_ptr(), running.var.data_ptr()) if update else (o, o)  # type: ignore[union-attr]
     xa = x.data_ptr()
-    _train(_args(xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv, *dims), _PROTO[x.dtype], rep,
-           r is not None, float(eps), _ACT_CODES[act], float(slope), float(running.momentum) if update else 0.0,  # type: ignore[union-attr]
-           update, _stream(x), _fused_channels(dims[1], threads), nb)
+    ok = _train(_args(xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv, *dims), _PROTO[x.dtype], rep,
+                r is not None, float(eps), _ACT_CODES[act], float(slope),
+                float(running.momentum) if update else 0.0, update,  # type: ignore[union-attr]
+                update and running.skip_nonfinite, _stream(x), _fused_channels(dims[1], threads), nb)  # type: ignore[union-attr]
+    if update:
+        running.accepted = ok  # type: ignore[union-attr]
     ref.finish_running(running, update, mean, var, dims[0] * dims[2])
     return y, mean, var, count
 

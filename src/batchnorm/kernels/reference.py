@@ -25,7 +25,7 @@ Conventions shared by every backend (see :mod:`batchnorm.kernels`):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,34 +33,47 @@ from torch import Tensor
 name = "reference"
 
 
-class Running(NamedTuple):
+@dataclass
+class Running:
     """Running statistics a training forward moves in place (``running += momentum * (batch -
-    running)``, the variance unbiased): what ``forward_train(..., running=...)`` receives."""
+    running)``, the variance unbiased): what ``forward_train(..., running=...)`` receives.
+
+    With ``skip_nonfinite`` a batch whose mean or variance is not finite leaves the buffers as
+    they were (the layers' default, ``nonfinite="skip"``); the backend then sets ``accepted`` to
+    ``False``."""
 
     mean: Tensor
     var: Tensor
     momentum: float
+    skip_nonfinite: bool = False
+    accepted: bool = True
 
 
 def update_running(running: Running, mean: Tensor, var: Tensor, n: float) -> None:
     """Move ``running`` towards one group's statistics (``mean``, biased ``var``, over ``n > 1``
-    values) in place; non-finite statistics are written as they are (torch's behaviour)."""
+    values) in place; non-finite statistics are written as they are (torch's behaviour), or with
+    ``running.skip_nonfinite`` not at all (``running.accepted`` tells)."""
     if mean.dim() > 1 and mean.shape[0] != 1:
         raise ValueError(f"running statistics move with one group's statistics, got shape {tuple(mean.shape)} "
                          "(ghost batches: merge the groups first, see batchnorm.functional.combine_stats)")
-    rm, rv, f = running
-    with torch.no_grad():
-        rm.lerp_(mean.reshape(-1).to(rm.dtype), f)
-        rv.lerp_(var.reshape(-1).to(rv.dtype) * (n / (n - 1)), f)
+    rm, rv, f = running.mean, running.var, running.momentum
+    var_u = var.reshape(-1).to(rv.dtype) * (n / (n - 1))
+    running.accepted = not running.skip_nonfinite or bool(torch.isfinite(mean).all() & torch.isfinite(var_u).all())
+    if running.accepted:
+        with torch.no_grad():
+            rm.lerp_(mean.reshape(-1).to(rm.dtype), f)
+            rv.lerp_(var_u, f)
 
 
-def kernel_can_update(running: Running | None, device: torch.device, dtype: torch.dtype) -> bool:
+def kernel_can_update(running: Running | None, device: torch.device, dtype: torch.dtype,
+                      checks_finite: bool = False) -> bool:
     """Whether a backend's kernel may move ``running`` itself: 1-D contiguous vectors of ``dtype``
-    on ``device`` that do not require grad, and a number for momentum. Otherwise the backend
-    calls :func:`finish_running` with ``updated=False`` and torch does it."""
-    if running is None:
+    on ``device`` that do not require grad, and a number for momentum; with
+    ``running.skip_nonfinite`` only a kernel that ``checks_finite`` (and sets ``running.accepted``).
+    Otherwise the backend calls :func:`finish_running` with ``updated=False`` and torch does it."""
+    if running is None or (running.skip_nonfinite and not checks_finite):
         return False
-    rm, rv, f = running
+    rm, rv, f = running.mean, running.var, running.momentum
     return (isinstance(f, (int, float)) and not isinstance(f, bool) and rm.device == device
             and rm.dtype == rv.dtype == dtype and rm.dim() == rv.dim() == 1 and rm.is_contiguous()
             and rv.is_contiguous() and not (rm.requires_grad or rv.requires_grad))
@@ -72,7 +85,8 @@ def finish_running(running: Running | None, updated: bool, mean: Tensor, var: Te
     if running is None:
         return
     if updated:
-        torch.autograd.graph.increment_version(running[:2])
+        if running.accepted:
+            torch.autograd.graph.increment_version((running.mean, running.var))
     else:
         update_running(running, mean, var, n)
 
