@@ -30,7 +30,7 @@ def backends():
     try:
         import batchnorm.kernels.cpu  # noqa: F401
 
-        out += ["cpu", "cpu-streamed", "cpu-planes", "cpu-planes-streamed"]
+        out += ["cpu", "cpu-streamed", "cpu-planes"]
     except ImportError:
         pass
     return out

@@ -93,7 +93,7 @@ STREAM_MIN_BYTES_BACKWARD = 1 << 20
 # consecutive columns: below that the planes kernels' per-plane work (loop setup, horizontal sums)
 # costs more than the rows kernels' per-column accumulators. Measured on the 2-core EPYC, 2 MiB
 # float32, time of forward_apply + forward_train + backward_train, planes / rows (us), since the
-# plain batch norm has its own loops (see _plain): C = 64: L = 4 2623/502, 9 1450/546, 16 701/676,
+# plain batch norm has its own loops (see _cases): C = 64: L = 4 2623/502, 9 1450/546, 16 701/676,
 # 25 739/746, 36 611/876, 49 486/1003; C = 256: L = 4 2754/702, 9 1417/843, 16 639/1087.
 ROWS_MAX_PLANE = 16
 ROWS_MAX_COLUMNS = 4096
@@ -299,79 +299,96 @@ def _fdx(p, i):
 _LINE = {"cache": True, "fastmath": _FM}
 
 
-# The plain batch norm (the identity, no residual) runs its own copy of each loop, with those two
-# as compile-time constants: as run-time values every vector tested them (LLVM does not unswitch
-# a loop this large), which made a (128, 64, 8, 8) inference 2.5x slower. The copy is cheap to
-# compile (no activation code).
+# Two common cases run their own copy of each loop, with the activation and the residual flag as
+# compile-time constants: the plain batch norm (the identity) and BN + ReLU, both without a
+# residual. As run-time values every vector tested them (LLVM does not unswitch a loop this
+# large), which made a (128, 64, 8, 8) inference 2.5x slower. The copies are cheap to compile
+# (no transcendental activation code); every other case runs the general loop.
 
 
 @njit(**_INL)
-def _plain(p):
-    """Whether the :func:`_fy` parameters ``p`` are those of the plain batch norm."""
-    return p[6] == 0 and not p[2]
+def _case(p):
+    """The case of the :func:`_fy` parameters ``p``: the activation code 0 (identity) or 1 (ReLU)
+    without a residual, else -1 (the general loop)."""
+    if p[2] or p[6] > 1:
+        return -1
+    return p[6]
 
 
 @njit(**_INL)
-def _as_plain(p):
-    """The :func:`_fy` parameters ``p`` with the identity and no residual as constants."""
-    return p[:2] + (False,) + p[3:6] + (0,) + p[7:]
+def _fixed(p, code):
+    """The :func:`_fy` parameters ``p`` with no residual and the activation ``code`` as constants."""
+    return p[:2] + (False,) + p[3:6] + (code,) + p[7:]
 
 
 @njit(**_INL)
-def _plain_g(p):
-    """:func:`_plain` for the :func:`_fg` (and :func:`_fdx`) parameters."""
-    return _plain(p[1:])
+def _cases(run, a, p):
+    """``run(a, q)``, ``q`` the :func:`_fy` parameters ``p`` with the constants of their case."""
+    k = _case(p)
+    if k == 0:
+        run(a, _fixed(p, 0))
+    elif k == 1:
+        run(a, _fixed(p, 1))
+    else:
+        run(a, p)
 
 
 @njit(**_INL)
-def _as_plain_g(p):
-    """:func:`_as_plain` for the :func:`_fg` (and :func:`_fdx`) parameters."""
-    return p[:1] + _as_plain(p[1:])
+def _cases_g(run, a, p):
+    """:func:`_cases` for the :func:`_fg` (and :func:`_fdx`) parameters (``dy`` first)."""
+    k = _case(p[1:])
+    if k == 0:
+        run(a, p[:1] + _fixed(p[1:], 0))
+    elif k == 1:
+        run(a, p[:1] + _fixed(p[1:], 1))
+    else:
+        run(a, p)
 
 
-# A ``_spans`` function writes ``count`` spans of ``n`` values starting at ``f0``, ``f0 + step``, ...
-# (a plane: ``count = 1``; a channel's planes, last first: ``step = -C * L``).
+# The loops, as ``run(a, q)`` for :func:`_cases`: ``a`` the loop's arguments and formula, ``q``
+# the formula's parameters. A ``_spans`` loop writes ``count`` spans of ``n`` values starting at
+# ``f0``, ``f0 + step``, ... (a plane: ``count = 1``; a channel's planes, last first:
+# ``step = -C * L``).
 
 
 @njit(**_INL)
-def _spans(out, f0, n, step, count, off, stream, f, p):
+def _spans(a, q):
+    out, f0, n, step, count, off, stream, f = a
     for k in range(count):
-        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, f, p)
-
-
-@njit(**_LINE)
-def _y_spans(out, f0, n, step, count, off, stream, p):
-    if _plain(p):
-        _spans(out, f0, n, step, count, off, stream, _fy, _as_plain(p))
-    else:
-        _spans(out, f0, n, step, count, off, stream, _fy, p)
-
-
-@njit(**_LINE)
-def _g_spans(out, f0, n, step, count, off, stream, p):
-    if _plain_g(p):
-        _spans(out, f0, n, step, count, off, stream, _fg, _as_plain_g(p))
-    else:
-        _spans(out, f0, n, step, count, off, stream, _fg, p)
-
-
-@njit(**_LINE)
-def _dx_spans(out, f0, n, step, count, off, stream, p):
-    if _plain_g(p):
-        _spans(out, f0, n, step, count, off, stream, _fdx, _as_plain_g(p))
-    else:
-        _spans(out, f0, n, step, count, off, stream, _fdx, p)
+        store_span(out, f0 + k * step, f0 + k * step + n, off, stream, f, q)
 
 
 @njit(**_INL)
-def _planes(out, k0, k1, C, L, stream, p):
+def _rows(a, q):
+    out, m0, m1, ch, stream, f = a
+    store_rows(out, m0, m1, ch, stream, f, q)
+
+
+@njit(**_INL)
+def _planes(a, q):
+    out, k0, k1, C, L, stream = a
     c = k0 % C
     f0 = k0 * L
     for _ in range(k0, k1):
         store_span(out, f0, f0 + L, 0, stream, _fy,
-                   (p[0], p[1], p[2], at(p[3], c), at(p[4], c), at(p[5], c), p[6], p[7], p[8]))
+                   (q[0], q[1], q[2], at(q[3], c), at(q[4], c), at(q[5], c), q[6], q[7], q[8]))
         f0 += L
         c = c + 1 if c + 1 < C else 0
+
+
+@njit(**_LINE)
+def _y_spans(out, f0, n, step, count, off, stream, p):
+    _cases(_spans, (out, f0, n, step, count, off, stream, _fy), p)
+
+
+@njit(**_LINE)
+def _g_spans(out, f0, n, step, count, off, stream, p):
+    _cases_g(_spans, (out, f0, n, step, count, off, stream, _fg), p)
+
+
+@njit(**_LINE)
+def _dx_spans(out, f0, n, step, count, off, stream, p):
+    _cases_g(_spans, (out, f0, n, step, count, off, stream, _fdx), p)
 
 
 @njit(**_LINE)
@@ -379,34 +396,22 @@ def _y_planes(out, k0, k1, C, L, stream, p):
     """Planes ``k0:k1`` of the flat ``(N, C, L)`` tensors with the per-channel values ``p[3:6]``
     (pointers, read at each plane's channel): one call for a run of planes, as a call per short
     plane costs as much as its arithmetic."""
-    if _plain(p):
-        _planes(out, k0, k1, C, L, stream, _as_plain(p))
-    else:
-        _planes(out, k0, k1, C, L, stream, p)
+    _cases(_planes, (out, k0, k1, C, L, stream), p)
 
 
 @njit(**_LINE)
 def _y_rows(out, m0, m1, ch, stream, p):
-    if _plain(p):
-        store_rows(out, m0, m1, ch, stream, _fy, _as_plain(p))
-    else:
-        store_rows(out, m0, m1, ch, stream, _fy, p)
+    _cases(_rows, (out, m0, m1, ch, stream, _fy), p)
 
 
 @njit(**_LINE)
 def _g_rows(out, m0, m1, ch, stream, p):
-    if _plain_g(p):
-        store_rows(out, m0, m1, ch, stream, _fg, _as_plain_g(p))
-    else:
-        store_rows(out, m0, m1, ch, stream, _fg, p)
+    _cases_g(_rows, (out, m0, m1, ch, stream, _fg), p)
 
 
 @njit(**_LINE)
 def _dx_rows(out, m0, m1, ch, stream, p):
-    if _plain_g(p):
-        store_rows(out, m0, m1, ch, stream, _fdx, _as_plain_g(p))
-    else:
-        store_rows(out, m0, m1, ch, stream, _fdx, p)
+    _cases_g(_rows, (out, m0, m1, ch, stream, _fdx), p)
 
 
 @njit(**_INL)
@@ -478,14 +483,16 @@ def _rows_block_sums(gp, moments, ch, r0, r1, bi, psum, pdot):
         _flush(accs, acct, psum, pdot, bi)
 
 
+@njit(**_INL)
+def _block_sums(a, q):
+    ch, r0, r1, bi, psum, pdot = a
+    _rows_block_sums(q, False, ch, r0, r1, bi, psum, pdot)
+
+
 @njit(**_LINE)
 def _g_block_sums(gp, ch, r0, r1, bi, psum, pdot):
-    """:func:`_rows_block_sums` of ``g`` (the backward's reduction), the plain batch norm on its
-    own copy (see :func:`_plain`)."""
-    if _plain_g(gp):
-        _rows_block_sums(_as_plain_g(gp), False, ch, r0, r1, bi, psum, pdot)
-    else:
-        _rows_block_sums(gp, False, ch, r0, r1, bi, psum, pdot)
+    """:func:`_rows_block_sums` of ``g`` (the backward's reduction), per case (:func:`_cases`)."""
+    _cases_g(_block_sums, (ch, r0, r1, bi, psum, pdot), gp)
 
 
 # ============================================================================ planes (N, C, L)
