@@ -6,8 +6,10 @@ for the conventions and the exact semantics):
 * ``forward_train(x, weight, bias, mask, eps, vbs, running=None) -> (y, mean, var, count)``;
   with ``running`` (a :class:`~batchnorm.kernels.reference.Running`: the running buffers and a
   float momentum; eager mode, one group, no mask) the call also moves the running statistics
-  (``forward_train_act`` likewise): the cpu backend does it inside its compiled driver, the
-  others with :func:`~batchnorm.kernels.reference.update_running`
+  (``forward_train_act`` likewise): the cpu backend inside its compiled driver, the triton one
+  in its kernel (not with ``skip_nonfinite``), else
+  :func:`~batchnorm.kernels.reference.update_running`; with ``running.skip_nonfinite`` a batch
+  whose statistics are not finite leaves them alone and sets ``running.accepted`` to False
 * ``forward_apply(x, mean, invstd, weight, bias) -> y``
 * ``backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad)``
 * ``backward_apply(dy, x, mean, invstd, weight, need_input_grad)``

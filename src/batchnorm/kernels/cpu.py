@@ -16,8 +16,9 @@ Two memory layouts are handled without copies:
   by a per-channel pilot mean, so the one-pass variance has no cancellation), merged in float64.
 
 Every kernel takes an activation (and optional residual): ``y = act(bn(x) [+ residual])``; plain
-batch norm is the identity, for which the backward uses ``dy`` itself (no gradient buffer), so it
-costs what a kernel written for it would.
+batch norm is the identity, for which the backward uses ``dy`` itself (no gradient buffer), and
+its element loops (like BN + ReLU's) are compiled separately with the activation as a constant
+(:func:`_cases`), so it costs what a kernel written for it would.
 
 The element formulas (forward, gradient at the pre-activation, input gradient) are written once
 and compile to scalar and 32-byte vector code (:mod:`batchnorm.kernels._simd`); outputs of at
@@ -27,7 +28,8 @@ non-temporal stores, which skip the write-allocate read and leave the cache to t
 Each op is one call from Python (``_train``, ``_apply``, ``_bwd``: tensors passed by address,
 arrays built inside numba) into a serial driver (``_train_planes``, ``_bwd_rows``, ...) that runs
 the parallel kernels and the per-channel arithmetic between them; the training forward also moves
-the running statistics when it is given them (``running=``).
+the running statistics when it is given them (``running=``; with ``skip_nonfinite`` not for a
+batch whose statistics are not finite).
 
 Statistics are float64 sums of float32 block partials (float64 throughout for float64 input).
 Masks, ghost batches and half precision go to the reference backend
