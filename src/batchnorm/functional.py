@@ -20,7 +20,6 @@ updates the running buffers.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import NamedTuple
 
@@ -232,18 +231,17 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stat
         # calls instead of twenty; each costs tens of microseconds after a large kernel)
         n = float(count)
         ok = n > 1
-        if ok and nonfinite != "propagate":
-            var_u = var_b.to(dt) * (n / (n - 1))
-            if not math.isfinite(float(mean.sum() + var_u.sum())):
-                _report_nonfinite(nonfinite)
-                ok = False
         if ok:
-            _ref.update_running(_ref.Running(running_mean, running_var, momentum), mean, var_b, n)
+            running = _ref.Running(running_mean, running_var, momentum, skip_nonfinite=nonfinite != "propagate")
+            _ref.update_running(running, mean, var_b, n)
+            ok = running.accepted
+            if not ok:
+                _report_nonfinite(nonfinite)
         return torch.tensor(ok, device=running_mean.device)
     var_u = unbiased(var_b.to(dt), count)
     accept = count.to(running_mean.device) > 1
     if nonfinite != "propagate":
-        finite = torch.isfinite(mean.sum() + var_u.sum()).to(running_mean.device)
+        finite = _ref.all_finite(mean, var_u).to(running_mean.device)
         accept = accept & finite
         if not _compiling() and not bool(finite) and bool(count > 1):
             _report_nonfinite(nonfinite)

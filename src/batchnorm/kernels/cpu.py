@@ -304,8 +304,8 @@ _LINE = {"cache": True, "fastmath": _FM}
 # Two common cases run their own copy of each loop, with the activation and the residual flag as
 # compile-time constants: the plain batch norm (the identity) and BN + ReLU, both without a
 # residual. As run-time values every vector tested them (LLVM does not unswitch a loop this
-# large), which made a (128, 64, 8, 8) inference 2.5x slower. The copies are cheap to compile
-# (no transcendental activation code); every other case runs the general loop.
+# large), which made a (128, 64, 8, 8) inference 2.5x slower. Every other case runs the general
+# loop. The copies add a quarter to the cold compile (see docs/performance.md, "seventh session").
 
 
 @njit(**_INL)

@@ -49,6 +49,12 @@ class Running:
     accepted: bool = True
 
 
+def all_finite(mean: Tensor, var_u: Tensor) -> Tensor:
+    """0-d bool tensor: every channel's mean and unbiased variance is finite (the test behind
+    ``skip_nonfinite`` and ``nonfinite="skip"``/``"raise"``)."""
+    return torch.isfinite(mean).all() & torch.isfinite(var_u).all()
+
+
 def update_running(running: Running, mean: Tensor, var: Tensor, n: float) -> None:
     """Move ``running`` towards one group's statistics (``mean``, biased ``var``, over ``n > 1``
     values) in place; non-finite statistics are written as they are (torch's behaviour), or with
@@ -58,7 +64,7 @@ def update_running(running: Running, mean: Tensor, var: Tensor, n: float) -> Non
                          "(ghost batches: merge the groups first, see batchnorm.functional.combine_stats)")
     rm, rv, f = running.mean, running.var, running.momentum
     var_u = var.reshape(-1).to(rv.dtype) * (n / (n - 1))
-    running.accepted = not running.skip_nonfinite or bool(torch.isfinite(mean).all() & torch.isfinite(var_u).all())
+    running.accepted = not running.skip_nonfinite or bool(all_finite(mean, var_u))
     if running.accepted:
         with torch.no_grad():
             rm.lerp_(mean.reshape(-1).to(rm.dtype), f)
