@@ -33,11 +33,13 @@ import operator
 import warnings
 
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.core.datamodel import models
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.core.extending import intrinsic, overload, register_model
+from numba.core.imputils import lower_builtin
+from numba.core.typing.templates import AbstractTemplate, infer_global, signature
 from numba.np.numpy_support import as_dtype
 
 WIDTH_BYTES = 32
@@ -154,29 +156,6 @@ def _add_at_ov(a, i, v):
     return impl1
 
 
-def _ptr_load(vec: bool):  # type: ignore[no-untyped-def]
-    @intrinsic
-    def load(typingctx, ptr, i):
-        if not isinstance(ptr, types.CPointer) or not isinstance(ptr.dtype, types.Float):
-            return None
-        elt = ptr.dtype
-        lanes = WIDTH_BYTES // (elt.bitwidth // 8)
-
-        def codegen(context, builder, sig, args):
-            p = builder.gep(args[0], [context.cast(builder, args[1], sig.args[1], types.intp)], inbounds=True)
-            if vec:
-                p = builder.bitcast(p, ir.VectorType(context.get_data_type(elt), lanes).as_pointer())
-            return builder.load(p, align=elt.bitwidth // 8)
-
-        return (Vec(elt) if vec else elt)(ptr, i), codegen
-
-    return load
-
-
-_pload1 = _ptr_load(False)  # ptr[i]
-_ploadv = _ptr_load(True)  # the W lanes from ptr[i] on
-
-
 def _flat_access(ary: types.Type, idx: types.Type, v: types.Type | None = None) -> bool:
     """Whether ``(ary, idx[, v])`` is a 1D C-contiguous float array, an int and a vector of its dtype."""
     ok = isinstance(ary, types.Array) and ary.ndim == 1 and ary.layout == "C" and isinstance(ary.dtype, types.Float)
@@ -270,67 +249,56 @@ def _vec_of(*tys: types.Type) -> Vec | None:
     return vecs[0]
 
 
-def _binary(method: str):  # type: ignore[no-untyped-def]
-    @intrinsic
-    def op(typingctx, a, b):
-        vt = _vec_of(a, b)
-        if vt is None:
-            return None
-
-        def codegen(context, builder, sig, args):
-            x, y = _operands(context, builder, sig, args)
-            return getattr(builder, method)(x, y, flags=_FLAGS)
-
-        return vt(a, b), codegen
-
-    return op
+# The vector operators are typed by a template and lowered straight to LLVM (no numba function
+# and no IR inlining per use): inlining a tiny overload at every ``+`` of every formula copy
+# made numba's front end (IR deep copies and re-analysis) most of the kernels' compile time.
+class _VecArith(AbstractTemplate):
+    def generic(self, args, kws):  # type: ignore[no-untyped-def]
+        vt = _vec_of(*args) if len(args) == 2 and not kws else None
+        return None if vt is None else signature(vt, *args)
 
 
-_vadd, _vsub, _vmul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+def _lower_binary(pyop, method: str) -> None:  # type: ignore[no-untyped-def]
+    infer_global(pyop)(type(f"_VecArith_{pyop.__name__}", (_VecArith,), {"key": pyop}))
 
-for _pyop, _impl in ((operator.add, _vadd), (operator.iadd, _vadd), (operator.sub, _vsub),
-                     (operator.isub, _vsub), (operator.mul, _vmul), (operator.imul, _vmul)):
+    def lower(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        x, y = _operands(context, builder, sig, args)
+        return getattr(builder, method)(x, y, flags=_FLAGS)
 
-    def _register(pyop, impl):  # type: ignore[no-untyped-def]
-        @overload(pyop, inline="always")
-        def _ov(a, b):
-            if _vec_of(a, b) is not None:
-                return lambda a, b: impl(a, b)
-            return None
+    for tys in ((Vec, Vec), (Vec, types.Number), (types.Number, Vec)):
+        lower_builtin(pyop, *tys)(lower)
 
-    _register(_pyop, _impl)
+
+for _pyop, _method in ((operator.add, "fadd"), (operator.iadd, "fadd"), (operator.sub, "fsub"),
+                       (operator.isub, "fsub"), (operator.mul, "fmul"), (operator.imul, "fmul")):
+    _lower_binary(_pyop, _method)
 
 
 def _make_where(predicate: str, pyop):  # type: ignore[no-untyped-def]
     """``where(z, t, a, b) = a if z <predicate> t else b``, for scalars and lane by lane for
     vectors (an ordered compare: false for NaN, as in Python)."""
 
-    def where(z, t, a, b):  # type: ignore[no-untyped-def]
-        raise NotImplementedError  # only called from numba
-
     @intrinsic
-    def select(typingctx, z, t, a, b):
+    def where(typingctx, z, t, a, b):
         vt = _vec_of(z, t, a, b)
-        if vt is None:
+        if vt is not None:
+            def codegen(context, builder, sig, args):
+                vz, vt_, va, vb = _operands(context, builder, sig, args)
+                return builder.select(builder.fcmp_ordered(predicate, vz, vt_), va, vb)
+
+            return vt(z, t, a, b), codegen
+        if not all(isinstance(x, types.Number) for x in (z, t, a, b)):
             return None
+        rt = typingctx.unify_types(a, b)
 
-        def codegen(context, builder, sig, args):
-            vz, vt_, va, vb = _operands(context, builder, sig, args)
-            return builder.select(builder.fcmp_ordered(predicate, vz, vt_), va, vb)
+        def codegen_scalar(context, builder, sig, args):
+            csig = signature(types.boolean, sig.args[0], sig.args[1])
+            cond = context.get_function(pyop, csig)(builder, args[:2])
+            va = context.cast(builder, args[2], sig.args[2], sig.return_type)
+            vb = context.cast(builder, args[3], sig.args[3], sig.return_type)
+            return builder.select(cond, va, vb)
 
-        return vt(z, t, a, b), codegen
-
-    @njit(cache=True)
-    def scalar(z, t, a, b):  # type: ignore[no-untyped-def]
-        return a if pyop(z, t) else b
-
-    @overload(where, inline="always")
-    def _ov(z, t, a, b):
-        if _vec_of(z, t, a, b) is not None:
-            return lambda z, t, a, b: select(z, t, a, b)
-        if all(isinstance(x, types.Number) for x in (z, t, a, b)):
-            return lambda z, t, a, b: scalar(z, t, a, b)
-        return None
+        return rt(z, t, a, b), codegen_scalar
 
     return where
 
@@ -379,17 +347,17 @@ def vfill(typingctx, v):
     return vt(v), codegen
 
 
-def lanes(v):  # type: ignore[no-untyped-def]
+@intrinsic
+def lanes(typingctx, v):
     """The number of lanes of a vector of ``v``'s float type (a compile-time constant)."""
-    raise NotImplementedError  # only called from numba
-
-
-@overload(lanes, inline="always")
-def _lanes_ov(v):
     if not isinstance(v, types.Float):
         return None
     n = WIDTH_BYTES // (v.bitwidth // 8)
-    return lambda v: n
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, n)
+
+    return types.intp(v), codegen
 
 
 @intrinsic
@@ -435,48 +403,59 @@ def _lanewise_ov(f, z, a, b):
     return None
 
 
-def at(t, i):  # type: ignore[no-untyped-def]
+def _load(context, builder, ptrty, ptr, idxty, idx):  # type: ignore[no-untyped-def]
+    """``ptr[idx]``: one element for an integer index, the ``W`` lanes from it on for a :class:`Pos`."""
+    k = idx if isinstance(idxty, Pos) else context.cast(builder, idx, idxty, types.intp)
+    p = builder.gep(ptr, [k], inbounds=True)
+    if isinstance(idxty, Pos):
+        p = builder.bitcast(p, ir.VectorType(context.get_data_type(ptrty.dtype), Vec(ptrty.dtype).count).as_pointer())
+    return builder.load(p, align=ptrty.dtype.bitwidth // 8)
+
+
+def _index_ok(i: types.Type) -> bool:
+    return isinstance(i, (Pos, types.Integer))
+
+
+def _loaded(ptrty: types.Type, idxty: types.Type) -> types.Type:
+    return Vec(ptrty.dtype) if isinstance(idxty, Pos) else ptrty.dtype
+
+
+# at/atc are typed and lowered directly (see _VecArith for why not an inlined overload).
+@intrinsic
+def at(typingctx, t, i):
     """A tensor operand (a pointer, see :func:`pointers`) at flat element ``i``: ``t[i]``
     for an int, the ``W`` lanes from ``t[i]`` on for a :class:`Pos`. For rows ``i`` is a pair
     ``(flat index, channel)``."""
-    raise NotImplementedError  # only called from numba
+    if not (isinstance(t, types.CPointer) and isinstance(t.dtype, types.Float)):
+        return None
+    it = i.types[0] if isinstance(i, types.BaseTuple) else i
+    if not _index_ok(it):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = builder.extract_value(args[1], 0) if isinstance(sig.args[1], types.BaseTuple) else args[1]
+        return _load(context, builder, sig.args[0], args[0], it, idx)
+
+    return _loaded(t, it)(t, i), codegen
 
 
-def atc(p, i):  # type: ignore[no-untyped-def]
+@intrinsic
+def atc(typingctx, p, i):
     """A per-channel operand at element ``i``: ``p`` itself for a scalar (a plane has one
     channel); for rows (``i = (flat, c)``) ``p[c]``, or the ``W`` lanes from ``p[c]`` on (``p``
     tiled: ``p[k] == p[k % C]`` up to ``C + W``, so the lanes wrap around the channels)."""
-    raise NotImplementedError  # only called from numba
-
-
-def _elem(t, i):  # type: ignore[no-untyped-def]
-    raise NotImplementedError  # only called from numba
-
-
-@overload(_elem, inline="always")
-def _elem_ov(t, i):
-    # operands are pointers (store_span/store_rows and the kernels pass them through pointers())
-    if not isinstance(t, types.CPointer):
-        return None
-    if isinstance(i, Pos):
-        return lambda t, i: _ploadv(t, pos_index(i))
-    return lambda t, i: _pload1(t, i)
-
-
-@overload(at, inline="always")
-def _at_ov(t, i):
-    if isinstance(i, types.BaseTuple):
-        return lambda t, i: _elem(t, i[0])
-    return lambda t, i: _elem(t, i)
-
-
-@overload(atc, inline="always")
-def _atc_ov(p, i):
     if isinstance(p, types.Number):
-        return lambda p, i: p
-    if isinstance(i, types.BaseTuple):
-        return lambda p, i: _elem(p, i[1])
-    return None
+        return p(p, i), lambda context, builder, sig, args: args[0]
+    if not (isinstance(p, types.CPointer) and isinstance(p.dtype, types.Float)):
+        return None
+    if not (isinstance(i, types.BaseTuple) and len(i) == 2 and _index_ok(i.types[1])):
+        return None
+    ct = i.types[1]
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig.args[0], args[0], ct, builder.extract_value(args[1], 1))
+
+    return _loaded(p, ct)(p, i), codegen
 
 
 @intrinsic
