@@ -87,9 +87,12 @@ MIN_NUMEL = 1
 # skip reading the output's lines and keep it from evicting the input the kernel reads again
 # (see :mod:`batchnorm.kernels._simd`); smaller ones stay in cache for whatever reads them next.
 # Measured on the 2-core EPYC, (N, 64, H, W) float32, kernel time plain/streamed: forward
-# 0.87-0.99 up to 6 MiB, 1.09-1.13 at 12.5 MiB; backward 1.08-1.22 from 1.5 MiB on.
+# 0.87-0.99 up to 6 MiB, 1.09-1.13 at 12.5 MiB; backward 1.08-1.22 from 1.5 MiB on. In a network
+# the next layer reads the output at once: a streamed 1 MiB backward output made the backward
+# kernel 143 us against 98-111 us plain inside a conv-BN-ReLU stack ((64, 64, 8, 8); the step
+# 1.5 ms slower), so the backward streams from 2 MiB (docs/performance.md, "eighth session").
 STREAM_MIN_BYTES = 8 << 20
-STREAM_MIN_BYTES_BACKWARD = 1 << 20
+STREAM_MIN_BYTES_BACKWARD = 2 << 20
 # Contiguous (N, C, *S) input whose planes hold fewer than ROWS_MAX_PLANE values (and whose
 # samples at most ROWS_MAX_COLUMNS) runs on the rows kernels as (N, C * L) rows, each channel L
 # consecutive columns: below that the planes kernels' per-plane work (loop setup, horizontal sums)
