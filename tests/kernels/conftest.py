@@ -11,6 +11,7 @@ def configure_cpu(cpu, monkeypatch, variant: str) -> None:
     if "streamed" in variant:
         monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 0)
         monkeypatch.setattr(cpu, "STREAM_MIN_BYTES_BACKWARD", 0)
+        monkeypatch.setattr(cpu, "STREAM_MIN_PLANE_BYTES", 0)
     if "planes" in variant:
         monkeypatch.setattr(cpu, "ROWS_MAX_PLANE", 0)
 

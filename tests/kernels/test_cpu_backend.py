@@ -137,6 +137,30 @@ def test_small_planes_run_on_the_rows_kernels():
     assert rep(8, 4, 5, 5, cl=True) == 1 and rep(8, 4) == 1 and rep(8, 4, 1, 1) == 1
 
 
+def test_streaming_needs_size_and_planes_of_whole_lines(monkeypatch):
+    """Outputs stream from the size thresholds on, and on the planes kernels only for planes of
+    whole 64-byte lines or of at least STREAM_MIN_PLANE_BYTES (short unaligned planes do not)."""
+    cpu = pytest.importorskip("batchnorm.kernels.cpu")
+    monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(cpu, "STREAM_MIN_BYTES_BACKWARD", 1 << 20)
+
+    def stream(*shape, cl=False, dtype=torch.float32):
+        x = torch.empty(shape, dtype=dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dims, rep, _ = cpu._view(x, cpu._layout(x))
+        return cpu._stream(x, dims, rep), cpu._stream(x, dims, rep, backward=True)
+
+    assert stream(128, 64, 7, 7) == (False, False)  # 196-byte planes
+    assert stream(128, 64, 7, 7, dtype=torch.float64) == (False, False)  # 392 bytes
+    assert stream(128, 64, 8, 8) == (True, True)  # 4 whole lines
+    assert stream(128, 64, 14, 14) == (True, True)  # 784 bytes
+    assert stream(128, 64, 7, 7, cl=True) == (True, True)  # rows: one contiguous span
+    assert stream(8, 64, 7, 7, cl=True) == (False, False)  # under the size threshold
+    monkeypatch.setattr(cpu, "STREAM_MIN_PLANE_BYTES", 0)
+    assert stream(128, 64, 7, 7) == (True, True)
+
+
 def test_nan_propagates(cpu_backend):
     x = torch.randn(4, 3, 8, 8)
     x[1, 2, 3, 4] = float("nan")

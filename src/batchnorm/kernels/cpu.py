@@ -93,6 +93,11 @@ MIN_NUMEL = 1
 # 1.5 ms slower), so the backward streams from 2 MiB (docs/performance.md, "eighth session").
 STREAM_MIN_BYTES = 8 << 20
 STREAM_MIN_BYTES_BACKWARD = 2 << 20
+# ... and on the planes kernels only when a plane is a whole number of 64-byte lines or at least
+# this many bytes: a plane's partial lines at both ends take plain stores between streamed ones,
+# and short unaligned planes lost (7x7 float32, 6 MiB, plain/streamed time: inference 0.27-0.51,
+# backward 0.69-0.80, training forward 0.79-1.09; 14x14 backward 1.08-1.18, 8x8 0.98-1.21).
+STREAM_MIN_PLANE_BYTES = 512
 # Contiguous (N, C, *S) input whose planes hold fewer than ROWS_MAX_PLANE values (and whose
 # samples at most ROWS_MAX_COLUMNS) runs on the rows kernels as (N, C * L) rows, each channel L
 # consecutive columns: below that the planes kernels' per-plane work (loop setup, horizontal sums)
@@ -1162,10 +1167,16 @@ def _addr(t: Tensor | None, absent: int = 0) -> int:
     return absent if t is None else t.data_ptr()
 
 
-def _stream(x: Tensor, backward: bool = False) -> bool:
-    """Whether the outputs (each the size of ``x``) go out with non-temporal stores: from
-    :data:`STREAM_MIN_BYTES` (:data:`STREAM_MIN_BYTES_BACKWARD`) on."""
-    return x.numel() * x.element_size() >= (STREAM_MIN_BYTES_BACKWARD if backward else STREAM_MIN_BYTES)
+def _stream(x: Tensor, dims: tuple[int, int, int], rep: int, backward: bool = False) -> bool:
+    """Whether the outputs (each the size of ``x``; ``dims``, ``rep`` from :func:`_view`) go out
+    with non-temporal stores: from :data:`STREAM_MIN_BYTES` (:data:`STREAM_MIN_BYTES_BACKWARD`)
+    on, and on the planes kernels (``rep == 0``) for planes of whole cache lines or of at least
+    :data:`STREAM_MIN_PLANE_BYTES`."""
+    size = x.element_size()
+    if x.numel() * size < (STREAM_MIN_BYTES_BACKWARD if backward else STREAM_MIN_BYTES):
+        return False
+    plane = dims[2] * size
+    return rep != 0 or plane % 64 == 0 or plane >= STREAM_MIN_PLANE_BYTES
 
 
 def _fused_channels(c: int, threads: int) -> bool:
@@ -1229,7 +1240,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     ok = _train(_args(xa, _addr(r, xa), y.data_ptr(), _addr(w), _addr(b), o, rm, rv, *dims), _PROTO[x.dtype], rep,
                 r is not None, float(eps), _ACT_CODES[act], float(slope),
                 float(running.momentum) if update else 0.0, update,  # type: ignore[union-attr]
-                update and running.skip_nonfinite, _stream(x), _fused_channels(dims[1], threads), nb)  # type: ignore[union-attr]
+                update and running.skip_nonfinite, _stream(x, dims, rep), _fused_channels(dims[1], threads), nb)  # type: ignore[union-attr]
     if update:
         running.accepted = ok  # type: ignore[union-attr]
     ref.finish_running(running, update, mean, var, dims[0] * dims[2])
@@ -1247,7 +1258,7 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     xa = x.data_ptr()
     dims, rep, _ = _view(x, layout)
     _apply(_args(xa, _addr(r, xa), y.data_ptr(), *[_addr(v) for v in vecs], *dims), _PROTO[x.dtype], rep,
-           r is not None, _ACT_CODES[act], float(slope), _stream(x))
+           r is not None, _ACT_CODES[act], float(slope), _stream(x, dims, rep))
     return y
 
 
@@ -1266,7 +1277,7 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     xa = x.data_ptr()
     _bwd(_args(dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs],
                sum_dy.data_ptr(), *dims), _PROTO[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope),
-         train, need_dx, need_dr, _stream(x, backward=True), _fused_channels(dims[1], threads), nb)
+         train, need_dx, need_dr, _stream(x, dims, rep, backward=True), _fused_channels(dims[1], threads), nb)
     return dx, sum_dot, sum_dy, dr
 
 
