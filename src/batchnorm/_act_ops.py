@@ -100,9 +100,8 @@ def act_train_backward(
 def _train_backward_impl(dy, x, residual, mean, var, weight, bias, mask, count, eps, vbs, act, slope,  # type: ignore[no-untyped-def]
                          need_input_grad, need_residual_grad):
     backend = backend_for("backward_train_act", x, mask, vbs)
-    invstd = torch.rsqrt(var + eps)
     dx, dw, db, dr = backend.backward_train_act(
-        dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
+        dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,
         need_input_grad, need_residual_grad,
     )
     return _out(dx, x), dw, db, _out(dr, x)
@@ -283,10 +282,10 @@ def _inplace_backward_impl(dy, y, var, weight, bias, mask, count, eps, act, slop
     xhat = xhat.to(y.dtype)
     scale = invstd[0] if weight is None else invstd[0] * weight.to(acc)
     backend = kernels.select("backward_train", xhat, mask, 0)
-    # with xhat as the input, mean 0 and invstd 1, the plain backward gives exactly the
-    # gradients of the layer when its weight is gamma * invstd
+    # with xhat as the input, mean 0 and variance 1 (eps 0: invstd exactly 1), the plain backward
+    # gives exactly the gradients of the layer when its weight is gamma * invstd
     dx, dw, db = backend.backward_train(
-        g, xhat, torch.zeros_like(invstd), torch.ones_like(invstd), scale, mask, count, 0, need_input_grad
+        g, xhat, torch.zeros_like(invstd), torch.ones_like(invstd), 0.0, scale, mask, count, 0, need_input_grad
     )
     return _out(dx, y), dw, db
 

@@ -106,8 +106,7 @@ def train_backward(
 
 def _train_backward_impl(dy, x, mean, var, weight, mask, count, eps, vbs, need_input_grad):  # type: ignore[no-untyped-def]
     backend = kernels.select("backward_train", x, mask, vbs)
-    invstd = torch.rsqrt(var + eps)
-    dx, dw, db = backend.backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad)
+    dx, dw, db = backend.backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad)
     dx = dx.contiguous(memory_format=_layout(x)) if dx is not None else x.new_empty(0)
     return dx, dw, db
 

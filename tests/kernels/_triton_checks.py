@@ -65,9 +65,10 @@ def check_case(shape, layout, acts=ACTS, dtypes=(torch.float32, torch.bfloat16),
             close(f"fwd count {tag}", n, n64)
             assert y.dtype == dtype and y.shape == xs.shape and y.stride() == tg._dense(xs).stride()
             inv = torch.rsqrt(v64 + 1e-5)
-            got = tg.backward_train_act(dy.to(dtype), xs, res, m64, inv, w, b, None, n64, 0, act, 0.1, True, True)
-            exp = ra.backward_train_act(dy.to(dtype).double(), xs64, res64, m64, inv, w, b, None, n64, 0, act, 0.1,
-                                        True, True)
+            got = tg.backward_train_act(dy.to(dtype), xs, res, m64, v64, 1e-5, w, b, None, n64, 0, act, 0.1, True,
+                                        True)
+            exp = ra.backward_train_act(dy.to(dtype).double(), xs64, res64, m64, v64, 1e-5, w, b, None, n64, 0, act,
+                                        0.1, True, True)
             for part, a_, e_ in zip(("dx", "dw", "db", "dr"), got, exp):
                 close(f"bwd {part} {tag}", a_, e_, **({"atol": 2e-3, "rtol": 2e-3} if not tol else tol))
             ya = tg.forward_apply_act(xs, m64[0], inv[0], w, b, res, act, 0.1)
@@ -106,10 +107,9 @@ for shape in ((200, 40), (1, 1, 60, 60)):
     y64, m64, v64, n64 = ra.forward_train_act(x.double(), w.double(), b.double(), None, None, 1e-5, 0, "identity", 0.0)
     close(f"merged fwd y {shape}", y, y64)
     close(f"merged fwd var {shape}", v, v64, atol=1e-4, rtol=1e-4)
-    inv = torch.rsqrt(v64 + 1e-5)
-    got = tg.backward_train(dy, x, m64, inv, w, None, n64, 0)
-    exp = ra.backward_train_act(dy.double(), x.double(), None, m64, inv, w.double(), None, None, n64, 0, "identity",
-                                0.0)
+    got = tg.backward_train(dy, x, m64, v64, 1e-5, w, None, n64, 0)
+    exp = ra.backward_train_act(dy.double(), x.double(), None, m64, v64, 1e-5, w.double(), None, None, n64, 0,
+                                "identity", 0.0)
     for part, a_, e_ in zip(("dx", "dw", "db"), got, exp):
         close(f"merged bwd {part} {shape}", a_, e_, atol=2e-3, rtol=2e-3)
 tg._FINISH_CHUNKS = finish_chunks
@@ -122,9 +122,9 @@ y, m, v, n = tg.forward_train(x16, None, None, None, 1e-5, 0)
 y64, m64, v64, n64 = ra.forward_train_act(x16.double(), None, None, None, None, 1e-5, 0, "identity", 0.0)
 close("fp16 fwd y", y, y64, atol=5e-3, rtol=5e-3)
 assert y.dtype == torch.float16 and m.dtype == torch.float32
-inv = torch.rsqrt(v64 + 1e-5)
-dx, dw, db = tg.backward_train(dy.half(), x16, m64, inv, None, None, n64, 0, need_input_grad=False)
-exp = ra.backward_train_act(dy.half().double(), x16.double(), None, m64, inv, None, None, None, n64, 0, "identity", 0.0)
+dx, dw, db = tg.backward_train(dy.half(), x16, m64, v64, 1e-5, None, None, n64, 0, need_input_grad=False)
+exp = ra.backward_train_act(dy.half().double(), x16.double(), None, m64, v64, 1e-5, None, None, None, n64, 0,
+                            "identity", 0.0)
 assert dx is None
 close("fp16 bwd dw", dw, exp[1], atol=5e-3, rtol=5e-3)
 close("fp16 bwd db", db, exp[2], atol=5e-3, rtol=5e-3)

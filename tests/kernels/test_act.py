@@ -111,10 +111,9 @@ def test_cpu_float32_close_to_float64(dtype, monkeypatch):
         y64, m64, v64, c64 = ra.forward_train_act(x, w, b, r, None, 1e-5, 0, act, 0.1)
         torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-4)
         dy = torch.randn_like(x)
-        inv = torch.rsqrt(v64 + 1e-5)
-        got = cpu.backward_train_act(dy.to(dtype), x.to(dtype), r.to(dtype), m64, inv, w, b, None, c64, 0, act,
-                                     0.1, True, True)
-        exp = ra.backward_train_act(dy, x, r, m64, inv, w, b, None, c64, 0, act, 0.1, True, True)
+        got = cpu.backward_train_act(dy.to(dtype), x.to(dtype), r.to(dtype), m64, v64, 1e-5, w, b, None, c64, 0,
+                                     act, 0.1, True, True)
+        exp = ra.backward_train_act(dy, x, r, m64, v64, 1e-5, w, b, None, c64, 0, act, 0.1, True, True)
         for a, e in zip(got, exp):
             torch.testing.assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-4)
 

@@ -66,12 +66,12 @@ def test_forward_backward_vs_reference(cpu_backend, shape, layout, dtype):
     dy = torch.randn(x.shape, dtype=dtype)
     inv = torch.rsqrt(var + eps)
     inv64 = torch.rsqrt(var64 + eps)
-    dx, dw, db = cpu.backward_train(dy, x, mean, inv, w, None, count, 0, True)
-    dx64, dw64, db64 = ref.backward_train(dy.double(), x.double(), mean64, inv64, w.double(), None, count64, 0)
+    dx, dw, db = cpu.backward_train(dy, x, mean, var, eps, w, None, count, 0, True)
+    dx64, dw64, db64 = ref.backward_train(dy.double(), x.double(), mean64, var64, eps, w.double(), None, count64, 0)
     torch.testing.assert_close(dx.double(), dx64, **t)
     torch.testing.assert_close(dw.double(), dw64, **t)
     torch.testing.assert_close(db.double(), db64, **t)
-    dx_none, dw2, _ = cpu.backward_train(dy, x, mean, inv, w, None, count, 0, False)
+    dx_none, dw2, _ = cpu.backward_train(dy, x, mean, var, eps, w, None, count, 0, False)
     assert dx_none is None
     torch.testing.assert_close(dw2.double(), dw64, **t)
 
@@ -262,8 +262,8 @@ def test_split_and_fused_channel_paths(cpu_backend, monkeypatch, shape, layout, 
     torch.testing.assert_close(y.double(), y64, **t)
     torch.testing.assert_close(var.double(), var64, **t)
     inv = torch.rsqrt(var64 + 1e-5)
-    got = cpu.backward_train(dy, x, mean64, inv, w, None, count64, 0, True)
-    exp = ref.backward_train(dy.double(), x.double(), mean64, inv, w.double(), None, count64, 0)
+    got = cpu.backward_train(dy, x, mean64, var64, 1e-5, w, None, count64, 0, True)
+    exp = ref.backward_train(dy.double(), x.double(), mean64, var64, 1e-5, w.double(), None, count64, 0)
     for a, e in zip(got, exp):
         torch.testing.assert_close(a.double(), e, **t)
     got = cpu.backward_apply(dy, x, mean64[0], inv[0], w, True)
@@ -282,9 +282,9 @@ def test_split_and_fused_channel_paths(cpu_backend, monkeypatch, shape, layout, 
             for train, fn in ((True, cpu.backward_train_act), (False, cpu.backward_apply_act)):
                 rr = None if res is None else res.double()
                 if train:
-                    got = fn(dy, x, res, mean64, inv, w, b, None, count64, 0, act, 0.1, True, res is not None)
-                    exp = ra.backward_train_act(dy.double(), x.double(), rr, mean64, inv, w.double(), b.double(),
-                                                None, count64, 0, act, 0.1, True, res is not None)
+                    got = fn(dy, x, res, mean64, var64, 1e-5, w, b, None, count64, 0, act, 0.1, True, res is not None)
+                    exp = ra.backward_train_act(dy.double(), x.double(), rr, mean64, var64, 1e-5, w.double(),
+                                                b.double(), None, count64, 0, act, 0.1, True, res is not None)
                 else:
                     got = fn(dy, x, res, mean64[0], inv[0], w, b, act, 0.1, True, res is not None)
                     exp = ra.backward_apply_act(dy.double(), x.double(), rr, mean64[0], inv[0], w.double(),

@@ -11,7 +11,9 @@ for the conventions and the exact semantics):
   :func:`~batchnorm.kernels.reference.update_running`; with ``running.skip_nonfinite`` a batch
   whose statistics are not finite leaves them alone and sets ``running.accepted`` to False
 * ``forward_apply(x, mean, invstd, weight, bias) -> y``
-* ``backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad)``
+* ``backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad)``: from the
+  training forward's statistics (each backend takes ``invstd`` as
+  :func:`~batchnorm.kernels.reference.inverse_std`, the cpu one inside its compiled driver)
 * ``backward_apply(dy, x, mean, invstd, weight, need_input_grad)``
 * ``supports(op, x, mask, vbs) -> bool``: whether it can run ``op`` on this input.
 

@@ -1038,13 +1038,20 @@ def _apply(a, proto, rep, has_r, code, slope, stream):
 
 
 @njit(cache=True)
-def _bwd(a, proto, rep, has_r, code, slope, train, need_dx, need_dr, stream, fused, nb):
-    """Backward; ``a = (dy, x, r, dx, dr, mean, invstd, weight, bias, sums, N, C, L)``, ``sums`` =
-    ``(2, C)`` (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
+def _bwd(a, proto, rep, has_r, code, slope, eps, train, need_dx, need_dr, stream, fused, nb):
+    """Backward; ``a = (dy, x, r, dx, dr, mean, stat, weight, bias, sums, N, C, L)``, ``stat`` the
+    batch variance (``train``: ``invstd`` is computed from it and ``eps`` here, rounded to the
+    dtype as :func:`~batchnorm.kernels.reference.inverse_std` rounds it) or the given ``invstd``;
+    ``sums`` = ``(2, C)`` (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
     dt = proto.dtype
     N, C, L = a[10], a[11], a[12]
     dims = (N, C, L)
     mean, inv = _channel(a[5], C, dt, 0.0), _channel(a[6], C, dt, 1.0)
+    if train:
+        var = inv
+        inv = np.empty(C, dt)
+        for c in range(C):
+            inv[c] = 1.0 / math.sqrt(var[c] + eps)
     w, b = _channel(a[7], C, dt, 1.0), _channel(a[8], C, dt, 0.0)
     sums = _tensor(a[9], (2, C), dt)
     if rep:
@@ -1197,14 +1204,14 @@ def forward_apply(x, mean, invstd, weight, bias):
     return forward_apply_act(x, mean, invstd, weight, bias, None, "identity", 0.0)
 
 
-def backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad=True):
+def backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad=True):
     """Closed-form training backward: ``(dx, dweight, dbias)`` (see the reference backend)."""
-    return _backward_act(dy, x, None, mean, invstd, weight, None, "identity", 0.0, True, need_input_grad, False)[:3]
+    return _backward_act(dy, x, None, mean, var, weight, None, "identity", 0.0, eps, need_input_grad, False)[:3]
 
 
 def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
     """Backward with constant ``(C,)`` statistics: ``(dx, dweight, dbias)``."""
-    return _backward_act(dy, x, None, mean, invstd, weight, None, "identity", 0.0, False, need_input_grad,
+    return _backward_act(dy, x, None, mean, invstd, weight, None, "identity", 0.0, None, need_input_grad,
                          False)[:3]
 
 
@@ -1262,7 +1269,9 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     return y
 
 
-def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train, need_dx, need_dr):
+def _backward_act(dy, x, residual, mean, stat, weight, bias, act, slope, eps, need_dx, need_dr):
+    """Both backwards: ``stat`` is the batch variance of the training forward (``eps`` a float)
+    or the given ``invstd`` (``eps`` None)."""
     threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, x, layout)
@@ -1273,25 +1282,27 @@ def _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, train
     dr = torch.empty_like(x) if need_dr else None
     sums = np.empty((2, dims[1]), dtype=_NP[acc_dtype(x.dtype)])  # sum(g), sum(g * xhat)
     sum_dy, sum_dot = torch.from_numpy(sums[0]), torch.from_numpy(sums[1])  # (not sharing a storage)
-    vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
+    vecs = _cvec(mean, x), _cvec(stat, x), _cvec(weight, x), _cvec(bias, x)
     xa = x.data_ptr()
+    train = eps is not None
     _bwd(_args(dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs],
                sum_dy.data_ptr(), *dims), _PROTO[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope),
-         train, need_dx, need_dr, _stream(x, dims, rep, backward=True), _fused_channels(dims[1], threads), nb)
+         float(eps) if train else 0.0, train, need_dx, need_dr, _stream(x, dims, rep, backward=True),
+         _fused_channels(dims[1], threads), nb)
     return dx, sum_dot, sum_dy, dr
 
 
-def backward_train_act(dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
+def backward_train_act(dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,
                        need_input_grad=True, need_residual_grad=False):
-    """Backward of :func:`forward_train_act`: ``(dx, dweight, dbias, dresidual)``."""
-    return _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, True,
+    """Backward of :func:`forward_train_act` from its statistics: ``(dx, dweight, dbias, dresidual)``."""
+    return _backward_act(dy, x, residual, mean, var, weight, bias, act, slope, eps,
                          need_input_grad, need_residual_grad)
 
 
 def backward_apply_act(dy, x, residual, mean, invstd, weight, bias, act, slope,
                        need_input_grad=True, need_residual_grad=False):
     """Backward of :func:`forward_apply_act` (statistics constant): ``(dx, dweight, dbias, dresidual)``."""
-    return _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, False,
+    return _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, None,
                          need_input_grad, need_residual_grad)
 
 

@@ -265,10 +265,15 @@ def forward_train(
     With ``running`` (one group, no mask: the caller's promise), the running statistics are
     moved too (:func:`update_running`); every backend's ``forward_train`` takes it."""
     mean, var, count = stats(x, mask, vbs)
-    y = normalize(x, mean, torch.rsqrt(var + eps), weight, bias, vbs)
+    y = normalize(x, mean, inverse_std(var, eps), weight, bias, vbs)
     if running is not None:
         update_running(running, mean, var, x.numel() // x.shape[1])
     return y, mean, var, count
+
+
+def inverse_std(var: Tensor, eps: float) -> Tensor:
+    """``1 / sqrt(var + eps)``, in ``var``'s dtype: the one rule every backend uses."""
+    return torch.rsqrt(var + eps)
 
 
 def forward_apply(
@@ -282,21 +287,24 @@ def backward_train(
     dy: Tensor,
     x: Tensor,
     mean: Tensor,
-    invstd: Tensor,
+    var: Tensor,
+    eps: float,
     weight: Tensor | None,
     mask: Tensor | None,
     count: Tensor,
     vbs: int,
     need_input_grad: bool = True,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Closed-form backward of :func:`forward_train`: ``(dx, dweight, dbias)``.
+    """Closed-form backward of :func:`forward_train` from its statistics ``(mean, var)`` and
+    ``eps``: ``(dx, dweight, dbias)``.
 
     ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)`` summed over groups, each ``(C,)``.
     """
-    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd, vbs)
+    inv = inverse_std(var, eps)
+    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, inv, vbs)
     dx = None
     if need_input_grad:
-        dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, mask, vbs)
+        dx = backward_elemt(dy, x, mean, inv, weight, sum_dy, sum_dy_xhat, count, mask, vbs)
     return dx, sum_dy_xhat.sum(0), sum_dy.sum(0)
 
 

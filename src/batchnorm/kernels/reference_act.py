@@ -106,12 +106,13 @@ def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
     return ref._match_layout(activation(z, act, slope).to(x.dtype), x)
 
 
-def backward_train_act(dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
+def backward_train_act(dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,
                        need_input_grad=True, need_residual_grad=False):
-    """``(dx, dweight, dbias, dresidual)``; ``dresidual = dy * act'(z)`` (or ``None``)."""
-    z = _pre_activation(x, mean, invstd, weight, bias, residual, vbs)
+    """``(dx, dweight, dbias, dresidual)`` from the training statistics ``(mean, var)`` and
+    ``eps``; ``dresidual = dy * act'(z)`` (or ``None``)."""
+    z = _pre_activation(x, mean, ref.inverse_std(var, eps), weight, bias, residual, vbs)
     g = dy.to(z.dtype) * activation_grad(z, act, slope)
-    dx, dw, db = ref.backward_train(g, x, mean, invstd, weight, mask, count, vbs, need_input_grad)
+    dx, dw, db = ref.backward_train(g, x, mean, var, eps, weight, mask, count, vbs, need_input_grad)
     dr = ref._match_layout(g.to(x.dtype), x) if need_residual_grad else None
     return dx, dw, db, dr
 

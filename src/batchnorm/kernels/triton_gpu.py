@@ -698,10 +698,10 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
     return dx, dw, db, dr
 
 
-def backward_train_act(dy, x, residual, mean, invstd, weight, bias, mask, count, vbs, act, slope,
+def backward_train_act(dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,
                        need_input_grad=True, need_residual_grad=False):
-    return _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, True, need_input_grad,
-                     need_residual_grad)
+    return _backward(dy, x, residual, mean, ref.inverse_std(var, eps), weight, bias, act, slope, True,
+                     need_input_grad, need_residual_grad)
 
 
 def backward_apply_act(dy, x, residual, mean, invstd, weight, bias, act, slope,
@@ -710,8 +710,9 @@ def backward_apply_act(dy, x, residual, mean, invstd, weight, bias, act, slope,
                      need_residual_grad)
 
 
-def backward_train(dy, x, mean, invstd, weight, mask, count, vbs, need_input_grad=True):
-    return _backward(dy, x, None, mean, invstd, weight, None, "identity", 0.0, True, need_input_grad, False)[:3]
+def backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad=True):
+    return _backward(dy, x, None, mean, ref.inverse_std(var, eps), weight, None, "identity", 0.0, True,
+                     need_input_grad, False)[:3]
 
 
 def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
