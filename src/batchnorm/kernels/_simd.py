@@ -290,10 +290,12 @@ def _make_where(predicate: str, pyop):  # type: ignore[no-untyped-def]
         if not all(isinstance(x, types.Number) for x in (z, t, a, b)):
             return None
         rt = typingctx.unify_types(a, b)
+        ct = typingctx.unify_types(z, t)  # compared in one type, as Python compares mixed numbers
 
         def codegen_scalar(context, builder, sig, args):
-            csig = signature(types.boolean, sig.args[0], sig.args[1])
-            cond = context.get_function(pyop, csig)(builder, args[:2])
+            cz = context.cast(builder, args[0], sig.args[0], ct)
+            ctt = context.cast(builder, args[1], sig.args[1], ct)
+            cond = context.get_function(pyop, signature(types.boolean, ct, ct))(builder, [cz, ctt])
             va = context.cast(builder, args[2], sig.args[2], sig.return_type)
             vb = context.cast(builder, args[3], sig.args[3], sig.return_type)
             return builder.select(cond, va, vb)
