@@ -33,7 +33,7 @@ from ._ops import (
     impl_or_op,
 )
 from .kernels import reference_act
-from .kernels.reference import acc_dtype
+from .kernels.reference import acc_dtype, inverse_std
 
 
 def backend_for(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> ModuleType:
@@ -276,7 +276,7 @@ def act_inplace_train_backward(
 
 def _inplace_backward_impl(dy, y, var, weight, bias, mask, count, eps, act, slope, need_input_grad):  # type: ignore[no-untyped-def]
     acc = acc_dtype(y.dtype)
-    invstd = torch.rsqrt(var.to(acc) + eps)  # (1, C)
+    invstd = inverse_std(var.to(acc), eps)  # (1, C)
     xhat, dact = reference_act.recover(y, weight, bias, act, slope)
     g = (dy.to(acc) * dact).to(y.dtype)
     xhat = xhat.to(y.dtype)

@@ -395,7 +395,7 @@ def apply_stats(
     """
     acc = _ref.acc_dtype(input.dtype)
     mean, var = mean.detach(), var.detach()
-    invstd = torch.add(var if var.dtype == acc else var.to(acc), eps).rsqrt_()
+    invstd = _ref.inverse_std(var if var.dtype == acc else var.to(acc), eps)
     return _ops.apply(input, mean if mean.dtype == acc else mean.to(acc), invstd, weight, bias)
 
 

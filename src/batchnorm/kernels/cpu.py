@@ -1040,8 +1040,9 @@ def _apply(a, proto, rep, has_r, code, slope, stream):
 @njit(cache=True)
 def _bwd(a, proto, rep, has_r, code, slope, eps, train, need_dx, need_dr, stream, fused, nb):
     """Backward; ``a = (dy, x, r, dx, dr, mean, stat, weight, bias, sums, N, C, L)``, ``stat`` the
-    batch variance (``train``: ``invstd`` is computed from it and ``eps`` here, rounded to the
-    dtype as :func:`~batchnorm.kernels.reference.inverse_std` rounds it) or the given ``invstd``;
+    batch variance (``train``: ``invstd`` is computed here from it and ``eps``, in float64 and
+    rounded once to the input dtype, within an ulp of :func:`~batchnorm.kernels.reference.inverse_std`)
+    or the given ``invstd``;
     ``sums`` = ``(2, C)`` (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
     dt = proto.dtype
     N, C, L = a[10], a[11], a[12]

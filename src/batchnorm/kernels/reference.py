@@ -272,8 +272,8 @@ def forward_train(
 
 
 def inverse_std(var: Tensor, eps: float) -> Tensor:
-    """``1 / sqrt(var + eps)``, in ``var``'s dtype: the one rule every backend uses."""
-    return torch.rsqrt(var + eps)
+    """``1 / sqrt(var + eps)``, in ``var``'s dtype: the one rule every backend, layer and tool uses."""
+    return torch.add(var, eps).rsqrt_()
 
 
 def forward_apply(

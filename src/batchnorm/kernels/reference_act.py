@@ -93,7 +93,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     """Training forward: ``(act(bn(x) + residual), mean, var, count)`` (statistics as the
     reference); ``running`` as :func:`batchnorm.kernels.reference.forward_train`."""
     mean, var, count = ref.stats(x, mask, vbs)
-    z = _pre_activation(x, mean, torch.rsqrt(var + eps), weight, bias, residual, vbs)
+    z = _pre_activation(x, mean, ref.inverse_std(var, eps), weight, bias, residual, vbs)
     y = ref._match_layout(activation(z, act, slope).to(x.dtype), x)
     if running is not None:
         ref.update_running(running, mean, var, x.numel() // x.shape[1])

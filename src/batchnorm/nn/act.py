@@ -114,7 +114,7 @@ class _BatchNormActBase(_NormBase):
             accepted = F.update_running_stats(self.running_mean, self.running_var, stats, momentum,  # type: ignore[arg-type]
                                               self.nonfinite)
         acc = _ref.acc_dtype(x.dtype)
-        invstd = torch.rsqrt(rv.detach().to(acc) + self.eps)
+        invstd = _ref.inverse_std(rv.detach().to(acc), self.eps)
         y = _act_ops.act_apply(x, rm.detach().to(acc), invstd, weight, bias, residual, self.act, slope)
         return y, accepted
 

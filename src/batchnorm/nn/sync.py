@@ -62,7 +62,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 f"ranks (local input size {tuple(x.shape)}). " + F.SMALL_BATCH_REMEDIES
             )
         gmean = g.mean.to(acc).unsqueeze(0)
-        invstd = torch.rsqrt(g.var.to(acc) + eps).unsqueeze(0)
+        invstd = _ref.inverse_std(g.var.to(acc), eps).unsqueeze(0)
         y = _ref.normalize(x, gmean, invstd, weight, bias, 0)
         ctx.save_for_backward(x, weight, gmean, invstd, g.count, mask)
         ctx.process_group = process_group

@@ -33,6 +33,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from ..kernels.reference import inverse_std
 from ..nn.freeze import is_batchnorm
 from ._common import bn_axis, has_running_stats, replace_modules, run_batch
 
@@ -77,7 +78,7 @@ class _Tracer(torch.fx.Tracer):
 def _bn_affine(bn: Any) -> tuple[Tensor, Tensor]:
     """``(a, c)`` in float64 with ``BN(x) = a * x + c`` per channel in eval mode."""
     rm, rv = bn.running_mean.double(), bn.running_var.double()
-    a = torch.rsqrt(rv + bn.eps)
+    a = inverse_std(rv, bn.eps)
     w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
     if w is not None:
         a = a * w.detach().double()
