@@ -50,6 +50,7 @@ from torch import Tensor
 from . import reference as ref
 from . import register_backend
 from ._simd import (
+    LINE_BYTES,
     add_at,
     at,
     atc,
@@ -1039,20 +1040,20 @@ def _apply(a, proto, rep, has_r, code, slope, stream):
 
 @njit(cache=True)
 def _bwd(a, proto, rep, has_r, code, slope, eps, train, need_dx, need_dr, stream, fused, nb):
-    """Backward; ``a = (dy, x, r, dx, dr, mean, stat, weight, bias, sums, N, C, L)``, ``stat`` the
-    batch variance (``train``: ``invstd`` is computed here from it and ``eps``, in float64 and
-    rounded once to the input dtype, within an ulp of :func:`~batchnorm.kernels.reference.inverse_std`)
-    or the given ``invstd``;
-    ``sums`` = ``(2, C)`` (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
+    """Backward; ``a = (dy, x, r, dx, dr, mean, stat, weight, bias, sums, N, C, L)``: ``stat`` is
+    the batch variance when ``train`` (``invstd`` is then computed here with ``eps``, in float64
+    and rounded once to the input dtype: within an ulp of
+    :func:`~batchnorm.kernels.reference.inverse_std`), else the given ``invstd``; ``sums`` =
+    ``(2, C)`` (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
     dt = proto.dtype
     N, C, L = a[10], a[11], a[12]
     dims = (N, C, L)
-    mean, inv = _channel(a[5], C, dt, 0.0), _channel(a[6], C, dt, 1.0)
+    mean, stat = _channel(a[5], C, dt, 0.0), _channel(a[6], C, dt, 1.0)
+    inv = stat
     if train:
-        var = inv
         inv = np.empty(C, dt)
         for c in range(C):
-            inv[c] = 1.0 / math.sqrt(var[c] + eps)
+            inv[c] = 1.0 / math.sqrt(stat[c] + eps)
     w, b = _channel(a[7], C, dt, 1.0), _channel(a[8], C, dt, 0.0)
     sums = _tensor(a[9], (2, C), dt)
     if rep:
@@ -1184,7 +1185,7 @@ def _stream(x: Tensor, dims: tuple[int, int, int], rep: int, backward: bool = Fa
     if x.numel() * size < (STREAM_MIN_BYTES_BACKWARD if backward else STREAM_MIN_BYTES):
         return False
     plane = dims[2] * size
-    return rep != 0 or plane % 64 == 0 or plane >= STREAM_MIN_PLANE_BYTES
+    return rep != 0 or plane % LINE_BYTES == 0 or plane >= STREAM_MIN_PLANE_BYTES
 
 
 def _fused_channels(c: int, threads: int) -> bool:
