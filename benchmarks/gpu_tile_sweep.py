@@ -57,14 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         w, b = torch.rand(c, device=dev) + 0.5, torch.randn(c, device=dev)
         dy = torch.randn_like(x)
         _, m, v, n = tg.forward_train(x, w, b, None, 1e-5, 0)
-        inv = torch.rsqrt(v + 1e-5)
         for act in ("identity", "relu"):
             cases[f"{layout} train {act}"] = (
                 lambda x=x, w=w, b=b, act=act: tg.forward_train_act(x, w, b, None, None, 1e-5, 0, act, 0.0))
             cases[f"{layout} backward {act}"] = (
                 lambda x=x, w=w, b=b, dy=dy, m=m, v=v, n=n, act=act:
                 tg.backward_train_act(dy, x, None, m, v, 1e-5, w, b, None, n, 0, act, 0.0))
-        cases[f"{layout} eval"] = (lambda x=x, w=w, b=b, m=m, inv=inv: tg.forward_apply(x, m, inv, w, b))
+        cases[f"{layout} eval"] = (lambda x=x, w=w, b=b, m=m, v=v: tg.forward_apply(x, m, v, 1e-5, w, b))
     defaults = tuple(getattr(tg, k) for k in _KNOBS)
     results: dict[str, dict[str, float]] = {}
     try:

@@ -2,7 +2,7 @@
 
 * ``batchnorm::act_train_forward(x, weight, bias, residual, mask, eps, vbs, act, slope)
   -> (y, mean, var, count)``: ``y = act(bn(x) + residual)`` with the batch's statistics;
-* ``batchnorm::act_apply_forward(x, mean, invstd, weight, bias, residual, act, slope) -> y``:
+* ``batchnorm::act_apply_forward(x, mean, var, eps, weight, bias, residual, act, slope) -> y``:
   with given statistics (inference, frozen statistics);
 * ``batchnorm::act_inplace_train_forward(x, weight, bias, mask, eps, act, slope)``: the
   in-place activated mode (Rota Bulo et al. 2018): autograd saves only the output ``y``, not
@@ -147,24 +147,25 @@ torch.library.register_autograd("batchnorm::act_train_forward", _train_grad, set
 def act_apply_forward(
     x: Tensor,
     mean: Tensor,
-    invstd: Tensor,
+    var: Tensor,
+    eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
     act: str,
     slope: float,
 ) -> Tensor:
-    return _apply_forward_impl(x, mean, invstd, weight, bias, residual, act, slope)
+    return _apply_forward_impl(x, mean, var, eps, weight, bias, residual, act, slope)
 
 
-def _apply_forward_impl(x, mean, invstd, weight, bias, residual, act, slope):  # type: ignore[no-untyped-def]
+def _apply_forward_impl(x, mean, var, eps, weight, bias, residual, act, slope):  # type: ignore[no-untyped-def]
     backend = backend_for("forward_apply_act", x)
-    y = backend.forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope)
+    y = backend.forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope)
     return y.contiguous(memory_format=_layout(x))
 
 
 @act_apply_forward.register_fake
-def _(x, mean, invstd, weight, bias, residual, act, slope):
+def _(x, mean, var, eps, weight, bias, residual, act, slope):
     return _empty_like(x)
 
 
@@ -174,7 +175,8 @@ def act_apply_backward(
     x: Tensor,
     residual: Tensor | None,
     mean: Tensor,
-    invstd: Tensor,
+    var: Tensor,
+    eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
     act: str,
@@ -182,40 +184,41 @@ def act_apply_backward(
     need_input_grad: bool,
     need_residual_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _apply_backward_impl(dy, x, residual, mean, invstd, weight, bias, act, slope, need_input_grad,
+    return _apply_backward_impl(dy, x, residual, mean, var, eps, weight, bias, act, slope, need_input_grad,
                                 need_residual_grad)
 
 
-def _apply_backward_impl(dy, x, residual, mean, invstd, weight, bias, act, slope, need_input_grad,  # type: ignore[no-untyped-def]
+def _apply_backward_impl(dy, x, residual, mean, var, eps, weight, bias, act, slope, need_input_grad,  # type: ignore[no-untyped-def]
                          need_residual_grad):
     backend = backend_for("backward_apply_act", x)
     dx, dw, db, dr = backend.backward_apply_act(
-        dy, x, residual, mean, invstd, weight, bias, act, slope, need_input_grad, need_residual_grad
+        dy, x, residual, mean, var, eps, weight, bias, act, slope, need_input_grad, need_residual_grad
     )
     return _out(dx, x), dw, db, _out(dr, x)
 
 
 @act_apply_backward.register_fake
-def _(dy, x, residual, mean, invstd, weight, bias, act, slope, need_x, need_r):
+def _(dy, x, residual, mean, var, eps, weight, bias, act, slope, need_x, need_r):
     return (*fake_backward_outputs(x, need_x), _grad_or_empty(x, need_r))
 
 
 def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, mean, invstd, weight, bias, residual, act, slope = inputs
-    ctx.save_for_backward(x, mean, invstd, weight, bias, residual)
-    ctx.act, ctx.slope = act, slope
+    x, mean, var, eps, weight, bias, residual, act, slope = inputs
+    ctx.save_for_backward(x, mean, var, weight, bias, residual)
+    ctx.eps, ctx.act, ctx.slope = eps, act, slope
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.res_dtype = None if residual is None else residual.dtype
 
 
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
-    x, mean, invstd, weight, bias, residual = ctx.saved_tensors
-    need_x, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:6]
+    x, mean, var, weight, bias, residual = ctx.saved_tensors
+    need_x, _, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:7]
     dx, dw, db, dr = impl_or_op("act_apply_backward", _apply_backward_impl)(
-        dy, x, residual, mean, invstd, weight, bias, ctx.act, ctx.slope, need_x, need_r
+        dy, x, residual, mean, var, ctx.eps, weight, bias, ctx.act, ctx.slope, need_x, need_r
     )
     return (
         dx if need_x else None,
+        None,
         None,
         None,
         dw.to(weight.dtype) if need_w else None,
@@ -327,7 +330,7 @@ torch.library.register_autograd(
 #: ``act_train(x, weight, bias, residual, mask, eps, vbs, act, slope, [running=]) -> (y, mean, var,
 #: count)``; ``running`` as :data:`batchnorm._ops.train`
 act_train = eager_entry("act_train_forward", _train_forward_impl, _train_setup, _train_grad)
-#: ``act_apply(x, mean, invstd, weight, bias, residual, act, slope) -> y``
+#: ``act_apply(x, mean, var, eps, weight, bias, residual, act, slope) -> y``
 act_apply = eager_entry("act_apply_forward", _apply_forward_impl, _apply_setup, _apply_grad)
 #: ``act_inplace_train(x, weight, bias, mask, eps, act, slope) -> (y, mean, var, count)``
 act_inplace_train = eager_entry("act_inplace_train_forward", _inplace_forward_impl, _inplace_setup,

@@ -4,7 +4,7 @@ Two forward ops and their closed-form backward ops:
 
 * ``batchnorm::train_forward(x, weight, bias, mask, eps, vbs) -> (y, mean, var, count)``
   normalizes with the batch's own statistics (per ghost group), Algorithm 1.
-* ``batchnorm::apply_forward(x, mean, invstd, weight, bias) -> y`` normalizes with given
+* ``batchnorm::apply_forward(x, mean, var, eps, weight, bias) -> y`` normalizes with given
   per-channel statistics (running statistics at inference, Algorithm 2; frozen layers).
 
 Each op runs on the backend that :func:`batchnorm.kernels.select` picks, has a fake (meta)
@@ -148,52 +148,54 @@ torch.library.register_autograd("batchnorm::train_forward", _train_grad, setup_c
 
 @torch.library.custom_op("batchnorm::apply_forward", mutates_args=())
 def apply_forward(
-    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+    x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
-    return _apply_forward_impl(x, mean, invstd, weight, bias)
+    return _apply_forward_impl(x, mean, var, eps, weight, bias)
 
 
-def _apply_forward_impl(x, mean, invstd, weight, bias):  # type: ignore[no-untyped-def]
+def _apply_forward_impl(x, mean, var, eps, weight, bias):  # type: ignore[no-untyped-def]
     backend = kernels.select("forward_apply", x)
-    return backend.forward_apply(x, mean, invstd, weight, bias).contiguous(memory_format=_layout(x))
+    return backend.forward_apply(x, mean, var, eps, weight, bias).contiguous(memory_format=_layout(x))
 
 
 @apply_forward.register_fake
-def _(x, mean, invstd, weight, bias):
+def _(x, mean, var, eps, weight, bias):
     return _empty_like(x)
 
 
 @torch.library.custom_op("batchnorm::apply_backward", mutates_args=())
 def apply_backward(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_input_grad: bool
+    dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, need_input_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _apply_backward_impl(dy, x, mean, invstd, weight, need_input_grad)
+    return _apply_backward_impl(dy, x, mean, var, eps, weight, need_input_grad)
 
 
-def _apply_backward_impl(dy, x, mean, invstd, weight, need_input_grad):  # type: ignore[no-untyped-def]
+def _apply_backward_impl(dy, x, mean, var, eps, weight, need_input_grad):  # type: ignore[no-untyped-def]
     backend = kernels.select("backward_apply", x)
-    dx, dw, db = backend.backward_apply(dy, x, mean, invstd, weight, need_input_grad)
+    dx, dw, db = backend.backward_apply(dy, x, mean, var, eps, weight, need_input_grad)
     dx = dx.contiguous(memory_format=_layout(x)) if dx is not None else x.new_empty(0)
     return dx, dw, db
 
 
 @apply_backward.register_fake
-def _(dy, x, mean, invstd, weight, need_input_grad):
+def _(dy, x, mean, var, eps, weight, need_input_grad):
     return fake_backward_outputs(x, need_input_grad)
 
 
 def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, mean, invstd, weight, bias = inputs
-    ctx.save_for_backward(x, mean, invstd, weight)
+    x, mean, var, eps, weight, bias = inputs
+    ctx.save_for_backward(x, mean, var, weight)
+    ctx.eps = eps
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
-    x, mean, invstd, weight = ctx.saved_tensors
-    need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
-    dx, dw, db = impl_or_op("apply_backward", _apply_backward_impl)(dy, x, mean, invstd, weight, need_x)
+    x, mean, var, weight = ctx.saved_tensors
+    need_x, _, _, _, need_w, need_b = ctx.needs_input_grad[:6]
+    dx, dw, db = impl_or_op("apply_backward", _apply_backward_impl)(dy, x, mean, var, ctx.eps, weight, need_x)
     return (
         dx if need_x else None,
+        None,
         None,
         None,
         dw.to(weight.dtype) if need_w else None,
@@ -262,5 +264,5 @@ def eager_entry(name: str, impl: Any, setup: Any, grad: Any) -> Any:
 #: normalization; with ``running`` (:class:`~batchnorm.kernels.reference.Running`, eager mode, one
 #: group, no mask) the backend moves the running statistics in the same call.
 train = eager_entry("train_forward", _train_forward_impl, _train_setup, _train_grad)
-#: ``apply(x, mean, invstd, weight, bias) -> y``: normalization with given statistics.
+#: ``apply(x, mean, var, eps, weight, bias) -> y``: normalization with given statistics.
 apply = eager_entry("apply_forward", _apply_forward_impl, _apply_setup, _apply_grad)

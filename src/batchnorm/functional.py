@@ -395,8 +395,8 @@ def apply_stats(
     """
     acc = _ref.acc_dtype(input.dtype)
     mean, var = mean.detach(), var.detach()
-    invstd = _ref.inverse_std(var if var.dtype == acc else var.to(acc), eps)
-    return _ops.apply(input, mean if mean.dtype == acc else mean.to(acc), invstd, weight, bias)
+    return _ops.apply(input, mean if mean.dtype == acc else mean.to(acc), var if var.dtype == acc else var.to(acc),
+                      eps, weight, bias)
 
 
 # ----------------------------------------------------------------------- renormalization

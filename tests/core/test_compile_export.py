@@ -56,5 +56,5 @@ def test_custom_ops_pass_opcheck():
     x = torch.randn(4, 3, 5)
     w, b = torch.rand(3) + 0.5, torch.randn(3)
     torch.library.opcheck(torch.ops.batchnorm.train_forward.default, (x, w, b, None, 1e-5, 0))
-    mean, invstd = torch.randn(3), torch.rand(3) + 0.5
-    torch.library.opcheck(torch.ops.batchnorm.apply_forward.default, (x, mean, invstd, w, b))
+    mean, var = torch.randn(3), torch.rand(3) + 0.5
+    torch.library.opcheck(torch.ops.batchnorm.apply_forward.default, (x, mean, var, 1e-5, w, b))

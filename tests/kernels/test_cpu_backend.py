@@ -64,8 +64,6 @@ def test_forward_backward_vs_reference(cpu_backend, shape, layout, dtype):
         assert y.is_contiguous(memory_format=fmt)  # keeps the layout
 
     dy = torch.randn(x.shape, dtype=dtype)
-    inv = torch.rsqrt(var + eps)
-    inv64 = torch.rsqrt(var64 + eps)
     dx, dw, db = cpu.backward_train(dy, x, mean, var, eps, w, None, count, 0, True)
     dx64, dw64, db64 = ref.backward_train(dy.double(), x.double(), mean64, var64, eps, w.double(), None, count64, 0)
     torch.testing.assert_close(dx.double(), dx64, **t)
@@ -75,11 +73,11 @@ def test_forward_backward_vs_reference(cpu_backend, shape, layout, dtype):
     assert dx_none is None
     torch.testing.assert_close(dw2.double(), dw64, **t)
 
-    ya = cpu.forward_apply(x, mean[0], inv[0], w, b)
-    ya64 = ref.forward_apply(x.double(), mean64[0], inv64[0], w.double(), b.double())
+    ya = cpu.forward_apply(x, mean[0], var[0], eps, w, b)
+    ya64 = ref.forward_apply(x.double(), mean64[0], var64[0], eps, w.double(), b.double())
     torch.testing.assert_close(ya.double(), ya64, **t)
-    dxa, dwa, dba = cpu.backward_apply(dy, x, mean[0], inv[0], w, True)
-    dxa64, dwa64, dba64 = ref.backward_apply(dy.double(), x.double(), mean64[0], inv64[0], w.double())
+    dxa, dwa, dba = cpu.backward_apply(dy, x, mean[0], var[0], eps, w, True)
+    dxa64, dwa64, dba64 = ref.backward_apply(dy.double(), x.double(), mean64[0], var64[0], eps, w.double())
     torch.testing.assert_close(dxa.double(), dxa64, **t)
     torch.testing.assert_close(dwa.double(), dwa64, **t)
     torch.testing.assert_close(dba.double(), dba64, **t)
@@ -227,9 +225,9 @@ def test_gradcheck_through_cpu_backend(cpu_backend):
             lambda x, w, b: torch.ops.batchnorm.train_forward(x, w, b, None, 1e-5, 0)[0], (x, w, b)
         )
         mean = torch.randn(2, dtype=torch.float64)
-        inv = torch.rand(2, dtype=torch.float64) + 0.5
+        var = torch.rand(2, dtype=torch.float64) + 0.5
         assert torch.autograd.gradcheck(
-            lambda x, w, b: torch.ops.batchnorm.apply_forward(x, mean, inv, w, b), (x, w, b)
+            lambda x, w, b: torch.ops.batchnorm.apply_forward(x, mean, var, 1e-5, w, b), (x, w, b)
         )
 
 
@@ -261,13 +259,12 @@ def test_split_and_fused_channel_paths(cpu_backend, monkeypatch, shape, layout, 
     y64, mean64, var64, count64 = ref.forward_train(x.double(), w.double(), b.double(), None, 1e-5, 0)
     torch.testing.assert_close(y.double(), y64, **t)
     torch.testing.assert_close(var.double(), var64, **t)
-    inv = torch.rsqrt(var64 + 1e-5)
     got = cpu.backward_train(dy, x, mean64, var64, 1e-5, w, None, count64, 0, True)
     exp = ref.backward_train(dy.double(), x.double(), mean64, var64, 1e-5, w.double(), None, count64, 0)
     for a, e in zip(got, exp):
         torch.testing.assert_close(a.double(), e, **t)
-    got = cpu.backward_apply(dy, x, mean64[0], inv[0], w, True)
-    exp = ref.backward_apply(dy.double(), x.double(), mean64[0], inv[0], w.double())
+    got = cpu.backward_apply(dy, x, mean64[0], var64[0], 1e-5, w, True)
+    exp = ref.backward_apply(dy.double(), x.double(), mean64[0], var64[0], 1e-5, w.double())
     for a, e in zip(got, exp):
         torch.testing.assert_close(a.double(), e, **t)
     from batchnorm.kernels import reference_act as ra
@@ -286,8 +283,8 @@ def test_split_and_fused_channel_paths(cpu_backend, monkeypatch, shape, layout, 
                     exp = ra.backward_train_act(dy.double(), x.double(), rr, mean64, var64, 1e-5, w.double(),
                                                 b.double(), None, count64, 0, act, 0.1, True, res is not None)
                 else:
-                    got = fn(dy, x, res, mean64[0], inv[0], w, b, act, 0.1, True, res is not None)
-                    exp = ra.backward_apply_act(dy.double(), x.double(), rr, mean64[0], inv[0], w.double(),
+                    got = fn(dy, x, res, mean64[0], var64[0], 1e-5, w, b, act, 0.1, True, res is not None)
+                    exp = ra.backward_apply_act(dy.double(), x.double(), rr, mean64[0], var64[0], 1e-5, w.double(),
                                                 b.double(), act, 0.1, True, res is not None)
                 for a, e in zip(got, exp):
                     if e is None:

@@ -10,11 +10,14 @@ for the conventions and the exact semantics):
   in its kernel (not with ``skip_nonfinite``), else
   :func:`~batchnorm.kernels.reference.update_running`; with ``running.skip_nonfinite`` a batch
   whose statistics are not finite leaves them alone and sets ``running.accepted`` to False
-* ``forward_apply(x, mean, invstd, weight, bias) -> y``
+* ``forward_apply(x, mean, var, eps, weight, bias) -> y``
 * ``backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad)``: from the
-  training forward's statistics (each backend takes ``invstd`` as
-  :func:`~batchnorm.kernels.reference.inverse_std`, the cpu one inside its compiled driver)
-* ``backward_apply(dy, x, mean, invstd, weight, need_input_grad)``
+  training forward's statistics
+* ``backward_apply(dy, x, mean, var, eps, weight, need_input_grad)``
+
+Every op takes the variance and ``eps``, never ``1 / sqrt(var + eps)``: each backend computes
+that as :func:`~batchnorm.kernels.reference.inverse_std` does (the cpu one inside its compiled
+driver, which saves two torch calls per call).
 * ``supports(op, x, mask, vbs) -> bool``: whether it can run ``op`` on this input.
 
 The dispatcher picks, per call, the first registered backend (in priority order) whose

@@ -789,6 +789,16 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
 
 
 @njit(cache=True)
+def _inverse_std(var, eps):
+    """``1 / sqrt(var + eps)`` per channel, in float64 and rounded once to ``var``'s dtype: within
+    an ulp of :func:`~batchnorm.kernels.reference.inverse_std` (which rounds ``var + eps`` first)."""
+    inv = np.empty_like(var)
+    for c in range(var.shape[0]):
+        inv[c] = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+    return inv
+
+
+@njit(cache=True)
 def _coefficients(x, mean, invstd, w, b):
     """Per channel ``(mr, scale, shift)``: ``mr`` = the mean rounded to ``x``'s dtype (the kernels
     subtract it in that dtype, exactly near the mean), ``scale = w * invstd``, and
@@ -854,7 +864,7 @@ def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum,
         pm2 = np.empty((N, C))
         _plane_stats(x, pmean, pm2)
         _merge_planes(pmean, pm2, L, mean, var)
-        _apply_planes(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream)
+        _apply_planes(x, r, has_r, mean, _inverse_std(var, eps), w, b, code, slope, y, stream)
     return _finish(mean, var, N * L, out, rm, rv, momentum, update, skip)
 
 
@@ -908,7 +918,7 @@ def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, u
     mean, var, far = _rows_stats(x, pilot, nb, rep)
     if far:
         mean, var, _ = _rows_stats(x, mean, nb, rep)
-    _apply_rows(x, r, has_r, mean, 1.0 / np.sqrt(var + eps), w, b, code, slope, y, stream, rep)
+    _apply_rows(x, r, has_r, mean, _inverse_std(var, eps), w, b, code, slope, y, stream, rep)
     return _finish(mean, var, M * rep, out, rm, rv, momentum, update, skip)
 
 
@@ -1022,12 +1032,13 @@ def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, skip, strea
 
 
 @njit(cache=True)
-def _apply(a, proto, rep, has_r, code, slope, stream):
-    """Normalization with given statistics; ``a = (x, r, y, mean, invstd, weight, bias, N, C, L)``."""
+def _apply(a, proto, rep, has_r, eps, code, slope, stream):
+    """Normalization with given statistics; ``a = (x, r, y, mean, var, weight, bias, N, C, L)``
+    (``invstd`` from ``var`` and ``eps`` by :func:`_inverse_std`)."""
     dt = proto.dtype
     N, C, L = a[7], a[8], a[9]
     dims = (N, C, L)
-    mean, inv = _channel(a[3], C, dt, 0.0), _channel(a[4], C, dt, 1.0)
+    mean, inv = _channel(a[3], C, dt, 0.0), _inverse_std(_channel(a[4], C, dt, 1.0), eps)
     w, b = _channel(a[5], C, dt, 1.0), _channel(a[6], C, dt, 0.0)
     if rep:
         s = (N * L // rep, C * rep)
@@ -1040,20 +1051,13 @@ def _apply(a, proto, rep, has_r, code, slope, stream):
 
 @njit(cache=True)
 def _bwd(a, proto, rep, has_r, code, slope, eps, train, need_dx, need_dr, stream, fused, nb):
-    """Backward; ``a = (dy, x, r, dx, dr, mean, stat, weight, bias, sums, N, C, L)``: ``stat`` is
-    the batch variance when ``train`` (``invstd`` is then computed here with ``eps``, in float64
-    and rounded once to the input dtype: within an ulp of
-    :func:`~batchnorm.kernels.reference.inverse_std`), else the given ``invstd``; ``sums`` =
-    ``(2, C)`` (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
+    """Backward; ``a = (dy, x, r, dx, dr, mean, var, weight, bias, sums, N, C, L)``: ``var`` the
+    training forward's batch variance (``train``) or the given one; ``sums`` = ``(2, C)``
+    (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
     dt = proto.dtype
     N, C, L = a[10], a[11], a[12]
     dims = (N, C, L)
-    mean, stat = _channel(a[5], C, dt, 0.0), _channel(a[6], C, dt, 1.0)
-    inv = stat
-    if train:
-        inv = np.empty(C, dt)
-        for c in range(C):
-            inv[c] = 1.0 / math.sqrt(stat[c] + eps)
+    mean, inv = _channel(a[5], C, dt, 0.0), _inverse_std(_channel(a[6], C, dt, 1.0), eps)
     w, b = _channel(a[7], C, dt, 1.0), _channel(a[8], C, dt, 0.0)
     sums = _tensor(a[9], (2, C), dt)
     if rep:
@@ -1201,19 +1205,20 @@ def forward_train(x, weight, bias, mask, eps, vbs, running=None):
     return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0, running)
 
 
-def forward_apply(x, mean, invstd, weight, bias):
-    """``y = (x - mean) * invstd * weight + bias`` with given ``(C,)`` statistics."""
-    return forward_apply_act(x, mean, invstd, weight, bias, None, "identity", 0.0)
+def forward_apply(x, mean, var, eps, weight, bias):
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` with given ``(C,)`` statistics."""
+    return forward_apply_act(x, mean, var, eps, weight, bias, None, "identity", 0.0)
 
 
 def backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad=True):
     """Closed-form training backward: ``(dx, dweight, dbias)`` (see the reference backend)."""
-    return _backward_act(dy, x, None, mean, var, weight, None, "identity", 0.0, eps, need_input_grad, False)[:3]
+    return _backward_act(dy, x, None, mean, var, eps, weight, None, "identity", 0.0, True, need_input_grad,
+                         False)[:3]
 
 
-def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
+def backward_apply(dy, x, mean, var, eps, weight, need_input_grad=True):
     """Backward with constant ``(C,)`` statistics: ``(dx, dweight, dbias)``."""
-    return _backward_act(dy, x, None, mean, invstd, weight, None, "identity", 0.0, None, need_input_grad,
+    return _backward_act(dy, x, None, mean, var, eps, weight, None, "identity", 0.0, False, need_input_grad,
                          False)[:3]
 
 
@@ -1256,24 +1261,24 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     return y, mean, var, count
 
 
-def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
-    """``y = act(bn(x; mean, invstd) [+ residual])`` with given ``(C,)`` statistics."""
+def forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope):
+    """``y = act(bn(x; mean, var) [+ residual])`` with given ``(C,)`` statistics."""
     _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, x, layout)
     y = torch.empty_like(x)
     r = _residual(residual, x, layout)
-    vecs = _cvec(mean, x), _cvec(invstd, x), _cvec(weight, x), _cvec(bias, x)
+    vecs = _cvec(mean, x), _cvec(var, x), _cvec(weight, x), _cvec(bias, x)
     xa = x.data_ptr()
     dims, rep, _ = _view(x, layout)
     _apply(_args(xa, _addr(r, xa), y.data_ptr(), *[_addr(v) for v in vecs], *dims), _PROTO[x.dtype], rep,
-           r is not None, _ACT_CODES[act], float(slope), _stream(x, dims, rep))
+           r is not None, float(eps), _ACT_CODES[act], float(slope), _stream(x, dims, rep))
     return y
 
 
-def _backward_act(dy, x, residual, mean, stat, weight, bias, act, slope, eps, need_dx, need_dr):
-    """Both backwards: ``stat`` is the batch variance of the training forward (``eps`` a float)
-    or the given ``invstd`` (``eps`` None)."""
+def _backward_act(dy, x, residual, mean, var, eps, weight, bias, act, slope, train, need_dx, need_dr):
+    """Both backwards: ``(mean, var)`` the training forward's batch statistics (``train``) or the
+    given ones."""
     threads = _threads(x.numel())
     layout = _layout(x)
     x = _prepare(x, x, layout)
@@ -1284,12 +1289,11 @@ def _backward_act(dy, x, residual, mean, stat, weight, bias, act, slope, eps, ne
     dr = torch.empty_like(x) if need_dr else None
     sums = np.empty((2, dims[1]), dtype=_NP[acc_dtype(x.dtype)])  # sum(g), sum(g * xhat)
     sum_dy, sum_dot = torch.from_numpy(sums[0]), torch.from_numpy(sums[1])  # (not sharing a storage)
-    vecs = _cvec(mean, x), _cvec(stat, x), _cvec(weight, x), _cvec(bias, x)
+    vecs = _cvec(mean, x), _cvec(var, x), _cvec(weight, x), _cvec(bias, x)
     xa = x.data_ptr()
-    train = eps is not None
     _bwd(_args(dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs],
                sum_dy.data_ptr(), *dims), _PROTO[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope),
-         float(eps) if train else 0.0, train, need_dx, need_dr, _stream(x, dims, rep, backward=True),
+         float(eps), train, need_dx, need_dr, _stream(x, dims, rep, backward=True),
          _fused_channels(dims[1], threads), nb)
     return dx, sum_dot, sum_dy, dr
 
@@ -1297,14 +1301,14 @@ def _backward_act(dy, x, residual, mean, stat, weight, bias, act, slope, eps, ne
 def backward_train_act(dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,
                        need_input_grad=True, need_residual_grad=False):
     """Backward of :func:`forward_train_act` from its statistics: ``(dx, dweight, dbias, dresidual)``."""
-    return _backward_act(dy, x, residual, mean, var, weight, bias, act, slope, eps,
+    return _backward_act(dy, x, residual, mean, var, eps, weight, bias, act, slope, True,
                          need_input_grad, need_residual_grad)
 
 
-def backward_apply_act(dy, x, residual, mean, invstd, weight, bias, act, slope,
+def backward_apply_act(dy, x, residual, mean, var, eps, weight, bias, act, slope,
                        need_input_grad=True, need_residual_grad=False):
     """Backward of :func:`forward_apply_act` (statistics constant): ``(dx, dweight, dbias, dresidual)``."""
-    return _backward_act(dy, x, residual, mean, invstd, weight, bias, act, slope, None,
+    return _backward_act(dy, x, residual, mean, var, eps, weight, bias, act, slope, False,
                          need_input_grad, need_residual_grad)
 
 

@@ -277,10 +277,10 @@ def inverse_std(var: Tensor, eps: float) -> Tensor:
 
 
 def forward_apply(
-    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+    x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
     """Normalize with given statistics of shape ``(C,)`` (Algorithm 2, frozen statistics)."""
-    return normalize(x, mean.unsqueeze(0), invstd.unsqueeze(0), weight, bias, 0)
+    return normalize(x, mean.unsqueeze(0), inverse_std(var, eps).unsqueeze(0), weight, bias, 0)
 
 
 def backward_train(
@@ -312,12 +312,14 @@ def backward_apply(
     dy: Tensor,
     x: Tensor,
     mean: Tensor,
-    invstd: Tensor,
+    var: Tensor,
+    eps: float,
     weight: Tensor | None,
     need_input_grad: bool = True,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """Backward of :func:`forward_apply` (statistics are constants): ``(dx, dweight, dbias)``."""
     acc = acc_dtype(x.dtype)
+    invstd = inverse_std(var, eps)
     sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean.unsqueeze(0), invstd.unsqueeze(0), 0)
     dx = None
     if need_input_grad:

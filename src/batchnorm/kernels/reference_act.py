@@ -100,9 +100,9 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     return y, mean, var, count
 
 
-def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
+def forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope):
     """With given ``(C,)`` statistics: ``act(bn(x) + residual)``."""
-    z = _pre_activation(x, mean.unsqueeze(0), invstd.unsqueeze(0), weight, bias, residual, 0)
+    z = _pre_activation(x, mean.unsqueeze(0), ref.inverse_std(var, eps).unsqueeze(0), weight, bias, residual, 0)
     return ref._match_layout(activation(z, act, slope).to(x.dtype), x)
 
 
@@ -117,12 +117,12 @@ def backward_train_act(dy, x, residual, mean, var, eps, weight, bias, mask, coun
     return dx, dw, db, dr
 
 
-def backward_apply_act(dy, x, residual, mean, invstd, weight, bias, act, slope,
+def backward_apply_act(dy, x, residual, mean, var, eps, weight, bias, act, slope,
                        need_input_grad=True, need_residual_grad=False):
     """Backward with constant statistics: ``(dx, dweight, dbias, dresidual)``."""
-    z = _pre_activation(x, mean.unsqueeze(0), invstd.unsqueeze(0), weight, bias, residual, 0)
+    z = _pre_activation(x, mean.unsqueeze(0), ref.inverse_std(var, eps).unsqueeze(0), weight, bias, residual, 0)
     g = dy.to(z.dtype) * activation_grad(z, act, slope)
-    dx, dw, db = ref.backward_apply(g, x, mean, invstd, weight, need_input_grad)
+    dx, dw, db = ref.backward_apply(g, x, mean, var, eps, weight, need_input_grad)
     dr = ref._match_layout(g.to(x.dtype), x) if need_residual_grad else None
     return dx, dw, db, dr
 

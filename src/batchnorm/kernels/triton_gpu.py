@@ -639,31 +639,31 @@ def forward_train(x, weight, bias, mask, eps, vbs, running=None):
     return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0, running)
 
 
-def forward_apply_act(x, mean, invstd, weight, bias, residual, act, slope):
-    """``y = act(bn(x; mean, invstd) [+ residual])`` with given ``(C,)`` statistics."""
+def forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope):
+    """``y = act(bn(x; mean, var) [+ residual])`` with given ``(C,)`` statistics."""
     x = _dense(x)
     geo = _geometry(x)
     w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
     y = torch.empty_like(x)
     _apply[geo.apply_grid](
-        x, y, x, r if r is not None else x, x, _vec(mean), _vec(invstd), w if w is not None else x,
+        x, y, x, r if r is not None else x, x, _vec(mean), _vec(ref.inverse_std(var, eps)), w if w is not None else x,
         b if b is not None else x, x, geo.N, geo.C, geo.L, float(slope), ROWS=geo.rows, BACKWARD=False,
         TRAIN=False, HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=_ACT_CODES[act],
         NEED_DX=False, NEED_DR=False, BLOCK_P=geo.p_apply, BLOCK_Q=geo.q)
     return y
 
 
-def forward_apply(x, mean, invstd, weight, bias):
-    return forward_apply_act(x, mean, invstd, weight, bias, None, "identity", 0.0)
+def forward_apply(x, mean, var, eps, weight, bias):
+    return forward_apply_act(x, mean, var, eps, weight, bias, None, "identity", 0.0)
 
 
-def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, need_dx, need_dr):
+def _backward(dy, x, residual, mean, var, eps, weight, bias, act, slope, train, need_dx, need_dr):
     x = _dense(x)
     dy = _like_layout(dy, x)
     geo = _geometry(x)
     C, dev = geo.C, x.device
     w, b, r = _vec(weight), _vec(bias), _residual(residual, x)
-    m, inv = _vec(mean), _vec(invstd)
+    m, inv = _vec(mean), _vec(ref.inverse_std(var, eps))
     dw = torch.empty(C, dtype=torch.float32, device=dev)
     db = torch.empty(C, dtype=torch.float32, device=dev)
     dx = torch.empty_like(x) if need_dx else None
@@ -700,23 +700,24 @@ def _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, train, ne
 
 def backward_train_act(dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,
                        need_input_grad=True, need_residual_grad=False):
-    return _backward(dy, x, residual, mean, ref.inverse_std(var, eps), weight, bias, act, slope, True,
+    return _backward(dy, x, residual, mean, var, eps, weight, bias, act, slope, True,
                      need_input_grad, need_residual_grad)
 
 
-def backward_apply_act(dy, x, residual, mean, invstd, weight, bias, act, slope,
+def backward_apply_act(dy, x, residual, mean, var, eps, weight, bias, act, slope,
                        need_input_grad=True, need_residual_grad=False):
-    return _backward(dy, x, residual, mean, invstd, weight, bias, act, slope, False, need_input_grad,
+    return _backward(dy, x, residual, mean, var, eps, weight, bias, act, slope, False, need_input_grad,
                      need_residual_grad)
 
 
 def backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad=True):
-    return _backward(dy, x, None, mean, ref.inverse_std(var, eps), weight, None, "identity", 0.0, True,
+    return _backward(dy, x, None, mean, var, eps, weight, None, "identity", 0.0, True,
                      need_input_grad, False)[:3]
 
 
-def backward_apply(dy, x, mean, invstd, weight, need_input_grad=True):
-    return _backward(dy, x, None, mean, invstd, weight, None, "identity", 0.0, False, need_input_grad, False)[:3]
+def backward_apply(dy, x, mean, var, eps, weight, need_input_grad=True):
+    return _backward(dy, x, None, mean, var, eps, weight, None, "identity", 0.0, False, need_input_grad,
+                     False)[:3]
 
 
 def supports(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> bool:

@@ -114,8 +114,8 @@ class _BatchNormActBase(_NormBase):
             accepted = F.update_running_stats(self.running_mean, self.running_var, stats, momentum,  # type: ignore[arg-type]
                                               self.nonfinite)
         acc = _ref.acc_dtype(x.dtype)
-        invstd = _ref.inverse_std(rv.detach().to(acc), self.eps)
-        y = _act_ops.act_apply(x, rm.detach().to(acc), invstd, weight, bias, residual, self.act, slope)
+        y = _act_ops.act_apply(x, rm.detach().to(acc), rv.detach().to(acc), self.eps, weight, bias, residual,
+                               self.act, slope)
         return y, accepted
 
 
