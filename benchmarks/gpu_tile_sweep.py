@@ -8,6 +8,10 @@ from the run recorded in ``benchmarks/results/gpu_h200_tile_sweep.json`` (docs/p
 
     python benchmarks/gpu_tile_sweep.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 60] [--json sweep.json]
 
+``--device cpu`` (under ``TRITON_INTERPRET=1 BATCHNORM_TRITON=1``) is a dry run: every case of
+every setting runs once in Triton's interpreter, untimed (CI runs it on a tiny shape, so that a
+GPU session never starts with a broken script).
+
 Settings are ``programs per SM, statistics tile, elementwise tile, pipelined, L2 share, L2 hints``
 (``_PROGRAMS_PER_SM``, ``_STATS_TILE``, ``_APPLY_TILE``, ``_PIPELINE``, ``_GROUP_L2_SHARE``,
 ``_PIPELINE_HINTS``): the pipelined single launch (NCHW training forward and backward;
@@ -36,15 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="256,64,56,56")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=60)
-    p.add_argument("--json", default="gpu_tile_sweep.json")
+    p.add_argument("--json", default="gpu_tile_sweep.json", help="'' for none")
+    p.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 BATCHNORM_TRITON=1")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to measure")
         return 0
     from batchnorm import bench
     from batchnorm.kernels import triton_gpu as tg
 
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -72,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(tg, k, v)
             for fn in cases.values():  # compile this setting's kernels outside the timing
                 fn()
+            if dev.type != "cuda":  # dry run: each case ran once
+                print(f"{setting}: ran {len(cases)} cases", flush=True)
+                continue
             times = bench._cuda_times(cases, args.repeats, dev)
             med = {k: statistics.median(t) * 1e6 for k, t in times.items()}
             results[str(setting)] = med
@@ -80,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for k, v in zip(_KNOBS, defaults):
             setattr(tg, k, v)
+    if not results:
+        print("dry run: every setting ran")
+        return 0
     best = min(results, key=lambda s: sum(results[s].values()))
     print(f"fastest: {best} (defaults {defaults})")
     if args.json:

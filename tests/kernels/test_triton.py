@@ -19,6 +19,21 @@ def test_triton_kernels_under_interpreter():
     assert "checks passed" in proc.stdout
 
 
+@pytest.mark.parametrize("script, args, done", [
+    ("gpu_pipeline_check.py", ["--shape", "3,5,7,9", "--repeats", "1"], "correct"),
+    ("gpu_tile_sweep.py", ["--shape", "2,3,4,5"], "dry run: every setting ran"),
+])
+def test_gpu_scripts_dry_run(script, args, done):
+    """The device scripts of benchmarks/gpu_session.sh run end to end on a tiny bfloat16 tensor under
+    the interpreter, so that a short GPU lease is not spent on a script the last API change broke."""
+    path = Path(__file__).parents[2] / "benchmarks" / script
+    env = dict(os.environ, TRITON_INTERPRET="1", BATCHNORM_TRITON="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(path), "--device", "cpu", "--dtype", "bfloat16", "--json", "", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == done, proc.stdout[-2000:]
+
+
 def test_triton_kernels_compile_for_sm90():
     """Every kernel's variants compile for an H100/H200 (Triton's bundled ptxas; nothing runs)."""
     script = Path(__file__).with_name("_triton_compile.py")
