@@ -1,5 +1,6 @@
 """The numba CPU backend against the float64 reference backend."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +134,21 @@ def test_small_planes_run_on_the_rows_kernels():
     assert rep(8, 4, 4, 4) == 0  # L = 16: planes
     assert rep(8, 1024, 2, 2) == 4 and rep(8, 2048, 2, 2) == 0  # C * L = 4096 / 8192 columns
     assert rep(8, 4, 5, 5, cl=True) == 1 and rep(8, 4) == 1 and rep(8, 4, 1, 1) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels, rep", [(1, 1), (3, 1), (2, 3), (64, 1), (100, 1), (64, 9), (5, 16)])
+def test_tiled_per_channel_columns(channels, rep, dtype):
+    """The rows kernels' per-channel operand: channel c at columns c*rep .. c*rep+rep-1, repeated
+    past the last column so that W lanes from any column read on (entry k is entry k % P)."""
+    cpu = pytest.importorskip("batchnorm.kernels.cpu")
+    v = np.random.default_rng(0).standard_normal(channels)
+    got = cpu._tiled(v, np.empty(0, dtype), rep)
+    p = channels * rep
+    lanes = 32 // np.dtype(dtype).itemsize
+    expected = np.array([v[(k % p) // rep] for k in range(p + lanes)], dtype=dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_streaming_needs_size_and_planes_of_whole_lines(monkeypatch):
