@@ -14,11 +14,11 @@ for the conventions and the exact semantics):
 * ``backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad)``: from the
   training forward's statistics
 * ``backward_apply(dy, x, mean, var, eps, weight, need_input_grad)``
+* ``supports(op, x, mask, vbs) -> bool``: whether it can run ``op`` on this input.
 
 Every op takes the variance and ``eps``, never ``1 / sqrt(var + eps)``: each backend computes
 that as :func:`~batchnorm.kernels.reference.inverse_std` does (the cpu one inside its compiled
 driver, which saves two torch calls per call).
-* ``supports(op, x, mask, vbs) -> bool``: whether it can run ``op`` on this input.
 
 The dispatcher picks, per call, the first registered backend (in priority order) whose
 ``supports`` says yes; ``reference`` supports everything and comes last. A user can force a
