@@ -15,9 +15,11 @@ never has, so this module gives the kernels a vector type:
   ``a if z > t else b`` does); :func:`lanewise` applies a scalar function lane by lane.
 * :func:`store_span` / :func:`store_rows` -- ``out[i] = f(args, i)`` over a span of a flat
   tensor, ``W`` lanes at a time; with ``stream`` the whole cache lines go out as non-temporal
-  stores. The formula's array operands are read through raw pointers (:func:`pointers`): no
-  reference counting in the loop. :func:`vfill`, :func:`hsum` and :func:`lanes` let a
-  reduction keep vector accumulators.
+  stores. The formula's tensor operands are raw pointers (:func:`pointers`): no reference
+  counting in the loop. A pointer does not hold its array: see the lifetime rule under
+  :func:`pointers` and :func:`keep`.
+* :func:`vfill`, :func:`hsum`, :func:`lanes` and :func:`widen` let a reduction keep vector
+  accumulators (in the input dtype, flushed to float64 vectors).
 
 Measured on the 2-core EPYC (2026-11-30, (32, 64, 56, 56) float32, caches flushed before each
 call): normalizing a tensor 1.6-2.1 -> 1.3-1.5 ms; the whole training forward (stats sweep and
@@ -52,11 +54,12 @@ warnings.filterwarnings("ignore", message=r"variable '_(store_span|store_rows|la
 
 
 class Vec(types.Type):
-    """``W`` lanes of a float dtype in one LLVM vector (``W * itemsize == 32``)."""
+    """``count`` lanes of a float dtype in one LLVM vector: by default ``W`` (``W * itemsize ==
+    32``); :func:`widen` makes float64 vectors with the lanes of a float32 one."""
 
-    def __init__(self, dtype: types.Float) -> None:
+    def __init__(self, dtype: types.Float, count: int | None = None) -> None:
         self.dtype = dtype
-        self.count = WIDTH_BYTES // (dtype.bitwidth // 8)
+        self.count = WIDTH_BYTES // (dtype.bitwidth // 8) if count is None else count
         super().__init__(name=f"Vec({dtype} x {self.count})")
 
 
@@ -116,7 +119,22 @@ def pointers(typingctx, tup):
     """``tup`` with every array replaced by a pointer to its data. A formula that reads its
     operands through pointers costs no reference counting: numba increfs an array taken out of a
     tuple, and inside a loop with branches its pruning pass leaves those atomics in (measured:
-    the normalize loop 2x slower). The arrays must outlive the pointers (the caller holds them)."""
+    the normalize loop 2x slower).
+
+    **Lifetime rule.** A pointer does not hold its array: numba frees an array right after the
+    last statement that reads the array's *variable* -- which is the one taking the pointer when
+    only the pointer is read later (a ``prange`` loop then reads freed memory, reused by the time
+    it runs: garbage in, with two threads, the inference forward's per-channel values). So take
+    pointers only of
+
+    * the arguments of the compiled (not inlined) function that takes them: its caller holds
+      them for the call (an ``inline="always"`` helper's parameters are its caller's variables,
+      so inlined helpers take no pointers: they receive them), or
+    * arrays passed to :func:`keep` after the last use of their pointers (after the loop that
+      reads them; at the end of the iteration for an array made in the loop body).
+
+    ``tests/kernels/test_cpu_regressions.py`` checks the rule on the CPU backend's source and runs
+    the kernels with glibc poisoning freed memory."""
     if not isinstance(tup, types.BaseTuple):
         return None
     if any(isinstance(t, types.Array) and t.layout != "C" for t in tup.types):
@@ -134,6 +152,35 @@ def pointers(typingctx, tup):
         return context.make_tuple(builder, sig.return_type, vals)
 
     return retty(tup), codegen
+
+
+@intrinsic
+def keep(typingctx, obj):
+    """Hold ``obj`` (an array or a tuple of them) alive up to this point: compiles to nothing,
+    but it is a use of the variable, so numba frees the arrays only after it (see :func:`pointers`)."""
+    if not isinstance(obj, (types.Array, types.BaseTuple)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.get_dummy_value()
+
+    return types.void(obj), codegen
+
+
+@intrinsic
+def widen(typingctx, v):
+    """The lanes of the vector ``v`` in float64 (a float32 vector gives twice its 32 bytes): a
+    reduction adds its input-dtype accumulators to float64 ones without a horizontal sum."""
+    if not isinstance(v, Vec):
+        return None
+    wt = Vec(types.float64, v.count)
+
+    def codegen(context, builder, sig, args):
+        if sig.args[0].dtype == types.float64:
+            return args[0]
+        return builder.fpext(args[0], ir.VectorType(ir.DoubleType(), wt.count))
+
+    return wt(v), codegen
 
 
 def add_at(a, i, v):  # type: ignore[no-untyped-def]
@@ -505,7 +552,8 @@ def _span_ov(out, f0, f1):
 
 def store_span(out, f0, f1, off, stream, f, args):  # type: ignore[no-untyped-def]
     """``out[i - off] = f(args, i)`` for ``i`` in ``f0:f1`` (``out`` 1D; ``off`` 0 when ``out`` is
-    the flat output tensor, ``f0`` for a buffer holding one span), ``W`` lanes at a time (``f``
+    the flat output tensor, ``f0`` for a buffer holding one span; ``args`` the formula's operands,
+    tensors as pointers, see :func:`pointers`), ``W`` lanes at a time (``f``
     gets a :class:`Pos`) and the ends one by one; with ``stream``, the whole cache lines go out
     as non-temporal stores. ``f`` must be an ``inline="always"`` jitted function: it is spliced
     into the loop (a call per vector would cost more than the arithmetic)."""
@@ -519,19 +567,20 @@ def store_rows(out, m0, m1, ch, stream, f, args):  # type: ignore[no-untyped-def
     raise NotImplementedError  # only called from numba
 
 
-def _inlined(f: types.Type):  # type: ignore[no-untyped-def]
+def _inlined(f: types.Type, args: types.Type):  # type: ignore[no-untyped-def]
     if not isinstance(f, types.Dispatcher):
         raise TypeError("store_span/store_rows take a jitted formula")
+    if isinstance(args, types.BaseTuple) and any(isinstance(t, types.Array) for t in args.types):
+        raise TypeError("store_span/store_rows take the formula's operands as pointers (see pointers)")
     return f.dispatcher
 
 
 @overload(store_span, inline="always")
 def _store_span_ov(out, f0, f1, off, stream, f, args):
-    fn = _inlined(f)
+    fn = _inlined(f, args)
     w = WIDTH_BYTES // _itemsize(out)
 
     def impl(out, f0, f1, off, stream, f, args):  # type: ignore[no-untyped-def]
-        ptrs = pointers(args)
         j0 = f0 - off
         j1 = f1 - off
         if stream:
@@ -540,25 +589,24 @@ def _store_span_ov(out, f0, f1, off, stream, f, args):
             h = j0
             e = j0 + (j1 - j0) // w * w
         for j in range(h, e, w):
-            v = fn(ptrs, vpos(j + off))
+            v = fn(args, vpos(j + off))
             if stream:
                 vstream(out, j, v)
             else:
                 vstore(out, j, v)
         for k in range(h - j0 + j1 - e):  # the head and the tail, one element at a time
             j = j0 + k if j0 + k < h else e + k - (h - j0)
-            out[j] = fn(ptrs, j + off)
+            out[j] = fn(args, j + off)
 
     return impl
 
 
 @overload(store_rows, inline="always")
 def _store_rows_ov(out, m0, m1, ch, stream, f, args):
-    fn = _inlined(f)
+    fn = _inlined(f, args)
     w = WIDTH_BYTES // _itemsize(out)
 
     def impl(out, m0, m1, ch, stream, f, args):  # type: ignore[no-untyped-def]
-        ptrs = pointers(args)
         f0 = m0 * ch
         f1 = m1 * ch
         if stream:
@@ -568,10 +616,10 @@ def _store_rows_ov(out, m0, m1, ch, stream, f, args):
             e = f0 + (f1 - f0) // w * w
         c = 0
         for i in range(f0, h):
-            out[i] = fn(ptrs, (i, c))
+            out[i] = fn(args, (i, c))
             c = c + 1 if c + 1 < ch else 0
         for i in range(h, e, w):
-            v = fn(ptrs, (vpos(i), vpos(c)))
+            v = fn(args, (vpos(i), vpos(c)))
             if stream:
                 vstream(out, i, v)
             else:
@@ -582,7 +630,7 @@ def _store_rows_ov(out, m0, m1, ch, stream, f, args):
                 while c >= ch:  # fewer channels than lanes
                     c -= ch
         for i in range(e, f1):
-            out[i] = fn(ptrs, (i, c))
+            out[i] = fn(args, (i, c))
             c = c + 1 if c + 1 < ch else 0
 
     return impl

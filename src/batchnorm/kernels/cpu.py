@@ -31,9 +31,14 @@ the parallel kernels and the per-channel arithmetic between them; the training f
 the running statistics when it is given them (``running=``; with ``skip_nonfinite`` not for a
 batch whose statistics are not finite).
 
-Statistics are float64 sums of float32 block partials (float64 throughout for float64 input).
-Masks, ghost batches and half precision go to the reference backend
-(:func:`supports`). Numba uses ``torch.get_num_threads()`` threads.
+Statistics and the backward's sums are float64 sums of input-dtype partials over bounded blocks
+(planes: :data:`_VBLK` values per vector accumulator, within a plane as across planes; rows:
+:data:`_RBLK` rows), so their error does not grow with the tensor (float64 throughout for float64
+input). Kernels read tensors through raw pointers, which do not keep arrays alive: see the
+lifetime rule of :func:`batchnorm.kernels._simd.pointers` (every pointer of an array the kernel
+allocates is followed by a ``keep``). Divisions follow IEEE (numpy's error model: ``eps = 0``
+with a zero variance gives inf/NaN, as in torch). Masks, ghost batches and half precision go to
+the reference backend (:func:`supports`). Numba uses ``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from ._simd import (
     at,
     atc,
     hsum,
+    keep,
     lanes,
     lanewise,
     pointers,
@@ -66,6 +72,7 @@ from ._simd import (
     where_gt,
     where_le,
     where_lt,
+    widen,
 )
 from .reference import acc_dtype
 
@@ -74,8 +81,11 @@ name = "cpu"
 # Reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN/inf must propagate
 # (the layers detect non-finite batches from the statistics).
 _FM = {"reassoc", "contract", "arcp", "nsz"}
-_JIT = {"parallel": True, "cache": True, "fastmath": _FM, "nogil": True}
-_VBLK = 256  # values of a channel summed in input-dtype vectors before a float64 flush (planes)
+# Numpy's error model: a division by zero gives inf/NaN as in torch (IEEE), not Python's
+# ZeroDivisionError (``eps = 0`` with a zero variance); it also drops the divisor checks.
+_NJ = {"cache": True, "error_model": "numpy"}
+_JIT = {**_NJ, "parallel": True, "fastmath": _FM, "nogil": True}
+_VBLK = 512  # values summed in input-dtype vectors before they are added to float64 ones (planes)
 _RBLK = 64  # rows summed in the input dtype before a float64 flush (rows)
 
 # Below this many elements the reference path would run. Since each op is one driver call (and
@@ -121,7 +131,7 @@ PARALLEL_MIN = 1 << 16
 # fold away. Activation codes (see :mod:`batchnorm.kernels.reference_act`): 0 identity, 1 relu,
 # 2 leaky_relu, 3 silu, 4 gelu (erf form); plain batch norm is code 0 of the fused kernels.
 
-_INL = {"cache": True, "fastmath": _FM, "inline": "always"}
+_INL = {**_NJ, "fastmath": _FM, "inline": "always"}
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -148,7 +158,9 @@ def _eblocks(M, P):
 def _ptr(t):
     """A pointer to the data of the C-contiguous ``t``, read with ``at`` at flat indices: no view
     and no reference count per plane (a plane's views cost more than its arithmetic when it is
-    small: (128, 64, 8, 8) normalized in 3x the time of the flat loop)."""
+    small: (128, 64, 8, 8) normalized in 3x the time of the flat loop). ``t`` must outlive the
+    pointer: an argument of the compiled kernel, or an array it passes to ``keep`` after the
+    pointer's last use (the lifetime rule of :func:`~batchnorm.kernels._simd.pointers`)."""
     return pointers((_flat(t),))[0]
 
 
@@ -156,13 +168,20 @@ def _ptr(t):
 def _span_sums(g, goff, xp, f0, n, step, count, mf, use_g, zero):
     """Float64 ``sum(g)`` and ``sum(g * (x - mf))`` over ``count`` spans of ``n`` values of ``x``
     from ``f0``, ``f0 + step``, ... (``xp`` a pointer; ``g`` at ``i`` is the pointer ``g`` at
-    ``i - goff``); ``g = x - mf`` when not ``use_g`` (the shifted moments). Summed in 32-byte
-    vectors of the input dtype across spans (a horizontal sum per plane cost as much as a short
-    plane's arithmetic), two per step, and added to float64 every :data:`_VBLK` values."""
+    ``i - goff``); ``g = x - mf`` when not ``use_g`` (the shifted moments).
+
+    Summed in 32-byte vectors of the input dtype, two per step, which are added to float64 vectors
+    (:func:`~batchnorm.kernels._simd.widen`, no horizontal sum) every :data:`_VBLK` values, within a
+    span as across short ones: no input-dtype lane adds more than ``_VBLK / W`` values, so the
+    error does not grow with the plane (summed whole in float32, a 4096x4096 plane's variance was
+    4e-4 off). One horizontal sum at the end (a horizontal sum per plane cost as much as a short
+    plane's arithmetic)."""
     w = lanes(zero)
     s = 0.0
     t = 0.0
     z = vfill(zero)
+    ws = widen(z)
+    wt = ws
     vs0, vt0, vs1, vt1 = z, z, z, z
     ps = zero
     pt = zero
@@ -171,34 +190,46 @@ def _span_sums(g, goff, xp, f0, n, step, count, mf, use_g, zero):
         a = f0 + k * step
         e2 = a + n // (2 * w) * (2 * w)
         e1 = a + n // w * w
-        for i in range(a, e2, 2 * w):
-            d0 = at(xp, vpos(i)) - mf
-            d1 = at(xp, vpos(i + w)) - mf
-            g0 = at(g, vpos(i - goff)) if use_g else d0
-            g1 = at(g, vpos(i + w - goff)) if use_g else d1
-            vs0 += g0
-            vt0 += g0 * d0
-            vs1 += g1
-            vt1 += g1 * d1
-        for i in range(e2, e1, w):
-            d0 = at(xp, vpos(i)) - mf
-            g0 = at(g, vpos(i - goff)) if use_g else d0
-            vs0 += g0
-            vt0 += g0 * d0
-        for i in range(e1, a + n):
-            d = at(xp, i) - mf
-            gi = at(g, i - goff) if use_g else d
-            ps += gi
-            pt += gi * d
-        since += n
-        if since >= _VBLK or k == count - 1:
-            s += hsum(vs0 + vs1) + ps
-            t += hsum(vt0 + vt1) + pt
-            vs0, vt0, vs1, vt1 = z, z, z, z
-            ps = zero
-            pt = zero
-            since = 0
-    return s, t
+        c0 = a
+        while True:  # blocks of at most _VBLK values (a multiple of 2 W), the span's tail with the last
+            c1 = min(c0 + _VBLK, e2)
+            for i in range(c0, c1, 2 * w):
+                d0 = at(xp, vpos(i)) - mf
+                d1 = at(xp, vpos(i + w)) - mf
+                g0 = at(g, vpos(i - goff)) if use_g else d0
+                g1 = at(g, vpos(i + w - goff)) if use_g else d1
+                vs0 += g0
+                vt0 += g0 * d0
+                vs1 += g1
+                vt1 += g1 * d1
+            last = c1 == e2
+            if last:
+                for i in range(e2, e1, w):
+                    d0 = at(xp, vpos(i)) - mf
+                    g0 = at(g, vpos(i - goff)) if use_g else d0
+                    vs0 += g0
+                    vt0 += g0 * d0
+                for i in range(e1, a + n):
+                    d = at(xp, i) - mf
+                    gi = at(g, i - goff) if use_g else d
+                    ps += gi
+                    pt += gi * d
+                since += a + n - c0
+            else:
+                since += c1 - c0
+            if since >= _VBLK or (last and k == count - 1):
+                ws += widen(vs0 + vs1)
+                wt += widen(vt0 + vt1)
+                s += ps
+                t += pt
+                vs0, vt0, vs1, vt1 = z, z, z, z
+                ps = zero
+                pt = zero
+                since = 0
+            if last:
+                break
+            c0 = c1
+    return hsum(ws) + s, hsum(wt) + t
 
 
 @njit(**_INL)
@@ -251,14 +282,14 @@ def _zat(x, r, has_r, mf, af, bf, i):
     return z
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(**_NJ, fastmath=_FM)
 def _act_scalar(z, code, slope):
     if code == 3:
         return z / (1.0 + math.exp(-z))
     return 0.5 * z * (1.0 + math.erf(z * _SQRT1_2))
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(**_NJ, fastmath=_FM)
 def _dact_scalar(z, code, slope):
     if code == 3:
         s = 1.0 / (1.0 + math.exp(-z))
@@ -307,7 +338,7 @@ def _fdx(p, i):
 # Each formula's loop is compiled once per signature in these (not inlined) functions and
 # called once per plane or block of rows, with flat outputs and pointer operands (no reference
 # counting): inlined at every call site, the backward alone took 150 s to compile.
-_LINE = {"cache": True, "fastmath": _FM}
+_LINE = {**_NJ, "fastmath": _FM}
 
 
 # Two common cases run their own copy of each loop, with the activation and the residual flag as
@@ -389,17 +420,17 @@ def _planes(a, q):
 
 @njit(**_LINE)
 def _y_spans(out, f0, n, step, count, off, stream, p):
-    _cases(_spans, (out, f0, n, step, count, off, stream, _fy), p)
+    _cases(_spans, (out, f0, n, step, count, off, stream, _fy), pointers(p))
 
 
 @njit(**_LINE)
 def _g_spans(out, f0, n, step, count, off, stream, p):
-    _cases_g(_spans, (out, f0, n, step, count, off, stream, _fg), p)
+    _cases_g(_spans, (out, f0, n, step, count, off, stream, _fg), pointers(p))
 
 
 @njit(**_LINE)
 def _dx_spans(out, f0, n, step, count, off, stream, p):
-    _cases_g(_spans, (out, f0, n, step, count, off, stream, _fdx), p)
+    _cases_g(_spans, (out, f0, n, step, count, off, stream, _fdx), pointers(p))
 
 
 @njit(**_LINE)
@@ -407,22 +438,22 @@ def _y_planes(out, k0, k1, C, L, stream, p):
     """Planes ``k0:k1`` of the flat ``(N, C, L)`` tensors with the per-channel values ``p[3:6]``
     (pointers, read at each plane's channel): one call for a run of planes, as a call per short
     plane costs as much as its arithmetic."""
-    _cases(_planes, (out, k0, k1, C, L, stream), p)
+    _cases(_planes, (out, k0, k1, C, L, stream), pointers(p))
 
 
 @njit(**_LINE)
 def _y_rows(out, m0, m1, ch, stream, p):
-    _cases(_rows, (out, m0, m1, ch, stream, _fy), p)
+    _cases(_rows, (out, m0, m1, ch, stream, _fy), pointers(p))
 
 
 @njit(**_LINE)
 def _g_rows(out, m0, m1, ch, stream, p):
-    _cases_g(_rows, (out, m0, m1, ch, stream, _fg), p)
+    _cases_g(_rows, (out, m0, m1, ch, stream, _fg), pointers(p))
 
 
 @njit(**_LINE)
 def _dx_rows(out, m0, m1, ch, stream, p):
-    _cases_g(_rows, (out, m0, m1, ch, stream, _fdx), p)
+    _cases_g(_rows, (out, m0, m1, ch, stream, _fdx), pointers(p))
 
 
 @njit(**_INL)
@@ -463,15 +494,15 @@ def _sums_step(q, moments, i, c, accs, acct):
 
 
 @njit(**_INL)
-def _rows_block_sums(gp, moments, ch, r0, r1, bi, psum, pdot):
-    """Rows ``r0:r1`` of the flat ``(M, ch)`` tensors of the gate parameters ``gp`` (:func:`_fg`)
-    into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and ``sum(g * (x - k))``, ``k = gp[4]``,
+def _rows_block_sums(q, moments, ch, r0, r1, bi, psum, pdot):
+    """Rows ``r0:r1`` of the flat ``(M, ch)`` tensors of the gate parameters ``q`` (:func:`_fg`,
+    tensors as pointers) into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and
+    ``sum(g * (x - k))``, ``k = q[4]``,
     with ``g = x - k`` (``moments``) or ``g`` of :func:`_fg`; ``W`` channels at a time, two rows
     per step (one accumulator update for both). The per-channel accumulators, in the input dtype,
     are flushed to float64 every :data:`_RBLK` rows."""
-    accs = np.full(ch, gp[9])
-    acct = np.full(ch, gp[9])
-    q = pointers(gp)
+    accs = np.full(ch, q[9])
+    acct = np.full(ch, q[9])
     w = 32 // accs.itemsize
     cv = ch // w * w
     for s0 in range(r0, r1, _RBLK):
@@ -503,7 +534,7 @@ def _block_sums(a, q):
 @njit(**_LINE)
 def _g_block_sums(gp, ch, r0, r1, bi, psum, pdot):
     """:func:`_rows_block_sums` of ``g`` (the backward's reduction), per case (:func:`_cases`)."""
-    _cases_g(_block_sums, (ch, r0, r1, bi, psum, pdot), gp)
+    _cases_g(_block_sums, (ch, r0, r1, bi, psum, pdot), pointers(gp))
 
 
 # ============================================================================ planes (N, C, L)
@@ -523,7 +554,7 @@ def _plane_stats(x, pmean, pm2):
         pm2[n, c] = max(sq - L * md * md, 0.0)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(**_NJ, fastmath=_FM)
 def _merge_planes(pmean, pm2, L, mean_out, var_out):
     """Chan et al.: exact mean/biased variance of the union of equal-size planes."""
     N, C = pmean.shape
@@ -577,6 +608,7 @@ def _act_apply_planes(x, r, has_r, mean, scale, shift, code, slope, y, stream):
     yf = _flat(y)
     for bi in prange(nb):
         _y_planes(yf, bi * K // nb, (bi + 1) * K // nb, C, L, stream, p)
+    keep((mt, st, ht))  # p points into them (see _simd.pointers)
 
 
 @njit(**_JIT)
@@ -621,6 +653,7 @@ def _act_bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, nee
                     _dx_spans(dxf, f0, L, 0, 1, 0, stream, gp + (af, zero, zero))
                 if dr_now:
                     _g_spans(drf, f0, L, 0, 1, 0, stream, gp)
+        keep(buf)  # bp points into it
         # sum(g * (x - mean)) with the exact float64 mean
         t -= md * s
         sum_dy[c] = s
@@ -656,6 +689,7 @@ def _act_bwd_reduce_planes(dy, x, r, has_r, mean, scale, shift, code, slope, psu
         buf = np.empty(L if code != 0 else 0, dtype=x.dtype)
         g, goff = _grad(gp, buf, _ptr(buf), k * L, k * L + L)
         s, t = _span_sums(g, goff, xp, k * L, L, 0, 1, gp[4], True, gp[9])
+        keep(buf)  # g may point into it
         psum[n, c] = s
         pdot[n, c] = t
 
@@ -692,7 +726,7 @@ def _row_blocks(m: int, threads: int) -> int:
     return max(1, min(m // 32, 8 * threads))
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _tiled(v, x, rep):
     """Per-channel ``v`` in ``x``'s dtype as column entries (channel ``c`` at columns
     ``c * rep .. c * rep + rep - 1``), repeated to ``P + W`` entries (``W`` lanes of 32 bytes)."""
@@ -713,7 +747,7 @@ def _tiled(v, x, rep):
     return out
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _fold(ps, rep):
     """Per-column partial sums ``(nb, P)`` to per-channel ones ``(nb, P // rep)``."""
     if rep == 1:
@@ -744,8 +778,10 @@ def _rows_moments(x, pilot, nb, psum, psq, rep):
     """Per block of rows: float64 per-column sums of ``x - pilot`` and ``(x - pilot)**2``."""
     M, P = x.shape
     gp = _row_gate(x, x, x, False, pilot, pilot, pilot, 0, 0.0, rep)
+    q = pointers(gp)
     for bi in prange(nb):
-        _rows_block_sums(gp, True, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
+        _rows_block_sums(q, True, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
+    keep(gp)  # the tiled pilot: q points into it
 
 
 @njit(**_JIT)
@@ -798,7 +834,7 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
 # cost 5-20 us (the channels_last training forward was 0.5 ms faster as one call).
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _inverse_std(var, eps):
     """``1 / sqrt(var + eps)`` per channel, in float64 and rounded once to ``var``'s dtype: within
     an ulp of :func:`~batchnorm.kernels.reference.inverse_std` (which rounds ``var + eps`` first)."""
@@ -808,7 +844,7 @@ def _inverse_std(var, eps):
     return inv
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _coefficients(x, mean, invstd, w, b):
     """Per channel ``(mr, scale, shift)``: ``mr`` = the mean rounded to ``x``'s dtype (the kernels
     subtract it in that dtype, exactly near the mean), ``scale = w * invstd``, and
@@ -822,23 +858,24 @@ def _coefficients(x, mean, invstd, w, b):
         a = np.float64(invstd[c]) * np.float64(w[c])
         mr[c] = rm
         scale[c] = a
-        shift[c] = np.float64(b[c]) - (m - rm) * a
+        # (not 0 * a: an infinite scale, eps = 0 and a zero variance, gives +-inf like torch, not NaN)
+        shift[c] = np.float64(b[c]) - (m - rm) * a if m != rm else np.float64(b[c])
     return mr, scale, shift
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
     _act_apply_planes(x, r, has_r, mr, scale, shift, code, slope, y, stream)
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream, rep):
     mr, scale, shift = _coefficients(x, mean, invstd, w, b)
     _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream, rep)
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _finish(mean, var, cnt, out, rm, rv, momentum, update, skip):
     """The training forward's float64 ``mean``/``var`` over ``cnt`` values into ``out`` (``(3, 1,
     C)`` in the statistics' dtype: mean, variance, and the count at ``[2, 0, 0]``); with
@@ -859,7 +896,7 @@ def _finish(mean, var, cnt, out, rm, rv, momentum, update, skip):
     return ok
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, skip, stream, fused):
     """Training forward on planes: the fused one-channel-per-thread kernel, or (``fused`` false)
     per-plane statistics merged exactly, then the normalization; statistics and running
@@ -878,7 +915,7 @@ def _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum,
     return _finish(mean, var, N * L, out, rm, rv, momentum, update, skip)
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _rows_stats(x, pilot, nb, rep):
     """Per-channel float64 mean and biased variance of the rows from sums shifted by ``pilot``,
     and whether a channel's pilot was more than 2 standard deviations from its mean. The kernels
@@ -910,7 +947,7 @@ def _rows_stats(x, pilot, nb, rep):
     return mean, var, far
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, skip, stream, nb, rep):
     """Training forward on rows: block partial sums shifted by the mean of 16 rows spread over
     the tensor (the pilot; neighbouring rows, e.g. one image's corner, can sit far from the
@@ -932,7 +969,7 @@ def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, u
     return _finish(mean, var, M * rep, out, rm, rv, momentum, update, skip)
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, cnt, train, kb, kc, sum_dy, sum_dot):
     """From the partial sums over ``mr``: ``sum_dy = sum(g)``, ``sum_dot = sum(g * xhat)`` and
     the input-gradient coefficients ``dx = g * scale + (x - mr) * kb + kc``."""
@@ -955,7 +992,7 @@ def _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, cnt, train, kb, kc, s
             kc[c] = 0.0
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr, dx, dr,
                 sum_dy, sum_dot, stream, fused):
     """Backward on planes: the fused one-channel-per-thread kernel, or (``fused`` false) per-plane
@@ -976,7 +1013,7 @@ def _bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx
                               need_dr, dx, dr, stream)
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, need_dr, dx, dr,
               sum_dy, sum_dot, stream, nb, rep):
     """Backward on rows: block reductions, their merge, then the elementwise gradients."""
@@ -1019,7 +1056,7 @@ def _channel(addr, c, dt, fill):
     return _tensor(addr, c, dt)
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, skip, stream, fused, nb):
     """Training forward; ``a = (x, r, y, weight, bias, out, running_mean, running_var, N, C, L)``
     (see :func:`_finish` for ``out``, ``skip`` and the result; without ``update`` the running
@@ -1041,7 +1078,7 @@ def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, skip, strea
                              fused)
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _apply(a, proto, rep, has_r, eps, code, slope, stream):
     """Normalization with given statistics; ``a = (x, r, y, mean, var, weight, bias, N, C, L)``
     (``invstd`` from ``var`` and ``eps`` by :func:`_inverse_std`)."""
@@ -1059,7 +1096,7 @@ def _apply(a, proto, rep, has_r, eps, code, slope, stream):
         _apply_planes(x, r, has_r, mean, inv, w, b, code, slope, y, stream)
 
 
-@njit(cache=True)
+@njit(**_NJ)
 def _bwd(a, proto, rep, has_r, code, slope, eps, train, need_dx, need_dr, stream, fused, nb):
     """Backward; ``a = (dy, x, r, dx, dr, mean, var, weight, bias, sums, N, C, L)``: ``var`` the
     training forward's batch variance (``train``) or the given one; ``sums`` = ``(2, C)``
