@@ -8,6 +8,7 @@
 """
 
 from . import functional, kernels
+from .functional import InputError
 from .kernels import available_backends, set_backend, use_backend
 from .nn import *  # noqa: F403  (every layer and the freezing helpers: batchnorm.nn.__all__)
 from .nn import __all__ as _layer_names
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     *_layer_names,
+    "InputError",
     "available_backends",
     "convert",
     "diagnose",

@@ -30,9 +30,11 @@ from ._ops import (
     eager_entry,
     fake_backward_outputs,
     fake_forward_outputs,
+    graph_backward,
     impl_or_op,
+    owned,
 )
-from .kernels import reference_act
+from .kernels import reference, reference_act
 from .kernels.reference import acc_dtype, inverse_std
 
 
@@ -43,7 +45,8 @@ def backend_for(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) ->
 
 
 def _out(t: Tensor | None, x: Tensor) -> Tensor:
-    return t.contiguous(memory_format=_layout(x)) if t is not None else x.new_empty(0)
+    """An op's tensor output in ``x``'s layout, a tensor of its own (``x.new_empty(0)`` for none)."""
+    return owned(t.contiguous(memory_format=_layout(x))) if t is not None else x.new_empty(0)
 
 
 # ----------------------------------------------------------------------------- training
@@ -67,7 +70,7 @@ def act_train_forward(
 def _train_forward_impl(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):  # type: ignore[no-untyped-def]
     backend = backend_for("forward_train_act", x, mask, vbs)
     y, mean, var, count = backend.forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running)
-    return y.contiguous(memory_format=_layout(x)), mean, var, count
+    return _out(y, x), mean, var, count
 
 
 @act_train_forward.register_fake
@@ -124,10 +127,15 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, bias, residual, mask, mean, var, count = ctx.saved_tensors
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    dx, dw, db, dr = impl_or_op("act_train_backward", _train_backward_impl)(
-        dy, x, residual, mean, var, weight, bias, mask, count, ctx.eps, ctx.vbs, ctx.act, ctx.slope,
-        need_x, need_r,
-    )
+    if graph_backward():  # differentiable: the closed form with the statistics recomputed from x
+        mean, var, count = reference.stats(x, mask, ctx.vbs)
+        dx, dw, db, dr = reference_act.backward_train_act(dy, x, residual, mean, var, ctx.eps, weight, bias, mask,
+                                                          count, ctx.vbs, ctx.act, ctx.slope, need_x, need_r)
+    else:
+        dx, dw, db, dr = impl_or_op("act_train_backward", _train_backward_impl)(
+            dy, x, residual, mean, var, weight, bias, mask, count, ctx.eps, ctx.vbs, ctx.act, ctx.slope,
+            need_x, need_r,
+        )
     return (
         dx if need_x else None,
         dw.to(weight.dtype) if need_w else None,
@@ -161,7 +169,7 @@ def act_apply_forward(
 def _apply_forward_impl(x, mean, var, eps, weight, bias, residual, act, slope):  # type: ignore[no-untyped-def]
     backend = backend_for("forward_apply_act", x)
     y = backend.forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope)
-    return y.contiguous(memory_format=_layout(x))
+    return _out(y, x)
 
 
 @act_apply_forward.register_fake
@@ -213,9 +221,9 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, var, weight, bias, residual = ctx.saved_tensors
     need_x, _, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:7]
-    dx, dw, db, dr = impl_or_op("act_apply_backward", _apply_backward_impl)(
-        dy, x, residual, mean, var, ctx.eps, weight, bias, ctx.act, ctx.slope, need_x, need_r
-    )
+    backward = reference_act.backward_apply_act if graph_backward() else \
+        impl_or_op("act_apply_backward", _apply_backward_impl)
+    dx, dw, db, dr = backward(dy, x, residual, mean, var, ctx.eps, weight, bias, ctx.act, ctx.slope, need_x, need_r)
     return (
         dx if need_x else None,
         None,
@@ -252,7 +260,7 @@ def _inplace_forward_impl(x, weight, bias, mask, eps, act, slope):  # type: igno
     reference_act.inverse(x.new_zeros(()), act, slope)  # raises for a non-invertible activation
     backend = backend_for("forward_train_act", x, mask, 0)
     y, mean, var, count = backend.forward_train_act(x, weight, bias, None, mask, eps, 0, act, slope)
-    return y.contiguous(memory_format=_layout(x)), mean, var, count
+    return _out(y, x), mean, var, count
 
 
 @act_inplace_train_forward.register_fake
@@ -309,6 +317,12 @@ def _inplace_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _inplace_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     y, weight, bias, mask, var, count = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if graph_backward():
+        raise RuntimeError(
+            "in-place activated batch norm (inplace_abn=True) keeps only its output, which has no "
+            "differentiable backward: double backward (create_graph=True) and torch.func transforms "
+            "need inplace_abn=False"
+        )
     dx, dw, db = impl_or_op("act_inplace_train_backward", _inplace_backward_impl)(
         dy, y, var, weight, bias, mask, count, ctx.eps, ctx.act, ctx.slope, need_x
     )
@@ -329,9 +343,19 @@ torch.library.register_autograd(
 
 #: ``act_train(x, weight, bias, residual, mask, eps, vbs, act, slope, [running=]) -> (y, mean, var,
 #: count)``; ``running`` as :data:`batchnorm._ops.train`
-act_train = eager_entry("act_train_forward", _train_forward_impl, _train_setup, _train_grad)
+act_train = eager_entry("act_train_forward", _train_forward_impl, _train_setup, _train_grad,
+                        reference_act.forward_train_act)
 #: ``act_apply(x, mean, var, eps, weight, bias, residual, act, slope) -> y``
-act_apply = eager_entry("act_apply_forward", _apply_forward_impl, _apply_setup, _apply_grad)
+act_apply = eager_entry("act_apply_forward", _apply_forward_impl, _apply_setup, _apply_grad,
+                        reference_act.forward_apply_act)
+
+
+def _inplace_composite(x, weight, bias, mask, eps, act, slope):  # type: ignore[no-untyped-def]
+    """The in-place mode's math as torch ops (its memory saving does not apply under a transform)."""
+    reference_act.inverse(x.new_zeros(()), act, slope)  # raises for a non-invertible activation
+    return reference_act.forward_train_act(x, weight, bias, None, mask, eps, 0, act, slope)
+
+
 #: ``act_inplace_train(x, weight, bias, mask, eps, act, slope) -> (y, mean, var, count)``
 act_inplace_train = eager_entry("act_inplace_train_forward", _inplace_forward_impl, _inplace_setup,
-                                _inplace_grad)
+                                _inplace_grad, _inplace_composite)

@@ -17,9 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
+from torch._C import _are_functorch_transforms_active as _functorch_active
 
 from . import kernels
+from .kernels import reference
 from .kernels.reference import acc_dtype, num_groups
 
 
@@ -36,8 +39,32 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch 
 
 
 def _tracing() -> bool:
-    """Whether torch.compile/torch.export is tracing (then the registered ops must be used)."""
-    return torch.compiler.is_compiling() or _is_exporting()
+    """Whether torch.compile, torch.export or torch.jit.trace is tracing (then the registered ops
+    must be used: they are what the graph records)."""
+    return torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jvp, batched gradients) or
+    forward-mode AD (``torch.autograd.forward_ad.dual_level``) is active. Those need the math as
+    differentiable torch ops: the ops then run their composite form (the reference backend's
+    functions, plain torch operations), which every transform and every order of
+    differentiation goes through."""
+    return _functorch_active() or _fwad._current_level >= 0
+
+
+def graph_backward() -> bool:
+    """Inside a backward formula: whether the gradient itself must be differentiable (a backward
+    with ``create_graph=True``, where autograd leaves grad mode on) or transformable (batched
+    gradients run the backward under vmap). Eager mode only; the registered formulas are traced
+    as they are."""
+    return not _tracing() and (torch.is_grad_enabled() or _functorch_active())
+
+
+def owned(t: Tensor) -> Tensor:
+    """``t``, copied if it is a view: an autograd function's output that is a view cannot be
+    modified in place (``ReLU(inplace=True)`` or ``out += identity`` after the layer)."""
+    return t.clone() if t._base is not None else t
 
 
 def _empty_like(x: Tensor) -> Tensor:
@@ -80,7 +107,7 @@ def train_forward(
 def _train_forward_impl(x, weight, bias, mask, eps, vbs, running=None):  # type: ignore[no-untyped-def]
     backend = kernels.select("forward_train", x, mask, vbs)
     y, mean, var, count = backend.forward_train(x, weight, bias, mask, eps, vbs, running)
-    return y.contiguous(memory_format=_layout(x)), mean, var, count
+    return owned(y.contiguous(memory_format=_layout(x))), mean, var, count
 
 
 @train_forward.register_fake
@@ -128,8 +155,11 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, mask, mean, var, count = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    backward = impl_or_op("train_backward", _train_backward_impl)
-    dx, dw, db = backward(dy, x, mean, var, weight, mask, count, ctx.eps, ctx.vbs, need_x)
+    if graph_backward():
+        dx, dw, db = reference.backward_train_graph(dy, x, ctx.eps, weight, mask, ctx.vbs, need_x)
+    else:
+        backward = impl_or_op("train_backward", _train_backward_impl)
+        dx, dw, db = backward(dy, x, mean, var, weight, mask, count, ctx.eps, ctx.vbs, need_x)
     return (
         dx if need_x else None,
         dw.to(weight.dtype) if need_w else None,
@@ -155,7 +185,7 @@ def apply_forward(
 
 def _apply_forward_impl(x, mean, var, eps, weight, bias):  # type: ignore[no-untyped-def]
     backend = kernels.select("forward_apply", x)
-    return backend.forward_apply(x, mean, var, eps, weight, bias).contiguous(memory_format=_layout(x))
+    return owned(backend.forward_apply(x, mean, var, eps, weight, bias).contiguous(memory_format=_layout(x)))
 
 
 @apply_forward.register_fake
@@ -192,7 +222,10 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, var, weight = ctx.saved_tensors
     need_x, _, _, _, need_w, need_b = ctx.needs_input_grad[:6]
-    dx, dw, db = impl_or_op("apply_backward", _apply_backward_impl)(dy, x, mean, var, ctx.eps, weight, need_x)
+    if graph_backward():  # the closed form is already differentiable: torch ops, statistics constant
+        dx, dw, db = reference.backward_apply(dy, x, mean, var, ctx.eps, weight, need_x)
+    else:
+        dx, dw, db = impl_or_op("apply_backward", _apply_backward_impl)(dy, x, mean, var, ctx.eps, weight, need_x)
     return (
         dx if need_x else None,
         None,
@@ -224,10 +257,12 @@ def impl_or_op(name: str, impl: Any) -> Any:
     return getattr(torch.ops.batchnorm, name) if _tracing() else impl
 
 
-def eager_entry(name: str, impl: Any, setup: Any, grad: Any) -> Any:
-    """The entry point of the registered op ``batchnorm::name``: the op itself while tracing, else
-    ``impl`` under an autograd.Function with the op's ``setup``/``grad``, or bare ``impl`` when no
-    argument needs a gradient.
+def eager_entry(name: str, impl: Any, setup: Any, grad: Any, composite: Any) -> Any:
+    """The entry point of the registered op ``batchnorm::name``: the op itself while tracing;
+    ``composite`` (the same math as differentiable torch ops, same arguments and outputs) under a
+    ``torch.func`` transform or forward-mode AD (:func:`transformed`); else ``impl`` under an
+    autograd.Function with the op's ``setup``/``grad``, or bare ``impl`` when no argument needs
+    a gradient.
 
     Keyword arguments go to ``impl`` only, in eager mode (the training ops' ``running``: the
     running statistics moved by the same kernel call); the registered op has no such argument,
@@ -251,6 +286,8 @@ def eager_entry(name: str, impl: Any, setup: Any, grad: Any) -> Any:
             if extra:
                 raise RuntimeError(f"batchnorm::{name} takes {sorted(extra)} in eager mode only")
             return getattr(torch.ops.batchnorm, name)(*args)
+        if transformed():
+            return composite(*args, **extra)
         if not _needs_grad(args):
             return impl(*args, **extra)
         return function.apply(*args, extra)
@@ -263,6 +300,6 @@ def eager_entry(name: str, impl: Any, setup: Any, grad: Any) -> Any:
 #: ``train(x, weight, bias, mask, eps, vbs, [running=]) -> (y, mean, var, count)``: training-mode
 #: normalization; with ``running`` (:class:`~batchnorm.kernels.reference.Running`, eager mode, one
 #: group, no mask) the backend moves the running statistics in the same call.
-train = eager_entry("train_forward", _train_forward_impl, _train_setup, _train_grad)
+train = eager_entry("train_forward", _train_forward_impl, _train_setup, _train_grad, reference.forward_train)
 #: ``apply(x, mean, var, eps, weight, bias) -> y``: normalization with given statistics.
-apply = eager_entry("apply_forward", _apply_forward_impl, _apply_setup, _apply_grad)
+apply = eager_entry("apply_forward", _apply_forward_impl, _apply_setup, _apply_grad, reference.forward_apply)

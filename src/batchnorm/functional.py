@@ -38,6 +38,14 @@ SMALL_BATCH_REMEDIES = (
 )
 
 
+class InputError(ValueError, RuntimeError):
+    """A batch-norm call got input it cannot normalize (rank, channel count, parameter sizes,
+    mask shape, eps, too few values per channel); the message names what and the remedy.
+
+    Both a ``ValueError`` (this library's convention) and a ``RuntimeError`` (what torch raises
+    for several of these, e.g. a size mismatch), so code written against either catches it."""
+
+
 class Stats(NamedTuple):
     """Per-channel statistics of a batch: mean, biased variance and the number of values."""
 
@@ -47,7 +55,14 @@ class Stats(NamedTuple):
 
 
 def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    """Whether a graph is being traced (torch.compile, torch.export, torch.jit.trace): then no
+    value is read in Python and the registered operators are called (see ``_ops._tracing``)."""
+    return _ops._tracing()
+
+
+def _concrete(t: Tensor) -> bool:
+    """Whether ``t``'s values may be read in Python (``bool(t)``): not while tracing, not on meta."""
+    return not _compiling() and t.device.type != "meta"
 
 
 # ----------------------------------------------------------------------------- checking
@@ -69,7 +84,7 @@ def check_input(
     mask: Tensor | None = None,
     virtual_batch_size: int | None = None,
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` naming what is wrong with a batch-norm call.
+    """Raise ``TypeError``/:class:`InputError` naming what is wrong with a batch-norm call.
 
     Called before anything is computed or updated, so a rejected call changes nothing.
     """
@@ -81,7 +96,7 @@ def check_input(
             "(batch normalization of integer or bool tensors is not defined)"
         )
     if input.dim() < 2:
-        raise ValueError(
+        raise InputError(
             f"expected at least 2D input (got {input.dim()}D input) of shape (N, C, *); "
             "for a single sample add a batch dimension with x.unsqueeze(0)"
         )
@@ -89,21 +104,21 @@ def check_input(
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != channels:
-            raise ValueError(
+            raise InputError(
                 f"{name} should contain {channels} elements not {t.numel()}: the input has "
                 f"{channels} channels on its channel axis (shape {tuple(input.shape)}); "
                 "check num_features or which axis holds the features"
             )
     if training and eps <= 0:
-        raise ValueError(
+        raise InputError(
             f"batch_norm eps must be positive during training, but got {eps}; use e.g. eps=1e-5"
         )
     if eps < 0:
-        raise ValueError(f"batch_norm eps must be >= 0, but got {eps}")
+        raise InputError(f"batch_norm eps must be >= 0, but got {eps}")
     if virtual_batch_size is not None and (
         not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
     ):
-        raise ValueError(f"virtual_batch_size must be a positive integer or None, got {virtual_batch_size!r}")
+        raise InputError(f"virtual_batch_size must be a positive integer or None, got {virtual_batch_size!r}")
     if mask is not None:
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -114,13 +129,13 @@ def check_input(
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(
+            raise InputError(
                 f"mask of shape {tuple(mask.shape)} does not broadcast to the input without its "
                 f"channel axis {tuple(target)} (input shape {tuple(input.shape)}); "
                 "the mask marks valid positions, e.g. shape (N, L) for input (N, C, L)"
             )
     if training and input.numel() > 0 and input.numel() // channels == 1:
-        raise ValueError(
+        raise InputError(
             f"Expected more than 1 value per channel when training, got input size {input.shape}. "
             + SMALL_BATCH_REMEDIES
         )
@@ -243,7 +258,7 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Stat
     if nonfinite != "propagate":
         finite = _ref.all_finite(mean, var_u).to(running_mean.device)
         accept = accept & finite
-        if not _compiling() and not bool(finite) and bool(count > 1):
+        if _concrete(finite) and not bool(finite) and bool(count > 1):
             _report_nonfinite(nonfinite)
     f = momentum.to(device=running_mean.device, dtype=dt) if isinstance(momentum, Tensor) else momentum
     rm, rv = running_mean.to(dt), running_var.to(dt)
@@ -257,7 +272,7 @@ def _fuse_update(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum:
     mode, with a number for momentum and buffers in the dtype the update computes in (what
     :func:`_update_running_stats`' eager branch would do; ``nonfinite`` "skip" and "raise" leave
     them alone for a non-finite batch, see :class:`~batchnorm.kernels.reference.Running`)."""
-    if _compiling() or isinstance(momentum, (Tensor, bool)):
+    if _compiling() or isinstance(momentum, (Tensor, bool)) or x.device.type == "meta":
         return False
     dt = _update_dtype(running_mean.dtype, _ref.acc_dtype(x.dtype))
     return running_mean.dtype == dt and running_var.dtype == dt
@@ -333,6 +348,15 @@ def batch_norm(
     return y
 
 
+def empty_batch_update(as_tensor: bool = True) -> Tensor | bool:
+    """The outcome of an update with an empty batch: the running statistics stay as they are, and
+    the batch counts (as in torch, whose layers add it to ``num_batches_tracked``).
+
+    Empty batches still go through the ops (an empty output), so gamma and beta receive zero
+    gradients, as torch's do."""
+    return torch.ones((), dtype=torch.bool) if as_tensor else True
+
+
 def batch_norm_with_update(
     input: Tensor,
     running_mean: Tensor | None,
@@ -358,6 +382,8 @@ def batch_norm_with_update(
     statistics itself (:func:`train_with_update`), which saves a torch call (the layers use it).
     """
     check_nonfinite_mode(nonfinite)
+    if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
+        return input.clone(), None  # as torch: an empty 1-D input gives an empty output
     check_input(
         input, running_mean, running_var, weight, bias,
         training=normalize_with_batch or update, eps=eps, mask=mask,
@@ -367,10 +393,12 @@ def batch_norm_with_update(
         raise ValueError("update=True needs running_mean and running_var tensors")
     if not normalize_with_batch and (running_mean is None or running_var is None):
         raise ValueError("normalizing with running statistics needs running_mean and running_var")
-    if input.numel() == 0:  # an empty batch: empty output, running statistics untouched
-        return input.clone(), (torch.zeros((), dtype=torch.bool) if update else None)
     kmask = _mask_for_kernels(mask, input)
     vbs = virtual_batch_size or 0
+    if input.numel() == 0:
+        y = (_ops.train(input, weight, bias, kmask, eps, vbs)[0] if normalize_with_batch
+             else apply_stats(input, running_mean, running_var, weight, bias, eps))  # type: ignore[arg-type]
+        return y, (empty_batch_update(accepted_tensor) if update else None)
     if normalize_with_batch:
         y, accepted = train_with_update(_ops.train, (input, weight, bias, kmask, eps, vbs), running_mean,
                                         running_var, update=update, momentum=momentum, nonfinite=nonfinite,
@@ -460,8 +488,6 @@ def batch_renorm(
     check_nonfinite_mode(nonfinite)
     check_input(input, running_mean, running_var, weight, bias, training=True, eps=eps, mask=mask,
                 virtual_batch_size=virtual_batch_size)
-    if input.numel() == 0:
-        return input.clone(), (torch.zeros((), dtype=torch.bool) if update else None)
     vbs = virtual_batch_size or 0
     xhat, mean, var, count = _ops.train(
         input, None, None, _mask_for_kernels(mask, input), eps, vbs
@@ -477,11 +503,12 @@ def batch_renorm(
         scale, shift = r * weight.to(acc), d * weight.to(acc)
     if bias is not None:
         shift = shift + bias.to(acc)
-    xg = _ref.group(xhat, vbs).to(acc)
-    y = xg * _ref.per_channel(scale, xg.dim()) + _ref.per_channel(shift, xg.dim())
-    y = _ref.ungroup(y, input.shape[0]).to(input.dtype)
+    n, nd = input.shape[0], input.dim()
+    y = (xhat.to(acc) * _ref.per_sample(scale, n, vbs, nd) + _ref.per_sample(shift, n, vbs, nd)).to(input.dtype)
     accepted = None
-    if update:
+    if update and input.numel() == 0:
+        accepted = empty_batch_update()
+    elif update:
         stats = _whole_batch(mean.detach(), var.detach(), count)
         accepted = update_running_stats(running_mean, running_var, stats, momentum, nonfinite)
     return y, accepted
@@ -496,6 +523,7 @@ def keras_to_torch_momentum(keras_momentum: float) -> float:
 
 __all__ = [
     "NONFINITE_MODES",
+    "InputError",
     "Stats",
     "apply_stats",
     "batch_norm",

@@ -63,6 +63,7 @@ def update_running(running: Running, mean: Tensor, var: Tensor, n: float) -> Non
         raise ValueError(f"running statistics move with one group's statistics, got shape {tuple(mean.shape)} "
                          "(ghost batches: merge the groups first, see batchnorm.functional.combine_stats)")
     rm, rv, f = running.mean, running.var, running.momentum
+    mean, var = mean.detach(), var.detach()  # no gradient, nor forward-mode tangent, into the buffers
     var_u = var.reshape(-1).to(rv.dtype) * (n / (n - 1))
     running.accepted = not running.skip_nonfinite or bool(all_finite(mean, var_u))
     if running.accepted:
@@ -121,14 +122,26 @@ def group(t: Tensor, vbs: int) -> Tensor:
     return t.unflatten(0, (g, vbs))
 
 
-def ungroup(t: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`group`: ``(G, k, ...) -> (N, ...)``, dropping padded rows."""
-    return t.flatten(0, 1)[:n]
-
-
 def per_channel(stat: Tensor, ndim: int) -> Tensor:
     """Reshape a ``(G, C)`` statistic to broadcast against a grouped ``(G, k, C, *S)`` tensor."""
     return stat.reshape(stat.shape[0], 1, stat.shape[1], *([1] * (ndim - 3)))
+
+
+def per_sample(stat: Tensor, n: int, vbs: int, ndim: int) -> Tensor:
+    """A ``(G, C)`` per-group statistic shaped to broadcast against the *ungrouped* ``(N, C, *S)``
+    input: ``(1, C, 1, ...)`` for one group, else ``(N, C, 1, ...)`` with each sample's group row.
+
+    Elementwise results are computed on the input itself, never on a grouped view of it, so
+    every output is a tensor of its own (a view returned from an autograd function cannot be
+    modified in place, e.g. by ``ReLU(inplace=True)`` after the layer)."""
+    if stat.shape[0] != 1:
+        stat = stat.repeat_interleave(vbs, dim=0)[:n]
+    return stat.reshape(stat.shape[0], stat.shape[1], *([1] * (ndim - 2)))
+
+
+def per_feature(param: Tensor, ndim: int) -> Tensor:
+    """A ``(C,)`` parameter shaped to broadcast against ``(N, C, *S)``."""
+    return param.reshape(1, -1, *([1] * (ndim - 2)))
 
 
 def _validity(x: Tensor, mask: Tensor | None, vbs: int, dtype: torch.dtype) -> Tensor | None:
@@ -194,17 +207,16 @@ def normalize(
 ) -> Tensor:
     """``y = (x - mean) * invstd * weight + bias`` per group and channel, in the input dtype."""
     acc = acc_dtype(x.dtype)
-    xg = group(x, vbs).to(acc)
+    n, nd = x.shape[0], x.dim()
     scale = invstd.to(acc)
     if weight is not None:
         scale = scale * weight.to(acc)
-    centered = xg - per_channel(mean.to(acc), xg.dim())
+    centered = x.to(acc) - per_sample(mean.to(acc), n, vbs, nd)
     if bias is None:
-        y = centered * per_channel(scale, xg.dim())
+        y = centered * per_sample(scale, n, vbs, nd)
     else:
-        shift = bias.to(acc).reshape(1, 1, -1, *([1] * (xg.dim() - 3)))
-        y = torch.addcmul(shift, centered, per_channel(scale, xg.dim()))
-    return _match_layout(ungroup(y, x.shape[0]).to(x.dtype), x)
+        y = torch.addcmul(per_feature(bias.to(acc), nd), centered, per_sample(scale, n, vbs, nd))
+    return _match_layout(y.to(x.dtype), x)
 
 
 def backward_reduce(
@@ -233,19 +245,17 @@ def backward_elemt(
 ) -> Tensor:
     """Input gradient of training-mode BN from the reduced sums (see the module docstring)."""
     acc = acc_dtype(x.dtype)
-    xg = group(x, vbs).to(acc)
-    dyg = group(dy, vbs).to(acc)
-    nd = xg.dim()
+    n, nd = x.shape[0], x.dim()
     invstd = invstd.to(acc)
-    xhat = (xg - per_channel(mean.to(acc), nd)) * per_channel(invstd, nd)
+    xhat = (x.to(acc) - per_sample(mean.to(acc), n, vbs, nd)) * per_sample(invstd, n, vbs, nd)
     scale = invstd if weight is None else invstd * weight.to(acc)
-    n = count.to(acc).clamp_min(1).unsqueeze(1)
-    correction = torch.addcmul(per_channel(sum_dy.to(acc) / n, nd), xhat, per_channel(sum_dy_xhat.to(acc) / n, nd))
-    w = _validity(x, mask, vbs, acc)
-    if w is not None:
-        correction = correction * w
-    dx = (dyg - correction) * per_channel(scale, nd)
-    return _match_layout(ungroup(dx, x.shape[0]).to(x.dtype), x)
+    cnt = count.to(acc).clamp_min(1).unsqueeze(1)
+    correction = torch.addcmul(per_sample(sum_dy.to(acc) / cnt, n, vbs, nd), xhat,
+                               per_sample(sum_dy_xhat.to(acc) / cnt, n, vbs, nd))
+    if mask is not None:
+        correction = correction * mask.to(acc)
+    dx = (dy.to(acc) - correction) * per_sample(scale, n, vbs, nd)
+    return _match_layout(dx.to(x.dtype), x)
 
 
 # --- fused entry points (what the custom ops call; fast backends may override these) ---
@@ -306,6 +316,23 @@ def backward_train(
     if need_input_grad:
         dx = backward_elemt(dy, x, mean, inv, weight, sum_dy, sum_dy_xhat, count, mask, vbs)
     return dx, sum_dy_xhat.sum(0), sum_dy.sum(0)
+
+
+def backward_train_graph(
+    dy: Tensor,
+    x: Tensor,
+    eps: float,
+    weight: Tensor | None,
+    mask: Tensor | None,
+    vbs: int,
+    need_input_grad: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """:func:`backward_train` with the statistics recomputed from ``x`` by differentiable torch
+    ops: the gradient as a function of ``(dy, x, weight)`` that autograd can differentiate again
+    (double backward, ``create_graph=True``) and ``torch.func`` can transform (batched
+    gradients). The closed form alone treats the saved mean and variance as constants."""
+    mean, var, count = stats(x, mask, vbs)
+    return backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad)
 
 
 def backward_apply(

@@ -76,14 +76,13 @@ def inverse(y: Tensor, act: str, slope: float) -> Tensor:
 
 
 def _pre_activation(x, mean, invstd, weight, bias, residual, vbs):
+    """``z = bn(x) [+ residual]`` in the accumulation dtype, computed on ``x`` itself (no view)."""
     acc = ref.acc_dtype(x.dtype)
-    xg = ref.group(x, vbs).to(acc)
-    nd = xg.dim()
+    n, nd = x.shape[0], x.dim()
     scale = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
-    z = (xg - ref.per_channel(mean.to(acc), nd)) * ref.per_channel(scale, nd)
+    z = (x.to(acc) - ref.per_sample(mean.to(acc), n, vbs, nd)) * ref.per_sample(scale, n, vbs, nd)
     if bias is not None:
-        z = z + bias.to(acc).reshape(1, 1, -1, *([1] * (nd - 3)))
-    z = ref.ungroup(z, x.shape[0])
+        z = z + ref.per_feature(bias.to(acc), nd)
     if residual is not None:
         z = z + residual.to(acc)
     return z

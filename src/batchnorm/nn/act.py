@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .. import _act_ops
 from .. import functional as F
 from ..kernels import reference as _ref
-from ..kernels.reference_act import INVERTIBLE, activation, check_activation
+from ..kernels.reference_act import INVERTIBLE, check_activation
 from .modules import _NormBase
 
 
@@ -64,9 +63,7 @@ class _BatchNormActBase(_NormBase):
     def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """``act(bn(input) + residual)``; ``mask`` marks valid positions as in :class:`BatchNorm1d`."""
         self._check_input_dim(input)
-        has_running = self.running_mean is not None and self.running_var is not None
-        normalize_with_batch = (self.training and not self.use_running_stats) or not has_running
-        update = self.training and self.update_running_stats and has_running
+        normalize_with_batch, update = self._modes()
         y, accepted = self._normalize_act(input, residual, mask, normalize_with_batch, update)
         self._count_batch(accepted)
         return y
@@ -83,14 +80,15 @@ class _BatchNormActBase(_NormBase):
                       training=normalize_with_batch or update, eps=self.eps, mask=mask,
                       virtual_batch_size=vbs or None)
         if residual is not None and residual.shape != x.shape:
-            raise ValueError(
+            raise F.InputError(
                 f"residual of shape {tuple(residual.shape)} must have the input's shape {tuple(x.shape)}"
             )
         slope = self.negative_slope
-        if x.numel() == 0:
-            y = x.clone() if residual is None else x + residual
-            return activation(y, self.act, slope), (torch.zeros((), dtype=torch.bool) if update else None)
         kmask = F._mask_for_kernels(mask, x)
+        # an empty batch goes through the ops (empty output, zero gradients for gamma and beta),
+        # leaves the running statistics alone and counts as a batch (F.empty_batch_update)
+        empty_update = update and x.numel() == 0
+        update = update and not empty_update
         momentum = self._momentum_factor() if update else 0.0
         accepted = None
         rm, rv = self.running_mean, self.running_var
@@ -98,15 +96,16 @@ class _BatchNormActBase(_NormBase):
             if self.inplace_abn:
                 if residual is not None:
                     raise ValueError("inplace_abn=True takes no residual (the output alone must give x back)")
-                if weight is not None and not F._compiling() and bool((weight == 0).any()):
+                if weight is not None and F._concrete(weight) and bool((weight == 0).any()):
                     raise ValueError("inplace_abn=True needs every weight (gamma) non-zero to recover x from y")
                 op, fusable = _act_ops.act_inplace_train, False
                 args: tuple = (x, weight, bias, kmask, self.eps, self.act, slope)
             else:
                 op, args = _act_ops.act_train, (x, weight, bias, residual, kmask, self.eps, vbs, self.act, slope)
                 fusable = kmask is None and not vbs
-            return F.train_with_update(op, args, rm, rv, update=update, momentum=momentum, nonfinite=self.nonfinite,
-                                       fusable=fusable)
+            y, accepted = F.train_with_update(op, args, rm, rv, update=update, momentum=momentum,
+                                              nonfinite=self.nonfinite, fusable=fusable)
+            return y, (F.empty_batch_update(False) if empty_update else accepted)
         assert rm is not None and rv is not None
         if update:
             stats = F._whole_batch(*_ref.stats(x.detach(), kmask, 0))
@@ -116,7 +115,7 @@ class _BatchNormActBase(_NormBase):
         acc = _ref.acc_dtype(x.dtype)
         y = _act_ops.act_apply(x, rm.detach().to(acc), rv.detach().to(acc), self.eps, weight, bias, residual,
                                self.act, slope)
-        return y, accepted
+        return y, (F.empty_batch_update(False) if empty_update else accepted)
 
 
 class BatchNormAct1d(_BatchNormActBase):

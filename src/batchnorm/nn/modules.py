@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import init
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
@@ -39,8 +40,13 @@ def _check_momentum(momentum: float | None) -> None:
         )
 
 
-class _NormBase(nn.Module):
+class _NormBase(_TorchBatchNorm):
     """State, checks, freezing knobs and forward shared by every batch-norm layer.
+
+    A subclass of torch's ``torch.nn.modules.batchnorm._BatchNorm``, so that code that recognises
+    batch-norm layers by that class (``torch.func.replace_all_batch_norm_modules_``, DDP's
+    ``convert_sync_batchnorm``, model surgery in other libraries) treats ours as it treats
+    torch's; none of torch's implementation runs (``__init__`` and ``forward`` are ours).
 
     Freezing is three independent knobs that ``model.train()`` never touches:
 
@@ -75,7 +81,7 @@ class _NormBase(nn.Module):
         virtual_batch_size: int | None = None,
         nonfinite: str = "skip",
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch's _BatchNorm.__init__: the state below is ours
         if not (isinstance(num_features, int) and num_features >= 1) and not isinstance(self, LazyModuleMixin):
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         if not isinstance(eps, (int, float)) or eps < 0:
@@ -201,17 +207,22 @@ class _NormBase(nn.Module):
             raise TypeError(f"expected a torch.Tensor input, got {type(input).__name__}")
         if self._valid_dims and input.dim() not in self._valid_dims:
             wanted = " or ".join(f"{d}D" for d in self._valid_dims)
-            raise ValueError(
+            raise F.InputError(
                 f"expected {wanted} input (got {input.dim()}D input) in {type(self).__name__}; "
                 "shape (N, C, *): use the BatchNorm class of the input's rank, or batchnorm.BatchNorm(axis=...)"
             )
         if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+            raise F.InputError(f"expected at least 2D input (got {input.dim()}D input)")
+        if not -input.dim() <= self._axis < input.dim():
+            raise F.InputError(
+                f"the features axis {self._axis} does not exist in a {input.dim()}D input of shape "
+                f"{tuple(input.shape)}; axis must be in [{-input.dim()}, {input.dim() - 1}]"
+            )
         axis = self._axis % input.dim()
         if axis == 0:
-            raise ValueError(f"the features axis {self._axis} is the batch axis of a {input.dim()}D input")
+            raise F.InputError(f"the features axis {self._axis} is the batch axis of a {input.dim()}D input")
         if not isinstance(self.weight, UninitializedParameter) and input.shape[axis] != self.num_features:
-            raise ValueError(
+            raise F.InputError(
                 f"expected input with {self.num_features} features on axis {self._axis}, got "
                 f"{input.shape[axis]} (input shape {tuple(input.shape)}); check num_features or the layout"
             )
@@ -252,15 +263,31 @@ class _NormBase(nn.Module):
             nonfinite=self.nonfinite, accepted_tensor=False,
         )
 
+    def _modes(self) -> tuple[bool, bool]:
+        """``(normalize_with_batch, update)`` for this call, with torch's meaning of the flags
+        (``track_running_stats`` may be changed after construction): in training the running
+        statistics are used and updated only while ``track_running_stats`` is True; in eval they
+        are used whenever they exist. The freezing knobs refine that."""
+        buffers = self.running_mean is not None and self.running_var is not None
+        if not self.training:
+            return not buffers, False
+        tracked = buffers and self.track_running_stats
+        return not (tracked and self.use_running_stats), tracked and self.update_running_stats
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its forward is Python code around "
+            "custom operators. Use torch.compile or torch.export (both supported), torch.jit.trace, "
+            "or batchnorm.convert(model, 'torch') for a TorchScript model with torch's layers."
+        )
+
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (optional) marks the valid positions, shape as ``input``
         without its features axis (e.g. ``(N, L)`` for ``(N, C, L)``)."""
         self._check_input_dim(input)
         axis = self._axis % input.dim()
         x = input if axis == 1 else input.movedim(axis, 1)
-        has_running = self.running_mean is not None and self.running_var is not None
-        normalize_with_batch = (self.training and not self.use_running_stats) or not has_running
-        update = self.training and self.update_running_stats and has_running
+        normalize_with_batch, update = self._modes()
         y, accepted = self._normalize(x, mask, normalize_with_batch, update)
         self._count_batch(accepted)
         return y if axis == 1 else y.movedim(1, axis)
@@ -350,7 +377,9 @@ class _LazyNormBase(LazyModuleMixin, _NormBase):
             super().reset_parameters()
 
     def initialize_parameters(self, input: Tensor, mask: Tensor | None = None) -> None:  # type: ignore[override]
-        if self.has_uninitialized_params():
+        # without parameters or buffers to materialize (affine=False, track_running_stats=False)
+        # the first input still sets num_features
+        if self.has_uninitialized_params() or self.num_features == 0:
             self.num_features = input.shape[self._axis]
             for t in (self.weight, self.bias, self.running_mean, self.running_var):
                 if isinstance(t, (UninitializedParameter, UninitializedBuffer)):

@@ -144,17 +144,135 @@ class SyncBatchNorm(_NormBase):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, without mutating ``module``:
-        returns a copy whose BN layers (ours or torch's) are :class:`SyncBatchNorm`."""
-        from ..tools.convert import convert
-
-        return convert(module, "sync", process_group=process_group)
+        """Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: every BN layer of ``module``
+        (ours or torch's) becomes a :class:`SyncBatchNorm`, in place, holding the *same*
+        ``Parameter`` and buffer objects, so an optimizer built before the conversion keeps
+        training the model. Returns the new root (``module`` unless it was a BN layer itself).
+        A layer that cannot be synchronized (ghost batches, renormalization, a fused activation,
+        a torch subclass with its own forward, an uninitialized lazy layer) raises ``ValueError``
+        naming every such layer, before anything is changed. ``batchnorm.convert(model, "sync")``
+        does the same on a copy."""
+        return swap_sync(module, process_group)
 
     @classmethod
     def revert_sync_batchnorm(cls, module: nn.Module) -> nn.Module:
-        """The inverse of :meth:`convert_sync_batchnorm`: each :class:`SyncBatchNorm` back to the
-        class it was converted from (default: our :class:`BatchNorm1d`/``2d``/``3d`` by no rank ->
-        :class:`BatchNorm` with ``axis=1``)."""
-        from ..tools.convert import convert
+        """The inverse of :meth:`convert_sync_batchnorm`, in place and sharing the parameters: each
+        :class:`SyncBatchNorm` back to the class it was converted from (ours or torch's; without
+        a record, :class:`BatchNorm` on the same axis)."""
+        return swap_sync(module, revert=True)
 
-        return convert(module, "revert")
+
+# ------------------------------------------------------------------ module swaps (in place)
+
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_TORCH_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+def why_not_sync(bn: nn.Module) -> str | None:
+    """Why the BN layer ``bn`` cannot become a :class:`SyncBatchNorm` (``None`` when it can)."""
+    from .act import _BatchNormActBase
+    from .modules import _LazyNormBase
+    from .renorm import _BatchRenormBase
+
+    lazy = (_LazyNormBase, nn.modules.batchnorm._LazyNormBase)
+    if isinstance(bn, lazy) and bn.has_uninitialized_params():
+        return "it is a lazy layer that has not seen an input yet (run one batch first)"
+    if isinstance(bn, _BatchRenormBase):
+        return "batch renormalization has no synchronized form"
+    if isinstance(bn, _BatchNormActBase):
+        return f"its fused activation ({bn.act!r}) has no place in SyncBatchNorm"
+    if isinstance(bn, _NormBase) and bn.virtual_batch_size:
+        return "ghost batches (virtual_batch_size) are per rank and cannot be synchronized"
+    if not isinstance(bn, _NormBase) and type(bn).forward not in _TORCH_FORWARDS:
+        return f"{type(bn).__name__} has a forward of its own, which SyncBatchNorm would drop"
+    return None
+
+
+def _converts(m: nn.Module, revert: bool) -> bool:
+    if revert:
+        return isinstance(m, SyncBatchNorm)
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, SyncBatchNorm)
+
+
+def share_state(src: nn.Module, dst: nn.Module) -> None:
+    """``dst`` takes ``src``'s parameter and buffer objects themselves (not copies), its training
+    flag and, between our layers, the freezing knobs and ``nonfinite``."""
+    for k in _STATE:
+        t = getattr(src, k, None)
+        if t is not None and (k in dst._parameters or k in dst._buffers):
+            setattr(dst, k, t)
+    dst.train(src.training)
+    if isinstance(src, _NormBase) and isinstance(dst, _NormBase):
+        dst.use_running_stats, dst.update_running_stats = src.use_running_stats, src.update_running_stats
+        dst._train_affine, dst.nonfinite = src._train_affine, src.nonfinite
+
+
+def layer_kwargs(bn: nn.Module) -> dict[str, Any]:
+    """Keyword arguments of our constructors that describe the BN layer ``bn`` (ours or torch's)."""
+    kw: dict[str, Any] = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                              track_running_stats=bn.track_running_stats)
+    if bn.affine:
+        kw["weight"] = bn.weight is not None
+        kw["bias"] = bn.bias is not None
+    if isinstance(bn, _NormBase):
+        kw["nonfinite"] = bn.nonfinite
+    return kw
+
+
+def to_sync(bn: nn.Module, process_group: Any = None) -> SyncBatchNorm:
+    """A :class:`SyncBatchNorm` in the place of the BN layer ``bn``, sharing its tensors."""
+    if isinstance(bn, nn.SyncBatchNorm) and process_group is None:
+        process_group = bn.process_group
+    new = SyncBatchNorm(bn.num_features, process_group=process_group, axis=getattr(bn, "_axis", 1),
+                        device="meta", **layer_kwargs(bn))
+    share_state(bn, new)
+    new._converted_from = type(bn)
+    return new
+
+
+def from_sync(sync: SyncBatchNorm, torch_ok: bool = True) -> nn.Module:
+    """The layer ``sync`` was converted from (torch's only with ``torch_ok``), sharing its tensors;
+    without a record, :class:`BatchNorm` on ``sync``'s axis."""
+    from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+    cls = getattr(sync, "_converted_from", None)
+    ours_of_torch = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+    new: nn.Module
+    if cls is not None and issubclass(cls, _NormBase) and cls is not SyncBatchNorm and cls is not BatchNorm:
+        new = cls(sync.num_features, device="meta", **layer_kwargs(sync))
+    elif cls is not None and not issubclass(cls, _NormBase) and torch_ok:
+        new = cls(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats, device="meta")
+    elif cls in ours_of_torch:
+        new = ours_of_torch[cls](sync.num_features, device="meta", **layer_kwargs(sync))
+    else:
+        new = BatchNorm(sync.num_features, axis=sync._axis, device="meta", **layer_kwargs(sync))
+    share_state(sync, new)
+    return new
+
+
+def swap_sync(module: nn.Module, process_group: Any = None, *, revert: bool = False,
+              torch_ok: bool = True) -> nn.Module:
+    """Replace, in place, every BN layer of ``module`` by a :class:`SyncBatchNorm` (or, with
+    ``revert``, every :class:`SyncBatchNorm` by :func:`from_sync`), sharing parameters and
+    buffers; a layer registered in several places stays one module. Checks every layer first
+    (:func:`why_not_sync`) and raises ``ValueError`` listing the ones that cannot be converted,
+    with nothing changed. Returns the new root."""
+    if not revert:
+        problems = [f"{name or '<root>'} ({type(m).__name__}): {why}" for name, m in module.named_modules()
+                    if _converts(m, False) and (why := why_not_sync(m)) is not None]
+        if problems:
+            raise ValueError("cannot convert to SyncBatchNorm; nothing was changed:\n  " + "\n  ".join(problems))
+    memo: dict[int, nn.Module] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) not in memo:
+            if _converts(m, revert):
+                memo[id(m)] = from_sync(m, torch_ok) if revert else to_sync(m, process_group)  # type: ignore[arg-type]
+            else:
+                memo[id(m)] = m
+                for name, child in list(m._modules.items()):
+                    if child is not None:
+                        m._modules[name] = visit(child)
+        return memo[id(m)]
+
+    return visit(module)

@@ -8,7 +8,8 @@
 * ``"torch"``: ``torch.nn.BatchNorm1d``/``2d``/``3d`` (``torch.nn.SyncBatchNorm`` for ours);
 * ``"sync"``: :class:`batchnorm.SyncBatchNorm` (replaces ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``,
   which is GPU-only in torch and has no revert);
-* ``"frozen"``: :class:`batchnorm.FrozenBatchNorm1d`/``2d``/``3d`` (statistics and affine as buffers).
+* ``"frozen"``: :class:`batchnorm.FrozenBatchNorm1d`/``2d``/``3d`` (statistics and affine as buffers);
+* ``"revert"``: each :class:`batchnorm.SyncBatchNorm` back to the class it was converted from.
 
 The model is copied; the original is never changed, also when a layer cannot be converted
 (``ValueError`` naming it and why). A BN shared between several places stays shared.
@@ -32,7 +33,7 @@ from ..nn.modules import (
     _NormBase,
 )
 from ..nn.renorm import _BatchRenormBase
-from ..nn.sync import SyncBatchNorm
+from ..nn.sync import SyncBatchNorm, from_sync, layer_kwargs, swap_sync, why_not_sync
 from ._common import TorchBatchNorm, replace_modules
 
 TARGETS = ("batchnorm", "torch", "sync", "frozen")
@@ -78,20 +79,17 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> None:
 
 
 def _ours_kwargs(bn: nn.Module) -> dict[str, Any]:
-    """Constructor arguments of ours describing a torch or our BN (not frozen)."""
-    kw: dict[str, Any] = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                              track_running_stats=bn.track_running_stats, **_factory(bn))
-    if bn.affine:
-        kw["weight"] = bn.weight is not None
-        kw["bias"] = bn.bias is not None
-    return kw
+    """Constructor arguments of ours describing a torch or our BN (not frozen), on its device."""
+    return {**layer_kwargs(bn), **_factory(bn)}
 
 
 def _why_not(bn: nn.Module, to: str) -> str | None:
     """Why ``bn`` cannot become ``to`` (None when it can)."""
+    if to == "sync" and not isinstance(bn, (SyncBatchNorm, _FrozenBatchNorm)):
+        return why_not_sync(bn)
     if isinstance(bn, (_LazyNormBase, nn.modules.batchnorm._LazyNormBase)) and bn.has_uninitialized_params():
         return "it is a lazy layer that has not seen an input yet (run one batch first)"
-    if isinstance(bn, _BatchRenormBase) and to in ("torch", "sync"):
+    if isinstance(bn, _BatchRenormBase) and to == "torch":
         return "batch renormalization has no equivalent there (convert to 'frozen' for inference)"
     if isinstance(bn, _NormBase):
         if to == "torch":
@@ -105,8 +103,6 @@ def _why_not(bn: nn.Module, to: str) -> str | None:
                 return "torch has no ghost batch normalization (virtual_batch_size)"
             if bn.use_running_stats or not bn.update_running_stats:
                 return "torch's layers cannot hold frozen statistics (unfreeze it, or convert to 'frozen')"
-        if to == "sync" and bn.virtual_batch_size:
-            return "ghost batches (virtual_batch_size) are per rank and cannot be synchronized"
     if isinstance(bn, _FrozenBatchNorm) and to == "torch":
         return "torch has no frozen BN layer (keep ours, or torchvision's FrozenBatchNorm2d loads its state_dict)"
     if to == "frozen" and not isinstance(bn, _FrozenBatchNorm):
@@ -119,7 +115,7 @@ def _why_not(bn: nn.Module, to: str) -> str | None:
 
 def _to_batchnorm(bn: nn.Module) -> nn.Module | None:
     if isinstance(bn, SyncBatchNorm):
-        return _revert(bn, torch_ok=False)
+        return from_sync(bn, torch_ok=False)
     if isinstance(bn, _NormBase):
         return None
     if isinstance(bn, _FrozenBatchNorm):
@@ -149,37 +145,6 @@ def _to_torch(bn: nn.Module) -> nn.Module | None:
         new = _TORCH[rank](bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **_factory(bn))
     else:
         return None
-    _copy_state(bn, new)
-    return new
-
-
-def _to_sync(bn: nn.Module, process_group: Any) -> nn.Module | None:
-    if isinstance(bn, SyncBatchNorm) or isinstance(bn, _FrozenBatchNorm):
-        return None
-    if isinstance(bn, nn.SyncBatchNorm):
-        process_group = bn.process_group if process_group is None else process_group
-    if isinstance(bn, (_NormBase, TorchBatchNorm)):
-        kw = _ours_kwargs(bn)
-        if isinstance(bn, _NormBase):
-            kw["nonfinite"] = bn.nonfinite
-        new = SyncBatchNorm(bn.num_features, process_group=process_group, axis=getattr(bn, "_axis", 1), **kw)
-        _copy_state(bn, new)
-        new._converted_from = type(bn)  # type: ignore[assignment]
-        return new
-    return None
-
-
-def _revert(bn: SyncBatchNorm, torch_ok: bool = True) -> nn.Module:
-    cls = getattr(bn, "_converted_from", None)
-    if cls is not None and issubclass(cls, TorchBatchNorm) and torch_ok:
-        new: nn.Module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                             **_factory(bn))
-    elif cls is not None and issubclass(cls, _NormBase) and not issubclass(cls, BatchNorm) and cls is not SyncBatchNorm:
-        new = cls(bn.num_features, **_ours_kwargs(bn))
-    elif cls is not None and issubclass(cls, TorchBatchNorm) and _rank_cls(cls):
-        new = _OURS[_rank_cls(cls)](bn.num_features, **_ours_kwargs(bn))  # type: ignore[index]
-    else:
-        new = BatchNorm(bn.num_features, axis=bn._axis, **_ours_kwargs(bn))
     _copy_state(bn, new)
     return new
 
@@ -219,13 +184,9 @@ def convert(model: nn.Module, to: str = "batchnorm", *, process_group: Any = Non
     if problems:
         raise ValueError(f"cannot convert to {to!r}; nothing was changed:\n  " + "\n  ".join(problems))
     out = copy.deepcopy(model)
-    fn = {
-        "batchnorm": _to_batchnorm,
-        "torch": _to_torch,
-        "sync": lambda m: _to_sync(m, process_group),
-        "frozen": _to_frozen,
-        "revert": lambda m: _revert(m) if isinstance(m, SyncBatchNorm) else None,
-    }[to]
+    if to in ("sync", "revert"):  # the in-place swap of SyncBatchNorm's classmethods, on the copy
+        return swap_sync(out, process_group, revert=to == "revert")
+    fn = {"batchnorm": _to_batchnorm, "torch": _to_torch, "frozen": _to_frozen}[to]
     return replace_modules(out, fn)
 
 
