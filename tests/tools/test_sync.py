@@ -237,3 +237,27 @@ def test_ddp_with_sync_batchnorm_gradients_equal_single_process(tmp_path):
             torch.testing.assert_close(r["grads"][k], p.grad, **tol)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(r["state"][k], v, **tol)
+
+
+def _residual_block_worker(rank, world):
+    """A ResNet block's tail on each rank: SyncBatchNorm, ``out += identity``, ``ReLU(inplace=True)``."""
+    torch.manual_seed(rank)
+    norm = B.SyncBatchNorm(3)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    out = norm(x)
+    out += x
+    torch.relu_(out).sum().backward()
+    return {"x": x.detach(), "grad": x.grad, "wgrad": norm.weight.grad}
+
+
+def test_sync_output_takes_inplace_ops(tmp_path):
+    """The output is not a view, so in-place ops after the layer work; gradients equal one BN's
+    over the concatenated batch (the parameter gradients summed over ranks)."""
+    results = run_ranks(_residual_block_worker, 2, tmp_path)
+    x = torch.cat([r["x"] for r in results]).requires_grad_()
+    ref = nn.BatchNorm2d(3)
+    out = ref(x)
+    out += x
+    torch.relu_(out).sum().backward()
+    torch.testing.assert_close(torch.cat([r["grad"] for r in results]), x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0]["wgrad"] + results[1]["wgrad"], ref.weight.grad, rtol=1e-4, atol=1e-5)
