@@ -28,7 +28,7 @@ from .kernels.reference import acc_dtype, num_groups
 
 def _layout(x: Tensor) -> torch.memory_format:
     """Memory format of every output of these ops: channels_last for channels_last input."""
-    if x.dim() in (4, 5) and not x.is_contiguous():
+    if x.dim() in (4, 5) and not _functorch_active() and not x.is_contiguous():
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         if x.is_contiguous(memory_format=fmt):
             return fmt

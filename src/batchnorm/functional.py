@@ -421,10 +421,20 @@ def apply_stats(
 
     Algorithm 2 (inference) and frozen statistics; ``mean``/``var`` are treated as constants.
     """
+    if _ops.transformed() and _tangent(input) and (_tangent(mean) or _tangent(var)):
+        raise RuntimeError(
+            "batch_norm is not differentiable with respect to running_mean and running_var (as in torch): "
+            "give them no forward-mode tangent, or normalize with batch statistics"
+        )
     acc = _ref.acc_dtype(input.dtype)
     mean, var = mean.detach(), var.detach()
     return _ops.apply(input, mean if mean.dtype == acc else mean.to(acc), var if var.dtype == acc else var.to(acc),
                       eps, weight, bias)
+
+
+def _tangent(t: Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode AD tangent."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
 # ----------------------------------------------------------------------- renormalization

@@ -165,7 +165,10 @@ def _reduce_dims(ndim: int) -> list[int]:
 
 
 def _match_layout(y: Tensor, like: Tensor) -> Tensor:
-    """Give ``y`` the memory format of ``like`` (channels_last stays channels_last)."""
+    """Give ``y`` the memory format of ``like`` (channels_last stays channels_last); under a
+    ``torch.func`` transform, where memory formats cannot be queried, ``y`` as it is."""
+    if torch._C._are_functorch_transforms_active():
+        return y
     if like.dim() in (4, 5) and not like.is_contiguous():
         fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
         if like.is_contiguous(memory_format=fmt):
