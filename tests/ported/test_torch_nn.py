@@ -342,9 +342,9 @@ def test_convert_sync_batchnorm(bn_cls):
     """test/test_nn.py::TestNN::test_convert_sync_batchnorm (``@skipIf(not cuda)`` in torch; nothing in
     it needs CUDA, so it runs on the CPU here): converting Sequential(BatchNorm1d(100),
     InstanceNorm1d(100)) gives a SyncBatchNorm and leaves the InstanceNorm; every state-dict entry
-    keeps its value and device. Our ``convert_sync_batchnorm`` returns a converted copy instead of
-    mutating in place (documented); the test compares against an independent anchor copy as
-    torch's does, so both behaviours satisfy it. Torch's and our BatchNorm1d are both converted."""
+    keeps its value and device. As torch's, the test compares against an independent anchor copy,
+    so it holds whether the conversion works in place or on a copy. Torch's and our BatchNorm1d
+    are both converted."""
     module = nn.Sequential(bn_cls(100), nn.InstanceNorm1d(100))
     comp_module = nn.Sequential(bn_cls(100), nn.InstanceNorm1d(100))
     comp_module.load_state_dict(module.state_dict())
