@@ -127,9 +127,9 @@ def test_gradgradcheck_eval_and_fused(backend):
     assert gradgradcheck(lambda x, w, b: BF.batch_norm(x, rm, rv, w, b, training=False), (x, w, b))
     for act in ("silu", "gelu"):
         layer = bn.BatchNormAct2d(3, act=act).double()
-        assert gradgradcheck(lambda x: layer(x), (x,))
+        assert gradgradcheck(layer, (x,))
         layer.eval()
-        assert gradgradcheck(lambda x: layer(x), (x,))
+        assert gradgradcheck(layer, (x,))
 
 
 def test_gradient_penalty_equals_torch(backend):
@@ -176,8 +176,10 @@ def test_gradcheck_forward_ad_and_batched_grad(backend):
     x, w, b = _f64(5, 3, 2), (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _f64(3)
     for training in (True, False):
         rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
-        assert gradcheck(lambda x, w, b: BF.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training),
-                         (x, w, b), check_forward_ad=True, check_batched_grad=True,
+        def f(x, w, b, rm=rm, rv=rv, training=training):
+            return BF.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+
+        assert gradcheck(f, (x, w, b), check_forward_ad=True, check_batched_grad=True,
                          check_batched_forward_grad=True)
 
 

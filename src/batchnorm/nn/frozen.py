@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .freeze import num_features
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -40,11 +41,12 @@ class _FrozenBatchNorm(nn.Module):
 
     @classmethod
     def from_module(cls, bn: Any) -> _FrozenBatchNorm:
-        """A frozen copy of any batch-norm layer (ours or torch's) with running statistics."""
+        """A frozen copy of any batch-norm layer (ours, torch's, torchvision's frozen one) with running
+        statistics; what a fused layer applies after normalizing is not part of it."""
         if getattr(bn, "running_mean", None) is None:
             raise ValueError(f"{type(bn).__name__} has no running statistics (track_running_stats=False) to freeze")
         rm: Tensor = bn.running_mean  # type: ignore[assignment]
-        frozen = cls(bn.num_features, eps=bn.eps, device=rm.device, dtype=rm.dtype)
+        frozen = cls(num_features(bn), eps=bn.eps, device=rm.device, dtype=rm.dtype)
         with torch.no_grad():
             frozen.running_mean.copy_(rm)
             frozen.running_var.copy_(bn.running_var)

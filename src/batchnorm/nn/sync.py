@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..kernels import reference as _ref
+from .freeze import has_tail, is_foreign
 from .modules import _NormBase
 
 
@@ -32,17 +33,38 @@ def _world(process_group: Any) -> int:
     return dist.get_world_size(process_group)
 
 
-def gather_stats(mean: Tensor, var: Tensor, count: Tensor, process_group: Any = None) -> F.Stats:
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def gather_stats(mean: Tensor, var: Tensor, count: Tensor, process_group: Any = None,
+                 dtype: torch.dtype | None = None) -> F.Stats:
     """All-gather per-rank ``(C,)`` mean, biased variance and scalar count; merge them exactly.
 
     Returns the global :class:`~batchnorm.functional.Stats` in float64 (identical on every rank).
+    A first, fixed-size exchange carries each rank's channel count, input ``dtype`` and count, so
+    ranks that disagree (different models, or inputs of different dtypes) all raise the same
+    ``ValueError`` instead of failing inside the collective or hanging.
     """
     c = mean.numel()
-    packed = torch.cat([count.reshape(1).double(), mean.reshape(-1).double(), var.reshape(-1).double()])
-    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(process_group))]
+    world = dist.get_world_size(process_group)
+    code = _DTYPES.index(dtype) if dtype in _DTYPES else -1
+    header = torch.tensor([float(c), float(code), float(count)], dtype=torch.float64)
+    heads = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(heads, header, group=process_group)
+    table = torch.stack(heads)  # (P, 3): channels, dtype code, count
+    if bool((table[:, :2] != table[0, :2]).any()):
+        ranks = "; ".join(
+            f"rank {r}: {int(ch)} channels, {_DTYPES[int(k)] if k >= 0 else 'float64 statistics'}"
+            for r, (ch, k, _) in enumerate(table.tolist()))
+        raise ValueError(
+            f"SyncBatchNorm: the ranks disagree ({ranks}); every rank must run the same model (same "
+            "num_features) on inputs of the same dtype. Nothing was updated."
+        )
+    packed = torch.cat([mean.reshape(-1).double(), var.reshape(-1).double()])
+    parts = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(parts, packed, group=process_group)
-    table = torch.stack(parts)  # (P, 1 + 2C)
-    return F.combine_stats(table[:, 1:1 + c], table[:, 1 + c:], table[:, 0])
+    stats = torch.stack(parts)  # (P, 2C)
+    return F.combine_stats(stats[:, :c], stats[:, c:], table[:, 2])
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -55,8 +77,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         has = count > 0  # an empty rank contributes count 0 (its mean/var are NaN: drop them)
         mean = torch.where(has.unsqueeze(1), mean, torch.zeros_like(mean))
         var = torch.where(has.unsqueeze(1), var, torch.zeros_like(var))
-        g = gather_stats(mean[0], var[0], count[0], process_group)
-        if float(g.count) <= 1:
+        g = gather_stats(mean[0], var[0], count[0], process_group, x.dtype)
+        if float(g.count) == 1:  # no values at all is an empty batch on every rank: an empty output
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got {int(g.count)} over all "
                 f"ranks (local input size {tuple(x.shape)}). " + F.SMALL_BATCH_REMEDIES
@@ -132,7 +154,9 @@ class SyncBatchNorm(_NormBase):
         kmask = F._mask_for_kernels(mask, x)
         y, mean, var, count = _SyncBatchNormFunction.apply(x, weight, bias, kmask, self.eps, self.process_group)
         accepted = None
-        if update:
+        if update and float(count) == 0:  # every rank empty: as one process with an empty batch
+            accepted = F.empty_batch_update()
+        elif update:
             assert self.running_mean is not None and self.running_var is not None
             accepted = F.update_running_stats(
                 self.running_mean, self.running_var, F.Stats(mean, var, count),
@@ -165,7 +189,6 @@ class SyncBatchNorm(_NormBase):
 # ------------------------------------------------------------------ module swaps (in place)
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_TORCH_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 
 def why_not_sync(bn: nn.Module) -> str | None:
@@ -183,8 +206,8 @@ def why_not_sync(bn: nn.Module) -> str | None:
         return f"its fused activation ({bn.act!r}) has no place in SyncBatchNorm"
     if isinstance(bn, _NormBase) and bn.virtual_batch_size:
         return "ghost batches (virtual_batch_size) are per rank and cannot be synchronized"
-    if not isinstance(bn, _NormBase) and type(bn).forward not in _TORCH_FORWARDS:
-        return f"{type(bn).__name__} has a forward of its own, which SyncBatchNorm would drop"
+    if has_tail(bn) or is_foreign(bn):
+        return f"{type(bn).__name__} computes more than batch norm (its own forward), which SyncBatchNorm would drop"
     return None
 
 

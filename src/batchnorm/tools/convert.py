@@ -18,11 +18,14 @@ The model is copied; the original is never changed, also when a layer cannot be 
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..nn.act import _BatchNormActBase
+from ..nn.freeze import from_torch, fused_activation, has_tail, is_batchnorm, is_foreign, is_frozen_like, num_features
 from ..nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
 from ..nn.modules import (
     BatchNorm,
@@ -53,7 +56,21 @@ def _rank(bn: nn.Module) -> int | None:
     for cls in type(bn).__mro__:
         if cls in _RANK_OF:
             return _RANK_OF[cls]
+    if is_frozen_like(bn):  # torchvision's / timm's FrozenBatchNorm2d
+        return {"1d": 1, "2d": 2, "3d": 3}.get(type(bn).__name__[-2:])
     return None
+
+
+def _left_alone(bn: nn.Module, to: str) -> str | None:
+    """Why ``convert`` keeps the BN layer ``bn`` from another library as it is (with a warning):
+    what it computes has no equivalent of kind ``to``. ``None``: it is converted."""
+    if is_foreign(bn):
+        return "computes more than batch norm (a forward of its own)"
+    if isinstance(bn, _NormBase) or not has_tail(bn):
+        return None
+    if to == "batchnorm" and not is_frozen_like(bn) and fused_activation(bn) is not None:
+        return None  # timm's BatchNormAct*d -> our BatchNormAct*d
+    return f"applies {type(bn.drop).__name__} and {type(bn.act).__name__} after normalizing, which {to!r} layers do not"
 
 
 def _factory(bn: nn.Module) -> dict[str, Any]:
@@ -85,6 +102,9 @@ def _ours_kwargs(bn: nn.Module) -> dict[str, Any]:
 
 def _why_not(bn: nn.Module, to: str) -> str | None:
     """Why ``bn`` cannot become ``to`` (None when it can)."""
+    if isinstance(bn, _BatchNormActBase) and to in ("torch", "frozen") and bn.act != "identity":
+        return (f"its fused activation ({bn.act!r}) has no place in {to}'s layers "
+                "(use bn.freeze(model) to freeze it in place)")
     if to == "sync" and not isinstance(bn, (SyncBatchNorm, _FrozenBatchNorm)):
         return why_not_sync(bn)
     if isinstance(bn, (_LazyNormBase, nn.modules.batchnorm._LazyNormBase)) and bn.has_uninitialized_params():
@@ -103,9 +123,9 @@ def _why_not(bn: nn.Module, to: str) -> str | None:
                 return "torch has no ghost batch normalization (virtual_batch_size)"
             if bn.use_running_stats or not bn.update_running_stats:
                 return "torch's layers cannot hold frozen statistics (unfreeze it, or convert to 'frozen')"
-    if isinstance(bn, _FrozenBatchNorm) and to == "torch":
+    if (isinstance(bn, _FrozenBatchNorm) or is_frozen_like(bn)) and to == "torch":
         return "torch has no frozen BN layer (keep ours, or torchvision's FrozenBatchNorm2d loads its state_dict)"
-    if to == "frozen" and not isinstance(bn, _FrozenBatchNorm):
+    if to == "frozen" and not isinstance(bn, _FrozenBatchNorm) and not is_frozen_like(bn):
         if getattr(bn, "running_mean", None) is None:
             return "it has no running statistics (track_running_stats=False) to freeze"
         if getattr(bn, "_axis", 1) != 1:
@@ -118,14 +138,16 @@ def _to_batchnorm(bn: nn.Module) -> nn.Module | None:
         return from_sync(bn, torch_ok=False)
     if isinstance(bn, _NormBase):
         return None
-    if isinstance(bn, _FrozenBatchNorm):
+    if isinstance(bn, _FrozenBatchNorm) or is_frozen_like(bn):
         rank = _rank(bn)
         kw = _factory(bn)
-        new: _NormBase = _OURS[rank](bn.num_features, bn.eps, **kw) if rank else \
-            BatchNorm(bn.num_features, bn.eps, axis=1, **kw)
+        c = num_features(bn)
+        new: _NormBase = _OURS[rank](c, bn.eps, **kw) if rank else BatchNorm(c, bn.eps, axis=1, **kw)
         _copy_state(bn, new)
         new.use_running_stats, new.update_running_stats, new.train_affine = True, False, False
         return new
+    if isinstance(bn, TorchBatchNorm) and has_tail(bn):
+        return from_torch(bn)  # timm's fused layer -> ours (see _left_alone for the others)
     if isinstance(bn, TorchBatchNorm):
         rank = _rank(bn)
         new = _OURS[rank](bn.num_features, **_ours_kwargs(bn)) if rank else \
@@ -154,7 +176,7 @@ def _rank_cls(cls: type) -> int | None:
 
 
 def _to_frozen(bn: nn.Module) -> nn.Module | None:
-    if isinstance(bn, _FrozenBatchNorm) or not isinstance(bn, (_NormBase, TorchBatchNorm)):
+    if isinstance(bn, _FrozenBatchNorm) or not (isinstance(bn, (_NormBase, TorchBatchNorm)) or is_frozen_like(bn)):
         return None
     rank = _rank(bn)
     if rank is None and isinstance(bn, SyncBatchNorm) and getattr(bn, "_converted_from", None) is not None:
@@ -175,19 +197,27 @@ def convert(model: nn.Module, to: str = "batchnorm", *, process_group: Any = Non
     """
     if to not in (*TARGETS, "revert"):
         raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
-    problems = []
+    problems, kept = [], []
     for name, m in model.named_modules():
-        if isinstance(m, (_NormBase, TorchBatchNorm, _FrozenBatchNorm)):
+        if is_batchnorm(m):
+            label = f"{name or '<root>'} ({type(m).__name__})"
+            left = None if to in ("sync", "revert") else _left_alone(m, to)  # SyncBatchNorm refuses them
+            if left is not None:
+                kept.append(f"{label}: {left}")
+                continue
             why = _why_not(m, to)
             if why is not None:
-                problems.append(f"{name or '<root>'} ({type(m).__name__}): {why}")
+                problems.append(f"{label}: {why}")
     if problems:
         raise ValueError(f"cannot convert to {to!r}; nothing was changed:\n  " + "\n  ".join(problems))
+    if kept:
+        warnings.warn(f"convert: {len(kept)} batch-norm layer(s) from another library kept as they are:\n  "
+                      + "\n  ".join(kept), UserWarning, stacklevel=2)
     out = copy.deepcopy(model)
     if to in ("sync", "revert"):  # the in-place swap of SyncBatchNorm's classmethods, on the copy
         return swap_sync(out, process_group, revert=to == "revert")
     fn = {"batchnorm": _to_batchnorm, "torch": _to_torch, "frozen": _to_frozen}[to]
-    return replace_modules(out, fn)
+    return replace_modules(out, lambda m: None if is_batchnorm(m) and _left_alone(m, to) else fn(m))
 
 
 __all__ = ["TARGETS", "convert"]

@@ -236,9 +236,13 @@ def _row(name: str, bn: Any, probe: _Probe) -> LayerDiagnosis:
                 )
         if probe.ref2 > 0:
             row.gap = math.sqrt(probe.diff2 / probe.ref2)
-    # the initialization's share only matters when the statistics are not already right
+    # the initialization's share only matters when the statistics are not already right, and only
+    # for statistics that come from moving averages: not after recalibrate, nor for values set
+    # another way (loaded, assigned) with no update counted
     far = math.isnan(row.mean_shift) or row.mean_shift > STATS_FAR or row.var_ratio > VAR_FAR
-    if row.updates is not None and not row.frozen:
+    recalibrated = getattr(bn, "recalibrated_values", None) is not None
+    set_otherwise = row.updates == 0 and not (bool((rm == 0).all()) and bool((rv == 1).all()))
+    if row.updates is not None and not row.frozen and not recalibrated and not set_otherwise:
         if momentum is not None and momentum > 0:
             row.init_weight = (1.0 - momentum) ** row.updates
             if row.init_weight > 0.05 and far:

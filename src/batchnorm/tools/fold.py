@@ -12,8 +12,11 @@ into the layer next to it:
   padded after BN, not before); ``padding_mode`` reflect/replicate/circular pads with input
   values and is exact.
 
-The weights are recomputed in float64 and cast back. The folded BN becomes ``nn.Identity``; the
-model keeps its classes and structure. Connectivity comes from ``torch.fx`` (BN and conv/linear
+The weights are recomputed in float64 and cast back. The folded BN becomes ``nn.Identity``, or
+what it applied after normalizing (the activation of our fused layers and of timm's
+``BatchNormAct2d``); the model keeps its classes and structure. A BN folded into a ``Linear``
+without an ``example`` to show that its input is 2D becomes :class:`Folded2D`, which refuses
+other ranks at run time. Connectivity comes from ``torch.fx`` (BN and conv/linear
 layers are leaves); a model that fx cannot trace is folded only inside ``nn.Sequential``
 containers. A BN is left in place, and the report says why, when folding would not be exact or
 would change something else: the neighbouring layer is called more than once (shared) or its
@@ -34,7 +37,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..kernels.reference import inverse_std
-from ..nn.freeze import is_batchnorm
+from ..nn.freeze import is_batchnorm, is_foreign, num_features, tail
 from ._common import bn_axis, has_running_stats, replace_modules, run_batch
 
 _AFTER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -143,6 +146,8 @@ def _channels(layer: Any, side: str) -> int:
 
 
 def _bn_problem(bn: Any) -> str | None:
+    if is_foreign(bn):
+        return f"{type(bn).__name__} computes more than batch norm (a forward of its own); left as it is"
     if not has_running_stats(bn):
         return "no running statistics (track_running_stats=False): it normalizes with batch statistics"
     if getattr(bn, "training", False):
@@ -163,15 +168,22 @@ class _Planner:
         self.param_owners = owners
         self.report = FoldReport()
         self.done_bn: set[int] = set()
+        self.need_2d: set[int] = set()  # BN folded with a Linear for an input rank not seen
         self.actions: list[tuple[str, nn.Module, nn.Module, str]] = []
 
     def tied(self, layer: nn.Module) -> bool:
         return any(self.param_owners[id(p)] > 1 for p in layer.parameters(recurse=False))
 
     def linear_axis(self, bn: Any) -> str | None:
-        """A Linear's features are on the last axis: a BN on axis 1 matches them only for 2D input."""
+        """A Linear's features are on the last axis: a BN on axis 1 matches them only for 2D input.
+        Without an example the rank is unknown: the fold goes ahead and the BN's place checks, at
+        run time, that its input is 2D (:class:`Folded2D`)."""
         ndim = self.bn_ndim.get(id(bn))
-        if ndim is None or ndim == 2 or bn_axis(bn) % ndim == ndim - 1:
+        if ndim is None:
+            if bn_axis(bn) == 1:  # matches a Linear's features only for 2D input
+                self.need_2d.add(id(bn))
+            return None
+        if ndim == 2 or bn_axis(bn) % ndim == ndim - 1:
             return None
         return f"the BN normalizes axis {bn_axis(bn)} of a {ndim}D input, not the linear layer's features"
 
@@ -188,9 +200,9 @@ class _Planner:
         if not isinstance(layer, _AFTER if after else _BEFORE):
             return f"not {'preceded' if after else 'followed'} by a linear/conv layer"
         channels = _channels(layer, "out" if after else "in")
-        if channels != bn.num_features:
+        if channels != num_features(bn):
             verb = "has" if after else "takes"
-            return f"{bn.num_features} features but the {which} layer {verb} {channels}{' outputs' if after else ''}"
+            return f"{num_features(bn)} features but the {which} layer {verb} {channels}{' outputs' if after else ''}"
         if not isinstance(layer, nn.Linear) and bn_axis(bn) != 1:
             return f"features on axis {bn_axis(bn)}, not the conv's channel axis"
         if isinstance(layer, nn.Linear) and self.linear_axis(bn):
@@ -312,6 +324,38 @@ class _Planner:
                 self.report.unfolded.append((name, "not inside an nn.Sequential and the model is not fx-traceable"))
 
 
+class Folded2D(nn.Module):
+    """The place of a BN folded into a ``Linear`` without an example to show its input's rank:
+    the fold is exact for 2D ``(N, C)`` input only (for ``(N, L, C)`` a ``BatchNorm1d`` normalizes
+    ``L``, not the linear layer's features), so any other rank raises instead of computing a
+    wrong result. Then ``inner`` (what the BN applied after normalizing, or ``nn.Identity``)."""
+
+    def __init__(self, name: str, inner: nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2:
+            raise RuntimeError(
+                f"the batch norm {self.name!r} was folded into a Linear layer for 2D (N, C) input, but got "
+                f"{x.dim()}D input of shape {tuple(x.shape)}; fold the original model with "
+                "fold(model, example=<a batch>) so the folding follows the real input"
+            )
+        return self.inner(x)
+
+    def extra_repr(self) -> str:
+        return repr(self.name)
+
+
+def _replacement(name: str, bn: nn.Module, need_2d: bool) -> nn.Module:
+    """What takes a folded BN's place: what it applied after normalizing (a fused layer's
+    activation, see :func:`batchnorm.nn.freeze.tail`) or ``nn.Identity``, checked for 2D input
+    when ``need_2d``."""
+    inner = tail(bn) or nn.Identity()
+    return Folded2D(name, inner) if need_2d else inner
+
+
 def _input_ranks(model: nn.Module, example: Any) -> dict[int, int]:
     """Rank of the input each BN layer receives when ``model`` runs on ``example``."""
     ranks: dict[int, int] = {}
@@ -382,8 +426,8 @@ def fold(model: nn.Module, report: bool = False, example: Any = None, *,
             _fold_after(layer, bn)
         else:
             _fold_before(bn, layer)
-    folded_ids = {id(bn) for _, bn, _, _ in planner.actions}
-    out = replace_modules(out, lambda m: nn.Identity() if id(m) in folded_ids else None)
+    replacements = {id(bn): _replacement(name, bn, id(bn) in planner.need_2d) for name, bn, _, _ in planner.actions}
+    out = replace_modules(out, lambda m: replacements.get(id(m)))
     if planner.graph_changed:
         graph.lint()
         out = torch.fx.GraphModule(out, graph, class_name=type(model).__name__ + "Folded")
@@ -404,4 +448,4 @@ def fold(model: nn.Module, report: bool = False, example: Any = None, *,
     return out
 
 
-__all__ = ["FoldReport", "fold"]
+__all__ = ["Folded2D", "FoldReport", "fold"]

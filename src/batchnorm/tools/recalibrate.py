@@ -21,6 +21,7 @@ when an exception interrupts the pass (the running statistics are then left as t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,19 +44,31 @@ class Recalibration:
     batches: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # per layer, batches left out for NaN/inf
 
 
 class _Accumulator:
     """Running (count, mean, biased variance) of one layer's inputs, merged exactly in float64."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, nonfinite: str) -> None:
+        self.name = name
+        self.nonfinite = nonfinite
         self.count: Tensor | None = None
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
         self.calls = 0
+        self.skipped = 0  # batches with non-finite statistics left out ("skip")
 
     def add(self, x: Tensor, mask: Tensor | None) -> None:
         s = F.batch_stats(x.detach().double(), mask)
+        if self.nonfinite != "propagate" and not bool(torch.isfinite(s.mean).all() & torch.isfinite(s.var).all()):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"BN layer {self.name!r} received a batch with NaN or inf (non-finite statistics); nothing "
+                    "was changed. Pass nonfinite='skip' to leave such batches out."
+                )
+            self.skipped += 1
+            return
         if self.count is None:
             self.count, self.mean, self.var = s.count, s.mean, s.var
             return
@@ -73,6 +86,7 @@ def recalibrate(
     *,
     reused: str = "error",
     process_group: Any = None,
+    nonfinite: str = "skip",
 ) -> Recalibration:
     """Replace the running statistics of every BN layer by the exact population statistics of
     its inputs over ``data`` (see the module docstring). The model is changed in place.
@@ -83,11 +97,20 @@ def recalibrate(
     * ``num_batches``: stop after that many batches (default: all of ``data``).
     * ``reused``: a BN called more than once per forward sees several distributions; ``"error"``
       (default) raises, ``"pool"`` gives it the statistics of all its inputs together.
-    * Frozen layers (frozen statistics knobs, ``Frozen*`` layers) and layers without running
-      statistics are left alone and listed in the result's ``skipped``.
+    * Frozen layers (frozen statistics knobs, ``Frozen*`` layers, torchvision's and timm's
+      included) and layers without running statistics are left alone and listed in the result's
+      ``skipped``.
+    * ``nonfinite``: a batch whose statistics at a layer are NaN/inf is left out of that layer's
+      statistics with a warning (``"skip"``, the layers' default too), raises
+      ``FloatingPointError`` with nothing changed (``"raise"``), or is merged in (``"propagate"``).
+
+    Each recalibrated layer gets the attribute ``recalibrated_values`` (the number of values per
+    channel its statistics come from), which :func:`batchnorm.diagnose` reads: such statistics
+    owe nothing to the initialization, whatever ``num_batches_tracked`` says.
     """
     if reused not in ("error", "pool"):
         raise ValueError(f"reused must be 'error' or 'pool', got {reused!r}")
+    F.check_nonfinite_mode(nonfinite)
     layers = bn_layers(model)
     targets: list[tuple[str, Any]] = []
     result = Recalibration()
@@ -98,7 +121,7 @@ def recalibrate(
             result.skipped[name] = "no running statistics (track_running_stats=False)"
         else:
             targets.append((name, bn))
-    acc = {name: _Accumulator() for name, _ in targets}
+    acc = {name: _Accumulator(name, nonfinite) for name, _ in targets}
     model_calls = [0]
     handles = []
 
@@ -162,7 +185,16 @@ def recalibrate(
                 continue
             bn.running_mean.copy_(mean.to(bn.running_mean))
             bn.running_var.copy_(F.unbiased(var, count).to(bn.running_var))
+            bn.recalibrated_values = n
             result.counts[name] = n
+    result.nonfinite = {name: a.skipped for name, a in acc.items() if a.skipped}
+    if result.nonfinite:
+        worst = max(result.nonfinite.values())
+        warnings.warn(
+            f"recalibrate: batches with NaN or inf were left out of the statistics of {len(result.nonfinite)} "
+            f"layer(s) (up to {worst} of {result.batches} batches; Recalibration.nonfinite has them per layer)",
+            RuntimeWarning, stacklevel=2,
+        )
     return result
 
 
