@@ -193,8 +193,10 @@ def _float_formats_helper(cls, size, fwd_format, bwd_format):
     assert not inp.grad.isinf().any()
     assert not inp.grad.isnan().any()
     assert_equal(inp.grad, ref_input.grad)
-    # addition: at least as accurate as torch's float32 layer, against a float64 computation
-    assert_as_accurate_as_torch(cls, inp.detach(), grad_input)
+    # addition: at least as accurate as torch's float32 layer, against a float64 computation (when
+    # forward and backward share a memory format: the two layouts' kernels, at half the cost)
+    if fwd_format == bwd_format:
+        assert_as_accurate_as_torch(cls, inp.detach(), grad_input)
 
 
 def test_batchnorm_half_overflow():
@@ -203,7 +205,9 @@ def test_batchnorm_half_overflow():
     reference; float32 input in every forward/backward memory-format combination.
 
     Sizes: the original's (4, 80, 500, 500), (4, 80, 20, 100, 100), (16, 3, 224, 224) and
-    (16, 20, 40, 40, 40) keep their per-channel counts here with 2, 2, 3 and 4 channels."""
+    (16, 20, 40, 40, 40) keep their per-channel counts (0.8M to 1M values) here with 2 channels
+    each. Addition: in float32 our layer must be at least about as accurate as torch's against a
+    float64 computation (``assert_as_accurate_as_torch``)."""
     for fmt in (torch.contiguous_format, torch.channels_last):
         _half_overflow_helper(B.BatchNorm2d, (4, 2, 500, 500), torch.half, fmt, fmt)
     for fmt in (torch.contiguous_format, torch.channels_last_3d):
@@ -211,9 +215,9 @@ def test_batchnorm_half_overflow():
     formats2 = (torch.contiguous_format, torch.channels_last)
     formats3 = (torch.contiguous_format, torch.channels_last_3d)
     for fwd, bwd in itertools.product(formats2, formats2):
-        _float_formats_helper(B.BatchNorm2d, (16, 3, 224, 224), fwd, bwd)
+        _float_formats_helper(B.BatchNorm2d, (16, 2, 224, 224), fwd, bwd)
     for fwd, bwd in itertools.product(formats3, formats3):
-        _float_formats_helper(B.BatchNorm3d, (16, 4, 40, 40, 40), fwd, bwd)
+        _float_formats_helper(B.BatchNorm3d, (16, 2, 40, 40, 40), fwd, bwd)
 
 
 @pytest.mark.parametrize("bn_module", [B.BatchNorm2d, B.SyncBatchNorm], ids=["BatchNorm2d", "SyncBatchNorm"])
