@@ -79,7 +79,8 @@ def assert_as_accurate_as_torch(cls, x, grad, *, slack=2.0):
         worst = int((err - bound).argmax())
         assert bool((err <= bound).all()), (
             f"{name}: error {err.flatten()[worst].item():.3g} vs float64 exceeds {slack}x torch's worst error "
-            f"{(theirs - truth).abs().max().item():.3g} (+ default tolerance) at flat index {worst}")
+            f"{(theirs - truth).abs().max().item():.3g} (+ default tolerance) at flat index {worst}; "
+            f"{cls.__name__} input {tuple(x.shape)} {x.dtype} strides {x.stride()}")
 
 
 # --------------------------------------------------------------------------------------- TestNN

@@ -1,6 +1,7 @@
 """torchvision's FrozenBatchNorm2d tests, run on ``batchnorm.FrozenBatchNorm2d``.
 
-Source: pytorch/vision ``test/test_ops.py``, class ``TestFrozenBNT`` (stored copy at commit
+Source: pytorch/vision ``test/test_ops.py``, class ``TestFrozenBNT`` (read from the search index's
+stored copy of that file; the index lists pytorch/vision's version at commit
 e8dd7c6c5c1e21b9acdec623b63d5d5559d9e0d7): ``test_frozenbatchnorm2d_repr`` and
 ``test_frozenbatchnorm2d_eps`` (seeds 0-9). torchvision is not installed here; the tests need
 only ``torch.nn.BatchNorm2d`` as the reference. All tests of the class are ported.
