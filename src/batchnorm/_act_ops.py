@@ -127,7 +127,7 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, bias, residual, mask, mean, var, count = ctx.saved_tensors
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    if graph_backward():  # differentiable: the closed form with the statistics recomputed from x
+    if graph_backward(dy):  # differentiable: the closed form with the statistics recomputed from x
         mean, var, count = reference.stats(x, mask, ctx.vbs)
         dx, dw, db, dr = reference_act.backward_train_act(dy, x, residual, mean, var, ctx.eps, weight, bias, mask,
                                                           count, ctx.vbs, ctx.act, ctx.slope, need_x, need_r)
@@ -221,7 +221,7 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, var, weight, bias, residual = ctx.saved_tensors
     need_x, _, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:7]
-    backward = reference_act.backward_apply_act if graph_backward() else \
+    backward = reference_act.backward_apply_act if graph_backward(dy) else \
         impl_or_op("act_apply_backward", _apply_backward_impl)
     dx, dw, db, dr = backward(dy, x, residual, mean, var, ctx.eps, weight, bias, ctx.act, ctx.slope, need_x, need_r)
     return (
@@ -317,7 +317,7 @@ def _inplace_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _inplace_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     y, weight, bias, mask, var, count = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if graph_backward():
+    if graph_backward(dy):
         raise RuntimeError(
             "in-place activated batch norm (inplace_abn=True) keeps only its output, which has no "
             "differentiable backward: double backward (create_graph=True) and torch.func transforms "

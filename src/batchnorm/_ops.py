@@ -20,6 +20,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 from torch._C import _are_functorch_transforms_active as _functorch_active
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
 
 from . import kernels
 from .kernels import reference
@@ -53,12 +54,14 @@ def transformed() -> bool:
     return _functorch_active() or _fwad._current_level >= 0
 
 
-def graph_backward() -> bool:
-    """Inside a backward formula: whether the gradient itself must be differentiable (a backward
-    with ``create_graph=True``, where autograd leaves grad mode on) or transformable (batched
-    gradients run the backward under vmap). Eager mode only; the registered formulas are traced
-    as they are."""
-    return not _tracing() and (torch.is_grad_enabled() or _functorch_active())
+def graph_backward(dy: Tensor) -> bool:
+    """Inside a backward formula, given the incoming gradient ``dy``: whether the gradient itself
+    must be differentiable (a backward with ``create_graph=True``, where autograd leaves grad mode
+    on) or transformable (``torch.func``; batched gradients, ``is_grads_batched=True``, whose ``dy``
+    is a batched tensor with no storage). Eager mode only; the registered formulas are traced as they
+    are."""
+    return not _tracing() and (torch.is_grad_enabled() or _functorch_active() or is_functorch_wrapped_tensor(dy)
+                               or is_legacy_batchedtensor(dy))
 
 
 def owned(t: Tensor) -> Tensor:
@@ -155,7 +158,7 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, mask, mean, var, count = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if graph_backward():
+    if graph_backward(dy):
         dx, dw, db = reference.backward_train_graph(dy, x, ctx.eps, weight, mask, ctx.vbs, need_x)
     else:
         backward = impl_or_op("train_backward", _train_backward_impl)
@@ -222,7 +225,7 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, var, weight = ctx.saved_tensors
     need_x, _, _, _, need_w, need_b = ctx.needs_input_grad[:6]
-    if graph_backward():  # the closed form is already differentiable: torch ops, statistics constant
+    if graph_backward(dy):  # the closed form is already differentiable: torch ops, statistics constant
         dx, dw, db = reference.backward_apply(dy, x, mean, var, ctx.eps, weight, need_x)
     else:
         dx, dw, db = impl_or_op("apply_backward", _apply_backward_impl)(dy, x, mean, var, ctx.eps, weight, need_x)

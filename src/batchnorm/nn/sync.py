@@ -144,7 +144,8 @@ class SyncBatchNorm(_NormBase):
 
     def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
                    update: bool) -> tuple[Tensor, Tensor | bool | None]:
-        if not normalize_with_batch or _world(self.process_group) == 1:
+        # as torch's: only training synchronizes (eval without running statistics uses each rank's batch)
+        if not self.training or not normalize_with_batch or _world(self.process_group) == 1:
             return super()._normalize(x, mask, normalize_with_batch, update)
         weight, bias = self._affine()
         # rank-local checks only; "more than one value" is checked on the global count
