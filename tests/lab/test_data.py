@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,8 +94,9 @@ def test_download_with_opener_and_no_hash():
 
 
 def test_idx_dataset_from_data_dir(tmp_path):
+    """Your own IDX files (``--dataset idx``): any size, split and normalized like the public sets."""
     files = _tiny_idx_dir(tmp_path)
-    ds = D.load_dataset("fashion-mnist", data_dir=str(tmp_path), val_fraction=0.25)
+    ds = D.load_dataset("idx", data_dir=str(tmp_path), val_fraction=0.25)
     assert ds.input_shape == (1, 6, 6)
     assert len(ds.y_train) == 30 and len(ds.y_val) == 10 and len(ds.y_test) == 20
     # normalization statistics come from the training split only
@@ -153,3 +155,116 @@ def test_digits():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         D.load_dataset("cifar")
+
+
+# ------------------------------------------------------------------ data identity and checked local files
+# (issue 9: local IDX files were never checked, and runs on other data were reused as the real dataset)
+
+FASHION_ID = "sha256:17ab7fb6d77d6a8863aac2f8bb416e6c"  # identity of the official Fashion-MNIST content
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _official_like(path, monkeypatch, name="fashion-mnist", n_train=40, n_test=20, side=6):
+    """Make tiny files and declare them the official ``name`` (its published digests monkeypatched to
+    theirs): the checks run as on the real set without 30 MB of data."""
+    path.mkdir(parents=True, exist_ok=True)
+    _tiny_idx_dir(path, n_train, n_test, side)
+    spec = dict(D._IDX_SETS[name])
+    spec["files"] = {k: D.IdxFile(f.name, md5=hashlib.md5((path / f.name).read_bytes()).hexdigest())
+                     for k, f in spec["files"].items()}
+    spec["shapes"] = {"train_x": (n_train, side, side), "train_y": (n_train,), "test_x": (n_test, side, side),
+                      "test_y": (n_test,)}
+    monkeypatch.setitem(D._IDX_SETS, name, spec)
+    return path
+
+
+def test_public_dataset_refuses_files_that_are_not_the_official_ones(tmp_path, monkeypatch):
+    official = _official_like(tmp_path / "official", monkeypatch)
+    assert D.data_identity("fashion-mnist", official).startswith("sha256:")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    rng = np.random.default_rng(7)  # same shapes, other content
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        D.write_idx(rng.integers(0, 256, (n, 6, 6), dtype=np.uint8), fake / f"{prefix}-images-idx3-ubyte.gz")
+        D.write_idx(rng.integers(0, 10, n, dtype=np.uint8), fake / f"{prefix}-labels-idx1-ubyte.gz")
+    with pytest.raises(D.DataError, match="not the official fashion-mnist file"):
+        D.data_identity("fashion-mnist", fake)
+    with pytest.raises(D.DataError, match="not the official"):
+        D.load_dataset("fashion-mnist", data_dir=str(fake))
+    # the same bytes recompressed (as Debian did) are still the official content only if a content digest
+    # is known; the published archive digest alone does not cover them
+    recompressed = tmp_path / "recompressed"
+    recompressed.mkdir()
+    for f in official.iterdir():
+        (recompressed / f.name).write_bytes(gzip.compress(gzip.decompress(f.read_bytes()), compresslevel=1))
+    with pytest.raises(D.DataError, match="not the official"):
+        D.data_identity("fashion-mnist", recompressed)
+    # as your own dataset the fake files are fine, under their own identity
+    assert D.data_identity("idx", fake) != D.data_identity("idx", official)
+
+
+def test_public_dataset_checks_shapes_and_labels(tmp_path):
+    """The real shapes (60000/10000 x 28x28) and labels 0..9, with a message naming the file."""
+    small = tmp_path / "small"
+    small.mkdir()
+    _tiny_idx_dir(small, side=10)
+    with pytest.raises(D.DataError, match=r"shape 40x10x10; fashion-mnist's is 60000x28x28"):
+        D.data_identity("fashion-mnist", small)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    zeros = np.zeros((60000, 28, 28), np.uint8)
+    D.write_idx(zeros, labels / "train-images-idx3-ubyte.gz")
+    D.write_idx(np.full(60000, 12, np.uint8), labels / "train-labels-idx1-ubyte.gz")
+    with pytest.raises(D.DataError, match="holds label 12; labels must be 0..9"):
+        D.data_identity("fashion-mnist", labels)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-idx"])
+def test_damaged_files_are_a_clear_error(tmp_path, damage):
+    _tiny_idx_dir(tmp_path)
+    f = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = f.read_bytes()
+    f.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": raw[:10] + b"\xff" * 50,
+                   "not-idx": gzip.compress(b"hello world")}[damage])
+    with pytest.raises(D.DataError, match=r"train-images-idx3-ubyte.gz \(training images of idx\) is unusable"):
+        D.data_identity("idx", tmp_path)
+
+
+def test_identity_is_the_content_not_the_place(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    _tiny_idx_dir(a)
+    b.mkdir()
+    for f in a.iterdir():  # the same content, decompressed: same identity
+        (b / f.name[:-3]).write_bytes(gzip.decompress(f.read_bytes()))
+    assert D.data_identity("idx", a) == D.data_identity("idx", b)
+    assert D.load_dataset("idx", data_dir=str(a)).info["data_id"] == D.data_identity("idx", a)
+
+
+def test_mnist1d_cache_is_checked(tmp_path, monkeypatch):
+    """An altered MNIST-1D cache file is not used: the data is generated again (known identity)."""
+    real, ident = D._mnist1d_raw_id(42, 5000)
+    assert ident == D.MNIST1D_IDENTITY[(42, 5000)]
+    monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path))
+    altered = {k: v.copy() for k, v in real.items()}
+    altered["y"][:10] = (altered["y"][:10] + 1) % 10
+    np.savez(tmp_path / "mnist1d-seed42-n5000.npz", **altered)
+    calls = []
+    monkeypatch.setattr(D, "_generate_mnist1d", lambda seed, n: calls.append(seed) or real)
+    raw, ident2 = D._mnist1d_raw_id(42, 5000)
+    assert calls == [42] and ident2 == ident
+    np.testing.assert_array_equal(raw["y"], real["y"])
+
+
+@pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist_is_the_official_content(tmp_path):
+    """Debian's recompressed archives pass by content; a copy elsewhere has the same identity."""
+    assert D.data_identity("fashion-mnist") == FASHION_ID
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in DEBIAN.iterdir():
+        (copy / f.name).symlink_to(f)
+    assert D.data_identity("fashion-mnist", copy) == FASHION_ID
+    ds = D.load_dataset("fashion-mnist", limit=50)
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10 and ds.info["data_id"] == FASHION_ID

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .train import RunConfig, config_hash, steps_to
+from .train import RunConfig, config_key, steps_to
 
 __all__ = ["CLAIMS", "Claim", "Condition", "analyze_claims", "judge", "judge_claim", "plan_claims"]
 
@@ -430,7 +430,7 @@ def plan_claims(mode: str = "quick", dataset: str = "mnist1d", claims: list[str]
             for seed in seeds or _seeds(mode):
                 for cfgs in cond.arms(seed).values():
                     for c in cfgs:
-                        out.setdefault(config_hash(c), c)
+                        out.setdefault(config_key(c), c)
     return list(out.values())
 
 

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
-import sys
+import sqlite3
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .data import DATASETS, DataUnavailable
-from .models import MODELS
+from ..cli import CommandError, UsageError
+from .data import DATASETS, DataError, DataUnavailable
+from .models import MODELS, NORMS
 
 __all__ = ["register"]
 
 DEFAULT_OUT = "bn-report"
+PROBES = ("percentiles", "grad_norms", "ics", "smoothness", "inference")
+MAX_SEED = 2**32 - 1
 
 
 def _console(args) -> Console:
@@ -26,31 +31,177 @@ def _console(args) -> Console:
     return Console(stderr=bool(getattr(args, "json", False)))
 
 
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.replace(",", " ").split()]
+# ---------------------------------------------------------------------------------- option validators
+# argparse ``type=`` functions: a bad value is refused before anything runs or is stored, with a message
+# naming the allowed range (argparse prefixes it with the option: "argument --steps: ...").
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.replace(",", " ").split()]
+def _int_at_least(lo: int, hi: int | None = None):
+    allowed = f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected {allowed}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range; expected {allowed}")
+        return v
+
+    parse.__name__ = allowed
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a finite number > 0") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range; expected a finite number > 0")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected an accuracy in (0, 1]") from None
+    if not (0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"{text} is out of range; expected an accuracy in (0, 1] (0.6 = 60%)")
+    return v
+
+
+def _items(text: str) -> list[str]:
+    return [x for x in text.replace(",", " ").split() if x]
+
+
+def _list_of(item, what: str):
+    """A non-empty comma (or space) separated list, each item parsed by ``item``."""
+
+    def parse(text: str) -> list:
+        parts = _items(text)
+        if not parts:
+            raise argparse.ArgumentTypeError(f"empty list; give one or more {what}, comma separated")
+        out = []
+        for p in parts:
+            try:
+                out.append(item(p))
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+        return out
+
+    parse.__name__ = f"list of {what}"
+    return parse
+
+
+def _model(name: str) -> str:
+    if name not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return name
+
+
+def _norm(name: str) -> str:
+    """A norm name or ``module:Class`` that imports and builds as ``Class(num_features)``."""
+    if name in NORMS:
+        return name
+    if ":" not in name:
+        raise argparse.ArgumentTypeError(
+            f"unknown norm {name!r}; choose from {', '.join(NORMS)} or give a layer class as module:Class")
+    mod, _, qual = name.partition(":")
+    try:
+        obj = importlib.import_module(mod)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:  # ImportError, AttributeError, or an error raised by the module itself
+        raise argparse.ArgumentTypeError(f"cannot import {name!r} ({type(exc).__name__}: {exc}); give an "
+                                         "importable layer class as module:Class, e.g. torch.nn:LayerNorm") from None
+    try:
+        if not callable(obj):
+            raise TypeError(f"{type(obj).__name__} is not callable")
+        obj(4)
+    except Exception as exc:
+        raise argparse.ArgumentTypeError(f"{name!r} cannot be built as a norm layer, {qual}(num_features) "
+                                         f"failed ({type(exc).__name__}: {exc})") from None
+    return name
+
+
+def _probes(text: str) -> tuple[str, ...]:
+    out = tuple(_items(text))
+    unknown = [p for p in out if p not in PROBES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown probe(s) {', '.join(map(repr, unknown))}; choose from "
+                                         f"{', '.join(PROBES)}")
+    return out
+
+
+def _claim_keys(text: str) -> list[str]:
+    from .claims import CLAIMS
+
+    keys = _items(text)
+    known = [c.key for c in CLAIMS]
+    unknown = [k for k in keys if k not in known]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown claim(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                                         f"choose from {', '.join(known)}")
+    return keys
+
+
+def _out_dir(text: str) -> str:
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory; give a directory for the "
+                                         "store and the report")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{parent} is a file; {text} cannot be created")
+            break
+    return text
+
+
+def _store_file(text: str) -> str:
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; the store is a file, e.g. {p / 'lab.sqlite'}")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{parent} is a file; {text} cannot be created")
+            break
+    return text
+
+
+def _data_dir(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory; give the directory holding the IDX files")
+    return text
+
+
+_seed = _int_at_least(0, MAX_SEED)
+_positive_int = _int_at_least(1)
 
 
 def _add_common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OUT) -> None:
-    p.add_argument("--out", default=out_default, help=f"output directory (store + report; default {out_default})")
-    p.add_argument("--store", default=None, help="SQLite store to use (default OUT/lab.sqlite)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--out", type=_out_dir, default=out_default,
+                   help=f"output directory (store + report; default {out_default})")
+    p.add_argument("--store", type=_store_file, default=None, help="SQLite store to use (default OUT/lab.sqlite)")
+    p.add_argument("--workers", type=_int_at_least(1, 256), default=None,
                    help="worker processes for sweeps (default: one per idle CPU, i.e. CPUs minus load average; "
                         "1 = in-process)")
-    p.add_argument("--data-dir", default=None, help="directory with the IDX files (fashion-mnist, mnist)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many training examples")
+    p.add_argument("--data-dir", type=_data_dir, default=None,
+                   help="directory with the IDX files (fashion-mnist, mnist, idx)")
+    p.add_argument("--limit", type=_int_at_least(2), default=None,
+                   help="use at most this many training examples (>= 2)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the HTML report")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (>= 1)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps (>= 1)")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (>= 1)")
 
 
 def register(subparsers) -> None:
@@ -59,39 +210,45 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("train", help="train one model (with or without BN) and store the run",
                               description=f"Models: {models}. Datasets: {datasets}.")
-    p.add_argument("--dataset", default="mnist1d")
+    p.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
     p.add_argument("--model", default="mlp", choices=list(MODELS))
-    p.add_argument("--norm", default="batchnorm",
+    p.add_argument("--norm", type=_norm, default="batchnorm",
                    help="none | batchnorm | ghost | renorm | frozen | module:Class (any layer class)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--depth", type=int, default=None, help="depth of deep-mlp / resnet-mlp")
-    p.add_argument("--width", type=int, default=None, help="width of mlp / deep-mlp / resnet-mlp")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (> 0)")
+    p.add_argument("--seed", type=_seed, default=0, help=f"0..{MAX_SEED}")
+    p.add_argument("--depth", type=_int_at_least(1, 10000), default=None, help="depth of deep-mlp / resnet-mlp")
+    p.add_argument("--width", type=_int_at_least(1, 100000), default=None,
+                   help="width of mlp / deep-mlp / resnet-mlp")
     p.add_argument("--skipinit", action="store_true", help="resnet-mlp: SkipInit residual scalars")
-    p.add_argument("--virtual-batch-size", type=int, default=None, help="ghost BN virtual batch size")
-    p.add_argument("--probes", default="", help="comma list: percentiles, grad_norms, ics, smoothness, inference")
+    p.add_argument("--virtual-batch-size", type=_positive_int, default=None, help="ghost BN virtual batch size")
+    p.add_argument("--probes", type=_probes, default=(), help=f"comma list: {', '.join(PROBES)}")
     _add_training(p)
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("compare", help="the same model with and without BN over learning rates and seeds")
-    p.add_argument("--dataset", default="mnist1d")
-    p.add_argument("--model", default="mlp", help=f"one or more (comma separated) of: {models}")
-    p.add_argument("--norms", default="none,batchnorm", help="comma list of norms (default none,batchnorm)")
-    p.add_argument("--lrs", default=None, help="learning rates (default: the model's recipe LR)")
-    p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
-    p.add_argument("--batch-sizes", default=None, help="batch-size grid (default: --batch-size or the recipe's)")
-    p.add_argument("--target", type=float, default=None, help="target validation accuracy for 'steps to target'")
+    p.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
+    p.add_argument("--model", type=_list_of(_model, "models"), default=["mlp"],
+                   help=f"one or more (comma separated) of: {models}")
+    p.add_argument("--norms", type=_list_of(_norm, "norms"), default=["none", "batchnorm"],
+                   help="comma list of norms (default none,batchnorm)")
+    p.add_argument("--lrs", type=_list_of(_positive_float, "learning rates"), default=None,
+                   help="learning rates > 0 (default: the model's recipe LR)")
+    p.add_argument("--seeds", type=_list_of(_seed, "seeds"), default=[0, 1, 2], help="seeds (default 0,1,2)")
+    p.add_argument("--batch-sizes", type=_list_of(_positive_int, "batch sizes"), default=None,
+                   help="batch-size grid (default: --batch-size or the recipe's)")
+    p.add_argument("--target", type=_fraction, default=None,
+                   help="target validation accuracy for 'steps to target', in (0, 1]")
     _add_training(p)
     _add_common(p)
     p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser("figure1", help="Ioffe & Szegedy Figure 1: paper-mlp with/without BN, percentiles")
-    p.add_argument("--dataset", default="mnist1d")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
+    p.add_argument("--steps", type=_positive_int, default=3000, help="training steps (>= 1)")
+    p.add_argument("--seed", type=_seed, default=0, help=f"0..{MAX_SEED}")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (> 0)")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (>= 1)")
     _add_common(p)
     p.set_defaults(func=cmd_figure1)
 
@@ -101,8 +258,8 @@ def register(subparsers) -> None:
     g.add_argument("--full", dest="mode", action="store_const", const="full", help="more seeds, longer, deeper")
     g.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="smoke test (seconds)")
     p.set_defaults(mode="quick")
-    p.add_argument("--dataset", default="mnist1d")
-    p.add_argument("--only", default=None, help="comma list of claim keys")
+    p.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
+    p.add_argument("--only", type=_claim_keys, default=None, help="comma list of claim keys")
     _add_common(p)
     p.set_defaults(func=cmd_claims)
 
@@ -112,8 +269,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_demo)
 
     p = subparsers.add_parser("report", help="rebuild the HTML report from the stored results")
-    p.add_argument("dir", nargs="?", default=DEFAULT_OUT)
-    p.add_argument("--store", default=None)
+    p.add_argument("dir", nargs="?", type=_out_dir, default=DEFAULT_OUT)
+    p.add_argument("--store", type=_store_file, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
 
@@ -121,10 +278,10 @@ def register(subparsers) -> None:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _store(args):
+def _store(args, check: bool = False):
     from .sweep import open_store
 
-    return open_store(args.out, args.store)
+    return open_store(args.out, args.store, check=check)
 
 
 def _workers(args, n_todo: int) -> int:
@@ -135,34 +292,50 @@ def _workers(args, n_todo: int) -> int:
     return auto_workers(n_todo)
 
 
+def _resolved(args, configs):
+    """The configurations with the command line's --limit/--data-dir and the identity of their data (the data
+    is found and checked here, before anything is trained or stored)."""
+    from .train import resolve_data, with_data
+
+    return [resolve_data(with_data(c, args.limit, args.data_dir)) for c in configs]
+
+
+def _data_id(args, dataset: str) -> str:
+    from .data import data_identity
+
+    return data_identity(dataset, args.data_dir)
+
+
 def _run(args, configs, console: Console, title: str) -> list[dict]:
-    """Sweep with a rich progress bar; friendly errors for missing data."""
+    """Sweep with a rich progress bar."""
     from .sweep import run_sweep
-    from .train import config_hash, with_data
+    from .train import config_hash
 
-    configs = [with_data(c, args.limit, args.data_dir) for c in configs]
-    store = _store(args)
-    todo = len({config_hash(c) for c in configs if not store.has(config_hash(c))})
-    workers = _workers(args, todo)
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}")]
-    with Progress(*cols, console=console, transient=False) as prog:
-        total = prog.add_task(title, total=len(configs), info=f"{todo} to train, {workers} worker(s)")
-        step_task = prog.add_task("  current run", total=1, info="", visible=workers == 1 and todo > 0)
+    configs = _resolved(args, configs)
+    store = _store(args, check=True)
+    try:
+        todo = len({config_hash(c) for c in configs if not store.has(config_hash(c))})
+        workers = _workers(args, todo)
+        cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}")]
+        with Progress(*cols, console=console, transient=False) as prog:
+            total = prog.add_task(title, total=len(configs), info=f"{todo} to train, {workers} worker(s)")
+            step_task = prog.add_task("  current run", total=1, info="", visible=workers == 1 and todo > 0)
 
-        def on_done(cfg, result, reused):
-            prog.advance(total)
-            tag = "reused" if reused else f"{result['seconds']:.1f}s"
-            prog.update(total, info=f"{cfg.model}/{cfg.norm} seed {cfg.seed}: "
-                                    f"{100 * result['test_accuracy']:.1f}% ({tag})")
+            def on_done(cfg, result, reused):
+                prog.advance(total)
+                tag = "reused" if reused else f"{result['seconds']:.1f}s"
+                prog.update(total, info=escape(f"{cfg.model}/{cfg.norm} seed {cfg.seed}: "
+                                               f"{100 * result['test_accuracy']:.1f}% ({tag})"))
 
-        def on_step(cfg, step, steps, last):
-            prog.update(step_task, total=max(1, steps), completed=step,
-                        description=f"  {cfg.model}/{cfg.norm} lr {cfg.lr:g} seed {cfg.seed}",
-                        info=f"test {100 * last['test_acc']:.1f}%")
+            def on_step(cfg, step, steps, last):
+                prog.update(step_task, total=max(1, steps), completed=step,
+                            description=escape(f"  {cfg.model}/{cfg.norm} lr {cfg.lr:g} seed {cfg.seed}"),
+                            info=f"test {100 * last['test_acc']:.1f}%")
 
-        runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step)
-    store.close()
+            runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step)
+    finally:
+        store.close()
     return runs
 
 
@@ -171,8 +344,10 @@ def _finish(args, console, payload: dict, rebuild: bool = True) -> int:
         from .report import build_report
 
         store = _store(args)
-        path = build_report(store, args.out)
-        store.close()
+        try:
+            path = build_report(store, args.out)
+        finally:
+            store.close()
         payload["report"] = str(path)
         console.print(f"report: [bold]{path}[/bold]")
     if args.json:
@@ -186,23 +361,32 @@ def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}%"
 
 
+def _store_path(args) -> str:
+    if getattr(args, "store", None):
+        return str(args.store)
+    return str(Path(getattr(args, "out", None) or getattr(args, "dir", DEFAULT_OUT)) / "lab.sqlite")
+
+
 def _guard(fn):
+    """Turn the lab's known failures into one-line errors with their exit code (see ``batchnorm.cli``)."""
+
     def wrapper(args):
+        from .store import StoreError
+        from .sweep import SweepError
+
         try:
             return fn(args)
-        except DataUnavailable as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except Exception as exc:  # a sweep interrupted by a dead worker, for instance
-            from .sweep import SweepError
-
-            if isinstance(exc, SweepError):
-                print(f"error: {exc}", file=sys.stderr)
-                return 3
-            raise
+        except (DataUnavailable, DataError, StoreError) as exc:
+            raise CommandError(str(exc)) from None
+        except SweepError as exc:
+            raise CommandError(str(exc), code=3) from None
+        except sqlite3.DatabaseError as exc:  # the store went bad after it was opened
+            raise CommandError(f"the lab store {_store_path(args)} failed ({exc}): it is corrupt or was changed "
+                               "by another program; move it aside and run again, or choose another "
+                               "--out/--store") from None
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise CommandError(f"cannot access{where}: {exc.strerror or exc}") from None
 
     wrapper.__name__ = fn.__name__
     return wrapper
@@ -213,31 +397,26 @@ def _guard(fn):
 
 @_guard
 def cmd_train(args) -> int:
-    from .models import resolve_norm
-    from .store import Store  # noqa: F401
-    from .train import RunConfig
+    from .store import experiment_name
+    from .sweep import open_store
+    from .train import RunConfig, config_hash
 
     console = _console(args)
-    resolve_norm(args.norm)  # fail early on a bad module:Class
     model_kw = {k: v for k, v in (("depth", args.depth), ("width", args.width)) if v is not None}
     if args.skipinit:
         model_kw["skipinit"] = True
     norm_kw = {"virtual_batch_size": args.virtual_batch_size} if args.virtual_batch_size else {}
     cfg = RunConfig(dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
                     batch_size=args.batch_size, steps=args.steps, seed=args.seed, eval_every=args.eval_every,
-                    probes=tuple(p for p in args.probes.split(",") if p)).replace(
-        norm=args.norm, model_kw=model_kw, norm_kw=norm_kw)
+                    probes=tuple(args.probes)).replace(norm=args.norm, model_kw=model_kw, norm_kw=norm_kw)
     t0 = time.perf_counter()
-    from .sweep import open_store
-    from .train import config_hash, with_data
-
-    h = config_hash(with_data(cfg, args.limit, args.data_dir))
-    with open_store(args.out, args.store) as store:
+    h = config_hash(_resolved(args, [cfg])[0])
+    with open_store(args.out, args.store, check=True) as store:
         reused = store.has(h)
     args.workers = 1
     run = _run(args, [cfg], console, "train")[0]
     res = run["result"]
-    table = Table(title=f"{cfg.dataset} / {cfg.model} / {cfg.norm}")
+    table = Table(title=escape(f"{cfg.dataset} / {cfg.model} / {cfg.norm}"))
     for col in ("test acc", "val acc", "train acc", "train loss", "steps", "diverged", "seconds"):
         table.add_column(col)
     table.add_row(_pct(res["test_accuracy"]), _pct(res["val_accuracy"]), _pct(res["train_accuracy"]),
@@ -245,7 +424,7 @@ def cmd_train(args) -> int:
                   str(res["diverged"]), f"{res['seconds']:.1f}")
     console.print(table)
     with open_store(args.out, args.store) as store:
-        store.put_experiment(f"train-{h[:8]}", "train", {"config": run["config"]}, [h])
+        store.put_experiment(experiment_name("train", h[:8], {"hash": h}), "train", {"config": run["config"]}, [h])
     payload = {
         "test_accuracy": res["test_accuracy"], "train_loss": res["train_loss"], "steps": res["steps"],
         "diverged": res["diverged"], "seconds": res["seconds"], "val_accuracy": res["val_accuracy"],
@@ -279,7 +458,7 @@ def _compare_table(console, tab) -> None:
                 "diverged", "s/run"):
         t.add_column(col)
     for r in tab["rows"]:
-        t.add_row(r["model"], r["norm"], f"{r['lr']:g}", str(r["batch_size"]),
+        t.add_row(escape(r["model"]), escape(r["norm"]), f"{r['lr']:g}", str(r["batch_size"]),
                   f"{_pct(r['test_accuracy'])} ± {_pct(r['test_accuracy_std'])}",
                   "–" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f} ({r['reached']}/{r['seeds']})",
                   _pct(r["gap"]), f"{r['diverged']}/{r['seeds']}", f"{r['seconds']:.1f}")
@@ -288,7 +467,7 @@ def _compare_table(console, tab) -> None:
     for col in ("model", "norm", "best lr / batch", "best test accuracy", "max stable lr"):
         s.add_column(col)
     for r in tab["summary"]:
-        s.add_row(r["model"], r["norm"], f"{r['best_lr']:g} / {r['best_batch_size']}",
+        s.add_row(escape(r["model"]), escape(r["norm"]), f"{r['best_lr']:g} / {r['best_batch_size']}",
                   f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
                   "–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
     console.print(s)
@@ -301,26 +480,28 @@ def _default_target(dataset: str, models: list[str]) -> float:
 @_guard
 def cmd_compare(args) -> int:
     from .analysis import compare_table
+    from .store import experiment_name
     from .sweep import open_store
 
     console = _console(args)
-    models = [m for m in args.model.split(",") if m]
-    norms = [n for n in args.norms.split(",") if n]
-    lrs = _floats(args.lrs) if args.lrs else None
-    seeds = _ints(args.seeds)
-    batch_sizes = _ints(args.batch_sizes) if args.batch_sizes else None
+    models = list(dict.fromkeys(args.model))
+    norms = list(dict.fromkeys(args.norms))
+    lrs = list(dict.fromkeys(args.lrs)) if args.lrs else None
+    seeds = list(dict.fromkeys(args.seeds))
+    batch_sizes = list(dict.fromkeys(args.batch_sizes)) if args.batch_sizes else None
     cfgs = compare_configs(args.dataset, models, norms, lrs, seeds, args.steps, args.optimizer, args.batch_size,
                            args.eval_every, batch_sizes=batch_sizes)
     runs = _run(args, cfgs, console, "compare")
     target = args.target if args.target is not None else _default_target(args.dataset, models)
     tab = compare_table(runs, target)
     _compare_table(console, tab)
-    name = "compare-" + "-".join(models) + f"-{args.dataset}"
+    params = {"dataset": args.dataset, "models": models, "norms": norms, "lrs": lrs, "batch_sizes": batch_sizes,
+              "seeds": seeds, "target": target, "steps": args.steps, "optimizer": args.optimizer,
+              "batch_size": args.batch_size, "eval_every": args.eval_every, "limit": args.limit,
+              "data_id": _data_id(args, args.dataset)}
+    name = experiment_name("compare", "-".join(models) + f"-{args.dataset}", params)
     with open_store(args.out, args.store) as store:
-        store.put_experiment(name, "compare", {"dataset": args.dataset, "models": models, "norms": norms,
-                                               "lrs": lrs, "batch_sizes": batch_sizes, "seeds": seeds,
-                                               "target": target},
-                             [r["hash"] for r in runs])
+        store.put_experiment(name, "compare", params, [r["hash"] for r in runs])
     return _finish(args, console, {"rows": tab["rows"], "summary": tab["summary"], "target": target})
 
 
@@ -350,9 +531,12 @@ def cmd_figure1(args) -> int:
                   " / ".join(f"{p[k][0]:.2f}" for k in ("p15", "p50", "p85")),
                   " / ".join(f"{p[k][-1]:.2f}" for k in ("p15", "p50", "p85")))
     console.print(t)
+    from .store import experiment_name
+
+    params = {"dataset": args.dataset, "steps": args.steps, "seed": args.seed, "lr": args.lr,
+              "eval_every": args.eval_every, "limit": args.limit, "data_id": _data_id(args, args.dataset)}
     with open_store(args.out, args.store) as store:
-        store.put_experiment(f"figure1-{args.dataset}", "figure1",
-                             {"dataset": args.dataset, "steps": args.steps, "seed": args.seed},
+        store.put_experiment(experiment_name("figure1", args.dataset, params), "figure1", params,
                              [r["hash"] for r in runs])
     return _finish(args, console, series)
 
@@ -366,30 +550,33 @@ def _claims_table(console, results) -> None:
         eff = "\n".join(f"{c['condition']}: {c['mean']:+.2f} ± {c['std']:.2f} ({c['verdict']})"
                         for c in r["conditions"])
         v = f"[{style[r['verdict']]}]{r['verdict']}[/]" + (f"\n{r['condition']}" if r["condition"] else "")
-        t.add_row(r["claim"], v, eff)
+        t.add_row(escape(r["claim"]), v, escape(eff))
     console.print(t)
 
 
 @_guard
 def cmd_claims(args) -> int:
     from .claims import analyze_claims, plan_claims
+    from .store import experiment_name
     from .sweep import open_store
     from .train import config_hash, with_data
 
     console = _console(args)
-    only = [k for k in (args.only or "").split(",") if k] or None
+    only = list(dict.fromkeys(args.only)) if args.only else None
     t0 = time.perf_counter()
     cfgs = plan_claims(args.mode, args.dataset, only)
     runs = _run(args, cfgs, console, f"claims ({args.mode})")
     with open_store(args.out, args.store) as store:
 
+        data_id = _data_id(args, args.dataset)
+
         def get(c):
-            return store.get(config_hash(with_data(c, args.limit, args.data_dir)))
+            return store.get(config_hash(with_data(c, args.limit, args.data_dir).replace(data_id=data_id)))
 
         results = analyze_claims(get, args.mode, args.dataset, only)
-        store.put_experiment(f"claims-{args.mode}-{args.dataset}", "claims",
-                             {"mode": args.mode, "dataset": args.dataset, "claims": only, "limit": args.limit,
-                              "data_dir": args.data_dir},
+        params = {"mode": args.mode, "dataset": args.dataset, "claims": only, "limit": args.limit,
+                  "data_dir": args.data_dir, "data_id": data_id}
+        store.put_experiment(experiment_name("claims", f"{args.mode}-{args.dataset}", params), "claims", params,
                              [r["hash"] for r in runs])
     _claims_table(console, results)
     payload = {"claims": [{k: r[k] for k in ("key", "claim", "verdict", "condition", "unit", "evidence")}
@@ -419,12 +606,18 @@ def cmd_demo(args) -> int:
     target = 0.6
     tab = compare_table(cmp_runs, target)
     series = figure1_series(fig_runs)
+    from .store import experiment_name
+
+    data_id = _data_id(args, "mnist1d")
+    fparams = {"dataset": "mnist1d", "steps": f_steps, "seed": 0, "lr": None, "eval_every": None,
+               "limit": args.limit, "data_id": data_id}
+    cparams = {"dataset": "mnist1d", "models": ["mlp", "cnn"], "norms": ["none", "batchnorm"], "lrs": None,
+               "batch_sizes": None, "seeds": seeds, "target": target, "steps": c_steps, "optimizer": None,
+               "batch_size": None, "eval_every": None, "limit": args.limit, "data_id": data_id}
     with open_store(args.out, args.store) as store:
-        store.put_experiment("figure1-mnist1d", "figure1", {"dataset": "mnist1d", "steps": f_steps, "seed": 0},
+        store.put_experiment(experiment_name("figure1", "mnist1d", fparams), "figure1", fparams,
                              [r["hash"] for r in fig_runs])
-        store.put_experiment("compare-mlp-cnn-mnist1d", "compare",
-                             {"dataset": "mnist1d", "models": ["mlp", "cnn"], "norms": ["none", "batchnorm"],
-                              "lrs": None, "seeds": seeds, "target": target},
+        store.put_experiment(experiment_name("compare", "mlp-cnn-mnist1d", cparams), "compare", cparams,
                              [r["hash"] for r in cmp_runs])
     t = Table(title=f"demo summary: MNIST-1D, mean ± sd over {len(seeds)} seeds", show_lines=False)
     for col in ("experiment", "without BN", "with BN", "BN effect"):
@@ -456,6 +649,7 @@ def cmd_demo(args) -> int:
     return _finish(args, console, payload)
 
 
+@_guard
 def cmd_report(args) -> int:
     from .report import build_report
     from .store import Store
@@ -463,9 +657,8 @@ def cmd_report(args) -> int:
     out = Path(args.dir)
     store_path = Path(args.store) if args.store else out / "lab.sqlite"
     if not store_path.is_file():
-        print(f"error: no lab store at {store_path}; run a lab command with --out {out} first", file=sys.stderr)
-        return 2
-    with Store(store_path) as store:
+        raise UsageError(f"no lab store at {store_path}; run a lab command with --out {out} first")
+    with Store(store_path, check=True) as store:
         path = build_report(store, out)
     console = Console(stderr=args.json)
     console.print(f"report: [bold]{path}[/bold]")

@@ -1,13 +1,19 @@
 """The report: one self-contained HTML file (PNG plots embedded as base64), the PNG files, and a JSON
-summary, rebuilt at any time from the store (``batchnorm report DIR``)."""
+summary, rebuilt at any time from the store (``batchnorm report DIR``).
+
+The page is rendered by a jinja2 template with autoescaping: every string that comes from the store or the
+command line (experiment names and parameters, norm names such as ``module:Class``, claims' texts, the
+environment) is HTML-escaped; the only markup not written in the template itself is the base64 of the
+PNG plots we generate.
+"""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from jinja2 import Environment  # noqa: E402
 
 from .analysis import compare_table, curves_mean, figure1_series  # noqa: E402
 from .claims import analyze_claims  # noqa: E402
@@ -47,17 +54,24 @@ class _Figures:
         self.out = out
         self.files: list[str] = []
 
-    def save(self, fig, name: str) -> str:
-        """Write ``fig`` as ``name.png`` and return it as an embedded ``<img>``."""
+    def save(self, fig, name: str) -> dict:
+        """Write ``fig`` as ``name.png`` (a safe file name derived from ``name``); return the image for the
+        template: ``{"name", "b64"}``."""
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
         png = buf.getvalue()
-        _write_atomic(self.out / f"{name}.png", png)
-        self.files.append(f"{name}.png")
-        b64 = base64.b64encode(png).decode()
-        return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{b64}"/>'
+        fname = _safe_filename(name) + ".png"
+        _write_atomic(self.out / fname, png)
+        self.files.append(fname)
+        return {"name": name, "b64": base64.b64encode(png).decode("ascii")}
+
+
+def _safe_filename(name: str) -> str:
+    """``name`` reduced to ``[A-Za-z0-9._-]`` (a stored experiment name never becomes a path)."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "plot"
+    return out[:120]
 
 
 def _fmt(x, digits=3, pct=False):
@@ -70,15 +84,16 @@ def _fmt(x, digits=3, pct=False):
     return str(x)
 
 
-def _table(headers: list[str], rows: list[list], cls: str = "") -> str:
-    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>'
+def _table(headers: list[str], rows: list[list], cls: str = "") -> dict:
+    """A table for the template: every cell is plain text (escaped when rendered); a cell that is a list is
+    shown as one line per item."""
+    return {"headers": [str(h) for h in headers], "rows": [[c if isinstance(c, list) else str(c) for c in row]
+                                                            for row in rows], "cls": cls}
 
 
 # ------------------------------------------------------------------------------------------ sections
 
-def _figure1_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
+def _figure1_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
     series = figure1_series(runs)
     name = exp["name"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -110,25 +125,18 @@ def _figure1_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
         rows.append([_label(s["norm"]), _fmt(s["test_accuracy"][-1], pct=True), _fmt(drift)])
         summary.append({"norm": s["norm"], "final_test_accuracy": s["test_accuracy"][-1], "median_drift": drift})
     params = exp["params"]
-    text = (
-        f"<p>Ioffe &amp; Szegedy (2015) Figure 1 on <b>{html.escape(str(params.get('dataset')))}</b>: "
-        f"<code>paper-mlp</code> (3 hidden layers of 100 sigmoid units, SGD, batch 60), "
-        f"{params.get('steps')} steps. (b, c) show the 15th, 50th and 85th percentiles over the test set "
-        "of the input of one sigmoid of the last hidden layer.</p>"
-    )
-    tbl = _table(["", "final test accuracy", "|drift of median pre-activation|"], rows)
-    return f"<h2>Figure 1 ({html.escape(name)})</h2>{text}{img}{tbl}", {"figure1": summary}
+    section = {"kind": "figure1", "name": name, "dataset": str(params.get("dataset")),
+               "steps": str(params.get("steps")), "img": img,
+               "table": _table(["", "final test accuracy", "|drift of median pre-activation|"], rows)}
+    return section, {"figure1": summary}
 
 
-def _compare_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
+def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
     p = exp["params"]
     tab = compare_table(runs, p.get("target", 0.5))
     name = exp["name"]
-    models = sorted({r["config"]["model"] for r in runs})
-    out = [f"<h2>Compare with and without BN ({html.escape(name)})</h2>",
-           f"<p>dataset <b>{html.escape(str(p.get('dataset')))}</b>, models {', '.join(models)}, "
-           f"learning rates {p.get('lrs') or 'of the recipe'}, seeds {p.get('seeds')}; target validation accuracy "
-           f"{_fmt(tab['target'], pct=True)}. Mean ± standard deviation over seeds.</p>"]
+    models = sorted({str(r["config"]["model"]) for r in runs})
+    imgs = []
     for model in models:
         mr = [r for r in runs if r["config"]["model"] == model]
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -136,6 +144,7 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
         for i, norm in enumerate(norms):
             nr = [r for r in mr if r["config"]["norm"] == norm]
             lrs = sorted({r["config"]["lr"] for r in nr})
+
             def mean_acc(lr, nr=nr):
                 return np.mean([r["result"]["test_accuracy"] for r in nr if r["config"]["lr"] == lr])
 
@@ -159,51 +168,55 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[str, dict]:
         axes[1].set_title(f"{model}: learning-rate sweep")
         axes[1].legend(fontsize=8)
         axes[1].grid(alpha=0.3)
-        out.append(figs.save(fig, f"{name}-{model}"))
+        imgs.append(figs.save(fig, f"{name}-{model}"))
     rows = [[r["model"], _label(r["norm"]), _fmt(r["lr"]), r["batch_size"], r["seeds"],
              f"{_fmt(r['test_accuracy'], pct=True)} ± {_fmt(r['test_accuracy_std'], pct=True)}",
              _fmt(r["steps_to_target"]) + (f" ({r['reached']}/{r['seeds']})" if r["reached"] < r["seeds"] else ""),
              f"{_fmt(r['gap'], pct=True)}", r["diverged"], _fmt(r["seconds"], 2)] for r in tab["rows"]]
-    out.append(_table(["model", "norm", "lr", "batch", "seeds", "test accuracy", "steps to target", "train−test gap",
-                       "diverged", "s/run"], rows))
     srows = [[s["model"], _label(s["norm"]), f"{_fmt(s['best_lr'])} / {s['best_batch_size']}",
               f"{_fmt(s['best_test_accuracy'], pct=True)} ± {_fmt(s['best_test_accuracy_std'], pct=True)}",
               _fmt(s["max_stable_lr"]), _fmt(s["steps_to_target"]), _fmt(s["gap"], pct=True)] for s in tab["summary"]]
-    out.append("<h3>Per norm</h3>")
-    out.append(_table(["model", "norm", "best lr / batch", "best test accuracy", "max stable lr", "steps to target",
-                       "gap at best lr"], srows))
-    return "".join(out), {"compare": tab}
+    section = {
+        "kind": "compare", "name": name, "dataset": str(p.get("dataset")), "models": ", ".join(models),
+        "lrs": str(p.get("lrs") or "of the recipe"), "seeds": str(p.get("seeds")),
+        "target": _fmt(tab["target"], pct=True), "imgs": imgs,
+        "table": _table(["model", "norm", "lr", "batch", "seeds", "test accuracy", "steps to target",
+                         "train−test gap", "diverged", "s/run"], rows),
+        "summary": _table(["model", "norm", "best lr / batch", "best test accuracy", "max stable lr",
+                           "steps to target", "gap at best lr"], srows),
+    }
+    return section, {"compare": tab}
 
 
 _VERDICT_CLASS = {"supported": "ok", "not supported": "bad", "depends": "mid"}
 
 
-def _claims_section(exp, store: Store, figs: _Figures) -> tuple[str, dict]:
+def _claims_section(exp, store: Store, figs: _Figures) -> tuple[dict, dict]:
     p = exp["params"]
 
     def get(cfg: RunConfig):
-        """The stored run of a planned configuration, with the claims command's --limit/--data-dir."""
-        return store.get(config_hash(with_data(cfg, p.get("limit"), p.get("data_dir"))))
+        """The stored run of a planned configuration, with the claims command's --limit/--data-dir and the
+        identity of the data it was run on (recorded with the experiment)."""
+        c = with_data(cfg, p.get("limit"), p.get("data_dir"))
+        if p.get("data_id"):
+            c = c.replace(data_id=p["data_id"])
+        try:
+            return store.get(config_hash(c))
+        except Exception:  # an old store without data_id whose data is gone: the run cannot be found
+            return None
 
     results = analyze_claims(get, p.get("mode", "quick"), p.get("dataset", "mnist1d"), p.get("claims"), p.get("seeds"))
     name = exp["name"]
     rows = []
     for r in results:
-        cls = _VERDICT_CLASS[r["verdict"]]
-        effects = "<br/>".join(
-            f"{html.escape(c['condition'])}: {_fmt(c['mean'])} ± {_fmt(c['std'])} (n={c['n']}, {c['verdict']})"
-            for c in r["conditions"])
-        rows.append([f"<b>{html.escape(r['claim'])}</b><br/><i>“{html.escape(r['seed_quote'])}”</i>",
-                     f'<span class="{cls}">{r["verdict"]}</span>'
-                     + (f"<br/>{html.escape(r['condition'])}" if r["condition"] else ""),
-                     effects, html.escape(r["unit"]), html.escape(r["literature"])])
-    out = [f"<h2>Claims ({html.escape(name)}, {html.escape(str(p.get('mode')))})</h2>",
-           "<p>Each claim of the seed articles is tested under one or more conditions, over several seeds. "
-           "The effect is positive when the claim holds; a condition is <i>supported</i> when the mean effect "
-           "reaches the minimum effect and is positive for every seed (or its 95% interval excludes 0).</p>",
-           _table(["claim (seed articles)", "verdict", "effect per condition: mean ± sd", "effect unit",
-                   "literature"], rows, "claims")]
-    # one plot with every condition's per-seed effects
+        rows.append({
+            "claim": r["claim"], "quote": r["seed_quote"], "verdict": r["verdict"],
+            "verdict_class": _VERDICT_CLASS.get(r["verdict"], "mid"), "condition": r["condition"],
+            "effects": [f"{c['condition']}: {_fmt(c['mean'])} ± {_fmt(c['std'])} (n={c['n']}, {c['verdict']})"
+                        for c in r["conditions"]],
+            "unit": r["unit"], "literature": r["literature"],
+        })
+    effects_img = None
     n = len(results)
     if n:
         fig, axes = plt.subplots(int(math.ceil(n / 2)), 2, figsize=(12, 2.2 * math.ceil(n / 2)), squeeze=False)
@@ -225,28 +238,26 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[str, dict]:
             ax.tick_params(axis="x", labelsize=7)
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
-        out.append("<h3>Effects per seed (dots), mean (diamond) and 95% interval; dotted line: minimum effect</h3>")
-        out.append(figs.save(fig, f"{name}-effects"))
-    out.append(_claim_detail_plots(results, p, get, figs, name))
+        effects_img = figs.save(fig, f"{name}-effects")
+    details = []
     for r in results:
-        out.append(f"<h3>{html.escape(r['claim'])}: {r['verdict']}</h3><p>{html.escape(r['evidence'])}</p>")
         drows = []
         for c in r["conditions"]:
             for d in c["details"]:
-                cells = [html.escape(f"{k}={_fmt(v) if isinstance(v, float) else v}") for k, v in d.items()]
-                drows.append([html.escape(c["condition"])] + cells)
-        if drows:
-            out.append("<details><summary>per-seed details</summary>"
-                       + "".join(f"<div class='det'>{' · '.join(row)}</div>" for row in drows) + "</details>")
+                drows.append(" · ".join([str(c["condition"])] + [f"{k}={_fmt(v) if isinstance(v, float) else v}"
+                                                                 for k, v in d.items()]))
+        details.append({"claim": r["claim"], "verdict": r["verdict"], "evidence": r["evidence"], "rows": drows})
+    section = {"kind": "claims", "name": name, "mode": str(p.get("mode")), "rows": rows, "effects_img": effects_img,
+               "plots": _claim_detail_plots(results, p, get, figs, name), "details": details}
     summary = [{k: r[k] for k in ("key", "claim", "verdict", "condition", "unit", "evidence")}
                | {"conditions": [{k: c[k] for k in ("condition", "mean", "std", "ci_low", "ci_high", "n", "verdict",
                                                       "effects")} for c in r["conditions"]]} for r in results]
-    return "".join(out), {"claims": summary}
+    return section, {"claims": summary}
 
 
-def _claim_detail_plots(results, p, get, figs, name) -> str:
+def _claim_detail_plots(results, p, get, figs, name) -> list[dict]:
     """Gradient norms per layer at init (claim 'gradients') and ICS over training (claim 'ics');
-    ``get(cfg)`` returns a stored run."""
+    ``get(cfg)`` returns a stored run. Returns ``[{"title", "img"}]``."""
     from .claims import _select
 
     parts = []
@@ -265,8 +276,8 @@ def _claim_detail_plots(results, p, get, figs, name) -> str:
             ax.set_title(cond.name, fontsize=9)
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-        parts.append("<h3>Gradient norm per layer at initialization (seed 0)</h3>"
-                     + figs.save(fig, f"{name}-gradients"))
+        parts.append({"title": "Gradient norm per layer at initialization (seed 0)",
+                      "img": figs.save(fig, f"{name}-gradients")})
     if "ics" in keys:
         claim = _select(["ics"])[0]
         cond = claim.conditions(mode, ds)[0]
@@ -285,12 +296,12 @@ def _claim_detail_plots(results, p, get, figs, name) -> str:
             ax.set_xlabel("training step")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-        parts.append("<h3>Internal covariate shift and smoothness during training (seed 0)</h3>"
-                     + figs.save(fig, f"{name}-ics"))
-    return "".join(parts)
+        parts.append({"title": "Internal covariate shift and smoothness during training (seed 0)",
+                      "img": figs.save(fig, f"{name}-ics")})
+    return parts
 
 
-def _train_section(exp, runs, figs) -> tuple[str, dict]:
+def _train_section(exp, runs, figs) -> tuple[dict, dict]:
     r = runs[0]
     c = r["curves"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.4))
@@ -309,11 +320,11 @@ def _train_section(exp, runs, figs) -> tuple[str, dict]:
     img = figs.save(fig, exp["name"])
     cfg = r["config"]
     res = r["result"]
-    text = (f"<h2>Run {html.escape(exp['name'])}</h2><p>{html.escape(cfg['dataset'])} / {html.escape(cfg['model'])} / "
-            f"norm {html.escape(cfg['norm'])}, {cfg['optimizer']} lr {cfg['lr']}, batch {cfg['batch_size']}, "
-            f"{res['steps']} steps, seed {cfg['seed']}: test accuracy {_fmt(res['test_accuracy'], pct=True)}"
-            f"{' (diverged)' if res['diverged'] else ''}.</p>")
-    return text + img, {"train": {"hash": r["hash"], **res}}
+    section = {"kind": "train", "name": exp["name"], "img": img,
+               "text": (f"{cfg['dataset']} / {cfg['model']} / norm {cfg['norm']}, {cfg['optimizer']} lr {cfg['lr']}, "
+                        f"batch {cfg['batch_size']}, {res['steps']} steps, seed {cfg['seed']}: test accuracy "
+                        f"{_fmt(res['test_accuracy'], pct=True)}{' (diverged)' if res['diverged'] else ''}.")}
+    return section, {"train": {"hash": r["hash"], **res}}
 
 
 _CSS = """
@@ -326,6 +337,76 @@ vertical-align:top;text-align:left} th{background:#f3f3f3} img{max-width:100%;di
 .mid{color:#000;background:#ffbf47;padding:.1em .4em;border-radius:.3em}
 .det{font-family:monospace;font-size:.8em} code{background:#f4f4f4;padding:0 .2em} .small{color:#666;font-size:.85em}
 """
+
+# Autoescaped: every {{ value }} is HTML-escaped. Nothing is marked |safe.
+_TEMPLATE = """<!DOCTYPE html>
+{%- macro table(t) -%}
+<table class="{{ t.cls }}"><thead><tr>{% for h in t.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>
+{%- for row in t.rows %}<tr>{% for c in row %}<td>
+{%- if c is string %}{{ c }}{% else %}{% for line in c %}{{ line }}{% if not loop.last %}<br/>{% endif %}{% endfor %}
+{%- endif %}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
+{%- endmacro -%}
+{%- macro image(img) -%}<img alt="{{ img.name }}" src="data:image/png;base64,{{ img.b64 }}"/>{%- endmacro -%}
+<html><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ css }}</style></head><body>
+<h1>{{ title }}</h1>
+<p class="small">Generated {{ generated }} from {{ store_path }} ({{ runs }} stored runs).
+Rebuild with <code>batchnorm report {{ out }}</code>.</p>
+{% for s in sections %}
+{%- if s.kind == "figure1" %}
+<h2>Figure 1 ({{ s.name }})</h2>
+<p>Ioffe &amp; Szegedy (2015) Figure 1 on <b>{{ s.dataset }}</b>: <code>paper-mlp</code> (3 hidden layers of 100
+sigmoid units, SGD, batch 60), {{ s.steps }} steps. (b, c) show the 15th, 50th and 85th percentiles over the test
+set of the input of one sigmoid of the last hidden layer.</p>
+{{ image(s.img) }}{{ table(s.table) }}
+{%- elif s.kind == "compare" %}
+<h2>Compare with and without BN ({{ s.name }})</h2>
+<p>dataset <b>{{ s.dataset }}</b>, models {{ s.models }}, learning rates {{ s.lrs }}, seeds {{ s.seeds }}; target
+validation accuracy {{ s.target }}. Mean ± standard deviation over seeds.</p>
+{% for img in s.imgs %}{{ image(img) }}{% endfor %}
+{{ table(s.table) }}
+<h3>Per norm</h3>
+{{ table(s.summary) }}
+{%- elif s.kind == "claims" %}
+<h2>Claims ({{ s.name }}, {{ s.mode }})</h2>
+<p>Each claim of the seed articles is tested under one or more conditions, over several seeds. The effect is
+positive when the claim holds; a condition is <i>supported</i> when the mean effect reaches the minimum effect and
+is positive for every seed (or its 95% interval excludes 0).</p>
+<table class="claims"><thead><tr><th>claim (seed articles)</th><th>verdict</th>
+<th>effect per condition: mean ± sd</th><th>effect unit</th><th>literature</th></tr></thead><tbody>
+{%- for r in s.rows %}
+<tr><td><b>{{ r.claim }}</b><br/><i>“{{ r.quote }}”</i></td>
+<td><span class="{{ r.verdict_class }}">{{ r.verdict }}</span>{% if r.condition %}<br/>{{ r.condition }}{% endif %}</td>
+<td>{% for e in r.effects %}{{ e }}{% if not loop.last %}<br/>{% endif %}{% endfor %}</td>
+<td>{{ r.unit }}</td><td>{{ r.literature }}</td></tr>
+{%- endfor %}
+</tbody></table>
+{%- if s.effects_img %}
+<h3>Effects per seed (dots), mean (diamond) and 95% interval; dotted line: minimum effect</h3>
+{{ image(s.effects_img) }}
+{%- endif %}
+{%- for plot in s.plots %}<h3>{{ plot.title }}</h3>{{ image(plot.img) }}{% endfor %}
+{%- for d in s.details %}
+<h3>{{ d.claim }}: {{ d.verdict }}</h3><p>{{ d.evidence }}</p>
+{%- if d.rows %}<details><summary>per-seed details</summary>
+{%- for row in d.rows %}<div class="det">{{ row }}</div>{% endfor %}</details>{% endif %}
+{%- endfor %}
+{%- elif s.kind == "train" %}
+<h2>Run {{ s.name }}</h2><p>{{ s.text }}</p>{{ image(s.img) }}
+{%- endif %}
+{% else %}
+<p>No experiments stored yet.</p>
+{% endfor %}
+<h2>Environment</h2>
+{{ table(env) }}
+</body></html>
+"""
+
+_ENV = Environment(autoescape=True, trim_blocks=False, lstrip_blocks=False)
+
+
+def render_html(context: dict) -> str:
+    """The report page from its context (``title``, ``sections``, ``env``...), every value escaped."""
+    return _ENV.from_string(_TEMPLATE).render(css=_CSS, **context)
 
 
 def build_report(store: Store, out_dir: str | Path, title: str = "batchnorm lab report") -> Path:
@@ -355,15 +436,11 @@ def build_report(store: Store, out_dir: str | Path, title: str = "batchnorm lab 
     env = environment()
     summary["environment"] = env
     summary["runs_in_store"] = store.count()
-    envrows = [[html.escape(k), html.escape(str(v))] for k, v in env.items()]
-    doc = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p class='small'>Generated {summary['generated']} from {html.escape(str(store.path))} "
-        f"({store.count()} stored runs). Rebuild with <code>batchnorm report {html.escape(str(out))}</code>.</p>"
-        + ("".join(sections) or "<p>No experiments stored yet.</p>")
-        + "<h2>Environment</h2>" + _table(["", ""], envrows) + "</body></html>"
-    )
+    doc = render_html({
+        "title": title, "generated": summary["generated"], "store_path": str(store.path), "runs": store.count(),
+        "out": str(out), "sections": sections,
+        "env": _table(["", ""], [[str(k), str(v)] for k, v in env.items()]),
+    })
     path = out / "report.html"
     _write_atomic(path, doc.encode("utf-8"))
     summary["pngs"] = figs.files

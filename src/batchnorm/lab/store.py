@@ -4,10 +4,17 @@ Writes are single transactions (a run is either fully stored or absent), the dat
 with a busy timeout so several worker processes can write to it, and a run whose hash is already stored
 is reused instead of retrained. Experiments (a named set of runs plus their parameters) are stored too,
 so ``batchnorm report DIR`` can rebuild every table and plot from the database alone.
+
+A run's key (``hash``) covers its configuration and the identity of its data (``train.config_hash``). An
+experiment's name covers its parameters (:func:`experiment_name`), so experiments with different
+parameters coexist in one store and running the same command again replaces its own entry only.
+A file that is not a usable lab store (a directory, a corrupt or truncated database, another program's
+database) raises :class:`StoreError`, whose message says what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,7 +24,16 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["Store", "environment"]
+__all__ = ["Store", "StoreError", "environment", "experiment_name"]
+
+class StoreError(RuntimeError):
+    """The store cannot be used (wrong kind of path, unreadable, corrupt, not a lab store)."""
+
+
+_COLUMNS = {
+    "runs": ["hash", "config", "result", "curves", "init", "env", "created"],
+    "experiments": ["name", "kind", "params", "hashes", "created"],
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -37,6 +53,13 @@ CREATE TABLE IF NOT EXISTS experiments (
     created REAL NOT NULL
 );
 """
+
+
+def experiment_name(kind: str, label: str, params: dict) -> str:
+    """``kind-label-XXXXXXXX``: the last part is a digest of ``params``, so two experiments of the same kind
+    and label with different parameters (other seeds, learning rates, steps...) get different names."""
+    digest = hashlib.sha256(_json(params).encode()).hexdigest()[:8]
+    return f"{kind}-{label}-{digest}"
 
 
 def _json(obj) -> str:
@@ -86,20 +109,53 @@ def environment() -> dict:
 class Store:
     """A lab database (``lab.sqlite``). Safe to open from several processes."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, check: bool = False):
+        """Open (or create) the store at ``path``. ``check=True`` also verifies every page of an existing
+        database (``PRAGMA quick_check``): a truncated or corrupt file is then refused here rather than
+        half-way through a sweep."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory; the store is a file: give a file path such as "
+                             f"{self.path / 'lab.sqlite'}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory of the store {self.path} ({exc.strerror or exc}); "
+                             "choose another --out/--store") from None
+        self._conn = None
+        try:
+            self._open(check)
+        except sqlite3.DatabaseError as exc:  # OperationalError included
+            if self._conn is not None:
+                self._conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+                raise StoreError(f"cannot open the store {self.path} ({exc}): check that its directory exists and "
+                                 "is writable, or choose another --out/--store") from None
+            raise StoreError(f"{self.path} is not a usable lab store ({exc}): it is corrupt, truncated or another "
+                             "program's database. Move it aside and run the command again (its runs are lost), "
+                             "or choose another --out/--store") from None
+
+    def _open(self, check: bool) -> None:
         self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
         self._conn.execute("PRAGMA busy_timeout=60000")
+        if check:
+            rows = self._conn.execute("PRAGMA quick_check").fetchall()
+            if rows != [("ok",)]:
+                raise sqlite3.DatabaseError("; ".join(str(r[0]) for r in rows[:3]))
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:  # e.g. a file system without shared memory: keep the rollback journal
-            pass
+        except sqlite3.OperationalError as exc:  # e.g. no shared memory: keep the rollback journal
+            if "malformed" in str(exc) or "not a database" in str(exc):
+                raise
         self._conn.execute("PRAGMA synchronous=NORMAL")
         with self._tx():
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._conn.execute(statement)
+        for table, cols in _COLUMNS.items():
+            have = [r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")]
+            if have != cols:
+                raise sqlite3.DatabaseError(f"table {table} has columns {have}, a lab store has {cols}")
 
     def _tx(self):
         conn = self._conn
@@ -115,7 +171,8 @@ class Store:
         return _Tx()
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def __enter__(self):
         return self

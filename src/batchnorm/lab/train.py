@@ -23,9 +23,11 @@ from . import probes as P
 from .data import Dataset, load_dataset
 from .models import build_model, norm_name, recipe
 
-__all__ = ["RunConfig", "config_hash", "evaluate", "train", "with_data", "with_recipe"]
+__all__ = ["RunConfig", "config_hash", "config_key", "evaluate", "resolve_data", "train", "with_data",
+           "with_recipe"]
 
-LAB_VERSION = "lab-1"
+# lab-2: the run key includes the data identity (``data_id``); runs of lab-1 stores are not reused
+LAB_VERSION = "lab-2"
 EVAL_SUBSET = 2000  # examples of val/test used for the intermediate points of the curves
 
 
@@ -48,7 +50,8 @@ class RunConfig:
     model_kw: tuple = ()  # sorted (key, value) pairs, hashable
     norm_kw: tuple = ()
     data_limit: int | None = None
-    data_dir: str | None = None
+    data_dir: str | None = None  # where to look for the files: not part of the key
+    data_id: str | None = None  # identity of the data (``data.data_identity``): part of the key
     probes: tuple = ()
     probe_layer: int = -1
     probe_unit: int = 0
@@ -116,11 +119,31 @@ def with_data(cfg: RunConfig, limit: int | None = None, data_dir: str | None = N
                                data_dir=data_dir or cfg.data_dir)
 
 
-def config_hash(cfg: RunConfig) -> str:
-    """SHA-256 over the canonical JSON of the (recipe-completed) configuration and the lab version."""
+def resolve_data(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``data_id`` set to the identity of its data as found now (loads and checks the data,
+    memoized per process; raises ``DataUnavailable``/``DataError`` for missing or wrong files)."""
+    if cfg.data_id is not None:
+        return cfg
+    from .data import data_identity
+
+    return dataclasses.replace(cfg, data_id=data_identity(cfg.dataset, cfg.data_dir))
+
+
+def config_key(cfg: RunConfig) -> str:
+    """Canonical JSON of the recipe-completed configuration, without the data's location and identity."""
     full = with_recipe(cfg).to_dict()
     full.pop("data_dir", None)  # where the files live does not change the run
-    blob = json.dumps({"v": LAB_VERSION, **full}, sort_keys=True, default=str)
+    full.pop("data_id", None)
+    return json.dumps({"v": LAB_VERSION, **full}, sort_keys=True, default=str)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """The run's key: SHA-256 over the configuration (:func:`config_key`) and the identity of its data.
+
+    A configuration without ``data_id`` gets the identity of the data it names as found now
+    (:func:`resolve_data`): the same configuration on other data is another run."""
+    data_id = resolve_data(cfg).data_id
+    blob = json.dumps({"config": config_key(cfg), "data": data_id})
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -168,6 +191,14 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     cfg = with_recipe(cfg)
     t0 = time.perf_counter()
     data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.data_limit)
+    found = data.info.get("data_id") or _arrays_identity(data)
+    if cfg.data_id is not None and found is not None and found != cfg.data_id:
+        from .data import DataError
+
+        raise DataError(f"the {cfg.dataset} data changed: the run was planned on {cfg.data_id}, the files read "
+                        f"now are {found}; run the command again")
+    if cfg.data_id is None:
+        cfg = dataclasses.replace(cfg, data_id=found)
     torch.manual_seed(cfg.seed)
     model = build_model(
         cfg.model, data.input_shape, data.num_classes, norm=cfg.norm, weight_scale=cfg.weight_scale,
@@ -313,6 +344,16 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         **extra,
     }
     return {"config": cfg.to_dict(), "hash": config_hash(cfg), "result": result, "curves": curves, "init": init}
+
+
+def _arrays_identity(data: Dataset) -> str:
+    """Identity of a Dataset built by hand (no ``info["data_id"]``): SHA-256 over its split arrays."""
+    h = hashlib.sha256()
+    for a in (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return "arrays:" + h.hexdigest()[:32]
 
 
 @torch.no_grad()
