@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -279,6 +281,74 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v)
 
 
+# --------------------------------------------------------------------- option validators (argparse type=)
+# A bad value is refused before anything is measured; argparse names the option ("argument --shape: ...")
+# and ``batchnorm.cli`` exits with code 2.
+
+MAX_ELEMENTS = 1 << 34  # 16 Gi elements: a typo, not a benchmark
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+LAYOUTS = ("contiguous", "channels_last")
+
+
+def _shape_arg(text: str) -> tuple[int, ...]:
+    """``N,C[,L | ,H,W | ,D,H,W]`` (``x`` also separates): 2 to 5 integers >= 1."""
+    try:
+        shape = _parse_shape(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; expected 2 to 5 integers >= 1 such as "
+                                         "32,64,56,56 (N,C,H,W)") from None
+    if not 2 <= len(shape) <= 5:
+        raise argparse.ArgumentTypeError(f"{text!r} has {len(shape)} dimension(s); expected 2 to 5 (N,C[,L|H,W|D,H,W])")
+    if min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty dimension; every size must be >= 1")
+    if shape[0] * math.prod(shape[2:]) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} has one value per channel; training batch norm needs at "
+                                         "least 2 (N x spatial sizes >= 2)")
+    n = math.prod(shape)
+    if n > MAX_ELEMENTS:
+        raise argparse.ArgumentTypeError(f"{text!r} has {n} elements; at most {MAX_ELEMENTS}")
+    return shape
+
+
+def _int_range(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected {lo}..{hi}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is out of range; expected an integer from {lo} to {hi}")
+        return v
+
+    return parse
+
+
+def _choices_list(choices: tuple[str, ...], what: str):
+    def parse(text: str) -> str:
+        items = [x for x in text.split(",") if x]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad)) or '(none given)'}; "
+                                             f"choose from {', '.join(choices)}")
+        return ",".join(items)
+
+    return parse
+
+
+def _output_file(text: str) -> str:
+    """Where to write the JSON ('' for nowhere): not a directory, and its directory must exist."""
+    if not text:
+        return text
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as "
+                                         f"{os.path.join(text, 'bench.json')}")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"the directory {os.path.dirname(text) or parent} does not exist")
+    return text
+
+
 def handler(args: argparse.Namespace) -> int:
     threads_before = torch.get_num_threads()
     try:
@@ -296,21 +366,28 @@ def _handle(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device available")
-        return 2
+        from .cli import CommandError
+
+        raise CommandError("no CUDA device available; use --device cpu (or auto)")
     dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
     passes = tuple(p for p in args.passes.split(",") if p)
     unknown = set(passes) - set(PASSES)
-    if unknown:
-        print(f"unknown passes {sorted(unknown)}; choose from {PASSES}")
+    if unknown:  # the command line refuses these already; this is for scripts calling handler()
+        print(f"error: unknown passes {sorted(unknown)}; choose from {PASSES}", file=sys.stderr)
         return 2
-    result = run([_parse_shape(s) for s in args.shape], args.layouts.split(","), dtypes, passes, device,
+    shapes = [s if isinstance(s, tuple) else _shape_arg(s) for s in args.shape]
+    result = run(shapes, args.layouts.split(","), dtypes, passes, device,
                  args.repeats, args.compile, log=(lambda s: None) if args.quiet else print)
     result["machine"]["malloc_reuse"] = malloc_reuse
     render(result)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        try:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
+        except OSError as exc:
+            from .cli import CommandError
+
+            raise CommandError(f"cannot write {args.json}: {exc.strerror or exc}") from None
         print(f"wrote {args.json}")
     return 0
 
@@ -318,16 +395,22 @@ def _handle(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="time our batch-norm kernels against torch's native ones",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", action="append", default=None,
-                   help="input shape N,C,H,W (repeatable; default 32,64,56,56)")
-    p.add_argument("--layouts", default="contiguous,channels_last", help="contiguous,channels_last")
-    p.add_argument("--dtype", default="float32", help="comma-separated: float32,float64 (GPU: bfloat16,...)")
-    p.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated subset of {','.join(PASSES)}")
-    p.add_argument("--repeats", type=int, default=30, help="timed repeats per case (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch (and numba) threads; 0: torch's default")
+    p.add_argument("--shape", action="append", type=_shape_arg, default=None,
+                   help="input shape N,C,H,W: 2 to 5 integers >= 1 (repeatable; default 32,64,56,56)")
+    p.add_argument("--layouts", type=_choices_list(LAYOUTS, "layout(s)"), default="contiguous,channels_last",
+                   help="contiguous,channels_last")
+    p.add_argument("--dtype", type=_choices_list(DTYPES, "dtype(s)"), default="float32",
+                   help="comma-separated: float32,float64 (GPU: bfloat16,...)")
+    p.add_argument("--passes", type=_choices_list(PASSES, "pass(es)"), default=",".join(PASSES),
+                   help=f"comma-separated subset of {','.join(PASSES)}")
+    p.add_argument("--repeats", type=_int_range(1, 100000), default=30,
+                   help="timed repeats per case (median reported; 1..100000)")
+    p.add_argument("--threads", type=_int_range(0, 4096), default=0,
+                   help="torch (and numba) threads; 0: torch's default")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--compile", action="store_true", help="also time torch.compile of torch's batch norm")
-    p.add_argument("--json", default="bench.json", help="where to write the results ('' for nowhere)")
+    p.add_argument("--json", type=_output_file, default="bench.json",
+                   help="where to write the results ('' for nowhere)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="CPU runs: wall time, or this process's CPU time (robust to other processes' load "
                         "with --threads 1; with more threads it also counts threads that spin-wait); "
@@ -340,5 +423,5 @@ def register(subparsers: Any) -> None:
 
 def _run_with_defaults(args: argparse.Namespace) -> int:
     if not args.shape:
-        args.shape = ["32,64,56,56"]
+        args.shape = [(32, 64, 56, 56)]
     return handler(args)

@@ -112,3 +112,97 @@ def test_resume_after_killing_a_worker(tmp_path):
     assert s.count() == total
     for h, t in before.items():
         assert s.get(h)["created"] == t
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = _children(p)
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited (it waits for init to reap it)
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    """kill -9 of the main process of a 2-worker sweep: its workers and the multiprocessing resource tracker
+    exit within seconds (they used to keep running, and writing runs, for good). Issue 11."""
+    cmd = [sys.executable, "-m", "batchnorm.cli", "compare", "--model", "mlp", "--lrs", "0.01,0.1", "--seeds", "0",
+           "--steps", "100000", "--limit", "100", "--workers", "2", "--no-report", "--out", str(tmp_path / "o")]
+    env = {**os.environ, "BATCHNORM_BACKEND": "reference"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    spawned: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            spawned = _descendants(proc.pid)
+            workers = [c for c in spawned if "spawn_main" in _cmdline(c)]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.1)
+        assert len([c for c in spawned if "spawn_main" in _cmdline(c)]) >= 2, "the sweep did not start 2 workers"
+        time.sleep(2.0)  # let them get going (either way, they must go when the parent goes)
+        spawned = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 60  # covers a worker still importing torch on a loaded machine
+        while time.time() < deadline and any(_alive(p) for p in spawned):
+            time.sleep(0.2)
+        survivors = {p: _cmdline(p)[:100] for p in spawned if _alive(p)}
+        assert not survivors, f"still running after the parent was killed: {survivors}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _descendants(proc.pid) + spawned:  # never leave a stray process behind, even on failure
+            if _alive(p) and "multiprocessing" in _cmdline(p):
+                os.kill(p, signal.SIGKILL)
+
+
+_LEAF = """
+import os, sys, time
+import batchnorm.lab.sweep as S
+sys.platform = "other"  # no prctl: the watchdog thread alone must do it
+S.die_with_parent(int(sys.argv[1]), interval=0.1)
+print("armed", flush=True)
+time.sleep(120)
+"""
+
+_MIDDLE = """
+import subprocess, sys, os, time
+leaf = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid())], stdout=subprocess.PIPE, text=True)
+assert leaf.stdout.readline().strip() == "armed"
+print(leaf.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_watchdog_alone_ends_an_orphaned_worker():
+    """The portable half of ``die_with_parent`` (what systems without prctl get): the child of a killed
+    process notices it was re-parented and exits."""
+    middle = subprocess.Popen([sys.executable, "-c", _MIDDLE, _LEAF], stdout=subprocess.PIPE, text=True)
+    leaf = None
+    try:
+        leaf = int(middle.stdout.readline())
+        assert _alive(leaf)
+        os.kill(middle.pid, signal.SIGKILL)
+        middle.wait(timeout=30)
+        deadline = time.time() + 20
+        while time.time() < deadline and _alive(leaf):
+            time.sleep(0.1)
+        assert not _alive(leaf), "the orphaned child is still running"
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+        if leaf is not None and _alive(leaf):
+            os.kill(leaf, signal.SIGKILL)

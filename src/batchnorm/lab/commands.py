@@ -116,13 +116,18 @@ def _norm(name: str) -> str:
     except Exception as exc:  # ImportError, AttributeError, or an error raised by the module itself
         raise argparse.ArgumentTypeError(f"cannot import {name!r} ({type(exc).__name__}: {exc}); give an "
                                          "importable layer class as module:Class, e.g. torch.nn:LayerNorm") from None
+    if not isinstance(obj, type):
+        raise argparse.ArgumentTypeError(f"{name!r} is a {type(obj).__name__}, not a class; give a layer class "
+                                         "as module:Class")
     try:
-        if not callable(obj):
-            raise TypeError(f"{type(obj).__name__} is not callable")
-        obj(4)
+        layer = obj(4)
     except Exception as exc:
-        raise argparse.ArgumentTypeError(f"{name!r} cannot be built as a norm layer, {qual}(num_features) "
+        raise argparse.ArgumentTypeError(f"{name!r} cannot be built as a norm layer: {qual}(num_features) "
                                          f"failed ({type(exc).__name__}: {exc})") from None
+    from torch import nn
+
+    if not isinstance(layer, nn.Module):
+        raise argparse.ArgumentTypeError(f"{name!r} builds a {type(layer).__name__}, not a torch.nn.Module")
     return name
 
 
@@ -292,17 +297,25 @@ def _workers(args, n_todo: int) -> int:
     return auto_workers(n_todo)
 
 
+def _check_dataset(args, dataset: str) -> None:
+    if dataset == "idx" and not args.data_dir:
+        raise UsageError("--dataset idx (your own IDX files) needs --data-dir DIR")
+
+
 def _resolved(args, configs):
     """The configurations with the command line's --limit/--data-dir and the identity of their data (the data
     is found and checked here, before anything is trained or stored)."""
     from .train import resolve_data, with_data
 
+    for ds in {c.dataset for c in configs}:
+        _check_dataset(args, ds)
     return [resolve_data(with_data(c, args.limit, args.data_dir)) for c in configs]
 
 
 def _data_id(args, dataset: str) -> str:
     from .data import data_identity
 
+    _check_dataset(args, dataset)
     return data_identity(dataset, args.data_dir)
 
 

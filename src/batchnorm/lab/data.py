@@ -342,6 +342,10 @@ def download_verified(
     raise DataUnavailable("; ".join(errors) or f"no URL to download {spec.name}")
 
 
+#: Where Debian's dataset packages install their files (``dataset-fashion-mnist``).
+SYSTEM_DATASETS = Path("/usr/share/datasets")
+
+
 def _find_local(name: str, filename: str, data_dir: str | os.PathLike | None) -> Path | None:
     stem = filename[:-3] if filename.endswith(".gz") else filename
     candidates: list[Path] = []
@@ -349,7 +353,7 @@ def _find_local(name: str, filename: str, data_dir: str | os.PathLike | None) ->
         d = Path(data_dir)
         candidates += [d / filename, d / stem, d / name / filename, d / name / stem]
     if not _IDX_SETS[name].get("custom"):  # your own files come from --data-dir only
-        candidates += [Path("/usr/share/datasets") / name / filename, Path("/usr/share/datasets") / name / stem]
+        candidates += [SYSTEM_DATASETS / name / filename, SYSTEM_DATASETS / name / stem]
         c = cache_dir() / name
         candidates += [c / filename, c / stem]
     for path in candidates:
@@ -503,7 +507,7 @@ def _missing_message(name: str, data_dir) -> str:
         else "Download them from the official mirror and pass --data-dir DIR."
     )
     return (
-        f"dataset {name!r} is not available: looked for {files} in {where}/usr/share/datasets/{name}/ "
+        f"dataset {name!r} is not available: looked for {files} in {where}{SYSTEM_DATASETS / name}/ "
         f"and {cache_dir() / name}, and could not download them. {hint} "
         "Or use --dataset mnist1d (generated offline)."
     )
