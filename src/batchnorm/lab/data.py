@@ -626,9 +626,10 @@ def _raw_mnist1d(data_dir=None, seed: int = 42, **_) -> tuple[dict, str, dict]:
 def _raw_idx(name: str, data_dir=None, download: bool = True, **_) -> tuple[dict, str, dict]:
     arrays, ident = _load_idx_checked(name, data_dir, download)
     classes = _IDX_SETS[name].get("classes") or int(max(arrays["train_y"].max(), arrays["test_y"].max())) + 1
-    out = {"x": arrays["train_x"][:, None].astype(np.float32) / 255.0, "y": arrays["train_y"],
-           "x_test": arrays["test_x"][:, None].astype(np.float32) / 255.0, "y_test": arrays["test_y"]}
-    return out, ident, {"source": "IDX files", "classes": max(2, classes)}
+    # kept as bytes (the memo holds them): scaled to [0, 1] floats when a Dataset is built
+    out = {"x": arrays["train_x"][:, None], "y": arrays["train_y"], "x_test": arrays["test_x"][:, None],
+           "y_test": arrays["test_y"]}
+    return out, ident, {"source": "IDX files", "classes": max(2, classes), "divide": 255.0}
 
 
 def _raw_digits(data_dir=None, **_) -> tuple[dict, str, dict]:
@@ -686,8 +687,12 @@ def _build(name: str, data_dir=None, seed: int | None = None, val_fraction: floa
     raw_kw = {"seed": seed} if (name == "mnist1d" and seed is not None) else {}
     raw_kw.update(kw)
     arrays, ident, info = _raw(name, data_dir, **raw_kw)
+    x, x_test = arrays["x"], arrays["x_test"]
+    if "divide" in info:
+        x = x.astype(np.float32) / info["divide"]
+        x_test = x_test.astype(np.float32) / info["divide"]
     return _split_normalize(
-        name, arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], info["classes"],
+        name, x, arrays["y"], x_test, arrays["y_test"], info["classes"],
         dv if val_fraction is None else val_fraction, ds if seed is None else seed, limit,
         {"source": info["source"], "data_id": ident},
     )
