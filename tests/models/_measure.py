@@ -30,8 +30,7 @@ class _Ran(list):
 def main(backends: list[str]) -> None:
     libs = {"torchvision": _thirdparty.import_torchvision(), "timm": _thirdparty.import_timm()}
     inf = 1e30  # no check fails on rounding (an infinite tolerance would turn into NaN)
-    t.FORWARD_FACTOR = {"train": inf, "eval": inf}
-    t.LAYER_FACTOR = t.F64_FACTOR = t.RATIO = inf
+    t.FORWARD_FACTOR = t.LAYER_FACTOR = t.F64_FACTOR = t.RATIO = inf
 
     def make(case):
         if str(case) not in t._models:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import pytest
+import torch
 
 from . import _thirdparty
 
@@ -34,3 +35,14 @@ def torchvision() -> ModuleType:
 @pytest.fixture(scope="session")
 def timm() -> ModuleType:
     return _load(_thirdparty.import_timm, "timm")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these inputs are small (a 2x3x64x64 batch), where a second thread
+    gains little, and on a shared 2-core machine two OpenMP threads that wait for each other made
+    a MobileNetV2 forward 100x slower (2-5 s instead of 20 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,22 +1,27 @@
 """Real architectures that nobody here wrote, converted with ``batchnorm.convert(model, "batchnorm")``.
 
-torchvision's ResNet-18/50, MobileNetV2, MobileNetV3-small, EfficientNet-B0, DenseNet-121 and a
-few timm models, random weights (nothing is downloaded), small inputs. The models stay exactly as
+torchvision's ResNet-18/50, MobileNetV2, MobileNetV3-small, EfficientNet-B0, DenseNet-121 and five
+timm models, random weights (nothing is downloaded), 2x3x64x64 inputs. The models stay exactly as
 their authors wrote them: ``ReLU(inplace=True)`` right after BN, residual ``out += identity``,
 DenseNet's concatenations, squeeze-excitation gates; those are what a drop-in layer must survive.
 
 For every model, on every CPU backend (``reference``: torch ops; ``cpu``: numba), in training and
-in eval mode, after one forward and backward of ``(model(x) * proj).sum()``:
+in eval mode, one forward and backward of ``(model(x) * proj).sum()``, and:
 
-* the output, the input gradient, every parameter's gradient and every BN's running_mean,
-  running_var and num_batches_tracked of the converted model equal the torch model's within
-  float32 rounding (see ``_compare`` for the bounds and why), and ours is about as close to a
-  float64 run of the torch model as torch's own float32 run is;
-* the converted model's BN calls all ran on the forced backend (no silent fallback);
-* the original torch model is untouched by the conversion and by running the converted copy.
+1. float32, whole model: the output and every BN's running_mean/running_var/num_batches_tracked
+   of the converted model equal the torch model's within float32 rounding, and ours is about as
+   close to a float64 run of the torch model as torch's float32 run is;
+2. float32, every BN layer of the converted model, on the input it got and the output gradient
+   that reached it inside the model: its output, input gradient, gamma and beta gradients and
+   running statistics equal torch's formula (``F.batch_norm`` and autograd) run in float64 on
+   the same data, within a few eps;
+3. float64, whole model: the output, input gradient, every parameter gradient and the running
+   statistics equal torch's (float64) within float64 rounding;
+4. every BN call ran on the forced backend (no silent fallback), the original torch model is
+   untouched by the conversion and by running the copy, eval mode moves no statistic.
 
-Also: channels_last input (ResNet-18, both libraries' builds, both modes), batch size 1 in eval
-mode, and a structural test (no torch BN left, every BN's configuration carried over).
+Also: channels_last (ResNet-18 of both libraries, both modes), batch size 1 in eval mode, and a
+structural test (no torch BN left, every BN's configuration carried over, nothing else changed).
 
 timm models: only those whose norm layers are exactly ``torch.nn.BatchNorm2d`` (``_build``
 asserts it, so a timm release that changes a model makes the test fail rather than test
@@ -54,43 +59,45 @@ from batchnorm.nn.modules import _NormBase
 EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7
 EPS64 = torch.finfo(torch.float64).eps  # 2.22e-16
 
-# TOLERANCES (measured numbers: see the report at the end of this docstring block)
+# TOLERANCES. Every number below is the largest seen over all cases, modes and both backends
+# (``python -m tests.models._measure reference cpu`` prints them per case), in eps of the scale named.
 #
-# 1. float32, whole model, forward quantities (output, running_mean/var): ours vs torch float32
-#    with rtol = FORWARD_FACTOR * EPS32 and atol = that times max|t| of the float64 run. Ours and
-#    torch's BN round differently (other summation orders, the inverse standard deviation computed
-#    another way) and each layer carries the difference on, 8-121 BN layers deep; the output of a
-#    forward is a continuous function of every intermediate value, so the difference stays a
-#    rounding-sized multiple of eps. Besides, ours must be about as close to the float64 run as
-#    torch float32 is: within RATIO times torch's distance plus FLOOR eps.
-# 2. float32, every BN layer, on the activations it saw inside the model (input, and the gradient
-#    that reached its output in the model's backward): ours vs torch's formula in float64 on the
-#    same data, with atol = LAYER_FACTOR * EPS32 times the magnitude of the terms summed or
-#    subtracted (per tensor: (|x|+|mean|)*invstd*|gamma| + |beta| for the output,
-#    |gamma*invstd|*max|dy|*(1+max|xhat|) for the input gradient, the per-channel sums of
-#    |dy*xhat| and |dy| for the gamma and beta gradients). A single BN's error is a few eps of
-#    those; LAYER_FACTOR leaves room for the summation orders of long reductions.
-# 3. float64, whole model, everything (output, input gradient, every parameter gradient,
-#    running statistics): ours vs torch float64 with atol = rtol * max|t| and
-#    rtol = F64_FACTOR * EPS64; a parameter gradient's scale is at least GRAD_FLOOR times the
-#    largest gradient in the model, because some gradients are zero by construction and hold
-#    rounding noise only (the beta of a BN whose output reaches a training-mode BN through a
-#    linear convolution, as in MobileNetV2's projections).
+# Check 1, float32 whole model, forward quantities. Distance from torch float32 at most
+# FORWARD_FACTOR eps of max|t| (max|t| of the float64 run). Ours and torch's BN round differently
+# (other summation orders, the inverse standard deviation computed another way) and each layer
+# carries the difference on, 8-121 BN layers deep; a forward is a continuous function of every
+# intermediate value, so the difference stays a multiple of eps. Measured: output 512 eps
+# (timm dla46_c, training), 415 (ResNet-50, training, cpu), 346 in eval; running statistics
+# 165. FORWARD_FACTOR = 2048 is 4x that. And ours' distance from float64 must stay within
+# RATIO times torch float32's distance plus FLOOR eps: measured ratio at most 2.6.
+#
+# Check 2, float32 per BN layer against float64: at most LAYER_FACTOR eps of the magnitude of the
+# terms the result is made of (per tensor: (|x|+|mean|)*invstd*|gamma| + |beta| for the output,
+# |gamma*invstd|*max|dy|*(1+max|xhat|) for the input gradient in training, |gamma*invstd|*max|dy|
+# in eval, the per-channel sums of |dy*xhat| and |dy| for the gamma and beta gradients,
+# |running| + momentum*max|x| (squared, for the variance) for the running statistics).
+# Measured: 1.9 eps at most (gamma gradients), outputs 1.3. LAYER_FACTOR = 16.
+#
+# Check 3, float64 whole model: at most F64_FACTOR eps64 of max|t|; a parameter gradient's scale
+# is at least GRAD_FLOOR times the largest parameter gradient in the model, because some are zero
+# by construction and hold rounding noise only (the beta of a BN whose output reaches a
+# training-mode BN through a linear convolution, MobileNetV2's projections). Measured: gradients
+# 6278 eps64 (1.4e-12; dla46_c, training), outputs 1235. F64_FACTOR = 2**15 (7e-12) is 5x that.
 #
 # Why the whole-model gradients are compared in float64, not float32: the models are piecewise
 # linear (ReLU, ReLU6, hardswish, max pooling). Where a pre-activation lies within rounding
-# distance of a kink (and among 10^5-10^6 activations some do), two float32 runs that differ by a
-# few eps take different branches, and every gradient upstream of it moves by that element's whole
-# contribution: measured 1e4-2e6 eps between torch float32 and torch float64 (ResNet-50, DLA,
-# eval mode) and likewise between ours and torch float32 where one of them crossed a kink the other
-# did not (timm resnet18d, training mode). Those are not rounding errors of BN. In float64 the two
-# runs differ by ~1e-13 of the values, far below any kink, and there ours equals torch to
-# ~100-1000 eps64; the float32 backward kernels are held to rounding on every layer by check 2.
-FORWARD_FACTOR = {"train": 4096, "eval": 4096}
+# distance of a kink (and among 10^5-10^6 activations some do), two float32 runs that differ by
+# a few eps take different branches, and every gradient upstream moves by that element's whole
+# contribution: measured 1e4-2e6 eps between torch float32 and torch float64 (ResNet-50 and DLA
+# in eval mode), and as much between ours and torch float32 where one of them crossed a kink the
+# other did not (timm resnet18d, training). Those are not rounding errors of BN, and no float32
+# tolerance separates them from bugs. In float64 the runs differ by ~1e-13, far from any kink;
+# the float32 kernels are held to rounding layer by layer by check 2.
+FORWARD_FACTOR = 2048
 RATIO = 4.0
 FLOOR = 64
-LAYER_FACTOR = 64
-F64_FACTOR = 1 << 14
+LAYER_FACTOR = 16
+F64_FACTOR = 1 << 15
 GRAD_FLOOR = 1e-3
 
 
@@ -202,15 +209,17 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _run(model: nn.Module, x: Tensor, proj: Tensor) -> dict[str, Tensor]:
+def _run(model: nn.Module, x: Tensor, proj: Tensor, backward: bool = True) -> dict[str, Tensor]:
     """One forward and backward of ``(model(x) * proj).sum()``: everything to compare."""
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().clone().requires_grad_(backward)
     out = model(x)
-    (out * proj).sum().backward()
-    result = {"output": out.detach(), "input grad": x.grad}
-    for name, p in model.named_parameters():
-        assert p.grad is not None, f"no gradient for {name}"
-        result[f"grad of {name}"] = p.grad
+    result = {"output": out.detach()}
+    if backward:
+        (out * proj).sum().backward()
+        result["input grad"] = x.grad
+        for name, p in model.named_parameters():
+            assert p.grad is not None, f"no gradient for {name}"
+            result[f"grad of {name}"] = p.grad
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm):
             for k in _RUNNING:
@@ -327,8 +336,6 @@ def _check_layers(ours: nn.Module, calls: dict[str, list[Call]], problems: list[
 def _compare_forward(ours: dict, t32: dict, t64: dict, mode: str, problems: list[str]) -> None:
     """Check 1: float32 output and running statistics (distances relative to max|t| of the float64 run)."""
     for key, expected in t32.items():
-        if key.startswith("grad of") or key == "input grad":
-            continue
         actual = ours[key]
         if not expected.is_floating_point():  # num_batches_tracked
             if not torch.equal(actual, expected):
@@ -342,7 +349,7 @@ def _compare_forward(ours: dict, t32: dict, t64: dict, mode: str, problems: list
         kind = key if key == "output" else key.rpartition(".")[2]
         _note(f"f32 {mode} {kind}: ours vs torch", vs_torch)
         _note(f"f32 {mode} {kind}: ours vs float64 / torch vs float64", err_ours / max(err_torch, 1.0))
-        if not vs_torch <= FORWARD_FACTOR[mode]:
+        if not vs_torch <= FORWARD_FACTOR:
             problems.append(f"{key}: ours is {vs_torch:.3g} eps (of max|t|) from torch float32")
         if not err_ours <= RATIO * err_torch + FLOOR:
             problems.append(f"{key}: ours is {err_ours:.3g} eps (of max|t|) from float64, "
@@ -410,7 +417,8 @@ def _check_model(case: Case, make_model, backend, mode: str, *, batch: int | Non
 
     key = (str(case), mode, shape, channels_last)
     if key not in _torch_results:
-        _torch_results[key] = (_run(model, x, proj), _run(model64, x.double(), proj.double()))
+        # torch float32 serves check 1 only: its forward quantities
+        _torch_results[key] = (_run(model, x, proj, backward=False), _run(model64, x.double(), proj.double()))
     t32, t64 = _torch_results[key]
     _compare_forward(ours32, t32, t64, mode, problems)
     _compare_f64(result64, t64, problems)
