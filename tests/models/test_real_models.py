@@ -132,6 +132,11 @@ def _note(check: str, eps_units: float) -> None:
 _torch_results: dict[tuple, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
 
 
+def _is_bn(m: nn.Module) -> bool:
+    """A BN layer, torch's or ours (whether or not ours subclass torch's)."""
+    return isinstance(m, (_BatchNorm, _NormBase))
+
+
 def _is_torch_bn(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm) and not isinstance(m, _NormBase)
 
@@ -221,7 +226,7 @@ def _run(model: nn.Module, x: Tensor, proj: Tensor, backward: bool = True) -> di
             assert p.grad is not None, f"no gradient for {name}"
             result[f"grad of {name}"] = p.grad
     for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm):
+        if _is_bn(m):
             for k in _RUNNING:
                 result[f"{name}.{k}"] = getattr(m, k).detach().clone()
     return result
@@ -254,7 +259,7 @@ def _capture(model: nn.Module) -> tuple[dict[str, list[Call]], list[Any]]:
     calls: dict[str, list[Call]] = {}
     handles = []
     for name, m in model.named_modules():
-        if not isinstance(m, _BatchNorm):
+        if not _is_bn(m):
             continue
 
         def pre(mod, args, name=name):
@@ -278,7 +283,7 @@ def _got_grads(call: Call, grad_in: tuple, grad_out: tuple) -> None:
 def _check_layers(ours: nn.Module, calls: dict[str, list[Call]], problems: list[str]) -> None:
     """Check 2: every BN call of the float32 run against torch's formula in float64 on the same data."""
     for name, m in ours.named_modules():
-        if not isinstance(m, _BatchNorm):
+        if not _is_bn(m):
             continue
         assert len(calls.get(name, ())) == 1, f"{name} was called {len(calls.get(name, ()))} times, not once"
         call = calls[name][0]
@@ -397,13 +402,13 @@ def _check_model(case: Case, make_model, backend, mode: str, *, batch: int | Non
     for h in handles:
         h.remove()
     assert ran and set(ran) == {name}, f"BN calls ran on {sorted(set(ran))}, not only {name}"
-    for key, t in ours32.items():
-        assert t.is_floating_point() is False or torch.isfinite(t).all(), f"{key} is not finite"
+    nonfinite = [k for k, t in ours32.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    assert not nonfinite, f"not finite: {', '.join(nonfinite[:10])}{' ...' if len(nonfinite) > 10 else ''}"
     after = _state(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items()), \
         "converting or running the converted model changed the original"
     assert all(p.grad is None for p in model.parameters()), "the original got gradients"
-    assert all(_is_torch_bn(m) for m in model.modules() if isinstance(m, _BatchNorm))
+    assert all(_is_torch_bn(m) for m in model.modules() if _is_bn(m))
     if mode == "eval":
         for k, v in before.items():
             if k.rpartition(".")[2] in _RUNNING:
@@ -453,8 +458,8 @@ def test_conversion_replaces_every_bn_and_leaves_the_original(case, make_model):
     assert [(n, type(m)) for n, m in model.named_modules()] == types_before
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
-    theirs = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
-    mine = {n: m for n, m in ours.named_modules() if isinstance(m, _BatchNorm)}
+    theirs = {n: m for n, m in model.named_modules() if _is_bn(m)}
+    mine = {n: m for n, m in ours.named_modules() if _is_bn(m)}
     assert mine.keys() == theirs.keys()
     assert not any(_is_torch_bn(m) for m in ours.modules()), "a torch BN is left"
     for n, m in mine.items():
