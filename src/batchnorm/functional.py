@@ -521,7 +521,7 @@ def batch_renorm(
     elif update:
         stats = _whole_batch(mean.detach(), var.detach(), count)
         accepted = update_running_stats(running_mean, running_var, stats, momentum, nonfinite)
-    return y, accepted
+    return y, accepted  # type: ignore[return-value]
 
 
 def keras_to_torch_momentum(keras_momentum: float) -> float:

@@ -93,11 +93,29 @@ def select(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> Modu
     forced = get_backend()
     if forced != "auto":
         module = _REGISTRY[forced][1]
-        return module if module.supports(op, x, mask, vbs) else reference
+        return module if forced not in _disabled and module.supports(op, x, mask, vbs) else reference
     for module in _ORDER:
-        if module.supports(op, x, mask, vbs):
+        if module.name not in _disabled and module.supports(op, x, mask, vbs):
             return module
     return reference
+
+
+# Backends that cannot run in this process: a child forked from a process whose numba thread pool
+# runs on GNU OpenMP (which aborts the child at its first parallel region: "fork() called from a
+# process already using GNU OpenMP"). Such a child computes on the reference backend; spawned
+# processes (torchrun, mp.spawn, DataLoader with "spawn") are unaffected.
+_disabled: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
+    try:
+        import numba
+
+        layer = numba.threading_layer()
+    except (ImportError, ValueError):  # numba missing, or its pool never started
+        return
+    if layer == "omp":
+        _disabled.add("cpu")
 
 
 def _register_optional() -> None:
@@ -109,6 +127,8 @@ def _register_optional() -> None:
             importlib.import_module(f"{__name__}.{modname}")
         except ImportError:
             continue
+    if "cpu" in _REGISTRY:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _register_optional()

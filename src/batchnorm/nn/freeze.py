@@ -76,7 +76,7 @@ def is_foreign(bn: nn.Module) -> bool:
 def num_features(bn: nn.Module) -> int:
     """The channel count of any BN layer (torchvision's frozen layer does not store it)."""
     n = getattr(bn, "num_features", None)
-    return int(n) if n is not None else int(bn.running_mean.numel())  # type: ignore[union-attr]
+    return int(n) if n is not None else int(bn.running_mean.numel())  # type: ignore[union-attr,operator]
 
 
 _ACTS: dict[type, str] = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu", nn.Identity: "identity"}
@@ -128,7 +128,7 @@ def from_torch(bn: nn.Module) -> _NormBase:
     return ours
 
 
-def _fused_from(bn: nn.Module, act: str, slope: float) -> _NormBase:
+def _fused_from(bn: Any, act: str, slope: float) -> _NormBase:
     """Our fused layer equal to timm's fused ``bn`` (ranks from the base class, e.g. ``nn.BatchNorm2d``)."""
     from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 

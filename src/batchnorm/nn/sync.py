@@ -243,14 +243,14 @@ def layer_kwargs(bn: nn.Module) -> dict[str, Any]:
     return kw
 
 
-def to_sync(bn: nn.Module, process_group: Any = None) -> SyncBatchNorm:
+def to_sync(bn: Any, process_group: Any = None) -> SyncBatchNorm:
     """A :class:`SyncBatchNorm` in the place of the BN layer ``bn``, sharing its tensors."""
     if isinstance(bn, nn.SyncBatchNorm) and process_group is None:
         process_group = bn.process_group
     new = SyncBatchNorm(bn.num_features, process_group=process_group, axis=getattr(bn, "_axis", 1),
                         device="meta", **layer_kwargs(bn))
     share_state(bn, new)
-    new._converted_from = type(bn)
+    new._converted_from = type(bn)  # type: ignore[assignment]
     return new
 
 

@@ -133,7 +133,7 @@ def _why_not(bn: nn.Module, to: str) -> str | None:
     return None
 
 
-def _to_batchnorm(bn: nn.Module) -> nn.Module | None:
+def _to_batchnorm(bn: Any) -> nn.Module | None:
     if isinstance(bn, SyncBatchNorm):
         return from_sync(bn, torch_ok=False)
     if isinstance(bn, _NormBase):
