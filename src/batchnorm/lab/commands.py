@@ -152,29 +152,29 @@ def _claim_keys(text: str) -> list[str]:
     return keys
 
 
-def _out_dir(text: str) -> str:
-    p = Path(text)
-    if p.exists() and not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory; give a directory for the "
-                                         "store and the report")
-    for parent in p.absolute().parents:
+def _creatable(text: str) -> str:
+    """``text``, refused when a parent on its path is a file (then it cannot be created)."""
+    for parent in Path(text).absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise argparse.ArgumentTypeError(f"{parent} is a file; {text} cannot be created")
             break
     return text
+
+
+def _out_dir(text: str) -> str:
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory; give a directory for the "
+                                         "store and the report")
+    return _creatable(text)
 
 
 def _store_file(text: str) -> str:
     p = Path(text)
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; the store is a file, e.g. {p / 'lab.sqlite'}")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise argparse.ArgumentTypeError(f"{parent} is a file; {text} cannot be created")
-            break
-    return text
+    return _creatable(text)
 
 
 def _data_dir(text: str) -> str:
