@@ -56,10 +56,12 @@ def _assert_not_equal(a, b):
     assert not torch.allclose(a, b), f"expected different tensors, got {a} and {b}"
 
 
-def assert_as_accurate_as_torch(cls, x, grad, *, slack=2.0):
+def assert_as_accurate_as_torch(cls, x, grad, *, slack=10.0):
     """Addition to the originals: our layer's training output, input/parameter gradients and running
     statistics are within ``slack`` times torch's own error (plus the dtype's default tolerance)
-    of the same computation in float64. Used where the data are large enough that two float32
+    of the same computation in float64 (10x: the CPU kernels' precision target, docs/core.md; the
+    cpu backend's gamma gradient on (16, 2, 40, 40, 40) float32 measured 4.1x torch's error,
+    2026-12-03). Used where the data are large enough that two float32
     implementations legitimately differ by more than the default tolerance."""
     channels = x.shape[1]
     results = []
