@@ -3,7 +3,7 @@
 For each case (shape, layout, dtype, pass) it times our public op and torch's native one
 (optionally ``torch.compile`` of torch's), interleaving the repeats so that both see the same
 machine load, and reports the medians, the ratio ``torch / ours`` (> 1: ours is faster), our
-effective bandwidth over the pass's memory floor (``../shared/DESIGN.md``: bytes the pass must
+effective bandwidth over the pass's memory floor (the bytes the pass must
 move at least) and that bandwidth as a fraction of this machine's measured copy bandwidth.
 On a GPU (``--device cuda``) each call is timed with CUDA events after flushing L2 (see
 ``_cuda_times``), and half-precision inputs get float32 weight and bias (autocast's mixed mode).
