@@ -50,3 +50,24 @@ def test_vector_operators_and_selects_match_numpy(dtype):
     with np.errstate(invalid="ignore"):
         expected = np.concatenate([np.where(x > y, x * y + 1, x - y), np.where(x <= 0, 0, x)]).astype(dtype)
     np.testing.assert_allclose(out, expected, rtol=2 * np.finfo(dtype).eps, equal_nan=True)
+
+
+@numba.njit
+def _widened_sum(x):
+    """``x`` (W lanes of its dtype) added twice to float64 lanes through :func:`widen`; ``keep`` of
+    the input is a no-op that only holds it."""
+    p = simd.pointers((x,))
+    v = simd.at(p[0], simd.vpos(0))
+    acc = simd.widen(simd.vfill(x.dtype.type(0)))
+    acc += simd.widen(v)
+    acc += simd.widen(v)
+    simd.keep(x)
+    return simd.hsum(acc)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_widen_adds_lanes_in_float64(dtype):
+    w = 32 // np.dtype(dtype).itemsize
+    # lanes whose total needs more bits than float32 has: exact only if summed in float64
+    x = (np.arange(w) + 1.0 + 2.0 ** -23 * np.arange(w)).astype(dtype)
+    assert _widened_sum(x) == 2 * float(np.sum(x.astype(np.float64)))

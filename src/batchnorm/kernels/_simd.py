@@ -122,10 +122,10 @@ def pointers(typingctx, tup):
     the normalize loop 2x slower).
 
     **Lifetime rule.** A pointer does not hold its array: numba frees an array right after the
-    last statement that reads the array's *variable* -- which is the one taking the pointer when
-    only the pointer is read later (a ``prange`` loop then reads freed memory, reused by the time
-    it runs: garbage in, with two threads, the inference forward's per-channel values). So take
-    pointers only of
+    last statement that reads the array's *variable*, which is the one taking the pointer when
+    only the pointer is read later. A ``prange`` loop then reads freed memory, garbage once an
+    allocation reuses it (the planes inference kernel's per-channel values: NaN or ~1e7 outputs
+    with two threads). So take pointers only of
 
     * the arguments of the compiled (not inlined) function that takes them: its caller holds
       them for the call (an ``inline="always"`` helper's parameters are its caller's variables,
@@ -563,7 +563,7 @@ def store_span(out, f0, f1, off, stream, f, args):  # type: ignore[no-untyped-de
 def store_rows(out, m0, m1, ch, stream, f, args):  # type: ignore[no-untyped-def]
     """``out[m*ch + c] = f(args, (m*ch + c, c))`` for rows ``m0:m1`` of ``ch`` channels (``out``
     the flat rows), ``W`` lanes at a time with the lanes wrapping across rows (per-channel
-    operands must be tiled, see :func:`atc`); ``stream`` and ``f`` as in :func:`store_span`."""
+    operands must be tiled, see :func:`atc`); ``stream``, ``f`` and ``args`` as in :func:`store_span`."""
     raise NotImplementedError  # only called from numba
 
 

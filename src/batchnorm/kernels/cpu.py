@@ -32,7 +32,7 @@ the running statistics when it is given them (``running=``; with ``skip_nonfinit
 batch whose statistics are not finite).
 
 Statistics and the backward's sums are float64 sums of input-dtype partials over bounded blocks
-(planes: :data:`_VBLK` values per vector accumulator, within a plane as across planes; rows:
+(planes: blocks of :data:`_VBLK` values, within a plane as across planes; rows: blocks of
 :data:`_RBLK` rows), so their error does not grow with the tensor (float64 throughout for float64
 input). Kernels read tensors through raw pointers, which do not keep arrays alive: see the
 lifetime rule of :func:`batchnorm.kernels._simd.pointers` (every pointer of an array the kernel
@@ -85,8 +85,10 @@ _FM = {"reassoc", "contract", "arcp", "nsz"}
 # ZeroDivisionError (``eps = 0`` with a zero variance); it also drops the divisor checks.
 _NJ = {"cache": True, "error_model": "numpy"}
 _JIT = {**_NJ, "parallel": True, "fastmath": _FM, "nogil": True}
-_VBLK = 512  # values summed in input-dtype vectors before they are added to float64 ones (planes)
-_RBLK = 64  # rows summed in the input dtype before a float64 flush (rows)
+# Planes: values summed in input-dtype vectors before they are added to float64 ones (a multiple
+# of two vectors of float32); rows: rows summed in the input dtype before a float64 flush.
+_VBLK = 512
+_RBLK = 64
 
 # Below this many elements the reference path would run. Since each op is one driver call (and
 # small tensors run on one thread, see PARALLEL_MIN), this backend is faster than the reference
@@ -165,24 +167,36 @@ def _ptr(t):
 
 
 @njit(**_INL)
+def _pair_step(xp, g, goff, i, w, mf, use_g, acc):
+    """Two vectors from ``i`` into the accumulators ``acc = (vs0, vt0, vs1, vt1)`` (see :func:`_span_sums`)."""
+    vs0, vt0, vs1, vt1 = acc
+    d0 = at(xp, vpos(i)) - mf
+    d1 = at(xp, vpos(i + w)) - mf
+    g0 = at(g, vpos(i - goff)) if use_g else d0
+    g1 = at(g, vpos(i + w - goff)) if use_g else d1
+    return vs0 + g0, vt0 + g0 * d0, vs1 + g1, vt1 + g1 * d1
+
+
+@njit(**_INL)
 def _span_sums(g, goff, xp, f0, n, step, count, mf, use_g, zero):
     """Float64 ``sum(g)`` and ``sum(g * (x - mf))`` over ``count`` spans of ``n`` values of ``x``
     from ``f0``, ``f0 + step``, ... (``xp`` a pointer; ``g`` at ``i`` is the pointer ``g`` at
     ``i - goff``); ``g = x - mf`` when not ``use_g`` (the shifted moments).
 
     Summed in 32-byte vectors of the input dtype, two per step, which are added to float64 vectors
-    (:func:`~batchnorm.kernels._simd.widen`, no horizontal sum) every :data:`_VBLK` values, within a
-    span as across short ones: no input-dtype lane adds more than ``_VBLK / W`` values, so the
-    error does not grow with the plane (summed whole in float32, a 4096x4096 plane's variance was
-    4e-4 off). One horizontal sum at the end (a horizontal sum per plane cost as much as a short
-    plane's arithmetic)."""
+    (:func:`~batchnorm.kernels._simd.widen`, no horizontal sum) after each whole block of
+    :data:`_VBLK` values of a span (a fixed trip count) and, for the rest of the spans (short
+    planes, a plane's last part), once :data:`_VBLK` such values have come: an input-dtype lane
+    adds at most ``_VBLK / W`` values between flushes, so the error does not grow with the plane
+    (summed whole in float32, a 4096x4096 plane's variance was 4e-4 off). One horizontal sum at
+    the end (a horizontal sum per plane cost as much as a short plane's arithmetic)."""
     w = lanes(zero)
     s = 0.0
     t = 0.0
     z = vfill(zero)
     ws = widen(z)
     wt = ws
-    vs0, vt0, vs1, vt1 = z, z, z, z
+    acc = (z, z, z, z)
     ps = zero
     pt = zero
     since = 0
@@ -190,45 +204,37 @@ def _span_sums(g, goff, xp, f0, n, step, count, mf, use_g, zero):
         a = f0 + k * step
         e2 = a + n // (2 * w) * (2 * w)
         e1 = a + n // w * w
-        c0 = a
-        while True:  # blocks of at most _VBLK values (a multiple of 2 W), the span's tail with the last
-            c1 = min(c0 + _VBLK, e2)
-            for i in range(c0, c1, 2 * w):
-                d0 = at(xp, vpos(i)) - mf
-                d1 = at(xp, vpos(i + w)) - mf
-                g0 = at(g, vpos(i - goff)) if use_g else d0
-                g1 = at(g, vpos(i + w - goff)) if use_g else d1
-                vs0 += g0
-                vt0 += g0 * d0
-                vs1 += g1
-                vt1 += g1 * d1
-            last = c1 == e2
-            if last:
-                for i in range(e2, e1, w):
-                    d0 = at(xp, vpos(i)) - mf
-                    g0 = at(g, vpos(i - goff)) if use_g else d0
-                    vs0 += g0
-                    vt0 += g0 * d0
-                for i in range(e1, a + n):
-                    d = at(xp, i) - mf
-                    gi = at(g, i - goff) if use_g else d
-                    ps += gi
-                    pt += gi * d
-                since += a + n - c0
-            else:
-                since += c1 - c0
-            if since >= _VBLK or (last and k == count - 1):
-                ws += widen(vs0 + vs1)
-                wt += widen(vt0 + vt1)
-                s += ps
-                t += pt
-                vs0, vt0, vs1, vt1 = z, z, z, z
-                ps = zero
-                pt = zero
-                since = 0
-            if last:
-                break
-            c0 = c1
+        eb = a + (e2 - a) // _VBLK * _VBLK
+        for c0 in range(a, eb, _VBLK):  # whole blocks (a fixed trip count), each flushed
+            for i in range(c0, c0 + _VBLK, 2 * w):
+                acc = _pair_step(xp, g, goff, i, w, mf, use_g, acc)
+            ws += widen(acc[0] + acc[2])
+            wt += widen(acc[1] + acc[3])
+            acc = (z, z, z, z)
+        for i in range(eb, e2, 2 * w):
+            acc = _pair_step(xp, g, goff, i, w, mf, use_g, acc)
+        vs0, vt0, vs1, vt1 = acc
+        for i in range(e2, e1, w):
+            d0 = at(xp, vpos(i)) - mf
+            g0 = at(g, vpos(i - goff)) if use_g else d0
+            vs0 += g0
+            vt0 += g0 * d0
+        for i in range(e1, a + n):
+            d = at(xp, i) - mf
+            gi = at(g, i - goff) if use_g else d
+            ps += gi
+            pt += gi * d
+        acc = (vs0, vt0, vs1, vt1)
+        since += a + n - eb
+        if since >= _VBLK or k == count - 1:
+            ws += widen(vs0 + vs1)
+            wt += widen(vt0 + vt1)
+            s += ps
+            t += pt
+            acc = (z, z, z, z)
+            ps = zero
+            pt = zero
+            since = 0
     return hsum(ws) + s, hsum(wt) + t
 
 
@@ -497,8 +503,8 @@ def _sums_step(q, moments, i, c, accs, acct):
 def _rows_block_sums(q, moments, ch, r0, r1, bi, psum, pdot):
     """Rows ``r0:r1`` of the flat ``(M, ch)`` tensors of the gate parameters ``q`` (:func:`_fg`,
     tensors as pointers) into ``psum[bi]``, ``pdot[bi]``: float64 ``sum(g)`` and
-    ``sum(g * (x - k))``, ``k = q[4]``,
-    with ``g = x - k`` (``moments``) or ``g`` of :func:`_fg`; ``W`` channels at a time, two rows
+    ``sum(g * (x - k))``, ``k = q[4]``, with ``g = x - k`` (``moments``) or ``g`` of :func:`_fg`;
+    ``W`` channels at a time, two rows
     per step (one accumulator update for both). The per-channel accumulators, in the input dtype,
     are flushed to float64 every :data:`_RBLK` rows."""
     accs = np.full(ch, q[9])
