@@ -42,8 +42,9 @@ product; larger ones a covering design):
 * ``x`` is nudged away from relu's kink (``|z| >= 1e-3``), where float32 and float64 may take
   different branches.
 
-Run time on the 2-core EPYC, kernels compiled: ~90 s for the module with the machine shared
-(load 4-5; CPU time 86 s).
+Run time on the 2-core EPYC, kernels compiled: 25 s for the module on an otherwise quiet machine
+(load average 1.5); 90-215 s while other processes kept both cores busy (load 3-5), where every
+two-thread parallel region may wait for a time slice.
 """
 
 from __future__ import annotations
