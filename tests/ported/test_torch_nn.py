@@ -498,24 +498,17 @@ def test_batchnorm_simple_average():
     data1 = torch.rand(4, 3, dtype=dtype)
     data2 = torch.rand(4, 3, dtype=dtype)
 
-    res1 = module(data1)
-    running_mean1 = module.running_mean.clone()
-    running_var1 = module.running_var.clone()
-    _assert_not_equal(running_mean1, zeros)
-    _assert_not_equal(running_var1, ones)
-    module.reset_running_stats()
-    assert_equal(module.running_mean, zeros)
-    assert_equal(module.running_var, ones)
+    single = []  # per batch alone: output, running mean, running var
+    for data in (data1, data2):
+        res = module(data)
+        single.append((res, module.running_mean.clone(), module.running_var.clone()))
+        _assert_not_equal(single[-1][1], zeros)
+        _assert_not_equal(single[-1][2], ones)
+        module.reset_running_stats()
+        assert_equal(module.running_mean, zeros)
+        assert_equal(module.running_var, ones)
 
-    res2 = module(data2)
-    running_mean2 = module.running_mean.clone()
-    running_var2 = module.running_var.clone()
-    _assert_not_equal(running_mean2, zeros)
-    _assert_not_equal(running_var2, ones)
-    module.reset_running_stats()
-    assert_equal(module.running_mean, zeros)
-    assert_equal(module.running_var, ones)
-
+    (res1, running_mean1, running_var1), (res2, running_mean2, running_var2) = single
     res3 = module(data1)
     res4 = module(data2)
     assert_equal(res3, res1)
