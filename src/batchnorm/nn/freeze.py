@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -54,8 +55,6 @@ def has_tail(bn: nn.Module) -> bool:
 def tail(bn: nn.Module) -> nn.Module | None:
     """A module computing what ``bn`` applies after its normalization (``None``: nothing). For our
     fused layers their activation (``nn.ReLU()``, ...); for timm's, a copy of ``drop`` then ``act``."""
-    import copy
-
     from .act import _BatchNormActBase
 
     if not has_tail(bn):
