@@ -15,16 +15,21 @@ for the conventions and the exact semantics):
   training forward's statistics
 * ``backward_apply(dy, x, mean, var, eps, weight, need_input_grad)``
 * ``supports(op, x, mask, vbs) -> bool``: whether it can run ``op`` on this input.
+* optional ``prepared(op, x, wait) -> bool``: whether its code for ``op`` on ``x`` is ready to
+  run now (the cpu backend's compiled kernels, see :mod:`batchnorm.kernels._jit`); ``False``
+  makes the dispatcher pass to the next backend, and the backend gets ready in the background;
+  with ``wait`` (a forced backend) it waits until ready.
 
 Every op takes the variance and ``eps``, never ``1 / sqrt(var + eps)``: each backend computes
 that as :func:`~batchnorm.kernels.reference.inverse_std` does (the cpu one inside its compiled
 driver, which saves two torch calls per call).
 
 The dispatcher picks, per call, the first registered backend (in priority order) whose
-``supports`` says yes; ``reference`` supports everything and comes last. A user can force a
-backend with :func:`set_backend`, the :func:`use_backend` context manager, or the environment
-variable ``BATCHNORM_BACKEND``. A forced backend that cannot run a given call falls back to
-``reference`` (masks or ghost batches on a backend without them, for instance).
+``supports`` says yes and that is ``prepared``; ``reference`` supports everything and comes last.
+A user can force a backend with :func:`set_backend`, the :func:`use_backend` context manager, or
+the environment variable ``BATCHNORM_BACKEND``. A forced backend that cannot run a given call falls
+back to ``reference`` (masks or ghost batches on a backend without them, for instance); one that
+is not yet prepared is waited for.
 """
 
 from __future__ import annotations
@@ -93,10 +98,15 @@ def select(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> Modu
     forced = get_backend()
     if forced != "auto":
         module = _REGISTRY[forced][1]
-        return module if forced not in _disabled and module.supports(op, x, mask, vbs) else reference
+        if forced in _disabled or not module.supports(op, x, mask, vbs):
+            return reference
+        prepared = getattr(module, "prepared", None)
+        return module if prepared is None or prepared(op, x, True) else reference
     for module in _ORDER:
         if module.name not in _disabled and module.supports(op, x, mask, vbs):
-            return module
+            prepared = getattr(module, "prepared", None)
+            if prepared is None or prepared(op, x):
+                return module
     return reference
 
 
@@ -122,7 +132,7 @@ def _register_optional() -> None:
     """Register the fast backends that exist and whose dependencies are installed."""
     import importlib
 
-    for modname in ("cpu", "triton_gpu"):
+    for modname in ("aten", "cpu", "triton_gpu"):
         try:
             importlib.import_module(f"{__name__}.{modname}")
         except ImportError:

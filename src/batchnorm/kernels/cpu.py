@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -52,8 +53,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from . import _jit, register_backend
 from . import reference as ref
-from . import register_backend
 from ._simd import (
     LINE_BYTES,
     add_at,
@@ -1346,7 +1347,7 @@ def _backward_act(dy, x, residual, mean, var, eps, weight, bias, act, slope, tra
     xa = x.data_ptr()
     _bwd(_args(dy.data_ptr(), xa, _addr(r, xa), _addr(dx, xa), _addr(dr, xa), *[_addr(v) for v in vecs],
                sum_dy.data_ptr(), *dims), _PROTO[x.dtype], rep, r is not None, _ACT_CODES[act], float(slope),
-         float(eps), train, need_dx, need_dr, _stream(x, dims, rep, backward=True),
+         float(eps), bool(train), bool(need_dx), bool(need_dr), _stream(x, dims, rep, backward=True),
          _fused_channels(dims[1], threads), nb)
     return dx, sum_dot, sum_dy, dr
 
@@ -1368,6 +1369,45 @@ def backward_apply_act(dy, x, residual, mean, var, eps, weight, bias, act, slope
 _DTYPES = (torch.float32, torch.float64)
 _OPS = frozenset({"forward_train", "forward_apply", "backward_train", "backward_apply", "forward_train_act",
                   "forward_apply_act", "backward_train_act", "backward_apply_act"})
+
+# ---------------------------------------------------------------- compiled without waiting
+
+#: The compiled driver each op calls.
+_ENTRY_OF = {"forward_train": "_train", "forward_train_act": "_train", "forward_apply": "_apply",
+             "forward_apply_act": "_apply", "backward_train": "_bwd", "backward_apply": "_bwd",
+             "backward_train_act": "_bwd", "backward_apply_act": "_bwd"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _sample_args(entry: str, dtype: str) -> tuple:
+    """Arguments of the Python types the wrappers above pass to ``entry`` (numba types each
+    call by them, so these give the one signature per entry and dtype that the wrappers use)."""
+    a, proto = _args(0), _PROTO[getattr(torch, dtype)]
+    if entry == "_train":
+        return a, proto, 0, False, 1e-5, 0, 0.0, 0.0, False, False, False, False, 1
+    if entry == "_apply":
+        return a, proto, 0, False, 1e-5, 0, 0.0, False
+    return a, proto, 0, False, 0, 0.0, 1e-5, True, True, False, False, False, 1
+
+
+def _signature(entry: str, dtype: str) -> tuple:
+    disp = _ENTRIES[entry]
+    return tuple(disp.typeof_pyval(v) for v in _sample_args(entry, dtype))
+
+
+_ENTRIES = {"_train": _train, "_bwd": _bwd, "_apply": _apply}
+#: The kernels of this backend, got without blocking a call (see :mod:`batchnorm.kernels._jit`).
+KERNELS = _jit.Kernels(__name__, _ENTRIES, _signature,
+                       [Path(__file__), Path(__file__).with_name("_simd.py")])
+
+
+def prepared(op: str, x: Tensor, wait: bool = False) -> bool:
+    """Whether the compiled driver of ``op`` for ``x``'s dtype is loaded in this process; if not,
+    it is being got in the background (see :mod:`batchnorm.kernels._jit`), or, with ``wait``,
+    waited for. The dispatcher asks this after :func:`supports` said yes."""
+    entry = _ENTRY_OF[op]
+    dtype = _DTYPE_NAMES[x.dtype]
+    return (entry, dtype) in KERNELS._ready or KERNELS.ready(entry, dtype, wait)
 
 
 def supports(op: str, x: Tensor, mask: Tensor | None = None, vbs: int = 0) -> bool:
