@@ -1,8 +1,8 @@
 """Model zoo of the lab. Every model takes ``norm=`` and builds its normalization layers through
 :func:`make_norm`, the single place that decides which class implements a norm name.
 
-``norm`` is one of ``none | batchnorm | ghost | renorm | frozen``, a layer class (called as
-``cls(num_features)``), or a ``"module:ClassName"`` string naming such a class.
+``norm`` is one of ``none | batchnorm | ghost | renorm | frozen | groupnorm | layernorm | noisy``, a layer
+class (called as ``cls(num_features)``), or a ``"module:ClassName"`` string naming such a class.
 
 Models expose two things the probes rely on:
 
@@ -35,7 +35,7 @@ __all__ = [
     "resolve_norm",
 ]
 
-NORMS = ("none", "batchnorm", "ghost", "renorm", "frozen")
+NORMS = ("none", "batchnorm", "ghost", "renorm", "frozen", "groupnorm", "layernorm", "noisy")
 
 
 def resolve_norm(norm) -> str | type | None:
@@ -84,7 +84,37 @@ def make_norm(norm, num_features: int, rank: int = 1, **kw) -> nn.Module:
         layer = getattr(bnn, f"BatchNorm{rank}d")(num_features, **kw)
         bnn.freeze(layer, stats=True, affine=False)
         return layer
+    if norm == "groupnorm":
+        # Wu & He (2018): 32 channels per group in their ResNets; here at most 8 groups (these layers have
+        # 25-128 channels), the largest group count <= 8 that divides the channels
+        groups = kw.pop("num_groups", None) or max(g for g in range(1, 9) if num_features % g == 0)
+        return nn.GroupNorm(groups, num_features, **kw)
+    if norm == "layernorm":
+        # statistics per example over every channel and position: GroupNorm with one group is LayerNorm
+        # for (N, C) and for conv/sequence layouts (N, C, *) alike, with a per-channel gamma and beta
+        return nn.GroupNorm(1, num_features, **kw)
+    if norm == "noisy":
+        return NoisyBatchNorm(getattr(bnn, f"BatchNorm{rank}d")(num_features, **kw))
     raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)} or pass a layer class")
+
+
+class NoisyBatchNorm(nn.Module):
+    """Santurkar et al. (2018) "noisy BN": BN followed, in training, by a per-channel shift and scale drawn
+    anew at every step (shift ~ U(-1, 1), scale ~ U(0.25, 2)), so the next layer's input distribution
+    moves from step to step -- covariate shift injected on purpose. Evaluation is plain BN."""
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        y = self.bn(x)
+        if not self.training:
+            return y
+        shape = (1, y.shape[1]) + (1,) * (y.dim() - 2)
+        shift = torch.empty(shape, dtype=y.dtype).uniform_(-1.0, 1.0)
+        scale = torch.empty(shape, dtype=y.dtype).uniform_(0.25, 2.0)
+        return y * scale + shift
 
 
 def _act(name: str) -> nn.Module:
@@ -149,15 +179,23 @@ def seed_mlp(input_shape, num_classes, norm="batchnorm", norm_kw=None, **_):
     return _Net(body, [a1, a2])
 
 
-def mlp(input_shape, num_classes, norm="none", width=100, depth=2, act="relu", norm_kw=None, **_):
+def mlp(input_shape, num_classes, norm="none", width=100, depth=2, act="relu", norm_kw=None, placement="before",
+        dropout=0.0, **_):
     """MNIST-1D reference MLP (Greydanus 2020): Linear(40,100) ReLU Linear(100,100) ReLU Linear(100,10);
-    BN between each Linear and its ReLU when enabled."""
+    BN between each Linear and its ReLU when enabled (``placement="before"`` the activation, as Ioffe &
+    Szegedy; ``"after"`` it, as the seed articles' Keras example). ``dropout > 0`` adds dropout after each
+    hidden activation, so that it feeds the next layer's norm (Li et al. 2019's variance shift)."""
+    if placement not in ("before", "after"):
+        raise ValueError(f"placement must be 'before' or 'after' the activation, not {placement!r}")
     layers: list[nn.Module] = [nn.Flatten()]
     acts = []
     d = _flat_dim(input_shape)
     for _ in range(depth):
         a = _act(act)
-        layers += [nn.Linear(d, width), make_norm(norm, width, 1, **(norm_kw or {})), a]
+        norm_layer = make_norm(norm, width, 1, **(norm_kw or {}))
+        layers += [nn.Linear(d, width)] + ([norm_layer, a] if placement == "before" else [a, norm_layer])
+        if dropout:
+            layers.append(nn.Dropout(dropout))
         acts.append(a)
         d = width
     layers.append(nn.Linear(d, num_classes))
