@@ -81,6 +81,7 @@ class Condition:
     effect: Callable[[SeedRuns], object]  # a float, an array under bootstrap weights, or stats.Censored
     detail: Callable[[SeedRuns], dict] = lambda runs: {}
     tune: tuple[str, ...] = ()  # arms whose (single) configuration gets its learning rate tuned
+    lr_from: dict[str, str] = field(default_factory=dict)  # arm -> tuned arm whose learning rate it uses
     shared_lr: bool = True  # a tuned condition is also reported at the recipe's learning rate
     reads_test: bool = True  # the effect reads test accuracies: the bootstrap resamples test examples
     lr_note: str = ""  # how the learning rates of an untuned condition were chosen
@@ -150,7 +151,7 @@ def _expand(cond: Condition) -> list[Condition]:
     lr = with_recipe(cond.arms[cond.tune[0]][0]).lr
     twin = Condition(f"{cond.name}, shared lr {lr:g}", cond.dataset,
                      {a: [c.replace(lr=lr) for c in cs] for a, cs in cond.arms.items()}, cond.effect, cond.detail,
-                     (), False, cond.reads_test, f"one learning rate for every arm: the recipe's {lr:g}")
+                     (), {}, False, cond.reads_test, f"one learning rate for every arm: the recipe's {lr:g}")
     return [cond, twin]
 
 
@@ -171,6 +172,7 @@ def _resolve(cond: Condition, seeds: list[int], get_run, budget: dict):
             chosen[arm], info[arm] = lr, inf
     if needed:
         return needed, None, info
+    chosen.update({arm: chosen[src] for arm, src in cond.lr_from.items()})
     per_seed = {s: {arm: [c.replace(seed=s, **({"lr": chosen[arm]} if arm in chosen else {})) for c in cfgs]
                     for arm, cfgs in cond.arms.items()} for s in seeds}
     missing = [c for arms in per_seed.values() for cfgs in arms.values() for c in cfgs if get_run(c) is None]

@@ -173,10 +173,16 @@ def _c4(mode, ds):
         accs = np.stack([np.broadcast_to(R.acc(f"{n}@{s:g}"), np.shape(R.acc(f"{n}@1"))) for s in INIT_SCALES])
         return accs.max(axis=0) - accs.min(axis=0)
 
+    if BUDGET[mode]["full_conditions"]:
+        tuned, lr_from, how = tuple(arms), {}, "each (arm, scale) at its own tuned LR"
+    else:
+        tuned = ("none@1", "batchnorm@1")
+        lr_from = {k: k.split("@")[0] + "@1" for k in arms if k not in tuned}
+        how = "each arm at the LR tuned at scale x1"
     return [Condition(
-        "mlp depth 4, Adam, weight scale x0.1/x1/x10, each (arm, scale) at its own tuned LR", ds, arms,
+        f"mlp depth 4, Adam, weight scale x0.1/x1/x10, {how}", ds, arms,
         lambda R: 100 * (spread(R, "none") - spread(R, "batchnorm")),
-        lambda R: {k: R.acc(k) for k in arms}, tune=tuple(arms), shared_lr=False)]
+        lambda R: {k: R.acc(k) for k in arms}, tune=tuned, lr_from=lr_from, shared_lr=False)]
 
 
 # C5 vanishing / exploding gradients ---------------------------------------------------------------------
