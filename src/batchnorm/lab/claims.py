@@ -82,6 +82,7 @@ class Condition:
     detail: Callable[[SeedRuns], dict] = lambda runs: {}
     tune: tuple[str, ...] = ()  # arms whose (single) configuration gets its learning rate tuned
     lr_from: dict[str, str] = field(default_factory=dict)  # arm -> tuned arm whose learning rate it uses
+    tune_grid: tuple[float, ...] | None = None  # first grid of the tuning (default: the optimizer's)
     shared_lr: bool = True  # a tuned condition is also reported at the recipe's learning rate
     reads_test: bool = True  # the effect reads test accuracies: the bootstrap resamples test examples
     lr_note: str = ""  # how the learning rates of an untuned condition were chosen
@@ -151,7 +152,7 @@ def _expand(cond: Condition) -> list[Condition]:
     lr = with_recipe(cond.arms[cond.tune[0]][0]).lr
     twin = Condition(f"{cond.name}, shared lr {lr:g}", cond.dataset,
                      {a: [c.replace(lr=lr) for c in cs] for a, cs in cond.arms.items()}, cond.effect, cond.detail,
-                     (), {}, False, cond.reads_test, f"one learning rate for every arm: the recipe's {lr:g}")
+                     (), {}, None, False, cond.reads_test, f"one learning rate for every arm: the recipe's {lr:g}")
     return [cond, twin]
 
 
@@ -162,7 +163,7 @@ def _resolve(cond: Condition, seeds: list[int], get_run, budget: dict):
     info: dict[str, dict] = {}
     for arm in cond.tune:
         base = cond.arms[arm][0]
-        grid = LR_GRIDS.get(with_recipe(base).optimizer or "adam", LR_GRIDS["adam"])
+        grid = cond.tune_grid or LR_GRIDS.get(with_recipe(base).optimizer or "adam", LR_GRIDS["adam"])
         if budget.get("tune_points"):  # the smoke-test mode tries only the middle of the grid
             mid = len(grid) // 2
             grid = grid[mid - budget["tune_points"] // 2: mid - budget["tune_points"] // 2 + budget["tune_points"]]

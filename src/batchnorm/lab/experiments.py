@@ -20,7 +20,7 @@ __all__ = ["BUDGET", "CLAIMS", "LR_GRID"]
 BUDGET = {
     "tiny": {"seeds": 2, "steps": 30, "short": 20, "depth": 6, "deep_steps": 20, "lstm_steps": 10, "ics_depth": 10,
              "lr_extensions": 0, "tune_points": 2, "limit": 600, "small_batches": (2, 32), "full_conditions": False},
-    "quick": {"seeds": 5, "steps": 1000, "short": 300, "depth": 30, "deep_steps": 300, "lstm_steps": 1000,
+    "quick": {"seeds": 5, "steps": 1000, "short": 300, "depth": 20, "deep_steps": 200, "lstm_steps": 1000,
               "ics_depth": 10, "lr_extensions": 2, "limit": None, "small_batches": (2, 8, 32, 128),
               "full_conditions": False},
     "full": {"seeds": 10, "steps": 4000, "short": 1500, "depth": 100, "deep_steps": 2000, "lstm_steps": 4000,
@@ -230,14 +230,15 @@ def _c6(mode, ds):
     res = _base(ds, mode, model="resnet-mlp", steps=b["deep_steps"], optimizer="sgd",
                 model_kw={"depth": b["depth"]})
     skip = res.replace(norm="none", model_kw={"depth": b["depth"], "skipinit": True})
+    grid = None if b["full_conditions"] else (0.01, 0.03, 0.1)  # quick: a shorter first grid, still extended
     return [
         Condition(f"plain MLP, {b['depth']} layers, SGD", ds, _pair(plain), _acc_diff("none", "batchnorm"),
-                  _acc_detail("none", "batchnorm"), tune=("none", "batchnorm"), shared_lr=False),
+                  _acc_detail("none", "batchnorm"), tune=("none", "batchnorm"), shared_lr=False, tune_grid=grid),
         # De & Smith (2020): a residual net without normalization trains when its branches start at zero
         # (SkipInit); the no-BN baseline is SkipInit, not a residual net whose variance doubles per block
         Condition(f"residual MLP, {b['depth']} blocks, BN vs SkipInit (no norm), SGD", ds,
                   {"none": [skip], "batchnorm": [res.replace(norm="batchnorm")]}, _acc_diff("none", "batchnorm"),
-                  _acc_detail("none", "batchnorm"), tune=("none", "batchnorm"), shared_lr=False),
+                  _acc_detail("none", "batchnorm"), tune=("none", "batchnorm"), shared_lr=False, tune_grid=grid),
     ]
 
 

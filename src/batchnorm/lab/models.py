@@ -167,6 +167,13 @@ def paper_mlp(input_shape, num_classes, norm="none", width=100, depth=3, init_st
     return _Net(nn.Sequential(*layers), acts)
 
 
+def logistic(input_shape, num_classes, norm="none", norm_kw=None, **_):
+    """Logistic regression (MNIST-1D's linear baseline, 32% in Greydanus 2020); ``norm`` normalizes the
+    inputs."""
+    d = _flat_dim(input_shape)
+    return _Net(nn.Sequential(nn.Flatten(), make_norm(norm, d, 1, **(norm_kw or {})), nn.Linear(d, num_classes)), [])
+
+
 def seed_mlp(input_shape, num_classes, norm="batchnorm", norm_kw=None, **_):
     """The seeds' Keras example: Dense 128 relu, BN, Dense 64 relu, BN, Dense softmax."""
     a1, a2 = nn.ReLU(), nn.ReLU()
@@ -396,6 +403,7 @@ class ModelRecipe:
 
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], ModelRecipe]] = {
+    "logistic": (logistic, ModelRecipe("adam", 1e-2, 100, 8000, "MNIST-1D reference: Adam lr 1e-2, batch 100")),
     "paper-mlp": (paper_mlp, ModelRecipe("sgd", 0.5, 60, 4000, "Ioffe & Szegedy Fig. 1: SGD, batch 60")),
     "seed-mlp": (seed_mlp, ModelRecipe("adam", 1e-3, 32, 3000, "the seeds' Keras example: Adam, batch 32")),
     "mlp": (mlp, ModelRecipe("adam", 1e-2, 100, 8000, "MNIST-1D reference: Adam lr 1e-2, batch 100, 8000 steps")),

@@ -39,6 +39,7 @@ __all__ = ["RunConfig", "config_hash", "config_key", "evaluate", "resolve_data",
 LAB_VERSION = "lab-3"
 EVAL_SUBSET = 2000  # examples of val/test used for the intermediate points of the curves
 EVALS = 40  # evaluations per run when ``eval_every`` is not given
+PROBE_EVERY = 4  # the ICS and smoothness probes (a few extra passes per layer) run at every 4th evaluation
 
 
 @dataclass(frozen=True)
@@ -341,7 +342,8 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         is_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if is_eval and "grad_norms" in want:
             curves["grad_norms"].append(P.grad_norms(model))
-        probing = is_eval and ("ics" in want or "smoothness" in want)
+        probing = (is_eval and ("ics" in want or "smoothness" in want)
+                   and ((step // cfg.eval_every) % PROBE_EVERY == 0 or step == cfg.steps))
         before = {k: p.detach().clone() for k, p in model.named_parameters()} if probing else None
         opt.step()
         window.append(lv)
