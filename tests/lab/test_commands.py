@@ -117,22 +117,39 @@ def test_compare_and_report(tmp_path, capsys):
 
 
 def test_claims_tiny(tmp_path, capsys):
-    assert main(["claims", "--tiny", "--only", "regularizes,gradients,running-stats", "--workers", "1",
-                 "--out", str(tmp_path), "--json"]) == 0
+    """The ``claims --json`` contract: per claim its datasets; per condition the dataset, effect, 95%
+    interval, seeds, minimum effect, one of three verdicts and the learning rate of each arm with how it was
+    chosen. Tiny mode has 2 seeds: every verdict is inconclusive (fewer than 5 seeds never decide)."""
+    assert main(["claims", "--tiny", "--only", "accuracy,gradients,running-stats", "--workers", "1",
+                 "--dataset", "mnist1d,fashion-mnist", "--out", str(tmp_path), "--json"]) == 0
     r = _last_json(capsys)
-    assert [c["key"] for c in r["claims"]] == ["regularizes", "gradients", "running-stats"]
+    assert [c["key"] for c in r["claims"]] == ["accuracy", "gradients", "running-stats"]
     for c in r["claims"]:
-        assert c["verdict"] in ("supported", "not supported", "depends")
-        assert c["evidence"] and c["unit"]
+        assert c["datasets"] == ["mnist1d", "fashion-mnist"]
+        assert c["verdict"] in ("supported", "contradicted", "inconclusive", "depends")
+        assert c["evidence"] and c["unit"] and c["min_effect"] > 0
         for cond in c["conditions"]:
-            assert cond["n"] == 2 and len(cond["effects"]) == 2
-    assert "Claims" in (tmp_path / "report.html").read_text()
+            assert cond["dataset"] in c["datasets"] and cond["condition"]
+            assert cond["n_seeds"] == 2 and len(cond["effects"]) == 2 and cond["verdict"] == "inconclusive"
+            lo, hi = cond["ci95"]
+            assert lo <= cond["effect"] <= hi and cond["min_effect"] == c["min_effect"]
+            assert cond["lr"]["selected_on"]
+            arms = {k: v for k, v in cond["lr"].items() if k not in ("selected_on", "tuning")}
+            assert arms and all(v > 0 for v in arms.values())
+    acc = r["claims"][0]["conditions"]
+    tuned = [x for x in acc if x["lr"]["selected_on"] == "validation"]
+    shared = [x for x in acc if "shared lr" in x["condition"]]
+    assert tuned and shared and all(x["lr"]["none"] == x["lr"]["batchnorm"] for x in shared)
+    html = (tmp_path / "report.html").read_text()
+    assert "Claims" in html and "inconclusive" in html and "95%" in html
 
 
 @pytest.mark.slow
 def test_claims_tiny_all(tmp_path, capsys):
     assert main(["claims", "--tiny", "--out", str(tmp_path), "--json"]) == 0
-    assert len(_last_json(capsys)["claims"]) == 10
+    from batchnorm.lab.experiments import CLAIMS
+
+    assert len(_last_json(capsys)["claims"]) == len(CLAIMS)
 
 
 def test_demo_quick(tmp_path, capsys):

@@ -486,14 +486,21 @@ def _compare_table(console, tab) -> None:
                   "–" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f} ({r['reached']}/{r['seeds']})",
                   _pct(r["gap"]), f"{r['diverged']}/{r['seeds']}", f"{r['seconds']:.1f}")
     console.print(t)
-    s = Table(title="per norm")
-    for col in ("model", "norm", "best lr / batch", "best test accuracy", "max stable lr"):
+    s = Table(title="per norm: the lr / batch with the best validation accuracy, and its test accuracy")
+    for col in ("model", "norm", "best lr / batch (validation)", "val accuracy", "test accuracy", "max stable lr"):
         s.add_column(col)
+    edge = []
     for r in tab["summary"]:
-        s.add_row(escape(r["model"]), escape(r["norm"]), f"{r['best_lr']:g} / {r['best_batch_size']}",
-                  f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
+        s.add_row(escape(r["model"]), escape(r["norm"]),
+                  f"{r['best_lr']:g} / {r['best_batch_size']}" + (" (grid edge)" if r["best_lr_at_edge"] else ""),
+                  _pct(r["best_val_accuracy"]), f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
                   "–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
+        if r["best_lr_at_edge"]:
+            edge.append(f"{r['model']}/{r['norm']}")
     console.print(s)
+    if edge:
+        console.print(f"[yellow]the best learning rate of {', '.join(edge)} is at the edge of --lrs: extend the grid "
+                      "to know whether a better one lies beyond it[/yellow]")
 
 
 def _default_target(dataset: str, models: list[str]) -> float:

@@ -164,7 +164,7 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
         axes[0].grid(alpha=0.3)
         axes[1].set_xscale("log")
         axes[1].set_xlabel("learning rate")
-        axes[1].set_ylabel("final test accuracy")
+        axes[1].set_ylabel("test accuracy (best val checkpoint)")
         axes[1].set_title(f"{model}: learning-rate sweep")
         axes[1].legend(fontsize=8)
         axes[1].grid(alpha=0.3)
@@ -173,7 +173,8 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
              f"{_fmt(r['test_accuracy'], pct=True)} ± {_fmt(r['test_accuracy_std'], pct=True)}",
              _fmt(r["steps_to_target"]) + (f" ({r['reached']}/{r['seeds']})" if r["reached"] < r["seeds"] else ""),
              f"{_fmt(r['gap'], pct=True)}", r["diverged"], _fmt(r["seconds"], 2)] for r in tab["rows"]]
-    srows = [[s["model"], _label(s["norm"]), f"{_fmt(s['best_lr'])} / {s['best_batch_size']}",
+    srows = [[s["model"], _label(s["norm"]), f"{_fmt(s['best_lr'])} / {s['best_batch_size']}"
+              + (" (grid edge)" if s.get("best_lr_at_edge") else ""), _fmt(s.get("best_val_accuracy"), pct=True),
               f"{_fmt(s['best_test_accuracy'], pct=True)} ± {_fmt(s['best_test_accuracy_std'], pct=True)}",
               _fmt(s["max_stable_lr"]), _fmt(s["steps_to_target"]), _fmt(s["gap"], pct=True)] for s in tab["summary"]]
     section = {
@@ -182,7 +183,8 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
         "target": _fmt(tab["target"], pct=True), "imgs": imgs,
         "table": _table(["model", "norm", "lr", "batch", "seeds", "test accuracy", "steps to target",
                          "train−test gap", "diverged", "s/run"], rows),
-        "summary": _table(["model", "norm", "best lr / batch", "best test accuracy", "max stable lr",
+        "summary": _table(["model", "norm", "best lr / batch (by validation)", "val accuracy", "test accuracy",
+                           "max stable lr",
                            "steps to target", "gap at best lr"], srows),
     }
     return section, {"compare": tab}
