@@ -139,3 +139,15 @@ def test_noisy_bn_shifts_in_training_only():
     assert (m.abs() > 0.05).any() and ((s - 1).abs() > 0.1).any()  # not zero-mean / unit-variance anymore
     layer.eval()
     torch.testing.assert_close(layer(x), layer.bn(x))
+
+
+def test_resnet_skipinit_starts_as_the_shortcut():
+    """SkipInit (De & Smith 2020): with the branch scalars at 0 every block is its shortcut plus ReLU."""
+    torch.manual_seed(0)
+    m = build_model("resnet", (1, 12, 12), 10, norm="none", skipinit=True)
+    x = torch.randn(4, 1, 12, 12)
+    h = m.stem(x)
+    for block in m.blocks:
+        h = torch.relu(block.short(h))
+    torch.testing.assert_close(m.head(h), m(x))
+    assert all(b.alpha is not None for b in m.blocks)

@@ -293,6 +293,15 @@ def _c9(mode, ds):
         cnn = _base(ds, mode, model="cnn", steps=b["steps"], probes=_AFTER)
         conds.append(Condition("cnn, Adam", ds, _pair(cnn), _acc_diff("none", "batchnorm"),
                                _acc_detail("none", "batchnorm"), tune=("none", "batchnorm")))
+    if b["full_conditions"] and ds == "fashion-mnist":
+        # a small ResNet with the usual image recipe: SGD momentum, weight decay, cosine schedule; without
+        # normalization it gets SkipInit (De & Smith 2020), each arm at its own tuned learning rate
+        res = _base(ds, mode, model="resnet", optimizer="momentum", weight_decay=5e-4, schedule="cosine",
+                    steps=b["steps"], batch_size=128)
+        arms = {"none": [res.replace(model_kw={"skipinit": True})], "batchnorm": [res.replace(norm="batchnorm")]}
+        conds.append(Condition("small ResNet (SGD momentum, wd 5e-4, cosine): BN vs SkipInit", ds, arms,
+                               _acc_diff("none", "batchnorm"), _acc_detail("none", "batchnorm"),
+                               tune=("none", "batchnorm"), shared_lr=False))
     if b["full_conditions"] or mode == "tiny":
         # Cooijmans et al. (2017): gamma 0.1, per-time-step statistics, Adam lr 1e-3
         lstm = _base(ds, mode, model="lstm", optimizer="adam", lr=1e-3, steps=b["lstm_steps"])

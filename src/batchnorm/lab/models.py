@@ -267,6 +267,63 @@ def resnet_mlp(input_shape, num_classes, **kw):
     return ResMLP(input_shape, num_classes, **kw)
 
 
+class _ConvBlock(nn.Module):
+    """Basic residual block (He et al. 2016): conv3x3-norm-ReLU-conv3x3-norm plus the shortcut (a strided
+    1x1 conv where the shape changes), then ReLU. ``skipinit``: no norm, the residual branch scaled by a
+    scalar initialised to 0 (De & Smith 2020)."""
+
+    def __init__(self, rank, cin, cout, stride, norm, skipinit, norm_kw):
+        super().__init__()
+        conv = _conv_cls(rank)
+        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.n1 = make_norm(norm, cout, rank, **(norm_kw or {}))
+        self.act1 = nn.ReLU()
+        self.conv2 = conv(cout, cout, 3, padding=1, bias=False)
+        self.n2 = make_norm(norm, cout, rank, **(norm_kw or {}))
+        self.short = (conv(cin, cout, 1, stride=stride, bias=False) if (stride != 1 or cin != cout)
+                      else nn.Identity())
+        self.alpha = nn.Parameter(torch.zeros(())) if skipinit else None
+        self.act2 = nn.ReLU()
+
+    def forward(self, x):
+        h = self.n2(self.conv2(self.act1(self.n1(self.conv1(x)))))
+        if self.alpha is not None:
+            h = self.alpha * h
+        return self.act2(self.short(x) + h)
+
+
+class ResNet(nn.Module):
+    """A small ResNet for 28x28 images (or 1-D sequences): a 3x3 stem, three stages of ``blocks`` basic
+    blocks with ``width``, 2x, 4x channels (stride 2 between stages), global average pooling, linear."""
+
+    def __init__(self, input_shape, num_classes, norm="none", width=16, blocks=1, skipinit=False, norm_kw=None,
+                 **_):
+        super().__init__()
+        rank = len(input_shape) - 1
+        conv = _conv_cls(rank)
+        self.stem = nn.Sequential(conv(input_shape[0], width, 3, padding=1, bias=False),
+                                  make_norm(norm, width, rank, **(norm_kw or {})), nn.ReLU())
+        layers, cin = [], width
+        for i, c in enumerate((width, 2 * width, 4 * width)):
+            for j in range(blocks):
+                layers.append(_ConvBlock(rank, cin, c, 2 if (i > 0 and j == 0) else 1, norm, skipinit, norm_kw))
+                cin = c
+        self.blocks = nn.Sequential(*layers)
+        pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[rank]
+        self.head = nn.Sequential(pool(1), nn.Flatten(), nn.Linear(cin, num_classes))
+        self.hidden_acts = [b.act2 for b in layers]
+        for m in self.modules():
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def resnet(input_shape, num_classes, **kw):
+    return ResNet(input_shape, num_classes, **kw)
+
+
 def _conv_cls(rank: int):
     return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
 
@@ -411,6 +468,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], ModelRecipe]] = {
     "cnn2d": (cnn2d, ModelRecipe("adam", 1e-3, 100, 3000, "small image CNN")),
     "deep-mlp": (deep_mlp, ModelRecipe("sgd", 0.05, 100, 2000, "plain deep MLP, SGD")),
     "resnet-mlp": (resnet_mlp, ModelRecipe("sgd", 0.05, 100, 2000, "pre-activation residual MLP, SGD")),
+    "resnet": (resnet, ModelRecipe("momentum", 0.1, 128, 3000, "small ResNet: SGD momentum 0.9, lr 0.1, batch 128")),
     "lstm": (lstm, ModelRecipe("adam", 1e-2, 100, 2000, "LSTM / BN-LSTM over time steps")),
 }
 

@@ -56,6 +56,7 @@ class RunConfig:
     seed: int = 0
     eval_every: int | None = None
     momentum: float = 0.9
+    schedule: str = "constant"  # learning-rate schedule: constant | cosine (to 0 over the run's steps)
     weight_decay: float = 0.0
     weight_scale: float = 1.0
     model_kw: tuple = ()  # sorted (key, value) pairs, hashable
@@ -235,6 +236,8 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         norm_kw=dict(cfg.norm_kw), **dict(cfg.model_kw)
     )
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose constant or cosine")
     xtr, ytr = _t(data.x_train), _t(data.y_train, torch.int64)
     xva, yva = _t(data.x_val), _t(data.y_val, torch.int64)
     xte, yte = _t(data.x_test), _t(data.y_test, torch.int64)
@@ -345,6 +348,9 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         probing = (is_eval and ("ics" in want or "smoothness" in want)
                    and ((step // cfg.eval_every) % PROBE_EVERY == 0 or step == cfg.steps))
         before = {k: p.detach().clone() for k, p in model.named_parameters()} if probing else None
+        if cfg.schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - 1) / max(1, cfg.steps)))
         opt.step()
         window.append(lv)
         if before is not None and "smoothness" in want:
