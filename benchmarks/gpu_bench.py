@@ -7,7 +7,7 @@ bandwidth; >= 2x ATen on NCHW bfloat16; fused BN+ReLU >= 1.45x eager BN then ReL
     python benchmarks/gpu_bench.py --pipeline   # NCHW training passes as the pipelined single launch
 
 It is ``batchnorm bench --device cuda`` with the issue's defaults (same table and JSON); measured
-on an H200 on 2026-11-30: docs/performance.md, "GPU". Correctness on the same machine:
+on an H200 on 2026-11-30: docs/results/2026-11-30-gpu-h200.md. Correctness on the same machine:
 ``python tests/kernels/_triton_checks.py`` (the CI's interpreter checks, compiled for the GPU).
 """
 

@@ -4,13 +4,14 @@ Times the backend's own entry points (training forward, backward, inference; pla
 for a few settings of its tiling constants, measured like ``batchnorm bench --device cuda`` (CUDA
 events, L2 flushed before each call, settings interleaved per repeat), and prints one row per
 setting with the sum over the cases. The defaults in ``batchnorm/kernels/triton_gpu.py`` come
-from the run recorded in ``benchmarks/results/gpu_h200_tile_sweep.json`` (docs/performance.md, "GPU").
+from the run recorded in ``benchmarks/results/gpu_tile_sweep_h200_2026-11-30.json``
+(docs/results/2026-11-30-gpu-h200.md).
 
     python benchmarks/gpu_tile_sweep.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 60] [--json sweep.json]
 
 ``--device cpu`` (under ``TRITON_INTERPRET=1 BATCHNORM_TRITON=1``) is a dry run: every case runs
 once in Triton's interpreter, untimed, for one setting per code path (CI runs it on a tiny shape,
-so that a GPU session never starts with a broken script).
+so that a script broken by a change of the backends fails in CI, not on a GPU).
 
 Settings are ``programs per SM, statistics tile, elementwise tile, pipelined, L2 share, L2 hints``
 (``_PROGRAMS_PER_SM``, ``_STATS_TILE``, ``_APPLY_TILE``, ``_PIPELINE``, ``_GROUP_L2_SHARE``,

@@ -24,7 +24,7 @@ def test_triton_kernels_under_interpreter():
     ("gpu_tile_sweep.py", ["--shape", "2,3,4,5"], "dry run: every setting ran"),
 ])
 def test_gpu_scripts_dry_run(script, args, done):
-    """The device scripts of benchmarks/gpu_session.sh run end to end on a tiny bfloat16 tensor under
+    """The device scripts of benchmarks/gpu_checks.sh run end to end on a tiny bfloat16 tensor under
     the interpreter, so that a short GPU lease is not spent on a script the last API change broke."""
     path = Path(__file__).parents[2] / "benchmarks" / script
     env = dict(os.environ, TRITON_INTERPRET="1", BATCHNORM_TRITON="1", CUDA_VISIBLE_DEVICES="")

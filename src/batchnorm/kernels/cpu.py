@@ -103,7 +103,7 @@ MIN_NUMEL = 1
 # 0.87-0.99 up to 6 MiB, 1.09-1.13 at 12.5 MiB; backward 1.08-1.22 from 1.5 MiB on. In a network
 # the next layer reads the output at once: a streamed 1 MiB backward output made the backward
 # kernel 143 us against 98-111 us plain inside a conv-BN-ReLU stack ((64, 64, 8, 8); the step
-# 1.5 ms slower), so the backward streams from 2 MiB (docs/performance.md, "2026-12-01, compile time and streaming").
+# 1.5 ms slower), so the backward streams from 2 MiB (docs/results/2026-12-01-cpu-compile-time-streaming-network.md).
 STREAM_MIN_BYTES = 8 << 20
 STREAM_MIN_BYTES_BACKWARD = 2 << 20
 # ... and on the planes kernels only when a plane is a whole number of 64-byte lines or at least
@@ -351,7 +351,7 @@ _LINE = {**_NJ, "fastmath": _FM}
 # compile-time constants: the plain batch norm (the identity) and BN + ReLU, both without a
 # residual. As run-time values every vector tested them (LLVM does not unswitch a loop this
 # large), which made a (128, 64, 8, 8) inference 2.5x slower. Every other case runs the general
-# loop. The copies add a quarter to the cold compile (see docs/performance.md, "2026-12-01, one loop per common case").
+# loop. The copies add a quarter to the cold compile (docs/results/2026-12-01-cpu-loop-copies.md).
 
 
 @njit(**_INL)

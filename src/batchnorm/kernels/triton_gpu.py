@@ -442,7 +442,7 @@ _STATS_TILE, _APPLY_TILE, _FINISH_BLOCK, _FINISH_CHUNKS = 4096, 2048, 16, 128
 _PROGRAMS_PER_SM = 8
 #: Whether training forwards and backwards on planes run as one pipelined launch (:func:`_pipelined`)
 #: instead of three: ``BATCHNORM_TRITON_PIPELINE=1``. Off by default until a GPU has measured it
-#: (docs/performance.md, "GPU").
+#: (docs/performance.md, "How the GPU kernels work").
 _PIPELINE = os.environ.get("BATCHNORM_TRITON_PIPELINE") == "1"
 #: A pipelined channel group's data fills at most ``1 / _GROUP_L2_SHARE`` of L2 (the group being
 #: normalized shares L2 with the next group being read and the outputs being written).

@@ -9,12 +9,22 @@ everywhere a watchdog thread in each worker exits when its parent process is gon
 Threads: these models are tiny, and PyTorch's intra-op threads slow them down (measured on 2 cores:
 an MNIST-1D MLP step takes ~5x longer with 2 threads than with 1), so every run uses one thread and
 parallelism comes from processes.
+
+Executors: ``executor="local"`` (the default) is the above. ``executor="ray"`` runs the runs as tasks of
+Ray (an optional extra, ``pip install "batchnorm[ray]"``): a local Ray instance on ``workers`` CPUs, or the
+cluster at ``address``. The tasks only train and *return* the run; the driver (this process) alone writes
+the store, as each task finishes, so the SQLite file never needs to be reachable from the cluster's
+nodes. The data is loaded and checked on the driver and shipped to the nodes through Ray's object store
+(once per node), so the nodes need the package but not the data files.
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures as cf
 import ctypes
+import dataclasses
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -24,16 +34,31 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .data import Dataset, load_dataset
 from .store import Store, environment
 from .train import RunConfig, config_hash, train, with_recipe
 
-__all__ = ["SweepError", "default_workers", "run_sweep"]
+__all__ = ["EXECUTORS", "ExecutorUnavailable", "SweepError", "add_executor_arguments", "check_executor",
+           "default_workers", "executor_options", "run_sweep"]
+
+#: Where a sweep's runs are trained: worker processes on this machine, or Ray tasks.
+EXECUTORS = ("local", "ray")
+RAY_INSTALL = 'pip install "batchnorm[ray]"'
+#: Settings of the driver that change how a run computes; a Ray cluster's workers do not inherit the
+#: driver's environment, so these travel with the tasks (``runtime_env``) when the cluster is not ours.
+FORWARDED_ENV = ("BATCHNORM_BACKEND", "BATCHNORM_TRITON", "BATCHNORM_TRITON_PIPELINE")
 
 
 class SweepError(RuntimeError):
     """A sweep stopped early (a worker died); the finished runs are stored, rerun to complete."""
+
+
+class ExecutorUnavailable(SweepError):
+    """The executor cannot run the sweep (Ray not installed, its cluster unreachable or lost); the message
+    says what to do. Runs finished before it was raised are stored."""
 
 
 def default_workers() -> int:
@@ -149,12 +174,20 @@ def run_sweep(
     threads: int = 1,
     on_done: Callable[[RunConfig, dict, bool], None] | None = None,
     on_step: Callable[[RunConfig, int, int, dict], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> list[dict]:
     """Make sure every configuration has a stored run; return the runs in the order given.
 
     ``on_done(cfg, result, reused)`` is called once per configuration; ``on_step`` forwards the training
-    progress of in-process runs (``workers == 1``).
+    progress of in-process runs (``workers == 1``, local executor).
+
+    ``executor="ray"`` trains the missing runs as Ray tasks (see the module's docstring): on a local Ray
+    instance with ``workers`` CPUs, or on the cluster at ``address`` (``"auto"``, ``"HOST:6379"``,
+    ``"ray://HOST:10001"``; ``$RAY_ADDRESS`` when ``address`` is None and it is set), where ``workers`` is
+    unused. A missing Ray raises :class:`ExecutorUnavailable` before anything is loaded, trained or stored.
     """
+    check_executor(executor, address)
     configs = list(configs)
     hashes = [config_hash(c) for c in configs]
     todo: dict[str, RunConfig] = {}
@@ -164,7 +197,9 @@ def run_sweep(
                 on_done(c, store.get(h)["result"], True)
         elif h not in todo:
             todo[h] = c
-    if todo and (workers <= 1 or len(todo) == 1):
+    if todo and executor == "ray":
+        _run_ray(todo, store, workers, address, on_done)
+    elif todo and (workers <= 1 or len(todo) == 1):
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -207,6 +242,258 @@ def run_sweep(
             raise SweepError(f"run {h} missing from {store.path}")
         out.append(run)
     return out
+
+
+# --------------------------------------------------------------------------------------------- Ray
+
+
+def _import_ray():
+    """The ``ray`` module, or :class:`ExecutorUnavailable` saying how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ExecutorUnavailable(
+            f"--executor ray needs Ray, which is not installed in this Python environment ({exc}). Install it "
+            f"with: {RAY_INSTALL} (from a checkout: pip install -e \".[ray]\"), or use --executor local. "
+            "Nothing was trained or stored."
+        ) from None
+    return ray
+
+
+def check_executor(executor: str, address: str | None = None) -> None:
+    """Refuse an unknown executor, an address without Ray, or Ray where it is not installed, before any work."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if address is not None and executor != "ray":
+        raise ValueError(f"an address ({address}) is the address of a Ray cluster: it needs executor 'ray', "
+                         f"not {executor!r}")
+    if executor == "ray":
+        _import_ray()
+
+
+def _data_key(cfg: RunConfig) -> tuple:
+    return (cfg.dataset, cfg.data_dir, cfg.data_limit)
+
+
+#: Datasets a Ray worker process has received, by data key and identity (a worker runs many tasks).
+_RAY_DATA: dict[tuple, Dataset] = {}
+
+
+def _ray_train(cfg_dict: dict, data_key: tuple, shipped: list) -> dict:
+    """A Ray task: train one configuration on the data the driver shipped, return the run (stores nothing)."""
+    import ray
+
+    torch.set_num_threads(1)
+    data = _RAY_DATA.get(data_key)
+    if data is None:
+        ds = ray.get(shipped[0])  # zero-copy and read-only: copy once, so no run can write into shared memory
+        arrays = {f: np.array(getattr(ds, f)) for f in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        data = dataclasses.replace(ds, **arrays)
+        _RAY_DATA.clear()  # keep one dataset per worker
+        _RAY_DATA[data_key] = data
+    run = train(RunConfig.from_dict(cfg_dict), data=data)
+    run["env"] = environment()
+    return run
+
+
+#: Run beside a local Ray instance of ours: until the driver (its parent) dies, it notes the processes of the
+#: instance (the trees under the given pids, with their start times); then it kills those still running.
+_RAY_REAPER = r"""
+import os, signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+driver, roots = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+def started(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+def tree(pids):
+    out = []
+    for pid in pids:
+        out.append(pid)
+        try:
+            kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        except OSError:
+            kids = []
+        out += tree(kids)
+    return out
+known = {}
+while os.getppid() == driver:
+    for p in tree(roots):  # a process stays known until it exits, even after its parent (raylet) died
+        known.setdefault(p, started(p))
+    known = {p: t for p, t in known.items() if t is not None and started(p) == t}
+    time.sleep(0.25)
+for pid, t in known.items():
+    if t is not None and started(pid) == t:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _start_reaper(ray_pids: set[int]):
+    """Make the processes of our local Ray instance die with the driver, ``kill -9`` included.
+
+    Ray's fate sharing kills its core processes (GCS, raylet) and the workers at once, but its dashboard and
+    runtime-env agents first try to report the raylet's death to the (dead) GCS and exit only after that
+    call's 60 s timeout (Ray 2.60). This process kills them as soon as the driver is gone. Linux only."""
+    if not ray_pids or not sys.platform.startswith("linux"):
+        return None
+    import subprocess
+
+    try:
+        return subprocess.Popen([sys.executable, "-c", _RAY_REAPER, str(os.getpid()), *map(str, sorted(ray_pids))],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:  # pragma: no cover - cannot start a process: Ray's own (slower) fate sharing remains
+        return None
+
+
+def _probe(address: str | None, timeout: float = 10.0) -> None:
+    """Fail fast on an unreachable ``HOST:PORT`` / ``ray://HOST:PORT`` (Ray itself keeps retrying for minutes)."""
+    import socket
+
+    rest = (address or "").split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return  # "auto" or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ExecutorUnavailable(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}). Check the address (`ray start "
+            "--head` prints it; `ray status` on the head node shows the cluster) and that this machine can reach "
+            "it, or leave out --address to start a local Ray instance. Nothing was trained."
+        ) from None
+
+
+def _ray_init(ray, address: str | None, workers: int):
+    """Start (no address) or join a Ray cluster; returns the reaper process of a local instance, if any."""
+    kw: dict = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        before = _children(os.getpid())
+        ray.init(address="local", num_cpus=max(1, workers), **kw)  # always a new instance of our own
+        return _start_reaper(_children(os.getpid()) - before)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if env:
+        kw["runtime_env"] = {"env_vars": env}
+    where = address or os.environ.get("RAY_ADDRESS")
+    _probe(where)
+    try:
+        ray.init(address=address or None, **kw)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        if "auth" in f"{exc} {exc.__cause__}".lower():
+            raise ExecutorUnavailable(
+                f"the Ray cluster at {where} refused this driver's authentication: it uses token authentication "
+                "(`ray start` enables it). Set RAY_AUTH_MODE=token and make the cluster's token available here "
+                "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN), then run the command again."
+            ) from None
+        raise ExecutorUnavailable(
+            f"cannot connect to the Ray cluster at {where} ({type(exc).__name__}: {exc}). Check the address "
+            "(`ray start --head` prints it; `ray status` on the head node shows the cluster) and that this "
+            "machine can reach it, or leave out --address to start a local Ray instance. Nothing was trained."
+        ) from None
+    return None
+
+
+def _run_ray(todo: dict[str, RunConfig], store: Store, workers: int, address: str | None,
+             on_done: Callable[[RunConfig, dict, bool], None] | None) -> None:
+    """Train ``todo`` as Ray tasks; store each returned run here, in the driver, as it arrives."""
+    ray = _import_ray()
+    ordered = sorted(todo.values(), key=estimated_cost, reverse=True)  # longest first, as the local pool
+    # the driver loads (and checks) each dataset once, exactly as train() would, and ships it
+    datasets: dict[tuple, Dataset] = {}
+    for c in ordered:
+        if _data_key(c) not in datasets:
+            datasets[_data_key(c)] = load_dataset(c.dataset, data_dir=c.data_dir, limit=c.data_limit)
+    started = not ray.is_initialized()
+    reaper = _ray_init(ray, address, workers) if started else None
+    pending: list = []
+    try:
+        task = ray.remote(num_cpus=1)(_ray_train)
+        shipped = {k: ray.put(ds) for k, ds in datasets.items()}
+        futures = {}
+        for c in ordered:
+            key = _data_key(c) + (datasets[_data_key(c)].info.get("data_id"),)
+            futures[task.remote(c.to_dict(), key, [shipped[_data_key(c)]])] = c
+        pending = list(futures)
+        failed = None
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                try:
+                    run = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # train() raised: store the others, then raise
+                    failed = failed or exc
+                    continue
+                except ray.exceptions.RayError as exc:  # a worker or node died (after Ray's retries)
+                    stored = sum(store.has(h) for h in todo)
+                    raise ExecutorUnavailable(
+                        f"a Ray worker or node was lost ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                        f"{stored} of {len(todo)} new runs are stored. Run the same command again to train the "
+                        "missing ones."
+                    ) from exc
+                store.put(run)  # the driver is the store's only writer
+                if on_done:
+                    on_done(futures[ref], run["result"], False)
+        if failed is not None:
+            cause = getattr(failed, "cause", None)
+            raise (cause if isinstance(cause, Exception) else failed) from failed
+    finally:
+        for ref in pending:  # interrupted: the runs in flight are lost, the stored ones stay
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # pragma: no cover - already finished, or the cluster is gone
+                pass
+        if started:
+            ray.shutdown()
+        if reaper is not None:  # the instance is down: the reaper has nothing left to do
+            reaper.kill()
+            reaper.wait()
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--executor {local,ray}`` and ``--address``, for any command that runs a sweep."""
+    parser.add_argument(
+        "--executor", choices=EXECUTORS, default=None,
+        help="where runs are trained: 'local' worker processes (default: local; ray when --address is given) or "
+             f"'ray' tasks (optional extra: {RAY_INSTALL}); with ray and no --address, a local Ray instance on "
+             "--workers CPUs. The store is written by this process only",
+    )
+    parser.add_argument(
+        "--address", default=None, metavar="ADDRESS",
+        help="address of a running Ray cluster (HOST:6379, ray://HOST:10001 or auto; implies --executor ray; "
+             "default: none, or $RAY_ADDRESS with --executor ray). The nodes need batchnorm installed, not the data",
+    )
+
+
+def executor_options(args: argparse.Namespace) -> dict:
+    """``run_sweep``'s executor keywords from :func:`add_executor_arguments`' options, checked now (before
+    any store is opened): a missing Ray is a runtime error naming the install command, ``--executor local
+    --address`` a usage error."""
+    from ..cli import CommandError, UsageError
+
+    address = getattr(args, "address", None)
+    executor = getattr(args, "executor", None) or ("ray" if address else "local")
+    if address is not None and executor != "ray":
+        raise UsageError(f"--address {address} is a Ray cluster address; it needs --executor ray "
+                         "(or leave --executor out)")
+    try:
+        check_executor(executor, address)
+    except ExecutorUnavailable as exc:
+        raise CommandError(str(exc)) from None
+    return {"executor": executor, "address": address}
 
 
 def open_store(out_dir: str | os.PathLike, store: str | None = None, check: bool = False) -> Store:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, as prepared runs for a short device lease.
+# Every GPU check and measurement of this project, as two prepared runs of under 10 minutes each.
 #
-#   bash benchmarks/gpu_session.sh                        # run 1: pipeline bench (~5 minutes)
-#   bash benchmarks/gpu_session.sh checks sweep small     # run 2 (~7 minutes, compiles the most)
+#   bash benchmarks/gpu_checks.sh                        # run 1: pipeline bench (~5 minutes)
+#   bash benchmarks/gpu_checks.sh checks sweep small     # run 2 (~7 minutes, compiles the most)
 #
 # Two runs because a device command may take at most 10 minutes; the first holds what matters
 # most (is the pipelined launch right and faster?). Steps, each under a timeout, with its log and
-# JSON under $OUT (the device tool's output folder) or ./gpu_session:
+# JSON under $OUT (the device tool's output folder) or ./gpu_checks:
 #   pipeline  benchmarks/gpu_pipeline_check.py: the pipelined single launch vs three launches at
 #             full size, correctness and speed (timeout 150 s: a hang means its ordering is wrong)
 #   bench     benchmarks/gpu_bench.py, bfloat16, default and --pipeline (120 s each)
@@ -16,7 +16,7 @@
 #   small     batchnorm bench on small shapes with the triton backend, then forced to the reference
 #             backend (torch ops): whether the dispatcher should route small GPU tensors elsewhere
 set -u
-OUT=${OUT:-gpu_session}
+OUT=${OUT:-gpu_checks}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # batchnorm from this checkout, installed or not
 STEPS=${*:-pipeline bench}
