@@ -207,6 +207,9 @@ def _add_common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OU
                    help="use at most this many training examples (>= 2)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the HTML report")
+    from .sweep import add_executor_arguments
+
+    add_executor_arguments(p)
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
@@ -331,9 +334,10 @@ def _data_id(args, dataset: str) -> str:
 
 def _run(args, configs, console: Console, title: str) -> list[dict]:
     """Sweep with a rich progress bar."""
-    from .sweep import run_sweep
+    from .sweep import executor_options, run_sweep
     from .train import config_hash
 
+    opts = executor_options(args)  # a missing Ray is refused before the store or the data is touched
     configs = _resolved(args, configs)
     store = _store(args, check=True)
     try:
@@ -343,7 +347,8 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
                 TextColumn("{task.fields[info]}")]
         with Progress(*cols, console=console, transient=False) as prog:
             total = prog.add_task(title, total=len(configs), info=f"{todo} to train, {workers} worker(s)")
-            step_task = prog.add_task("  current run", total=1, info="", visible=workers == 1 and todo > 0)
+            step_task = prog.add_task("  current run", total=1, info="",
+                                      visible=workers == 1 and todo > 0 and opts["executor"] == "local")
 
             def on_done(cfg, result, reused):
                 prog.advance(total)
@@ -356,7 +361,7 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
                             description=escape(f"  {cfg.model}/{cfg.norm} lr {cfg.lr:g} seed {cfg.seed}"),
                             info=f"test {100 * last['test_acc']:.1f}%")
 
-            runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step)
+            runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step, **opts)
     finally:
         store.close()
     return runs
@@ -398,6 +403,10 @@ def _guard(fn):
         from .sweep import SweepError
 
         try:
+            if hasattr(args, "executor"):  # a missing Ray is refused before any data, store or file is touched
+                from .sweep import executor_options
+
+                executor_options(args)
             return fn(args)
         except (DataUnavailable, DataError, StoreError) as exc:
             raise CommandError(str(exc)) from None
