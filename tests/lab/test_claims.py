@@ -102,8 +102,8 @@ def test_accuracy_claim_uses_each_arms_validation_choice_and_reports_the_shared_
 def test_faster_claim_with_a_target_never_reached_is_censored_not_imputed():
     """Without BN the validation accuracy never reaches the fixed target within 100 steps; with BN it does
     at step 20: the effect is at least log2(100/20), an interval, never log2(200/20)."""
-    from batchnorm.lab.experiments import _speedup
     from batchnorm.lab.claims import SeedRuns
+    from batchnorm.lab.experiments import _speedup
 
     none = _run(RunConfig(norm="none"), val=0.3, test=0.3, curve=[0.1] * 11)
     bn = _run(RunConfig(norm="batchnorm"), val=0.6, test=0.6, curve=[0.1, 0.2, 0.55] + [0.6] * 8)

@@ -113,7 +113,8 @@ def _ladder(lr: float, up: bool) -> float:
 
 
 def tune_lr(base: RunConfig, seeds: list[int], get_run: Callable[[RunConfig], dict | None],
-            max_extensions: int = 3, grid: tuple[float, ...] | None = None) -> tuple[float | None, list[RunConfig], dict]:
+            max_extensions: int = 3,
+            grid: tuple[float, ...] | None = None) -> tuple[float | None, list[RunConfig], dict]:
     """Select ``base``'s learning rate on the validation split.
 
     Returns ``(lr, needed, info)``: ``needed`` lists the runs to train before a choice can be made (then

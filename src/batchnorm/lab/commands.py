@@ -16,8 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..cli import CommandError, UsageError
-from .data import DATASETS, DataError, DataUnavailable
 from .claims import interval_text
+from .data import DATASETS, DataError, DataUnavailable
 from .models import MODELS, NORMS
 
 __all__ = ["register"]
@@ -502,7 +502,8 @@ def _compare_table(console, tab) -> None:
     for r in tab["summary"]:
         s.add_row(escape(r["model"]), escape(r["norm"]),
                   f"{r['best_lr']:g} / {r['best_batch_size']}" + (" (grid edge)" if r["best_lr_at_edge"] else ""),
-                  _pct(r["best_val_accuracy"]), f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
+                  _pct(r["best_val_accuracy"]),
+                  f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
                   "–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
         if r["best_lr_at_edge"]:
             edge.append(f"{r['model']}/{r['norm']}")
