@@ -1,4 +1,6 @@
-"""Verdict logic on synthetic result tables."""
+"""How claims become verdicts, on synthetic stored runs: LR tuning on the validation split (and never on
+the test split), grid extension until the best LR is interior, the shared-LR twin, censored convergence,
+Holm across the run, and the claim-level verdict."""
 
 from __future__ import annotations
 
@@ -6,87 +8,151 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from batchnorm.lab import claims as C
+from batchnorm.lab import stats as S
+from batchnorm.lab.experiments import CLAIMS
+from batchnorm.lab.train import RunConfig, config_key, pack_correct
+
+N_TEST = 2000
 
 
-def test_summarize_matches_scipy():
-    e = [0.3, 0.5, 0.1, 0.4]
-    s = C.summarize(e)
-    lo, hi = stats.t.interval(0.95, len(e) - 1, loc=np.mean(e), scale=stats.sem(e))
-    assert s["mean"] == pytest.approx(np.mean(e)) and s["std"] == pytest.approx(np.std(e, ddof=1))
-    assert (s["ci_low"], s["ci_high"]) == pytest.approx((lo, hi))
+def _run(cfg: RunConfig, val: float, test: float, *, train: float = 0.99, curve=None, seed_noise=0.0,
+         diverged=False, steps=100):
+    """A stored run as train() writes it: ``test`` of N_TEST examples right (a seed-dependent subset)."""
+    rng = np.random.default_rng(abs(hash((cfg.seed, cfg.norm, cfg.lr, cfg.model_kw))) % 2**32)
+    right = np.zeros(N_TEST, dtype=bool)
+    right[rng.permutation(N_TEST)[: int(round((test + seed_noise * rng.normal()) * N_TEST))]] = True
+    steps_list = list(range(0, steps + 1, 10))
+    val_curve = curve or [val * min(1.0, s / steps) for s in steps_list]
+    return {"config": {**cfg.to_dict(), "steps": steps, "lr": cfg.lr},
+            "result": {"test_accuracy": float(right.mean()), "test_correct": pack_correct(right),
+                       "test_examples": N_TEST, "best_val_accuracy": val, "val_accuracy": val,
+                       "train_accuracy": train, "diverged": diverged, "steps": steps, "eval_every": 10,
+                       "best_step": steps, "batch_stat_accuracy": {"16": 0.5},
+                       "recalibrated_test_accuracy": float(right.mean()),
+                       "recalibrated_test_correct": pack_correct(right)},
+            "curves": {"step": steps_list, "val_acc": val_curve, "seconds": [0.01 * s for s in steps_list]},
+            "init": {}}
 
 
-@pytest.mark.parametrize("effects,min_effect,verdict", [
-    ([1.0, 1.2, 0.9], 0.5, "supported"),          # consistent and large
-    ([0.2, 0.3, 0.25], 0.5, "no clear effect"),    # consistent but below the minimum effect
-    ([2.0, -1.0, 1.5], 0.5, "no clear effect"),    # signs disagree, interval covers 0
-    ([-1.0, -1.2, -0.9], 0.5, "contradicted"),     # the opposite of the claim
-    ([-0.1, -0.12, -0.11], 0.5, "contradicted"),   # tight interval below zero
-    ([], 0.5, "no data"),
-    ([float("nan"), 1.0, 1.1, 0.9], 0.5, "supported"),  # a failed seed is ignored
-])
-def test_judge(effects, min_effect, verdict):
-    assert C.judge(effects, min_effect) == verdict
+def test_ladder():
+    assert C._ladder(1e-3, True) == 3e-3 and C._ladder(3e-3, True) == 1e-2
+    assert C._ladder(1e-3, False) == 3e-4 and C._ladder(3e-4, False) == 1e-4
+    assert C._ladder(0.3, True) == 1.0 and C._ladder(1.0, True) == 3.0
 
 
-def test_judge_claim():
-    assert C.judge_claim({"a": "supported", "b": "supported"}) == ("supported", "")
-    assert C.judge_claim({"a": "contradicted", "b": "no clear effect"}) == ("not supported", "")
-    v, cond = C.judge_claim({"plain": "contradicted", "residual": "supported"})
-    assert v == "depends" and "holds for residual" in cond and "not for plain" in cond
+def test_tuning_extends_the_grid_until_the_best_lr_is_interior():
+    """Validation accuracy peaks at lr 0.3 (outside the first Adam grid 1e-3..3e-2): the grid grows upward
+    until 0.3 is interior; the test accuracy, which peaks elsewhere, is never looked at."""
+    def get(cfg):
+        val = 0.9 - 0.1 * abs(math.log10(cfg.lr / 0.3))
+        return _run(cfg, val=val, test=0.5 + 0.1 * (cfg.lr == 1e-3))
+
+    base = RunConfig(model="mlp", optimizer="adam")
+    lr, need, info = C.tune_lr(base, [0, 1], get, max_extensions=4)
+    assert need == [] and lr == pytest.approx(0.3)
+    assert info["interior"] and info["grid"] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
 
 
-def _fake_run(cfg, train_acc, test_acc):
-    return {"config": {**cfg.to_dict(), "steps": 10}, "result": {"train_accuracy": train_acc,
-                                                                  "test_accuracy": test_acc, "diverged": False},
-            "curves": {"step": [0, 10], "val_acc": [0.1, test_acc]}, "init": {}}
+def test_tuning_lists_missing_runs_first():
+    lr, need, _ = C.tune_lr(RunConfig(model="mlp", optimizer="sgd"), [0, 1], lambda c: None)
+    assert lr is None and len(need) == 2 * len(C.LR_GRIDS["sgd"])
+    assert {c.seed for c in need} == {0, 1}
 
 
-def test_analyze_regularization_on_synthetic_table():
-    """BN halves the gap on the MLP, does nothing on the CNN: 'depends', with the right condition."""
-    rng = np.random.default_rng(0)
+def test_tuning_stops_at_the_extension_limit_and_says_so():
+    base = RunConfig(model="mlp", optimizer="adam")
+    lr, _, info = C.tune_lr(base, [0], lambda c: _run(c, val=min(0.9, c.lr), test=0.5), max_extensions=1)
+    assert lr == pytest.approx(0.1) and not info["interior"]
+
+
+def _by_name(res, name):
+    return next(c for c in res["conditions"] if c["condition"] == name)
+
+
+def test_accuracy_claim_uses_each_arms_validation_choice_and_reports_the_shared_lr():
+    """Without BN the best LR is 3e-3, with BN 3e-2 (by validation); at each arm's best LR BN gains 5 pp
+    of test accuracy, at the shared recipe LR (1e-2) what the distance of 1e-2 from each best LR leaves.
+    Both conditions are reported with their LRs."""
+    best = {"none": 3e-3, "batchnorm": 3e-2}
 
     def get(cfg):
-        noise = rng.normal(0, 0.002)
-        if cfg.model == "mlp":
-            gap = 0.30 if cfg.norm == "none" else 0.15
-        else:
-            gap = 0.05
-        return _fake_run(cfg, 0.95, 0.95 - gap + noise)
+        if cfg.dataset != "mnist1d" or cfg.model != "mlp" or cfg.probes != ("inference", "recalibrate"):
+            return None
+        dist = abs(math.log10(cfg.lr / best[cfg.norm]))
+        base = 0.70 if cfg.norm == "none" else 0.75
+        return _run(cfg, val=0.8 - 0.1 * dist, test=base - 0.3 * dist, seed_noise=0.01)
 
-    res = C.analyze_claims(get, "quick", "mnist1d", ["regularizes"])[0]
-    mlp, cnn = res["conditions"]
-    assert mlp["verdict"] == "supported" and mlp["mean"] == pytest.approx(15, abs=1)
-    assert cnn["verdict"] == "no clear effect"
-    assert res["verdict"] == "depends" and "mlp" in res["condition"]
-    assert res["evidence"].startswith("Depends")
+    res = C.analyze_claims(get, "quick", ["mnist1d"], ["accuracy"])[0]
+    tuned = _by_name(res, "mlp, Adam")
+    shared = _by_name(res, "mlp, Adam, shared lr 0.01")
+    assert tuned["lr"]["none"] == pytest.approx(3e-3) and tuned["lr"]["batchnorm"] == pytest.approx(3e-2)
+    assert tuned["lr"]["selected_on"] == "validation" and tuned["lr"]["tuning"]["none"]["interior"]
+    assert shared["lr"]["none"] == shared["lr"]["batchnorm"] == pytest.approx(1e-2)
+    at_shared = 100 * ((0.75 - 0.3 * math.log10(3)) - (0.70 - 0.3 * math.log10(1 / 0.3)))
+    assert tuned["effect"] == pytest.approx(5, abs=1.5) and shared["effect"] == pytest.approx(at_shared, abs=1.5)
+    assert tuned["n_seeds"] == 5 and tuned["resampled"] == "seeds and test examples"
+    assert tuned["verdict"] == "supported" and tuned["ci95"][0] > 0
+    cnn = _by_name(res, "cnn, Adam")  # no runs stored for it
+    assert cnn["n_seeds"] == 0 and cnn["verdict"] == "inconclusive"
+    assert res["verdict"] == "depends"
 
 
-def test_analyze_learning_rate_claim():
+def test_faster_claim_with_a_target_never_reached_is_censored_not_imputed():
+    """Without BN the validation accuracy never reaches the fixed target within 100 steps; with BN it does
+    at step 20: the effect is at least log2(100/20), an interval, never log2(200/20)."""
+    from batchnorm.lab.claims import SeedRuns
+    from batchnorm.lab.experiments import _speedup
+
+    none = _run(RunConfig(norm="none"), val=0.3, test=0.3, curve=[0.1] * 11)
+    bn = _run(RunConfig(norm="batchnorm"), val=0.6, test=0.6, curve=[0.1, 0.2, 0.55] + [0.6] * 8)
+    e = _speedup(SeedRuns({"none": [none], "batchnorm": [bn]}), 0.5)
+    assert e.lo == pytest.approx(math.log2(100 / 20)) and e.hi == math.inf
+
+
+def test_holm_across_the_run():
+    """The same marginal evidence is supported alone and not inside a run of many conditions."""
+    def get(cfg):
+        if cfg.probes != ("inference", "recalibrate"):
+            return None
+        return _run(cfg, val=0.8, test=0.70 + (0.012 if cfg.norm == "batchnorm" else 0), seed_noise=0.01)
+
+    alone = C.analyze_claims(get, "quick", ["mnist1d"], ["accuracy"])[0]
+    many = C.analyze_claims(get, "quick", ["mnist1d"], [c.key for c in CLAIMS])
+    a = _by_name(alone, "mlp, Adam")
+    m = _by_name(next(r for r in many if r["key"] == "accuracy"), "mlp, Adam")
+    assert a["p_for"] == pytest.approx(m["p_for"])
+    # the family is every condition of the run, across claims and datasets
+    every = [c for r in many for c in r["conditions"]]
+    assert m["p_for_holm"] == pytest.approx(S.holm([c["p_for"] for c in every])[every.index(m)])
+    assert m["p_for_holm"] >= a["p_for_holm"] and len(every) > 20
+
+
+def test_learning_rate_claim():
     """Without BN runs diverge above lr 0.3, with BN above 3: effect log10(3/0.3) = 1 per seed."""
     def get(cfg):
         limit = 0.3 if cfg.norm == "none" else 3.0
-        div = cfg.lr > limit
-        return {"config": cfg.to_dict(), "result": {"diverged": div, "test_accuracy": 0.1 if div else 0.6},
-                "curves": {}, "init": {}}
+        return _run(cfg, val=0.1 if cfg.lr > limit else 0.6, test=0.5, diverged=cfg.lr > limit)
 
-    res = C.analyze_claims(get, "quick", "mnist1d", ["higher-lr"])[0]
-    for c in res["conditions"]:
-        assert c["effects"] == pytest.approx([1.0] * 3)
-    assert res["verdict"] == "supported"
+    res = C.analyze_claims(get, "quick", ["mnist1d"], ["higher-lr"])[0]
+    (c,) = res["conditions"]
+    assert c["effects"] == pytest.approx([1.0] * 5) and c["verdict"] == "supported"
+    assert c["resampled"] == "seeds"
 
 
-def test_missing_runs_give_no_data():
-    res = C.analyze_claims(lambda cfg: None, "quick", "mnist1d", ["ics"])[0]
-    assert res["conditions"][0]["verdict"] == "no data" and res["verdict"] == "not supported"
-
-
-def test_plans():
-    quick = C.plan_claims("quick")
-    assert len({c for c in quick}) == len(quick)
-    assert all(not math.isnan(c.weight_scale) for c in quick)
+def test_plans_cover_every_claim_on_both_datasets():
+    need = C.plan_claims("quick", ["mnist1d", "fashion-mnist"])
+    assert len({config_key(c) for c in need}) == len(need)
+    assert {c.dataset for c in need} == {"mnist1d", "fashion-mnist"}
+    # the first round trains tuning runs (2 seeds) for tuned arms, all seeds for fixed-LR conditions
+    assert max(c.seed for c in need if c.lr is not None and c.lr in C.LR_GRIDS["adam"]) <= 4
     with pytest.raises(ValueError, match="unknown claim"):
         C.plan_claims("quick", claims=["nope"])
+
+
+def test_every_claim_has_conditions_on_mnist1d_and_fashion():
+    for claim in CLAIMS:
+        for ds in ("mnist1d", "fashion-mnist"):
+            conds = claim.conditions("quick", ds)
+            assert conds and all(c.dataset == ds for c in conds), claim.key

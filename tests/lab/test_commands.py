@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -57,12 +58,28 @@ def test_train_missing_data_is_a_clean_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "lab.sqlite").exists()
 
 
+def test_claims_without_fashion_mnist_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    """The default claims run needs Fashion-MNIST: where it is missing, one line naming the Debian package,
+    before any run is trained or stored."""
+    from batchnorm.lab import data as D
+
+    monkeypatch.setattr(D, "_find_local", lambda *a: None)
+    monkeypatch.setattr(D, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(D, "_RAW_MEMO", {})
+    assert main(["claims", "--tiny", "--only", "accuracy", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "dataset 'fashion-mnist' is not available" in err and "apt-get install dataset-fashion-mnist" in err
+    assert "Traceback" not in err and not (tmp_path / "lab.sqlite").exists()
+
+
 def test_compare_every_norm(tmp_path, capsys):
-    assert main(["compare", "--model", "cnn", "--norms", "none,batchnorm,ghost,renorm,frozen", "--seeds", "0",
+    assert main(["compare", "--model", "cnn", "--norms", "none,batchnorm,ghost,renorm,frozen,groupnorm,layernorm,noisy",
+                 "--seeds", "0",
                  "--steps", "6", "--batch-size", "32", "--limit", "200", "--workers", "1", "--no-report",
                  "--out", str(tmp_path), "--json"]) == 0
     r = _last_json(capsys)
-    assert [row["norm"] for row in r["rows"]] == sorted(["none", "batchnorm", "ghost", "renorm", "frozen"])
+    assert [row["norm"] for row in r["rows"]] == sorted(["none", "batchnorm", "ghost", "renorm", "frozen", "groupnorm",
+                                                         "layernorm", "noisy"])
 
 
 def test_figure1_json_schema(tmp_path, capsys):
@@ -116,23 +133,52 @@ def test_compare_and_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
+def _fashion_or_skip() -> None:
+    from batchnorm.lab.data import DataUnavailable, data_identity
+
+    try:
+        data_identity("fashion-mnist")
+    except DataUnavailable as exc:
+        if os.environ.get("BATCHNORM_REQUIRE_DATA"):
+            raise
+        pytest.skip(str(exc))
+
+
 def test_claims_tiny(tmp_path, capsys):
-    assert main(["claims", "--tiny", "--only", "regularizes,gradients,running-stats", "--workers", "1",
-                 "--out", str(tmp_path), "--json"]) == 0
+    """The ``claims --json`` contract: per claim its datasets; per condition the dataset, effect, 95%
+    interval, seeds, minimum effect, one of three verdicts and the learning rate of each arm with how it was
+    chosen. Tiny mode has 2 seeds: every verdict is inconclusive (fewer than 5 seeds never decide)."""
+    _fashion_or_skip()
+    assert main(["claims", "--tiny", "--only", "accuracy,gradients,running-stats", "--workers", "1",
+                 "--dataset", "mnist1d,fashion-mnist", "--out", str(tmp_path), "--json"]) == 0
     r = _last_json(capsys)
-    assert [c["key"] for c in r["claims"]] == ["regularizes", "gradients", "running-stats"]
+    assert [c["key"] for c in r["claims"]] == ["accuracy", "gradients", "running-stats"]
     for c in r["claims"]:
-        assert c["verdict"] in ("supported", "not supported", "depends")
-        assert c["evidence"] and c["unit"]
+        assert c["datasets"] == ["mnist1d", "fashion-mnist"]
+        assert c["verdict"] in ("supported", "contradicted", "inconclusive", "depends")
+        assert c["evidence"] and c["unit"] and c["min_effect"] > 0
         for cond in c["conditions"]:
-            assert cond["n"] == 2 and len(cond["effects"]) == 2
-    assert "Claims" in (tmp_path / "report.html").read_text()
+            assert cond["dataset"] in c["datasets"] and cond["condition"]
+            assert cond["n_seeds"] == 2 and len(cond["effects"]) == 2 and cond["verdict"] == "inconclusive"
+            lo, hi = cond["ci95"]
+            assert lo <= cond["effect"] <= hi and cond["min_effect"] == c["min_effect"]
+            assert cond["lr"]["selected_on"]
+            arms = {k: v for k, v in cond["lr"].items() if k not in ("selected_on", "tuning")}
+            assert arms and all(v > 0 for v in arms.values())
+    acc = r["claims"][0]["conditions"]
+    tuned = [x for x in acc if x["lr"]["selected_on"] == "validation"]
+    shared = [x for x in acc if "shared lr" in x["condition"]]
+    assert tuned and shared and all(x["lr"]["none"] == x["lr"]["batchnorm"] for x in shared)
+    html = (tmp_path / "report.html").read_text()
+    assert "Claims" in html and "inconclusive" in html and "95%" in html
 
 
 @pytest.mark.slow
 def test_claims_tiny_all(tmp_path, capsys):
     assert main(["claims", "--tiny", "--out", str(tmp_path), "--json"]) == 0
-    assert len(_last_json(capsys)["claims"]) == 10
+    from batchnorm.lab.experiments import CLAIMS
+
+    assert len(_last_json(capsys)["claims"]) == len(CLAIMS)
 
 
 def test_demo_quick(tmp_path, capsys):

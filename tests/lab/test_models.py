@@ -18,7 +18,7 @@ def test_models_forward(name, shape):
         m = build_model(name, shape, 10, norm=norm, **kw)
         out = m(torch.randn(6, *shape))
         assert out.shape == (6, 10)
-        assert m.hidden_acts, "probes need the hidden activations"
+        assert m.hidden_acts or name == "logistic", "probes need the hidden activations"
 
 
 def test_norm_names_use_our_layers():
@@ -89,3 +89,65 @@ def test_weight_scale():
     torch.manual_seed(0)
     b = build_model("mlp", (1, 40), 10, weight_scale=3.0)
     torch.testing.assert_close(b.body[1].weight, 3 * a.body[1].weight)
+
+
+@pytest.mark.parametrize("shape,rank", [((6, 12), 1), ((6, 12, 7), 1), ((6, 12, 5, 4), 2)])
+def test_groupnorm_and_layernorm_for_dense_conv_and_sequence_layouts(shape, rank):
+    """``layernorm``: statistics per example over every channel and position (torch's layer_norm over all
+    non-batch dims, per-channel affine); ``groupnorm``: torch's group_norm with the largest group count <= 8
+    dividing the channels (12 -> 6). Checked with non-trivial gamma/beta."""
+    x = torch.randn(*shape) * 3 + 1
+    ln = make_norm("layernorm", 12, rank)
+    gn = make_norm("groupnorm", 12, rank)
+    for layer in (ln, gn):
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-1, 1)
+    affine = (1, 12) + (1,) * (len(shape) - 2)
+    want_ln = nn.functional.layer_norm(x, x.shape[1:], eps=ln.eps) * ln.weight.view(affine) + ln.bias.view(affine)
+    torch.testing.assert_close(ln(x), want_ln)
+    assert gn.num_groups == 6
+    torch.testing.assert_close(gn(x), nn.functional.group_norm(x, 6, gn.weight, gn.bias, gn.eps))
+    # per-example statistics: one example alone gives the same output (unlike BN)
+    torch.testing.assert_close(ln(x[:1]), ln(x)[:1])
+
+
+def test_bn_lstm_with_layernorm_normalizes_each_step_over_features():
+    m = build_model("lstm", (1, 40), 10, norm="layernorm")
+    assert isinstance(m.bn_x.layers[0], nn.GroupNorm) and m.bn_x.layers[0].num_groups == 1
+    assert m(torch.randn(3, 1, 40)).shape == (3, 10)
+
+
+def test_mlp_placement_and_dropout():
+    before = build_model("mlp", (1, 40), 10, norm="batchnorm")
+    after = build_model("mlp", (1, 40), 10, norm="batchnorm", placement="after", dropout=0.3)
+    kinds = [type(m).__name__ for m in after.body]
+    assert kinds[:5] == ["Flatten", "Linear", "ReLU", "BatchNorm1d", "Dropout"]
+    assert [type(m).__name__ for m in before.body][:4] == ["Flatten", "Linear", "BatchNorm1d", "ReLU"]
+    with pytest.raises(ValueError, match="placement"):
+        build_model("mlp", (1, 40), 10, placement="inside")
+
+
+def test_noisy_bn_shifts_in_training_only():
+    layer = make_norm("noisy", 8, 1)
+    x = torch.randn(64, 8)
+    torch.manual_seed(0)
+    y1 = layer.train()(x)
+    y2 = layer(x)
+    assert not torch.allclose(y1, y2)  # a new shift and scale every step
+    m, s = y1.mean(0), y1.std(0)
+    assert (m.abs() > 0.05).any() and ((s - 1).abs() > 0.1).any()  # not zero-mean / unit-variance anymore
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.bn(x))
+
+
+def test_resnet_skipinit_starts_as_the_shortcut():
+    """SkipInit (De & Smith 2020): with the branch scalars at 0 every block is its shortcut plus ReLU."""
+    torch.manual_seed(0)
+    m = build_model("resnet", (1, 12, 12), 10, norm="none", skipinit=True)
+    x = torch.randn(4, 1, 12, 12)
+    h = m.stem(x)
+    for block in m.blocks:
+        h = torch.relu(block.short(h))
+    torch.testing.assert_close(m.head(h), m(x))
+    assert all(b.alpha is not None for b in m.blocks)

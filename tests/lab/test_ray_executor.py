@@ -201,3 +201,27 @@ def test_unreachable_cluster_fails_fast(tmp_path, need_ray):
         run_sweep(CONFIGS[:1], store, executor="ray", address=f"127.0.0.1:{port}")
     assert time.monotonic() - t < 30 and store.count() == 0 and not ray.is_initialized()
     store.close()
+
+
+@needs_ray
+def test_claims_command_on_ray_matches_local(tmp_path, capsys, need_ray):
+    """``batchnorm claims --executor ray``: the same runs, effects and verdicts as the local executor."""
+    from batchnorm.cli import main
+
+    argv = ["claims", "--tiny", "--only", "gradients", "--dataset", "mnist1d", "--no-report", "--json"]
+    assert main(argv + ["--out", str(tmp_path / "local"), "--workers", "1"]) == 0
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(argv + ["--out", str(tmp_path / "ray"), "--workers", "2", "--executor", "ray"]) == 0
+    remote = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for a, b in zip(local["claims"][0]["conditions"], remote["claims"][0]["conditions"]):
+        assert a["effects"] == b["effects"] and a["verdict"] == b["verdict"]
+
+
+def test_cli_without_ray_is_one_line_and_stores_nothing(tmp_path, capsys, monkeypatch):
+    from batchnorm.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    assert main(["train", "--steps", "2", "--limit", "50", "--executor", "ray", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert 'pip install "batchnorm[ray]"' in err and "Traceback" not in err
+    assert not (tmp_path / "lab.sqlite").exists()

@@ -101,7 +101,14 @@ def test_smoothness_on_quadratic_free_model():
     torch.manual_seed(0)
     m = build_model("mlp", (1, 40), 10, norm="batchnorm")
     s = P.smoothness(m, torch.randn(32, 1, 40), torch.randint(0, 10, (32,)))
-    assert s["loss_range"] >= 0 and s["beta"] > 0 and s["grad_norm"] > 0
+    assert s["loss_range"] >= 0 and s["beta"] > 0 and s["step_norm"] > 0
+    # along a given update: a zero-length step has no smoothness to measure; a longer one scales step_norm
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    d = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
+    s1 = P.smoothness(m, torch.randn(32, 1, 40), torch.randint(0, 10, (32,)), base=params, direction=d)
+    s2 = P.smoothness(m, torch.randn(32, 1, 40), torch.randint(0, 10, (32,)), base=params,
+                      direction={n: 2 * v for n, v in d.items()})
+    assert s2["step_norm"] == pytest.approx(2 * s1["step_norm"], rel=1e-6)
 
 
 def test_probes_in_a_run():
@@ -110,9 +117,31 @@ def test_probes_in_a_run():
     c = run["curves"]
     assert len(c["p50"]) == len(c["step"]) == 4
     assert len(c["grad_norms"]) == 3 and len(run["init"]["grad_norms"]) == 3
-    assert len(c["ics_rel"]) == 3 and all(len(v) == 3 for v in c["ics_rel"])
-    assert len(c["beta"]) == 3
+    # ICS and smoothness run at every PROBE_EVERY-th evaluation and at the last step
+    from batchnorm.lab.train import PROBE_EVERY
+
+    probed = [s for s in c["step"][1:] if (s // TINY["eval_every"]) % PROBE_EVERY == 0 or s == TINY["steps"]]
+    assert c["ics_step"] == probed and c["smooth_step"] == probed
+    assert all(len(v) == 3 and v[0] == 0.0 for v in c["ics_rel"])  # the first layer has no earlier layers
+    assert len(c["beta"]) == len(probed)
     assert set(run["result"]["batch_stat_accuracy"]) == {"4", "16", "1000"}
     # the gradient probe at init does not change the run itself
     plain = train(RunConfig(model="mlp", norm="batchnorm", probes=("inference",), **TINY))
     assert plain["curves"]["test_loss"] == c["test_loss"]
+
+
+def test_test_accuracy_is_taken_at_the_best_validation_checkpoint():
+    """The reported test accuracy is the test accuracy of the weights at the evaluation with the best
+    validation accuracy: the same as a run stopped at that step, evaluated on the whole test set."""
+    from batchnorm.lab.train import unpack_correct
+
+    cfg = RunConfig(model="mlp", norm="batchnorm", optimizer="sgd", lr=0.5, data_limit=300, steps=60, eval_every=4)
+    run = train(cfg)
+    c, r = run["curves"], run["result"]
+    best = c["step"][int(np.argmax(c["val_acc"]))]
+    assert r["best_step"] == best and r["best_val_accuracy"] == max(c["val_acc"])
+    bits = unpack_correct(r["test_correct"], r["test_examples"])
+    assert len(bits) == r["test_examples"] and float(bits.mean()) == pytest.approx(r["test_accuracy"])
+    assert r["final_test_accuracy"] == c["test_acc"][-1]
+    stopped = train(cfg.replace(steps=max(best, 1), eval_every=4))
+    assert stopped["result"]["test_correct"] == r["test_correct"] or best == 0

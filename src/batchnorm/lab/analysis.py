@@ -1,5 +1,8 @@
-"""Tables computed from stored runs: the compare table (final accuracy, steps to target, max stable LR,
-generalization gap, mean and spread over seeds) and the Figure 1 series."""
+"""Tables computed from stored runs: the compare table (test accuracy at the best validation checkpoint,
+steps to target, max stable LR, generalization gap, mean and spread over seeds) and the Figure 1 series.
+
+The "best" learning rate and batch size of a norm are chosen by **validation** accuracy (mean over seeds of
+each run's best validation accuracy); the test accuracy is only reported, never used to choose."""
 
 from __future__ import annotations
 
@@ -29,14 +32,16 @@ def compare_table(runs: list[dict], target: float) -> dict:
     rows = []
     for (model, norm, lr, bs), rs in sorted(groups.items(), key=lambda kv: kv[0]):
         accs = [r["result"]["test_accuracy"] for r in rs]
+        vals = [r["result"].get("best_val_accuracy") for r in rs]
         gaps = [r["result"]["train_accuracy"] - r["result"]["test_accuracy"] for r in rs]
         reach = [steps_to(r["curves"], "val_acc", target) for r in rs]
         reached = [s for s in reach if s is not None]
         m, s = mean_std(accs)
+        vm, _ = mean_std(vals)
         gm, gs = mean_std(gaps)
         rows.append({
             "model": model, "norm": norm, "lr": lr, "batch_size": bs, "seeds": len(rs),
-            "test_accuracy": m, "test_accuracy_std": s,
+            "test_accuracy": m, "test_accuracy_std": s, "val_accuracy": vm,
             "gap": gm, "gap_std": gs,
             "steps_to_target": float(np.mean(reached)) if reached else None,
             "reached": len(reached),
@@ -49,9 +54,12 @@ def compare_table(runs: list[dict], target: float) -> dict:
         by_norm[(row["model"], row["norm"])].append(row)
     for (model, norm), rs in by_norm.items():
         stable = [r["lr"] for r in rs if r["diverged"] == 0 and r["test_accuracy"] > 0.2]
-        best = max(rs, key=lambda r: -1 if math.isnan(r["test_accuracy"]) else r["test_accuracy"])
+        best = max(rs, key=lambda r: -1 if math.isnan(r["val_accuracy"]) else r["val_accuracy"])
+        lrs = sorted({r["lr"] for r in rs})
         summary.append({
             "model": model, "norm": norm, "best_lr": best["lr"], "best_batch_size": best["batch_size"],
+            "selected_on": "validation", "best_val_accuracy": best["val_accuracy"],
+            "best_lr_at_edge": len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]),
             "best_test_accuracy": best["test_accuracy"],
             "best_test_accuracy_std": best["test_accuracy_std"], "max_stable_lr": max(stable) if stable else None,
             "steps_to_target": best["steps_to_target"], "gap": best["gap"],

@@ -1,15 +1,20 @@
-"""The seeds' claims about BN, one experiment each, with an effect size over seeds and a verdict.
+"""How the lab turns runs into verdicts on the seed articles' claims.
 
-Every claim is tested under one or more *conditions* (an architecture / optimizer / depth). For each
-condition and seed the experiment computes one number, the **effect** (positive = the claim holds;
-its unit is stated), from the runs with and without BN of that seed. Over seeds:
+A claim (:mod:`.experiments` defines them) is tested under *conditions*, each on one dataset. A condition
+has *arms* (e.g. without and with BN), each a run configuration, and an *effect*: one number per seed
+computed from that seed's runs (positive = the claim holds, in the claim's stated unit).
 
-* condition verdict: ``supported`` when the mean effect reaches the claim's minimum effect and the
-  effect is positive for every seed or its 95% t-interval excludes 0; ``contradicted`` when the
-  interval lies below 0 or every seed is negative with the mean beyond minus the minimum effect;
-  otherwise ``no clear effect``;
-* claim verdict: ``supported`` when every condition is supported, ``not supported`` when none is,
-  otherwise ``depends`` (with the conditions under which it holds).
+* **Fair arms.** In a tuned condition each arm's learning rate is chosen on the validation split: the
+  mean best validation accuracy over the first :data:`TUNE_SEEDS` seeds, on a 1-3 ladder of learning rates
+  that is extended until the best one is interior (or a bound is reached, which the output says). The
+  test split never selects anything. A tuned condition is also reported at one shared learning rate
+  (the model's recipe), as its own condition.
+* **Statistics** (:mod:`.stats`): paired bootstrap over seeds and test examples, Holm's correction over
+  every condition of the run, verdicts ``supported`` / ``contradicted`` / ``inconclusive``.
+
+Running a claim is iterative: :func:`plan_claims` lists the runs still needed given what is stored
+(tuning runs first, then the runs at the selected learning rates); the command runs them and plans again
+until nothing is missing; :func:`analyze_claims` then reads everything from the store.
 """
 
 from __future__ import annotations
@@ -20,65 +25,67 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .train import RunConfig, config_key, steps_to
+from . import stats
+from .train import RunConfig, config_key, unpack_correct, with_recipe
 
-__all__ = ["CLAIMS", "Claim", "Condition", "analyze_claims", "judge", "judge_claim", "plan_claims"]
+__all__ = ["Claim", "Condition", "SeedRuns", "analyze_claims", "plan_claims", "tune_lr"]
 
-
-# ------------------------------------------------------------------------------------------ verdicts
-
-
-def summarize(effects: list[float]) -> dict:
-    """Mean, standard deviation, and 95% t-interval of the finite effects."""
-    v = np.array([e for e in effects if e is not None and math.isfinite(e)], dtype=float)
-    n = len(v)
-    if n == 0:
-        return {"n": 0, "mean": float("nan"), "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-    mean = float(v.mean())
-    if n == 1:
-        return {"n": 1, "mean": mean, "std": float("nan"), "ci_low": float("-inf"), "ci_high": float("inf")}
-    from scipy.stats import t as student_t
-
-    std = float(v.std(ddof=1))
-    half = float(student_t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+#: Seeds (the first ones of a run) whose validation accuracy selects each arm's learning rate.
+TUNE_SEEDS = 2
+#: First learning-rate grid per optimizer; extended along the 1-3 ladder while the best is at an edge.
+LR_GRIDS = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
+            "sgd": (0.01, 0.03, 0.1, 0.3, 1.0), "momentum": (0.003, 0.01, 0.03, 0.1, 0.3)}
+LR_BOUNDS = (1e-5, 30.0)
 
 
-def judge(effects: list[float], min_effect: float) -> str:
-    """Verdict of one condition from its per-seed effects (see the module docstring)."""
-    s = summarize(effects)
-    if s["n"] == 0:
-        return "no data"
-    v = [e for e in effects if e is not None and math.isfinite(e)]
-    if s["mean"] >= min_effect and (s["ci_low"] > 0 or all(e > 0 for e in v)):
-        return "supported"
-    if s["ci_high"] < 0 or (all(e < 0 for e in v) and s["mean"] <= -min_effect):
-        return "contradicted"
-    return "no clear effect"
+# ------------------------------------------------------------------------------------------ structure
 
 
-def judge_claim(condition_verdicts: dict[str, str]) -> tuple[str, str]:
-    """(verdict, condition sentence) of a claim from its conditions' verdicts."""
-    ok = [c for c, v in condition_verdicts.items() if v == "supported"]
-    bad = [c for c, v in condition_verdicts.items() if v != "supported"]
-    if ok and not bad:
-        return "supported", ""
-    if not ok:
-        return "not supported", ""
-    return "depends", f"holds for {', '.join(ok)}; not for {', '.join(bad)}"
+class SeedRuns:
+    """The runs of one seed of a condition, by arm, and their accuracies under test-example weights.
 
+    ``acc(arm)`` is the test accuracy at the best validation checkpoint; inside the bootstrap (weights
+    ``w`` of shape ``(R, n_test)``) it is the ``(R,)`` array of weighted accuracies, so effects written
+    with arithmetic and ``np.max``/``np.min`` over arms work in both cases."""
 
-# --------------------------------------------------------------------------------------- experiments
+    def __init__(self, runs: dict[str, list[dict]], w: np.ndarray | None = None):
+        self.runs = runs
+        self.w = w
+
+    def run(self, arm: str, i: int = 0) -> dict:
+        return self.runs[arm][i]
+
+    def result(self, arm: str, i: int = 0) -> dict:
+        return self.runs[arm][i]["result"]
+
+    def n(self, arm: str) -> int:
+        return len(self.runs[arm])
+
+    def acc(self, arm: str, i: int = 0, which: str = "test"):
+        """Test accuracy (``which="recalibrated"``: with exact population statistics)."""
+        r = self.result(arm, i)
+        key = "test" if which == "test" else f"{which}_test"
+        if self.w is None:
+            return float(r[f"{key}_accuracy"])
+        bits = unpack_correct(r[f"{key}_correct"], r["test_examples"])
+        return (self.w @ bits) / self.w.sum(axis=1)
 
 
 @dataclass
 class Condition:
-    """One setting of a claim: for each seed, the arms' run configurations and an effect function."""
+    """One setting of a claim on one dataset (see the module docstring)."""
 
     name: str
-    arms: Callable[[int], dict[str, list[RunConfig]]]  # seed -> {arm: [configs]}
-    effect: Callable[[dict[str, list[dict]]], float]  # {arm: [runs]} -> effect (positive = claim holds)
-    detail: Callable[[dict[str, list[dict]]], dict] = lambda runs: {}
+    dataset: str
+    arms: dict[str, list[RunConfig]]  # arm -> configurations (the seed is set per seed)
+    effect: Callable[[SeedRuns], object]  # a float, an array under bootstrap weights, or stats.Censored
+    detail: Callable[[SeedRuns], dict] = lambda runs: {}
+    tune: tuple[str, ...] = ()  # arms whose (single) configuration gets its learning rate tuned
+    lr_from: dict[str, str] = field(default_factory=dict)  # arm -> tuned arm whose learning rate it uses
+    tune_grid: tuple[float, ...] | None = None  # first grid of the tuning (default: the optimizer's)
+    shared_lr: bool = True  # a tuned condition is also reported at the recipe's learning rate
+    reads_test: bool = True  # the effect reads test accuracies: the bootstrap resamples test examples
+    lr_note: str = ""  # how the learning rates of an untuned condition were chosen
 
 
 @dataclass
@@ -93,321 +100,93 @@ class Claim:
     sentence: Callable[[dict], str] = field(default=lambda r: "")
 
 
-def _acc(run: dict) -> float:
-    return float(run["result"]["test_accuracy"])
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return float(np.mean(xs)) if xs else float("nan")
-
-
-def _steps_to(run: dict, target: float) -> float:
-    s = steps_to(run["curves"], "val_acc", target)
-    total = run["config"]["steps"]
-    return float(s) if s is not None else 2.0 * total  # never reached: count as twice the budget
-
-
-# budgets ---------------------------------------------------------------------------------------------
-
-_BUDGET = {
-    "quick": {"seeds": 3, "steps": 1500, "ref_steps": 2000, "short": 500, "depth": 50, "deep_steps": 400,
-              "lstm_steps": 200},
-    "full": {"seeds": 5, "steps": 4000, "ref_steps": 8000, "short": 1500, "depth": 100, "deep_steps": 2000,
-             "lstm_steps": 2000},
-    "tiny": {"seeds": 2, "steps": 30, "ref_steps": 30, "short": 20, "depth": 6, "deep_steps": 20, "lstm_steps": 10},
-}
-
-
-def _base(dataset: str, mode: str, **kw) -> RunConfig:
-    limit = 600 if mode == "tiny" else None
-    return RunConfig(dataset=dataset, data_limit=limit, **kw)
-
-
-def _pair(cfg: RunConfig, norms=("none", "batchnorm")) -> Callable[[int], dict[str, list[RunConfig]]]:
-    return lambda seed: {n: [cfg.replace(norm=n, seed=seed)] for n in norms}
-
-
-# C1 faster convergence -----------------------------------------------------------------------------
-
-def _c1(mode, ds):
-    b = _BUDGET[mode]
-    conds = []
-    for name, cfg, target in (
-        ("paper-mlp (sigmoid, SGD)", _base(ds, mode, model="paper-mlp", steps=b["steps"]), 0.5),
-        ("mlp (ReLU, Adam, reference recipe)", _ref_mlp(ds, mode), 0.55),
-    ):
-        tgt = 0.2 if mode == "tiny" else target
-
-        def eff(runs, tgt=tgt):
-            return math.log2(_steps_to(runs["none"][0], tgt) / _steps_to(runs["batchnorm"][0], tgt))
-
-        def det(runs, tgt=tgt):
-            return {"target_val_acc": tgt, "steps_none": _steps_to(runs["none"][0], tgt),
-                    "steps_bn": _steps_to(runs["batchnorm"][0], tgt)}
-
-        conds.append(Condition(name, _pair(cfg), eff, det))
-    return conds
-
-
-def _ref_mlp(ds, mode):
-    return _base(ds, mode, model="mlp", steps=_BUDGET[mode]["ref_steps"], probes=("inference",))
-
-
-def _ref_cnn(ds, mode):
-    return _base(ds, mode, model="cnn", steps=_BUDGET[mode]["ref_steps"], probes=("inference",))
-
-
-# C2 higher learning rates ---------------------------------------------------------------------------
-
-LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-
-
-def _max_stable_lr(runs: list[dict], chance: float = 0.1) -> float:
-    """Largest LR of the grid whose run did not diverge and ends clearly above chance."""
-    ok = [r["config"]["lr"] for r in runs if not r["result"]["diverged"] and _acc(r) > chance + 0.1]
-    return max(ok) if ok else min(r["config"]["lr"] for r in runs) / 3.0
-
-
-def _c2(mode, ds):
-    b = _BUDGET[mode]
-    conds = []
-    for name, model in (("mlp (ReLU, SGD)", "mlp"), ("paper-mlp (sigmoid, SGD)", "paper-mlp")):
-        cfg = _base(ds, mode, model=model, optimizer="sgd", steps=b["short"])
-
-        def arms(seed, cfg=cfg):
-            return {n: [cfg.replace(norm=n, seed=seed, lr=lr) for lr in LR_GRID] for n in ("none", "batchnorm")}
-
-        def eff(runs):
-            return math.log10(_max_stable_lr(runs["batchnorm"]) / _max_stable_lr(runs["none"]))
-
-        def det(runs):
-            return {"max_lr_none": _max_stable_lr(runs["none"]), "max_lr_bn": _max_stable_lr(runs["batchnorm"]),
-                    "best_acc_none": max(_acc(r) for r in runs["none"]),
-                    "best_acc_bn": max(_acc(r) for r in runs["batchnorm"])}
-
-        conds.append(Condition(name, arms, eff, det))
-    return conds
-
-
-# C3 regularization ----------------------------------------------------------------------------------
-
-def _gap(run):
-    return run["result"]["train_accuracy"] - run["result"]["test_accuracy"]
-
-
-def _c3(mode, ds):
-    conds = []
-    for name, cfg in (("mlp (reference recipe)", _ref_mlp(ds, mode)), ("cnn (reference recipe)", _ref_cnn(ds, mode))):
-        conds.append(Condition(
-            name, _pair(cfg),
-            lambda runs: 100 * (_gap(runs["none"][0]) - _gap(runs["batchnorm"][0])),
-            lambda runs: {"gap_none": _gap(runs["none"][0]), "gap_bn": _gap(runs["batchnorm"][0])},
-        ))
-    return conds
-
-
-# C4 initialization -----------------------------------------------------------------------------------
-
-INIT_SCALES = (0.1, 1.0, 10.0)
-
-
-def _c4(mode, ds):
-    b = _BUDGET[mode]
-    cfg = _base(ds, mode, model="mlp", optimizer="sgd", lr=0.1, steps=b["steps"])
-
-    def arms(seed):
-        return {n: [cfg.replace(norm=n, seed=seed, weight_scale=s) for s in INIT_SCALES] for n in ("none", "batchnorm")}
-
-    def spread(rs):
-        return max(_acc(r) for r in rs) - min(_acc(r) for r in rs)
-
-    return [Condition(
-        "mlp, SGD, weight scale x0.1/x1/x10", arms,
-        lambda runs: 100 * (spread(runs["none"]) - spread(runs["batchnorm"])),
-        lambda runs: {"acc_none": [_acc(r) for r in runs["none"]], "acc_bn": [_acc(r) for r in runs["batchnorm"]]},
-    )]
-
-
-# C5 vanishing / exploding gradients -------------------------------------------------------------------
-
-def _log_ratio(run) -> float:
-    g = run["init"]["grad_norms"]
-    return math.log10(g[0] / g[-2]) if g[0] > 0 and g[-2] > 0 else float("inf")  # first vs last hidden
-
-
-def _growth(run) -> float:
-    """Per-layer growth factor of the squared gradient norm, fitted over the hidden layers."""
-    g = np.array(run["init"]["grad_norms"][1:-1], dtype=float)
-    if len(g) < 3 or not np.all(g > 0):
-        return float("nan")
-    depth = np.arange(len(g))[::-1]  # distance from the output
-    slope = np.polyfit(depth, 2 * np.log(g), 1)[0]
-    return float(np.exp(slope))
-
-
-def _c5(mode, ds):
-    b = _BUDGET[mode]
-    conds = []
-    for name, scale in (("deep plain MLP, He init", 1.0), ("deep plain MLP, small init (x0.5)", 0.5)):
-        cfg = _base(ds, mode, model="deep-mlp", steps=0, probes=("grad_norms",), weight_scale=scale,
-                    model_kw={"depth": b["depth"]})
-        conds.append(Condition(
-            f"{name}, depth {b['depth']}", _pair(cfg),
-            lambda runs: abs(_log_ratio(runs["none"][0])) - abs(_log_ratio(runs["batchnorm"][0])),
-            lambda runs: {"log10_ratio_none": _log_ratio(runs["none"][0]),
-                          "log10_ratio_bn": _log_ratio(runs["batchnorm"][0]),
-                          "growth_per_layer_bn": _growth(runs["batchnorm"][0]),
-                          "growth_per_layer_none": _growth(runs["none"][0])},
-        ))
-    return conds
-
-
-# C6 very deep networks ------------------------------------------------------------------------------
-
-def _c6(mode, ds):
-    b = _BUDGET[mode]
-    conds = []
-    for name, model in (("plain", "deep-mlp"), ("residual", "resnet-mlp")):
-        cfg = _base(ds, mode, model=model, steps=b["deep_steps"], optimizer="sgd", lr=0.05,
-                    model_kw={"depth": b["depth"]})
-        conds.append(Condition(
-            f"{name} MLP, {b['depth']} layers", _pair(cfg),
-            lambda runs: 100 * (_acc(runs["batchnorm"][0]) - _acc(runs["none"][0])),
-            lambda runs: {"acc_none": _acc(runs["none"][0]), "acc_bn": _acc(runs["batchnorm"][0]),
-                          "diverged_bn": runs["batchnorm"][0]["result"]["diverged"]},
-        ))
-    # SkipInit (De & Smith 2020): a residual net without any normalization, branches scaled by a zero-init scalar
-    skip = _base(ds, mode, model="resnet-mlp", steps=b["deep_steps"], optimizer="sgd", lr=0.05,
-                 model_kw={"depth": b["depth"], "skipinit": True})
-    bn = _base(ds, mode, model="resnet-mlp", steps=b["deep_steps"], optimizer="sgd", lr=0.05,
-               model_kw={"depth": b["depth"]})
-    conds.append(Condition(
-        f"residual MLP, {b['depth']} layers, vs SkipInit without BN",
-        lambda seed: {"none": [skip.replace(norm="none", seed=seed)], "batchnorm": [bn.replace(norm="batchnorm",
-                                                                                               seed=seed)]},
-        lambda runs: 100 * (_acc(runs["batchnorm"][0]) - _acc(runs["none"][0])),
-        lambda runs: {"acc_skipinit_no_bn": _acc(runs["none"][0]), "acc_bn": _acc(runs["batchnorm"][0])},
-    ))
-    return conds
-
-
-# C7 internal covariate shift / C8 smoothness ---------------------------------------------------------
-
-def _ics_cfg(ds, mode):
-    b = _BUDGET[mode]
-    return _base(ds, mode, model="mlp", optimizer="sgd", lr=0.1, steps=b["steps"], probes=("ics", "smoothness"))
-
-
-def _ics(run, key="ics_rel"):
-    vals = [v for row in run["curves"].get(key, []) for v in row]
-    return _mean(vals)
-
-
-def _c7(mode, ds):
-    return [Condition(
-        "mlp, SGD lr 0.1", _pair(_ics_cfg(ds, mode)),
-        lambda runs: _ics(runs["none"][0]) - _ics(runs["batchnorm"][0]),
-        lambda runs: {"ics_rel_none": _ics(runs["none"][0]), "ics_rel_bn": _ics(runs["batchnorm"][0]),
-                      "ics_cos_none": _ics(runs["none"][0], "ics_cos"),
-                      "ics_cos_bn": _ics(runs["batchnorm"][0], "ics_cos")},
-    )]
-
-
-def _beta(run):
-    return _mean([math.log10(b) for b in run["curves"].get("beta", []) if b and b > 0 and math.isfinite(b)])
-
-
-def _c8(mode, ds):
-    return [Condition(
-        "mlp, SGD lr 0.1", _pair(_ics_cfg(ds, mode)),
-        lambda runs: _beta(runs["none"][0]) - _beta(runs["batchnorm"][0]),
-        lambda runs: {"log10_beta_none": _beta(runs["none"][0]), "log10_beta_bn": _beta(runs["batchnorm"][0]),
-                      "loss_range_none": _mean(runs["none"][0]["curves"].get("loss_range", [])),
-                      "loss_range_bn": _mean(runs["batchnorm"][0]["curves"].get("loss_range", []))},
-    )]
-
-
-# C9 accuracy (MLP, CNN, RNN) -------------------------------------------------------------------------
-
-def _c9(mode, ds):
-    b = _BUDGET[mode]
-    lstm = _base(ds, mode, model="lstm", steps=b["lstm_steps"])
-
-    def acc_diff(runs):
-        return 100 * (_acc(runs["batchnorm"][0]) - _acc(runs["none"][0]))
-
-    def det(runs):
-        return {"acc_none": _acc(runs["none"][0]), "acc_bn": _acc(runs["batchnorm"][0])}
-
-    return [
-        Condition("mlp", _pair(_ref_mlp(ds, mode)), acc_diff, det),
-        Condition("cnn", _pair(_ref_cnn(ds, mode)), acc_diff, det),
-        Condition("lstm vs BN-LSTM", _pair(lstm), acc_diff, det),
-    ]
-
-
-# C10 running statistics at inference -----------------------------------------------------------------
-
-def _c10(mode, ds):
-    def eff(runs):
-        r = runs["batchnorm"][0]["result"]
-        return 100 * (r["test_accuracy"] - r["batch_stat_accuracy"]["4"])
-
-    def det(runs):
-        r = runs["batchnorm"][0]["result"]
-        return {"running_stats": r["test_accuracy"], **{f"batch_stats_{k}": v for k, v in
-                                                          r["batch_stat_accuracy"].items()}}
-
-    return [
-        Condition("mlp, test batches of 4", lambda s: {"batchnorm": [_ref_mlp(ds, mode).replace(norm="batchnorm",
-                                                                                              seed=s)]}, eff, det),
-        Condition("cnn, test batches of 4", lambda s: {"batchnorm": [_ref_cnn(ds, mode).replace(norm="batchnorm",
-                                                                                              seed=s)]}, eff, det),
-    ]
-
-
-CLAIMS: list[Claim] = [
-    Claim("faster", "BN makes training converge faster",
-          "allows the network to converge faster and more reliably",
-          "Ioffe & Szegedy 2015 (Fig. 1, BN-Inception 14x fewer steps)",
-          "log2(steps without BN / steps with BN) to a target validation accuracy", 0.3, _c1),
-    Claim("higher-lr", "BN allows higher learning rates",
-          "enables the use of higher learning rates", "Ioffe & Szegedy 2015, Sec. 3.3",
-          "log10(max stable LR with BN / without), SGD, LR grid 0.01..10", 0.4, _c2),
-    Claim("regularizes", "BN regularizes (smaller generalization gap)",
-          "acts as a regularizer ... reducing overfitting", "Ioffe & Szegedy 2015, Sec. 3.4",
-          "percentage points of (train - test accuracy) removed by BN", 1.0, _c3),
-    Claim("init", "BN reduces sensitivity to weight initialization",
-          "the network becomes less dependent on the choice of initialization", "Ioffe & Szegedy 2015, Sec. 3.3",
-          "pp reduction of the accuracy spread across init scales x0.1/x1/x10", 2.0, _c4),
-    Claim("gradients", "BN prevents vanishing/exploding gradients",
-          "helps in mitigating the vanishing/exploding gradient problem",
-          "Yang et al. 2019: in deep BN-ReLU nets without skips gradients explode at init (x1.47 per layer)",
-          "decrease of |log10(grad norm first layer / last layer)| at initialization", 0.3, _c5),
-    Claim("deep", "BN makes very deep networks trainable",
-          "it is possible to train deep networks with over 100 layers",
-          "Yang et al. 2019 (plain deep BN nets untrainable); residual nets need skips, not BN alone",
-          "pp of test accuracy gained with BN at the given depth", 5.0, _c6),
-    Claim("ics", "BN reduces internal covariate shift",
-          "reducing the internal covariate shift", "Santurkar et al. 2018: BN does not reduce ICS",
-          "decrease of ||G - G'|| / ||G|| (Santurkar's ICS, averaged over layers and training)", 0.05, _c7),
-    Claim("smooth", "BN makes the loss landscape smoother",
-          "a smoother parameter space", "Santurkar et al. 2018 (Fig. 4): smaller effective beta-smoothness",
-          "log10 decrease of the effective beta-smoothness along the gradient", 0.1, _c8),
-    Claim("accuracy", "BN increases accuracy (MLP, CNN, RNN)",
-          "improved model accuracy", "Cooijmans et al. 2017 (BN-LSTM); MNIST-1D reference numbers",
-          "pp of test accuracy gained with BN", 1.0, _c9),
-    Claim("running-stats", "Inference needs the running statistics",
-          "update the running mean and standard deviation using exponential moving averages",
-          "Ioffe & Szegedy 2015, Alg. 2",
-          "pp of test accuracy lost when normalizing test batches of 4 by their own statistics", 1.0, _c10),
-]
+# ---------------------------------------------------------------------------------------- LR tuning
+
+
+def _ladder(lr: float, up: bool) -> float:
+    """The next learning rate on the 1-3 ladder (..., 1e-3, 3e-3, 1e-2, ...)."""
+    e = math.floor(math.log10(lr) + 1e-9)
+    m = lr / 10**e
+    if up:
+        return float(f"3e{e}") if m < 2 else float(f"1e{e + 1}")
+    return float(f"3e{e - 1}") if m < 2 else float(f"1e{e}")
+
+
+def tune_lr(base: RunConfig, seeds: list[int], get_run: Callable[[RunConfig], dict | None],
+            max_extensions: int = 3,
+            grid: tuple[float, ...] | None = None) -> tuple[float | None, list[RunConfig], dict]:
+    """Select ``base``'s learning rate on the validation split.
+
+    Returns ``(lr, needed, info)``: ``needed`` lists the runs to train before a choice can be made (then
+    ``lr`` is None); ``info`` has the grid, each LR's mean best validation accuracy and whether the best
+    one is interior."""
+    opt = with_recipe(base).optimizer or "adam"
+    grid = list(grid or LR_GRIDS.get(opt, LR_GRIDS["adam"]))
+    extended = 0
+    while True:
+        cfgs = {lr: [base.replace(lr=lr, seed=s) for s in seeds] for lr in grid}
+        runs = {lr: [get_run(c) for c in cs] for lr, cs in cfgs.items()}
+        needed = [c for lr in grid for c, r in zip(cfgs[lr], runs[lr]) if r is None]
+        if needed:
+            return None, needed, {}
+        score = {lr: float(np.mean([_val_score(r) for r in rs])) for lr, rs in runs.items()}
+        best = max(grid, key=lambda lr: (score[lr], -lr))
+        i = grid.index(best)
+        if extended < max_extensions and i == 0 and _ladder(grid[0], False) >= LR_BOUNDS[0]:
+            grid.insert(0, _ladder(grid[0], False))
+        elif extended < max_extensions and i == len(grid) - 1 and _ladder(grid[-1], True) <= LR_BOUNDS[1]:
+            grid.append(_ladder(grid[-1], True))
+        else:
+            return best, [], {"grid": grid, "val_accuracy": score, "interior": 0 < i < len(grid) - 1}
+        extended += 1
+
+
+def _val_score(run: dict) -> float:
+    v = run["result"].get("best_val_accuracy")
+    return float(v) if v is not None and math.isfinite(v) else 0.0
+
+
+def _expand(cond: Condition) -> list[Condition]:
+    """A tuned condition and, with ``shared_lr``, its twin at the recipe's learning rate."""
+    if not cond.tune or not cond.shared_lr:
+        return [cond]
+    lr = with_recipe(cond.arms[cond.tune[0]][0]).lr
+    twin = Condition(f"{cond.name}, shared lr {lr:g}", cond.dataset,
+                     {a: [c.replace(lr=lr) for c in cs] for a, cs in cond.arms.items()}, cond.effect, cond.detail,
+                     (), {}, None, False, cond.reads_test, f"one learning rate for every arm: the recipe's {lr:g}")
+    return [cond, twin]
+
+
+def _resolve(cond: Condition, seeds: list[int], get_run, budget: dict):
+    """(runs still needed, {seed: {arm: [configs]}} or None, {arm: lr info})."""
+    needed: list[RunConfig] = []
+    chosen: dict[str, float] = {}
+    info: dict[str, dict] = {}
+    for arm in cond.tune:
+        base = cond.arms[arm][0]
+        grid = cond.tune_grid or LR_GRIDS.get(with_recipe(base).optimizer or "adam", LR_GRIDS["adam"])
+        if budget.get("tune_points"):  # the smoke-test mode tries only the middle of the grid
+            mid = len(grid) // 2
+            grid = grid[mid - budget["tune_points"] // 2: mid - budget["tune_points"] // 2 + budget["tune_points"]]
+        lr, need, inf = tune_lr(base, seeds[:TUNE_SEEDS], get_run, budget["lr_extensions"], tuple(grid))
+        needed += need
+        if lr is not None:
+            chosen[arm], info[arm] = lr, inf
+    if needed:
+        return needed, None, info
+    chosen.update({arm: chosen[src] for arm, src in cond.lr_from.items()})
+    per_seed = {s: {arm: [c.replace(seed=s, **({"lr": chosen[arm]} if arm in chosen else {})) for c in cfgs]
+                    for arm, cfgs in cond.arms.items()} for s in seeds}
+    missing = [c for arms in per_seed.values() for cfgs in arms.values() for c in cfgs if get_run(c) is None]
+    return missing, per_seed, info
 
 
 # ------------------------------------------------------------------------------------------ plumbing
 
+
 def _select(claims: list[str] | None) -> list[Claim]:
+    from .experiments import CLAIMS
+
     if not claims:
         return CLAIMS
     known = {c.key: c for c in CLAIMS}
@@ -417,66 +196,130 @@ def _select(claims: list[str] | None) -> list[Claim]:
     return [known[k] for k in claims]
 
 
-def _seeds(mode: str) -> list[int]:
-    return list(range(_BUDGET[mode]["seeds"]))
+def _budget(mode: str) -> dict:
+    from .experiments import BUDGET
+
+    return BUDGET[mode]
 
 
-def plan_claims(mode: str = "quick", dataset: str = "mnist1d", claims: list[str] | None = None,
-                seeds: list[int] | None = None) -> list[RunConfig]:
-    """All run configurations the claims need (deduplicated, cheapest first is not attempted)."""
-    out: dict[str, RunConfig] = {}
+def seeds_of(mode: str) -> list[int]:
+    return list(range(_budget(mode)["seeds"]))
+
+
+def _conditions(mode: str, datasets: list[str], claims: list[str] | None):
     for claim in _select(claims):
-        for cond in claim.conditions(mode, dataset):
-            for seed in seeds or _seeds(mode):
-                for cfgs in cond.arms(seed).values():
-                    for c in cfgs:
-                        out.setdefault(config_key(c), c)
+        for ds in datasets:
+            for cond in claim.conditions(mode, ds):
+                for c in _expand(cond):
+                    yield claim, c
+
+
+def plan_claims(mode: str = "quick", datasets: list[str] | str = "mnist1d", claims: list[str] | None = None,
+                get_run: Callable[[RunConfig], dict | None] = lambda c: None,
+                seeds: list[int] | None = None) -> list[RunConfig]:
+    """The runs still needed, given what ``get_run`` finds stored (empty when everything is there)."""
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets)
+    seeds = seeds or seeds_of(mode)
+    budget = _budget(mode)
+    out: dict[str, RunConfig] = {}
+    for _, cond in _conditions(mode, datasets, claims):
+        for c in _resolve(cond, seeds, get_run, budget)[0]:
+            out.setdefault(config_key(c), c)
     return list(out.values())
 
 
-def analyze_claims(get_run: Callable[[RunConfig], dict | None], mode: str = "quick", dataset: str = "mnist1d",
-                   claims: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
-    """Effects, spreads and verdicts from stored runs (``get_run(cfg)`` returns the stored run)."""
+def _lr_of(cond: Condition, per_seed: dict, info: dict) -> dict:
+    first = next(iter(per_seed.values()))
+    lrs = {arm: sorted({with_recipe(c).lr for c in cfgs}) for arm, cfgs in first.items()}
+    out: dict = {arm: (v[0] if len(v) == 1 else v) for arm, v in lrs.items()}
+    if cond.tune:
+        out["selected_on"] = "validation"
+        out["tuning"] = {arm: {"grid": i["grid"], "val_accuracy": {f"{k:g}": v for k, v in i["val_accuracy"].items()},
+                               "interior": i["interior"]} for arm, i in info.items()}
+    else:
+        out["selected_on"] = cond.lr_note or "fixed by the experiment"
+    return out
+
+
+def analyze_claims(get_run: Callable[[RunConfig], dict | None], mode: str = "quick",
+                   datasets: list[str] | str = "mnist1d", claims: list[str] | None = None,
+                   seeds: list[int] | None = None, replicates: int = stats.REPLICATES) -> list[dict]:
+    """Effects, bootstrap intervals, Holm-corrected verdicts, from stored runs."""
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets)
+    seeds = seeds or seeds_of(mode)
+    budget = _budget(mode)
+    rows: list[tuple[Claim, dict]] = []
+    for claim, cond in _conditions(mode, datasets, claims):
+        row = {"condition": cond.name, "dataset": cond.dataset, "min_effect": claim.min_effect}
+        missing, per_seed, info = _resolve(cond, seeds, get_run, budget)
+        if per_seed is None or missing:
+            row.update(effect=float("nan"), ci95=[float("-inf"), float("inf")], n_seeds=0, p_for=1.0,
+                       p_against=1.0, censored=0, lr={}, details=[], missing_runs=len(missing))
+            rows.append((claim, row))
+            continue
+        runs = {s: {arm: [get_run(c) for c in cfgs] for arm, cfgs in arms.items()} for s, arms in per_seed.items()}
+        n_test = None
+        if cond.reads_test:
+            any_run = next(iter(next(iter(runs.values())).values()))[0]
+            n_test = any_run["result"].get("test_examples")
+
+        def eff(i, w, runs=runs, cond=cond):
+            return cond.effect(SeedRuns(runs[seeds[i]], w))
+
+        est = stats.bootstrap(eff, len(seeds), claim.min_effect, n_test, replicates=replicates)
+        per = [stats._as_bounds(eff(i, None)) for i in range(len(seeds))]
+        row.update(effect=est.effect, ci95=list(est.ci95), n_seeds=est.n_seeds, p_for=est.p_for,
+                   p_against=est.p_against, censored=est.censored, lr=_lr_of(cond, per_seed, info),
+                   effects=[float(lo) if lo == hi else [float(lo), float(hi)] for lo, hi in per],
+                   resampled="seeds and test examples" if est.resampled_examples else "seeds",
+                   details=[{"seed": s, **cond.detail(SeedRuns(runs[s]))} for s in seeds])
+        rows.append((claim, row))
+    p_for = stats.holm([r["p_for"] for _, r in rows])
+    p_against = stats.holm([r["p_against"] for _, r in rows])
+    for (claim, r), pf, pa in zip(rows, p_for, p_against):
+        r["p_for_holm"], r["p_against_holm"] = pf, pa
+        r["verdict"] = stats.verdict(r["effect"], claim.min_effect, pf, pa, r["n_seeds"])
     results = []
     for claim in _select(claims):
-        conds_out = []
-        verdicts = {}
-        for cond in claim.conditions(mode, dataset):
-            effects, details = [], []
-            for seed in seeds or _seeds(mode):
-                runs = {arm: [get_run(c) for c in cfgs] for arm, cfgs in cond.arms(seed).items()}
-                if any(r is None for rs in runs.values() for r in rs):
-                    continue
-                try:
-                    e = float(cond.effect(runs))
-                except (KeyError, ZeroDivisionError, ValueError, TypeError):
-                    e = float("nan")
-                effects.append(e)
-                details.append({"seed": seed, **cond.detail(runs)})
-            s = summarize(effects)
-            v = judge(effects, claim.min_effect)
-            verdicts[cond.name] = v
-            conds_out.append({"condition": cond.name, "effects": effects, **s, "verdict": v, "details": details})
-        verdict, when = judge_claim(verdicts)
+        conds = [r for c, r in rows if c is claim]
+        verdict, when = _claim_verdict(conds)
         out = {
             "key": claim.key, "claim": claim.title, "seed_quote": claim.seed_quote,
             "literature": claim.literature, "unit": claim.unit, "min_effect": claim.min_effect,
-            "verdict": verdict, "condition": when, "conditions": conds_out,
+            "datasets": sorted({r["dataset"] for r in conds}, key=datasets.index),
+            "verdict": verdict, "condition": when, "conditions": conds,
         }
         out["evidence"] = evidence_sentence(out)
         results.append(out)
     return results
 
 
+def _claim_verdict(conds: list[dict]) -> tuple[str, str]:
+    """A claim's verdict: the common verdict of its conditions, else ``depends`` with where it holds."""
+    verdicts = {r["verdict"] for r in conds}
+    if len(verdicts) == 1:
+        return verdicts.pop(), ""
+    parts = []
+    for v in ("supported", "contradicted", "inconclusive"):
+        names = [f"{r['condition']} ({r['dataset']})" for r in conds if r["verdict"] == v]
+        if names:
+            parts.append(f"{v}: {', '.join(names)}")
+    return "depends", "; ".join(parts)
+
+
 def _fmt(x: float) -> str:
     return "nan" if x is None or not math.isfinite(x) else f"{x:+.2f}"
 
 
+def interval_text(r: dict) -> str:
+    lo, hi = r["ci95"]
+    return f"{_fmt(r['effect'])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def evidence_sentence(r: dict) -> str:
-    parts = []
-    for c in r["conditions"]:
-        sd = "" if not math.isfinite(c.get("std", float("nan"))) else f" ± {c['std']:.2f}"
-        parts.append(f"{c['condition']}: effect {_fmt(c['mean'])}{sd} over {c['n']} seeds ({c['verdict']})")
-    head = {"supported": "Supported", "not supported": "Not supported", "depends": "Depends"}[r["verdict"]]
+    parts = [f"{c['condition']} on {c['dataset']}: {interval_text(c)} over {c['n_seeds']} seeds ({c['verdict']})"
+             for c in r["conditions"]]
+    head = r["verdict"].capitalize()
     cond = f" — {r['condition']}" if r["condition"] else ""
-    return f"{head}{cond}. Effect = {r['unit']} (needs ≥ {r['min_effect']}); " + "; ".join(parts) + "."
+    return (f"{head}{cond}. Effect = {r['unit']} (claimed size ≥ {r['min_effect']}), mean and 95% bootstrap "
+            "interval: " + "; ".join(parts) + ".")

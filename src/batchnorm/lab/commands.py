@@ -16,13 +16,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..cli import CommandError, UsageError
+from .claims import interval_text
 from .data import DATASETS, DataError, DataUnavailable
 from .models import MODELS, NORMS
 
 __all__ = ["register"]
 
 DEFAULT_OUT = "bn-report"
-PROBES = ("percentiles", "grad_norms", "ics", "smoothness", "inference")
+PROBES = ("percentiles", "grad_norms", "ics", "smoothness", "inference", "recalibrate")
 MAX_SEED = 2**32 - 1
 
 
@@ -101,6 +102,12 @@ def _model(name: str) -> str:
     return name
 
 
+def _dataset(name: str) -> str:
+    if name not in DATASETS:
+        raise argparse.ArgumentTypeError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return name
+
+
 def _norm(name: str) -> str:
     """A norm name or ``module:Class`` that imports and builds as ``Class(num_features)``."""
     if name in NORMS:
@@ -141,7 +148,7 @@ def _probes(text: str) -> tuple[str, ...]:
 
 
 def _claim_keys(text: str) -> list[str]:
-    from .claims import CLAIMS
+    from .experiments import CLAIMS
 
     keys = _items(text)
     known = [c.key for c in CLAIMS]
@@ -200,6 +207,9 @@ def _add_common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OU
                    help="use at most this many training examples (>= 2)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the HTML report")
+    from .sweep import add_executor_arguments
+
+    add_executor_arguments(p)
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
@@ -259,11 +269,14 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("claims", help="test every claim of the seed articles; verdicts with effect sizes")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", dest="mode", action="store_const", const="quick", help="< 15 min on 2 cores (default)")
-    g.add_argument("--full", dest="mode", action="store_const", const="full", help="more seeds, longer, deeper")
+    g.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                   help="5 seeds, the main conditions (default; about 20 min on 2 idle cores)")
+    g.add_argument("--full", dest="mode", action="store_const", const="full",
+                   help="10 seeds, every condition, longer and deeper (hours)")
     g.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="smoke test (seconds)")
     p.set_defaults(mode="quick")
-    p.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
+    p.add_argument("--dataset", type=_list_of(_dataset, "datasets"), default=["mnist1d", "fashion-mnist"],
+                   help="comma list of datasets (default mnist1d,fashion-mnist)")
     p.add_argument("--only", type=_claim_keys, default=None, help="comma list of claim keys")
     _add_common(p)
     p.set_defaults(func=cmd_claims)
@@ -321,9 +334,10 @@ def _data_id(args, dataset: str) -> str:
 
 def _run(args, configs, console: Console, title: str) -> list[dict]:
     """Sweep with a rich progress bar."""
-    from .sweep import run_sweep
+    from .sweep import executor_options, run_sweep
     from .train import config_hash
 
+    opts = executor_options(args)  # a missing Ray is refused before the store or the data is touched
     configs = _resolved(args, configs)
     store = _store(args, check=True)
     try:
@@ -333,7 +347,8 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
                 TextColumn("{task.fields[info]}")]
         with Progress(*cols, console=console, transient=False) as prog:
             total = prog.add_task(title, total=len(configs), info=f"{todo} to train, {workers} worker(s)")
-            step_task = prog.add_task("  current run", total=1, info="", visible=workers == 1 and todo > 0)
+            step_task = prog.add_task("  current run", total=1, info="",
+                                      visible=workers == 1 and todo > 0 and opts["executor"] == "local")
 
             def on_done(cfg, result, reused):
                 prog.advance(total)
@@ -346,7 +361,7 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
                             description=escape(f"  {cfg.model}/{cfg.norm} lr {cfg.lr:g} seed {cfg.seed}"),
                             info=f"test {100 * last['test_acc']:.1f}%")
 
-            runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step)
+            runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step, **opts)
     finally:
         store.close()
     return runs
@@ -388,6 +403,10 @@ def _guard(fn):
         from .sweep import SweepError
 
         try:
+            if hasattr(args, "executor"):  # a missing Ray is refused before any data, store or file is touched
+                from .sweep import executor_options
+
+                executor_options(args)
             return fn(args)
         except (DataUnavailable, DataError, StoreError) as exc:
             raise CommandError(str(exc)) from None
@@ -476,14 +495,22 @@ def _compare_table(console, tab) -> None:
                   "–" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f} ({r['reached']}/{r['seeds']})",
                   _pct(r["gap"]), f"{r['diverged']}/{r['seeds']}", f"{r['seconds']:.1f}")
     console.print(t)
-    s = Table(title="per norm")
-    for col in ("model", "norm", "best lr / batch", "best test accuracy", "max stable lr"):
+    s = Table(title="per norm: the lr / batch with the best validation accuracy, and its test accuracy")
+    for col in ("model", "norm", "best lr / batch (validation)", "val accuracy", "test accuracy", "max stable lr"):
         s.add_column(col)
+    edge = []
     for r in tab["summary"]:
-        s.add_row(escape(r["model"]), escape(r["norm"]), f"{r['best_lr']:g} / {r['best_batch_size']}",
+        s.add_row(escape(r["model"]), escape(r["norm"]),
+                  f"{r['best_lr']:g} / {r['best_batch_size']}" + (" (grid edge)" if r["best_lr_at_edge"] else ""),
+                  _pct(r["best_val_accuracy"]),
                   f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
                   "–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
+        if r["best_lr_at_edge"]:
+            edge.append(f"{r['model']}/{r['norm']}")
     console.print(s)
+    if edge:
+        console.print(f"[yellow]the best learning rate of {', '.join(edge)} is at the edge of --lrs: extend the grid "
+                      "to know whether a better one lies beyond it[/yellow]")
 
 
 def _default_target(dataset: str, models: list[str]) -> float:
@@ -555,16 +582,30 @@ def cmd_figure1(args) -> int:
 
 
 def _claims_table(console, results) -> None:
-    t = Table(title="claims of the seed articles, measured", show_lines=True)
-    for col in ("claim", "verdict", "effect per condition (mean ± sd over seeds)"):
+    t = Table(title="claims of the seed articles, measured (effect, 95% bootstrap interval, Holm-corrected verdict)",
+              show_lines=True)
+    for col in ("claim", "verdict", "effect per condition [95% CI]"):
         t.add_column(col)
-    style = {"supported": "green", "not supported": "red", "depends": "yellow"}
+    style = {"supported": "green", "contradicted": "red", "inconclusive": "yellow", "depends": "cyan"}
     for r in results:
-        eff = "\n".join(f"{c['condition']}: {c['mean']:+.2f} ± {c['std']:.2f} ({c['verdict']})"
+        eff = "\n".join(f"{c['dataset']}, {c['condition']}: {interval_text(c)} ({c['verdict']})"
                         for c in r["conditions"])
-        v = f"[{style[r['verdict']]}]{r['verdict']}[/]" + (f"\n{r['condition']}" if r["condition"] else "")
-        t.add_row(escape(r["claim"]), v, escape(eff))
+        v = f"[{style[r['verdict']]}]{r['verdict']}[/]"
+        t.add_row(escape(f"{r['claim']}\n({r['unit']}; claimed size ≥ {r['min_effect']:g})"), v, escape(eff))
     console.print(t)
+
+
+_CONDITION_KEYS = ("condition", "dataset", "effect", "ci95", "n_seeds", "min_effect", "verdict", "lr", "effects",
+                   "censored", "p_for", "p_against", "p_for_holm", "p_against_holm", "resampled", "details")
+
+
+def claims_payload(results: list[dict], mode: str, seconds: float) -> dict:
+    """The ``claims --json`` object (see docs/lab.md)."""
+    return {"claims": [{k: r[k] for k in ("key", "claim", "verdict", "condition", "unit", "min_effect", "datasets",
+                                          "literature", "evidence")}
+                       | {"conditions": [{k: c[k] for k in _CONDITION_KEYS if k in c} for c in r["conditions"]]}
+                       for r in results],
+            "mode": mode, "seconds": seconds}
 
 
 @_guard
@@ -576,26 +617,40 @@ def cmd_claims(args) -> int:
 
     console = _console(args)
     only = list(dict.fromkeys(args.only)) if args.only else None
+    datasets = list(dict.fromkeys(args.dataset))
     t0 = time.perf_counter()
-    cfgs = plan_claims(args.mode, args.dataset, only)
-    runs = _run(args, cfgs, console, f"claims ({args.mode})")
-    with open_store(args.out, args.store) as store:
+    data_ids = {ds: _data_id(args, ds) for ds in datasets}  # finds and checks every dataset before any run
+    hashes: set[str] = set()
 
-        data_id = _data_id(args, args.dataset)
+    def key(c):
+        return config_hash(with_data(c, args.limit, args.data_dir).replace(data_id=data_ids[c.dataset]))
+
+    # tuning runs first, then the runs at each arm's selected learning rate (one round per step of the grid)
+    for rnd in range(1, 20):
+        with open_store(args.out, args.store) as store:
+            need = plan_claims(args.mode, datasets, only, lambda c: store.get(key(c)))
+        if not need:
+            break
+        runs = _run(args, need, console, f"claims ({args.mode}), round {rnd}")
+        hashes.update(r["hash"] for r in runs)
+    with open_store(args.out, args.store) as store:
+        cache: dict[str, dict | None] = {}
 
         def get(c):
-            return store.get(config_hash(with_data(c, args.limit, args.data_dir).replace(data_id=data_id)))
+            h = key(c)
+            if h not in cache:
+                cache[h] = store.get(h)
+                if cache[h] is not None:
+                    hashes.add(h)
+            return cache[h]
 
-        results = analyze_claims(get, args.mode, args.dataset, only)
-        params = {"mode": args.mode, "dataset": args.dataset, "claims": only, "limit": args.limit,
-                  "data_dir": args.data_dir, "data_id": data_id}
-        store.put_experiment(experiment_name("claims", f"{args.mode}-{args.dataset}", params), "claims", params,
-                             [r["hash"] for r in runs])
+        results = analyze_claims(get, args.mode, datasets, only)
+        params = {"mode": args.mode, "datasets": datasets, "claims": only, "limit": args.limit,
+                  "data_dir": args.data_dir, "data_ids": data_ids}
+        store.put_experiment(experiment_name("claims", f"{args.mode}-{'-'.join(datasets)}", params), "claims",
+                             params, sorted(hashes))
     _claims_table(console, results)
-    payload = {"claims": [{k: r[k] for k in ("key", "claim", "verdict", "condition", "unit", "evidence")}
-                          | {"conditions": [{k: c[k] for k in ("condition", "mean", "std", "n", "verdict", "effects")}
-                                            for c in r["conditions"]]} for r in results],
-               "mode": args.mode, "seconds": time.perf_counter() - t0}
+    payload = claims_payload(results, args.mode, time.perf_counter() - t0)
     console.print(f"claims finished in {payload['seconds']:.0f} s")
     return _finish(args, console, payload)
 

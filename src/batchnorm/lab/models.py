@@ -1,8 +1,8 @@
 """Model zoo of the lab. Every model takes ``norm=`` and builds its normalization layers through
 :func:`make_norm`, the single place that decides which class implements a norm name.
 
-``norm`` is one of ``none | batchnorm | ghost | renorm | frozen``, a layer class (called as
-``cls(num_features)``), or a ``"module:ClassName"`` string naming such a class.
+``norm`` is one of ``none | batchnorm | ghost | renorm | frozen | groupnorm | layernorm | noisy``, a layer
+class (called as ``cls(num_features)``), or a ``"module:ClassName"`` string naming such a class.
 
 Models expose two things the probes rely on:
 
@@ -35,7 +35,7 @@ __all__ = [
     "resolve_norm",
 ]
 
-NORMS = ("none", "batchnorm", "ghost", "renorm", "frozen")
+NORMS = ("none", "batchnorm", "ghost", "renorm", "frozen", "groupnorm", "layernorm", "noisy")
 
 
 def resolve_norm(norm) -> str | type | None:
@@ -84,7 +84,37 @@ def make_norm(norm, num_features: int, rank: int = 1, **kw) -> nn.Module:
         layer = getattr(bnn, f"BatchNorm{rank}d")(num_features, **kw)
         bnn.freeze(layer, stats=True, affine=False)
         return layer
+    if norm == "groupnorm":
+        # Wu & He (2018): 32 channels per group in their ResNets; here at most 8 groups (these layers have
+        # 25-128 channels), the largest group count <= 8 that divides the channels
+        groups = kw.pop("num_groups", None) or max(g for g in range(1, 9) if num_features % g == 0)
+        return nn.GroupNorm(groups, num_features, **kw)
+    if norm == "layernorm":
+        # statistics per example over every channel and position: GroupNorm with one group is LayerNorm
+        # for (N, C) and for conv/sequence layouts (N, C, *) alike, with a per-channel gamma and beta
+        return nn.GroupNorm(1, num_features, **kw)
+    if norm == "noisy":
+        return NoisyBatchNorm(getattr(bnn, f"BatchNorm{rank}d")(num_features, **kw))
     raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)} or pass a layer class")
+
+
+class NoisyBatchNorm(nn.Module):
+    """Santurkar et al. (2018) "noisy BN": BN followed, in training, by a per-channel shift and scale drawn
+    anew at every step (shift ~ U(-1, 1), scale ~ U(0.25, 2)), so the next layer's input distribution
+    moves from step to step -- covariate shift injected on purpose. Evaluation is plain BN."""
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        y = self.bn(x)
+        if not self.training:
+            return y
+        shape = (1, y.shape[1]) + (1,) * (y.dim() - 2)
+        shift = torch.empty(shape, dtype=y.dtype).uniform_(-1.0, 1.0)
+        scale = torch.empty(shape, dtype=y.dtype).uniform_(0.25, 2.0)
+        return y * scale + shift
 
 
 def _act(name: str) -> nn.Module:
@@ -137,6 +167,13 @@ def paper_mlp(input_shape, num_classes, norm="none", width=100, depth=3, init_st
     return _Net(nn.Sequential(*layers), acts)
 
 
+def logistic(input_shape, num_classes, norm="none", norm_kw=None, **_):
+    """Logistic regression (MNIST-1D's linear baseline, 32% in Greydanus 2020); ``norm`` normalizes the
+    inputs."""
+    d = _flat_dim(input_shape)
+    return _Net(nn.Sequential(nn.Flatten(), make_norm(norm, d, 1, **(norm_kw or {})), nn.Linear(d, num_classes)), [])
+
+
 def seed_mlp(input_shape, num_classes, norm="batchnorm", norm_kw=None, **_):
     """The seeds' Keras example: Dense 128 relu, BN, Dense 64 relu, BN, Dense softmax."""
     a1, a2 = nn.ReLU(), nn.ReLU()
@@ -149,15 +186,23 @@ def seed_mlp(input_shape, num_classes, norm="batchnorm", norm_kw=None, **_):
     return _Net(body, [a1, a2])
 
 
-def mlp(input_shape, num_classes, norm="none", width=100, depth=2, act="relu", norm_kw=None, **_):
+def mlp(input_shape, num_classes, norm="none", width=100, depth=2, act="relu", norm_kw=None, placement="before",
+        dropout=0.0, **_):
     """MNIST-1D reference MLP (Greydanus 2020): Linear(40,100) ReLU Linear(100,100) ReLU Linear(100,10);
-    BN between each Linear and its ReLU when enabled."""
+    BN between each Linear and its ReLU when enabled (``placement="before"`` the activation, as Ioffe &
+    Szegedy; ``"after"`` it, as the seed articles' Keras example). ``dropout > 0`` adds dropout after each
+    hidden activation, so that it feeds the next layer's norm (Li et al. 2019's variance shift)."""
+    if placement not in ("before", "after"):
+        raise ValueError(f"placement must be 'before' or 'after' the activation, not {placement!r}")
     layers: list[nn.Module] = [nn.Flatten()]
     acts = []
     d = _flat_dim(input_shape)
     for _ in range(depth):
         a = _act(act)
-        layers += [nn.Linear(d, width), make_norm(norm, width, 1, **(norm_kw or {})), a]
+        norm_layer = make_norm(norm, width, 1, **(norm_kw or {}))
+        layers += [nn.Linear(d, width)] + ([norm_layer, a] if placement == "before" else [a, norm_layer])
+        if dropout:
+            layers.append(nn.Dropout(dropout))
         acts.append(a)
         d = width
     layers.append(nn.Linear(d, num_classes))
@@ -220,6 +265,63 @@ class ResMLP(nn.Module):
 def resnet_mlp(input_shape, num_classes, **kw):
     """Pre-activation residual MLP: x + f(x), f = Linear(ReLU(norm(x))); ``skipinit=True`` adds SkipInit."""
     return ResMLP(input_shape, num_classes, **kw)
+
+
+class _ConvBlock(nn.Module):
+    """Basic residual block (He et al. 2016): conv3x3-norm-ReLU-conv3x3-norm plus the shortcut (a strided
+    1x1 conv where the shape changes), then ReLU. ``skipinit``: no norm, the residual branch scaled by a
+    scalar initialised to 0 (De & Smith 2020)."""
+
+    def __init__(self, rank, cin, cout, stride, norm, skipinit, norm_kw):
+        super().__init__()
+        conv = _conv_cls(rank)
+        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.n1 = make_norm(norm, cout, rank, **(norm_kw or {}))
+        self.act1 = nn.ReLU()
+        self.conv2 = conv(cout, cout, 3, padding=1, bias=False)
+        self.n2 = make_norm(norm, cout, rank, **(norm_kw or {}))
+        self.short = (conv(cin, cout, 1, stride=stride, bias=False) if (stride != 1 or cin != cout)
+                      else nn.Identity())
+        self.alpha = nn.Parameter(torch.zeros(())) if skipinit else None
+        self.act2 = nn.ReLU()
+
+    def forward(self, x):
+        h = self.n2(self.conv2(self.act1(self.n1(self.conv1(x)))))
+        if self.alpha is not None:
+            h = self.alpha * h
+        return self.act2(self.short(x) + h)
+
+
+class ResNet(nn.Module):
+    """A small ResNet for 28x28 images (or 1-D sequences): a 3x3 stem, three stages of ``blocks`` basic
+    blocks with ``width``, 2x, 4x channels (stride 2 between stages), global average pooling, linear."""
+
+    def __init__(self, input_shape, num_classes, norm="none", width=16, blocks=1, skipinit=False, norm_kw=None,
+                 **_):
+        super().__init__()
+        rank = len(input_shape) - 1
+        conv = _conv_cls(rank)
+        self.stem = nn.Sequential(conv(input_shape[0], width, 3, padding=1, bias=False),
+                                  make_norm(norm, width, rank, **(norm_kw or {})), nn.ReLU())
+        layers, cin = [], width
+        for i, c in enumerate((width, 2 * width, 4 * width)):
+            for j in range(blocks):
+                layers.append(_ConvBlock(rank, cin, c, 2 if (i > 0 and j == 0) else 1, norm, skipinit, norm_kw))
+                cin = c
+        self.blocks = nn.Sequential(*layers)
+        pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[rank]
+        self.head = nn.Sequential(pool(1), nn.Flatten(), nn.Linear(cin, num_classes))
+        self.hidden_acts = [b.act2 for b in layers]
+        for m in self.modules():
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def resnet(input_shape, num_classes, **kw):
+    return ResNet(input_shape, num_classes, **kw)
 
 
 def _conv_cls(rank: int):
@@ -358,6 +460,7 @@ class ModelRecipe:
 
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], ModelRecipe]] = {
+    "logistic": (logistic, ModelRecipe("adam", 1e-2, 100, 8000, "MNIST-1D reference: Adam lr 1e-2, batch 100")),
     "paper-mlp": (paper_mlp, ModelRecipe("sgd", 0.5, 60, 4000, "Ioffe & Szegedy Fig. 1: SGD, batch 60")),
     "seed-mlp": (seed_mlp, ModelRecipe("adam", 1e-3, 32, 3000, "the seeds' Keras example: Adam, batch 32")),
     "mlp": (mlp, ModelRecipe("adam", 1e-2, 100, 8000, "MNIST-1D reference: Adam lr 1e-2, batch 100, 8000 steps")),
@@ -365,6 +468,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], ModelRecipe]] = {
     "cnn2d": (cnn2d, ModelRecipe("adam", 1e-3, 100, 3000, "small image CNN")),
     "deep-mlp": (deep_mlp, ModelRecipe("sgd", 0.05, 100, 2000, "plain deep MLP, SGD")),
     "resnet-mlp": (resnet_mlp, ModelRecipe("sgd", 0.05, 100, 2000, "pre-activation residual MLP, SGD")),
+    "resnet": (resnet, ModelRecipe("momentum", 0.1, 128, 3000, "small ResNet: SGD momentum 0.9, lr 0.1, batch 128")),
     "lstm": (lstm, ModelRecipe("adam", 1e-2, 100, 2000, "LSTM / BN-LSTM over time steps")),
 }
 

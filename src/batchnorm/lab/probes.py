@@ -6,9 +6,10 @@
 * ``ics``: Santurkar et al. (2018)'s internal covariate shift: for layer i, G = gradient of layer i's
   weight at the current parameters, G' = the same gradient, same batch, after the *earlier* layers took
   this step's optimizer update; reports ||G - G'|| (and relative to ||G||) and cos(G, G').
-* ``smoothness``: the loss and gradient along the gradient direction (Santurkar Fig. 4): for step sizes
-  eta, L(theta - eta g); ``loss_range`` = max - min of those losses, ``beta`` = max over eta of
-  ||grad L(theta - eta g) - g|| / ||eta g|| (effective beta-smoothness).
+* ``smoothness``: the loss and gradient along the step the optimizer took (Santurkar Fig. 4 moves along
+  the gradient; measured along the actual update d, the measure does not depend on how the
+  optimizer rescales the gradient): for multiples eta of the step, L(theta + eta d); ``loss_range`` =
+  max - min of those losses, ``beta`` = max over eta of ||grad L(theta + eta d) - g|| / ||eta d||.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from torch.func import functional_call
 
 from .models import layer_groups
 
-__all__ = ["PreactivationProbe", "grad_norms", "ics_measure", "smoothness"]
+__all__ = ["PreactivationProbe", "grad_norms", "ics_measure", "residual_variance", "smoothness"]
 
-PROBES = ("percentiles", "grad_norms", "ics", "smoothness")
+PROBES = ("percentiles", "grad_norms", "ics", "smoothness", "inference", "recalibrate")
 
 
 class PreactivationProbe:
@@ -118,18 +119,27 @@ def ics_measure(model: nn.Module, before: dict[str, torch.Tensor], x, y) -> dict
     return {"ics_diff": diff, "ics_rel": rel, "ics_cos": cos}
 
 
-def smoothness(model: nn.Module, x, y, etas=(0.05, 0.1, 0.2, 0.4)) -> dict[str, float]:
-    """Loss and gradient variation along the gradient direction at the current parameters."""
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+def smoothness(model: nn.Module, x, y, base: dict[str, torch.Tensor] | None = None,
+               direction: dict[str, torch.Tensor] | None = None, etas=(0.5, 1.0, 2.0, 4.0)) -> dict[str, float]:
+    """Loss and gradient variation along the step the optimizer actually took.
+
+    ``base``: the parameters before the step (default: the model's current ones); ``direction``: the
+    update the optimizer applied (``after - before``; default: minus the gradient, Santurkar's
+    direction). For multiples ``eta`` of that step, ``loss_range`` = max - min of L(base + eta d) and
+    ``beta`` = max over eta of ||grad L(base + eta d) - grad L(base)|| / ||eta d|| (effective
+    beta-smoothness along the update)."""
+    src = base if base is not None else {n: p.detach() for n, p in model.named_parameters()}
+    params = {n: src[n].detach().clone().requires_grad_(True) for n in src}
     names = list(params)
     loss0 = _loss_fn(model, params, _cloned_buffers(model), x, y)
     g = torch.autograd.grad(loss0, [params[n] for n in names], allow_unused=True)
     g = [torch.zeros_like(params[n]) if gi is None else gi.detach() for n, gi in zip(names, g)]
-    gnorm = math.sqrt(sum(float(gi.double().pow(2).sum()) for gi in g))
+    d = [(-gi if direction is None else direction[n].detach()) for n, gi in zip(names, g)]
+    dnorm = math.sqrt(sum(float(di.double().pow(2).sum()) for di in d))
     losses = [float(loss0.detach())]
     betas = []
     for eta in etas:
-        moved = {n: (params[n].detach() - eta * gi).requires_grad_(True) for n, gi in zip(names, g)}
+        moved = {n: (params[n].detach() + eta * di).requires_grad_(True) for n, di in zip(names, d)}
         loss = _loss_fn(model, moved, _cloned_buffers(model), x, y)
         g2 = torch.autograd.grad(loss, [moved[n] for n in names], allow_unused=True)
         dg = math.sqrt(
@@ -137,11 +147,27 @@ def smoothness(model: nn.Module, x, y, etas=(0.05, 0.1, 0.2, 0.4)) -> dict[str, 
                 for gi, g2i in zip(g, g2))
         )
         losses.append(float(loss.detach()))
-        if gnorm > 0:
-            betas.append(dg / (eta * gnorm))
+        if dnorm > 0:
+            betas.append(dg / (eta * dnorm))
     finite = [v for v in losses if math.isfinite(v)]
     return {
         "loss_range": (max(finite) - min(finite)) if len(finite) == len(losses) else float("inf"),
         "beta": max(betas) if betas and all(math.isfinite(b) for b in betas) else float("inf"),
-        "grad_norm": gnorm,
+        "step_norm": dnorm,
     }
+
+
+def residual_variance(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Variance of the residual stream after each residual block at the current parameters (De & Smith
+    2020, Fig. 2): for ``model.blocks`` (an ``nn.Sequential`` of residual blocks), the mean over
+    channels of the per-channel variance over the batch of the block's output."""
+    out: list[float] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: out.append(float(o.detach().double().var(0).mean())))
+             for b in model.blocks]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out

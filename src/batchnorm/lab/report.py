@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from jinja2 import Environment  # noqa: E402
 
 from .analysis import compare_table, curves_mean, figure1_series  # noqa: E402
-from .claims import analyze_claims  # noqa: E402
+from .claims import analyze_claims, interval_text  # noqa: E402
 from .store import Store, environment  # noqa: E402
 from .train import RunConfig, config_hash, with_data  # noqa: E402
 
@@ -164,7 +164,7 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
         axes[0].grid(alpha=0.3)
         axes[1].set_xscale("log")
         axes[1].set_xlabel("learning rate")
-        axes[1].set_ylabel("final test accuracy")
+        axes[1].set_ylabel("test accuracy (best val checkpoint)")
         axes[1].set_title(f"{model}: learning-rate sweep")
         axes[1].legend(fontsize=8)
         axes[1].grid(alpha=0.3)
@@ -173,7 +173,8 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
              f"{_fmt(r['test_accuracy'], pct=True)} ± {_fmt(r['test_accuracy_std'], pct=True)}",
              _fmt(r["steps_to_target"]) + (f" ({r['reached']}/{r['seeds']})" if r["reached"] < r["seeds"] else ""),
              f"{_fmt(r['gap'], pct=True)}", r["diverged"], _fmt(r["seconds"], 2)] for r in tab["rows"]]
-    srows = [[s["model"], _label(s["norm"]), f"{_fmt(s['best_lr'])} / {s['best_batch_size']}",
+    srows = [[s["model"], _label(s["norm"]), f"{_fmt(s['best_lr'])} / {s['best_batch_size']}"
+              + (" (grid edge)" if s.get("best_lr_at_edge") else ""), _fmt(s.get("best_val_accuracy"), pct=True),
               f"{_fmt(s['best_test_accuracy'], pct=True)} ± {_fmt(s['best_test_accuracy_std'], pct=True)}",
               _fmt(s["max_stable_lr"]), _fmt(s["steps_to_target"]), _fmt(s["gap"], pct=True)] for s in tab["summary"]]
     section = {
@@ -182,121 +183,140 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
         "target": _fmt(tab["target"], pct=True), "imgs": imgs,
         "table": _table(["model", "norm", "lr", "batch", "seeds", "test accuracy", "steps to target",
                          "train−test gap", "diverged", "s/run"], rows),
-        "summary": _table(["model", "norm", "best lr / batch", "best test accuracy", "max stable lr",
+        "summary": _table(["model", "norm", "best lr / batch (by validation)", "val accuracy", "test accuracy",
+                           "max stable lr",
                            "steps to target", "gap at best lr"], srows),
     }
     return section, {"compare": tab}
 
 
-_VERDICT_CLASS = {"supported": "ok", "not supported": "bad", "depends": "mid"}
+_VERDICT_CLASS = {"supported": "ok", "contradicted": "bad", "inconclusive": "mid", "depends": "mid"}
+_VERDICT_COLOR = {"supported": "#2ca02c", "contradicted": "#d62728", "inconclusive": "#ff7f0e"}
 
 
 def _claims_section(exp, store: Store, figs: _Figures) -> tuple[dict, dict]:
     p = exp["params"]
+    data_ids = p.get("data_ids") or ({p["dataset"]: p["data_id"]} if p.get("data_id") else {})
 
     def get(cfg: RunConfig):
         """The stored run of a planned configuration, with the claims command's --limit/--data-dir and the
         identity of the data it was run on (recorded with the experiment)."""
         c = with_data(cfg, p.get("limit"), p.get("data_dir"))
-        if p.get("data_id"):
-            c = c.replace(data_id=p["data_id"])
+        if data_ids.get(c.dataset):
+            c = c.replace(data_id=data_ids[c.dataset])
         try:
             return store.get(config_hash(c))
         except Exception:  # an old store without data_id whose data is gone: the run cannot be found
             return None
 
-    results = analyze_claims(get, p.get("mode", "quick"), p.get("dataset", "mnist1d"), p.get("claims"), p.get("seeds"))
+    datasets = p.get("datasets") or [p.get("dataset", "mnist1d")]
+    mode = p.get("mode", "quick")
+    results = analyze_claims(get, mode, datasets, p.get("claims"), p.get("seeds"))
     name = exp["name"]
     rows = []
     for r in results:
         rows.append({
             "claim": r["claim"], "quote": r["seed_quote"], "verdict": r["verdict"],
             "verdict_class": _VERDICT_CLASS.get(r["verdict"], "mid"), "condition": r["condition"],
-            "effects": [f"{c['condition']}: {_fmt(c['mean'])} ± {_fmt(c['std'])} (n={c['n']}, {c['verdict']})"
+            "effects": [f"{c['dataset']}, {c['condition']}: {interval_text(c)} (n={c['n_seeds']}, {c['verdict']})"
                         for c in r["conditions"]],
-            "unit": r["unit"], "literature": r["literature"],
+            "unit": f"{r['unit']}; claimed size ≥ {r['min_effect']:g}", "literature": r["literature"],
         })
     effects_img = None
     n = len(results)
     if n:
-        fig, axes = plt.subplots(int(math.ceil(n / 2)), 2, figsize=(12, 2.2 * math.ceil(n / 2)), squeeze=False)
+        fig, axes = plt.subplots(int(math.ceil(n / 2)), 2, figsize=(12, 0.5 + 0.32 * max(
+            (len(r["conditions"]) for r in results), default=1) * math.ceil(n / 2) + 1.2 * math.ceil(n / 2)),
+            squeeze=False)
         for ax, r in zip(axes.flat, results):
             for j, c in enumerate(r["conditions"]):
-                ys = [e for e in c["effects"] if e is not None and math.isfinite(e)]
-                ax.scatter(ys, [j] * len(ys), color="#555", s=14, zorder=3)
-                if c["n"]:
-                    col = {"supported": "#2ca02c", "contradicted": "#d62728"}.get(c["verdict"], "#ff7f0e")
-                    lo = c["ci_low"] if math.isfinite(c["ci_low"]) else c["mean"]
-                    hi = c["ci_high"] if math.isfinite(c["ci_high"]) else c["mean"]
+                ys = [e if not isinstance(e, list) else e[0] for e in c.get("effects", [])]
+                ys = [e for e in ys if e is not None and math.isfinite(e)]
+                ax.scatter(ys, [j] * len(ys), color="#555", s=10, zorder=3)
+                if c["n_seeds"] and math.isfinite(c["effect"]):
+                    col = _VERDICT_COLOR.get(c["verdict"], "#ff7f0e")
+                    lo, hi = c["ci95"]
+                    lo = lo if math.isfinite(lo) else min(ys + [c["effect"]])
+                    hi = hi if math.isfinite(hi) else max(ys + [c["effect"]])
                     ax.plot([lo, hi], [j, j], color=col, lw=3, alpha=0.6)
-                    ax.plot([c["mean"]], [j], "D", color=col)
+                    ax.plot([c["effect"]], [j], "D", color=col)
             ax.axvline(0, color="k", lw=0.8)
             ax.axvline(r["min_effect"], color="k", lw=0.8, ls=":")
             ax.set_yticks(range(len(r["conditions"])))
-            ax.set_yticklabels([c["condition"][:34] for c in r["conditions"]], fontsize=7)
+            ax.set_yticklabels([f"{c['dataset']}: {c['condition'][:40]}" for c in r["conditions"]], fontsize=7)
             ax.set_title(f"{r['claim']} — {r['verdict']}", fontsize=9)
+            ax.set_xlabel("effect (dots: seeds; bar: 95% bootstrap interval; dotted: claimed size)", fontsize=7)
             ax.tick_params(axis="x", labelsize=7)
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
+        fig.tight_layout()
         effects_img = figs.save(fig, f"{name}-effects")
     details = []
     for r in results:
         drows = []
         for c in r["conditions"]:
+            lr = ", ".join(f"{k} {v:g}" for k, v in (c.get("lr") or {}).items() if isinstance(v, float))
+            how = (c.get("lr") or {}).get("selected_on", "")
+            drows.append(f"{c['dataset']}, {c['condition']}: learning rates {lr or '–'} ({how}); "
+                         f"p(effect ≤ 0) Holm {_fmt(c.get('p_for_holm'))}, p(effect ≥ claimed) Holm "
+                         f"{_fmt(c.get('p_against_holm'))}; resampled: {c.get('resampled', '–')}")
             for d in c["details"]:
-                drows.append(" · ".join([str(c["condition"])] + [f"{k}={_fmt(v) if isinstance(v, float) else v}"
-                                                                 for k, v in d.items()]))
+                drows.append(" · ".join([f"{c['dataset']}, {c['condition']}"] + [
+                    f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in d.items()]))
         details.append({"claim": r["claim"], "verdict": r["verdict"], "evidence": r["evidence"], "rows": drows})
-    section = {"kind": "claims", "name": name, "mode": str(p.get("mode")), "rows": rows, "effects_img": effects_img,
-               "plots": _claim_detail_plots(results, p, get, figs, name), "details": details}
-    summary = [{k: r[k] for k in ("key", "claim", "verdict", "condition", "unit", "evidence")}
-               | {"conditions": [{k: c[k] for k in ("condition", "mean", "std", "ci_low", "ci_high", "n", "verdict",
-                                                      "effects")} for c in r["conditions"]]} for r in results]
-    return section, {"claims": summary}
+    section = {"kind": "claims", "name": name, "mode": str(mode), "rows": rows, "effects_img": effects_img,
+               "plots": _claim_detail_plots(results, mode, datasets, get, figs, name), "details": details}
+    from .commands import claims_payload
+
+    return section, {"claims": claims_payload(results, mode, float("nan"))["claims"]}
 
 
-def _claim_detail_plots(results, p, get, figs, name) -> list[dict]:
-    """Gradient norms per layer at init (claim 'gradients') and ICS over training (claim 'ics');
-    ``get(cfg)`` returns a stored run. Returns ``[{"title", "img"}]``."""
+def _claim_detail_plots(results, mode, datasets, get, figs, name) -> list[dict]:
+    """Gradient norms per layer at init (claim 'gradients') and ICS over training (claim 'ics'), seed 0 of
+    the first dataset; ``get(cfg)`` returns a stored run. Returns ``[{"title", "img"}]``."""
     from .claims import _select
 
     parts = []
-    mode, ds = p.get("mode", "quick"), p.get("dataset", "mnist1d")
+    ds = datasets[0]
     keys = {r["key"] for r in results}
     if "gradients" in keys:
         claim = _select(["gradients"])[0]
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
         for ax, cond in zip(axes, claim.conditions(mode, ds)):
-            for norm, cfgs in cond.arms(0).items():
-                run = get(cfgs[0])
+            for norm, cfgs in cond.arms.items():
+                run = get(cfgs[0].replace(seed=0))
                 if run and run["init"].get("grad_norms"):
                     ax.semilogy(run["init"]["grad_norms"], color=_color(norm), label=_label(norm))
             ax.set_xlabel("layer (input → output)")
             ax.set_ylabel("gradient norm at init")
-            ax.set_title(cond.name, fontsize=9)
+            ax.set_title(f"{ds}: {cond.name}", fontsize=9)
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-        parts.append({"title": "Gradient norm per layer at initialization (seed 0)",
+        parts.append({"title": f"Gradient norm per layer at initialization ({ds}, seed 0)",
                       "img": figs.save(fig, f"{name}-gradients")})
     if "ics" in keys:
         claim = _select(["ics"])[0]
         cond = claim.conditions(mode, ds)[0]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-        for norm, cfgs in cond.arms(0).items():
-            run = get(cfgs[0])
+        for norm, cfgs in cond.arms.items():
+            run = get(cfgs[0].replace(seed=0))
             if not run or not run["curves"].get("ics_step"):
                 continue
             c = run["curves"]
-            axes[0].plot(c["ics_step"], [np.nanmean(v) for v in c["ics_rel"]], color=_color(norm), label=_label(norm))
-            axes[1].plot(c["ics_step"], [np.nanmean(v) for v in c["ics_cos"]], color=_color(norm), label=_label(norm))
+            axes[0].plot(c["ics_step"], [np.nanmean(v[1:]) for v in c["ics_rel"]], color=_color(norm),
+                         label=_label(norm))
+            axes[1].plot(c["ics_step"], [np.nanmean(v[1:]) for v in c["ics_cos"]], color=_color(norm),
+                         label=_label(norm))
             if c.get("beta"):
                 axes[2].semilogy(c["smooth_step"], c["beta"], color=_color(norm), label=_label(norm))
-        for ax, t in zip(axes, ("ICS ||G−G'||/||G|| (mean over layers)", "cos(G, G')", "effective β-smoothness")):
+        for ax, t, y in zip(axes, ("ICS (mean over layers 2..L)", "cos(G, G')", "effective β-smoothness"),
+                            ("||G−G'|| / ||G||", "cosine", "β along the update")):
             ax.set_title(t, fontsize=9)
             ax.set_xlabel("training step")
+            ax.set_ylabel(y)
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-        parts.append({"title": "Internal covariate shift and smoothness during training (seed 0)",
+        parts.append({"title": f"Internal covariate shift and smoothness during training ({ds}, seed 0)",
                       "img": figs.save(fig, f"{name}-ics")})
     return parts
 

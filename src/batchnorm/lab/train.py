@@ -1,12 +1,20 @@
 """One training loop for every lab experiment.
 
 ``train(RunConfig(...))`` is deterministic for a given configuration (seeded model init and batch order),
-evaluates every ``eval_every`` steps, runs the requested probes, and ends a run whose loss turns
-non-finite or blows up (``> blowup * initial loss``) as ``diverged`` instead of raising.
+evaluates every ``eval_every`` steps (``steps / EVALS`` by default: steps-to-target has that resolution),
+runs the requested probes, and ends a run whose loss turns non-finite or blows up
+(``> blowup * initial loss``) as ``diverged`` instead of raising.
+
+The reported test accuracy is the one **at the best validation checkpoint** (the weights of the
+evaluation with the highest validation accuracy, restored at the end and evaluated on the whole test
+set); the test set never selects anything. Which test examples that checkpoint gets right is stored
+too (``result["test_correct"]``, packed bits), so that the lab's bootstrap can resample test examples.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
 import dataclasses
 import hashlib
 import json
@@ -27,8 +35,11 @@ __all__ = ["RunConfig", "config_hash", "config_key", "evaluate", "resolve_data",
            "with_recipe"]
 
 # lab-2: the run key includes the data identity (``data_id``); runs of lab-1 stores are not reused
-LAB_VERSION = "lab-2"
+# lab-3: the test accuracy is taken at the best validation checkpoint, 40 evaluations per run
+LAB_VERSION = "lab-3"
 EVAL_SUBSET = 2000  # examples of val/test used for the intermediate points of the curves
+EVALS = 40  # evaluations per run when ``eval_every`` is not given
+PROBE_EVERY = 4  # the ICS and smoothness probes (a few extra passes per layer) run at every 4th evaluation
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class RunConfig:
     seed: int = 0
     eval_every: int | None = None
     momentum: float = 0.9
+    schedule: str = "constant"  # learning-rate schedule: constant | cosine (to 0 over the run's steps)
     weight_decay: float = 0.0
     weight_scale: float = 1.0
     model_kw: tuple = ()  # sorted (key, value) pairs, hashable
@@ -106,7 +118,7 @@ def with_recipe(cfg: RunConfig) -> RunConfig:
         lr=cfg.lr if cfg.lr is not None else r.lr,
         batch_size=cfg.batch_size or r.batch_size,
         steps=steps,
-        eval_every=cfg.eval_every or max(1, steps // 20),
+        eval_every=cfg.eval_every or max(1, steps // EVALS),
         norm=norm_name(cfg.norm),
     )
 
@@ -161,21 +173,40 @@ def _optimizer(name: str, params, lr: float, momentum: float, weight_decay: floa
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) in eval mode; non-finite logits count as wrong."""
+def evaluate_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      batch: int = 250) -> tuple[np.ndarray, float]:
+    """(which examples are right, as a bool array; mean cross-entropy) in eval mode; non-finite logits
+    count as wrong."""
     was = model.training
     model.eval()
-    correct = 0
+    right = []
     loss = 0.0
     for i in range(0, len(y), batch):
         out = model(x[i : i + batch])
         yb = y[i : i + batch]
         ok = torch.isfinite(out).all(dim=1)
-        correct += int(((out.argmax(1) == yb) & ok).sum())
+        right.append(((out.argmax(1) == yb) & ok).numpy())
         loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
     model.train(was)
     n = max(1, len(y))
-    return correct / n, loss / n
+    return (np.concatenate(right) if right else np.zeros(0, dtype=bool)), loss / n
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) in eval mode; non-finite logits count as wrong."""
+    right, loss = evaluate_examples(model, x, y, batch)
+    return float(right.sum()) / max(1, len(y)), loss
+
+
+def pack_correct(right: np.ndarray) -> str:
+    """Per-example correctness as stored in a run: base64 of the packed bits."""
+    return base64.b64encode(np.packbits(right.astype(bool)).tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_correct` for ``n`` examples (float32 0/1, ready for weighted sums)."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n]
+    return bits.astype(np.float32)
 
 
 def _t(a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
@@ -205,6 +236,8 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         norm_kw=dict(cfg.norm_kw), **dict(cfg.model_kw)
     )
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose constant or cosine")
     xtr, ytr = _t(data.x_train), _t(data.y_train, torch.int64)
     xva, yva = _t(data.x_val), _t(data.y_val, torch.int64)
     xte, yte = _t(data.x_test), _t(data.y_test, torch.int64)
@@ -248,11 +281,18 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
             pre.remove()
             pre = PreactivationProbe_or_none(model, cfg)
 
+    best: dict = {"val": -1.0, "step": 0, "state": None, "train_acc": float("nan")}
+
     def record(step: int, window_losses: list[float], final: bool = False):
-        # intermediate points on fixed subsets (speed on 10k-image test sets), the final one on everything
+        # intermediate points on fixed subsets (speed on 10k-image test sets), the final one on everything;
+        # the validation subset is the same at every evaluation, so checkpoints compare like with like
         n_eval = None if final else EVAL_SUBSET
         tr_acc, _ = evaluate(model, xtr[:n_train_eval], ytr[:n_train_eval])
-        va_acc, va_loss = evaluate(model, xva[:n_eval], yva[:n_eval]) if len(yva) else (float("nan"), float("nan"))
+        va_acc, va_loss = (evaluate(model, xva[:EVAL_SUBSET], yva[:EVAL_SUBSET]) if len(yva)
+                           else (float("nan"), float("nan")))
+        if (not len(yva) and final) or va_acc > best["val"]:
+            best.update(val=va_acc, step=step, train_acc=tr_acc,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
         def test_eval():
             return evaluate(model, xte[:n_eval], yte[:n_eval])
 
@@ -305,15 +345,21 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         is_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if is_eval and "grad_norms" in want:
             curves["grad_norms"].append(P.grad_norms(model))
-        before = {k: p.detach().clone() for k, p in model.named_parameters()} if is_eval and "ics" in want else None
-        if is_eval and "smoothness" in want:
-            s = P.smoothness(model, xb, yb)
+        probing = (is_eval and ("ics" in want or "smoothness" in want)
+                   and ((step // cfg.eval_every) % PROBE_EVERY == 0 or step == cfg.steps))
+        before = {k: p.detach().clone() for k, p in model.named_parameters()} if probing else None
+        if cfg.schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - 1) / max(1, cfg.steps)))
+        opt.step()
+        window.append(lv)
+        if before is not None and "smoothness" in want:
+            delta = {k: p.detach() - before[k] for k, p in model.named_parameters()}
+            s = P.smoothness(model, xb, yb, base=before, direction=delta)
             curves["smooth_step"].append(step)
             curves["loss_range"].append(s["loss_range"])
             curves["beta"].append(s["beta"])
-        opt.step()
-        window.append(lv)
-        if before is not None:
+        if before is not None and "ics" in want:
             m = P.ics_measure(model, before, xb, yb)
             curves["ics_step"].append(step)
             for k2 in ("ics_diff", "ics_rel", "ics_cos"):
@@ -325,17 +371,28 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         record(step, window, final=True)
     if pre:
         pre.remove()
+    seconds = time.perf_counter() - t0
+    final_test = curves["test_acc"][-1]
+    if best["state"] is not None:  # the best validation checkpoint, evaluated on the whole test set
+        model.load_state_dict(best["state"])
+    right, te_loss = evaluate_examples(model, xte, yte)
     extra = {}
     if "inference" in want:
         extra["batch_stat_accuracy"] = batch_stat_accuracy(model, xte, yte)
-    seconds = time.perf_counter() - t0
+    if "recalibrate" in want:
+        extra.update(recalibrated_accuracy(model, xtr, xte, yte))
     result = {
-        "test_accuracy": curves["test_acc"][-1],
-        "test_loss": _finite_or_none(curves["test_loss"][-1]),
-        "val_accuracy": curves["val_acc"][-1],
-        "train_accuracy": curves["train_acc"][-1],
+        "test_accuracy": float(right.mean()) if len(right) else float("nan"),
+        "test_correct": pack_correct(right),
+        "test_examples": int(len(right)),
+        "test_loss": _finite_or_none(te_loss),
+        "best_step": best["step"],
+        "final_test_accuracy": final_test,
+        "val_accuracy": best["val"] if len(yva) else None,
+        "train_accuracy": best["train_acc"],
         "train_loss": _finite_or_none(curves["train_loss"][-1]),
         "best_val_accuracy": float(np.nanmax(curves["val_acc"])) if len(yva) else None,
+        "eval_every": cfg.eval_every,
         "steps": step,
         "diverged": diverged,
         "diverged_at": diverged_at,
@@ -360,8 +417,6 @@ def _arrays_identity(data: Dataset) -> str:
 def batch_stat_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sizes=(4, 16, 1000)) -> dict:
     """Test accuracy when each test batch is normalized by its own statistics (train-mode BN, on a copy
     so the running statistics are untouched), for several test batch sizes."""
-    import copy
-
     out = {}
     for size in sizes:
         m = copy.deepcopy(model).train()
@@ -373,6 +428,18 @@ def batch_stat_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, size
             total += size
         out[str(size)] = correct / max(1, total)
     return out
+
+
+@torch.no_grad()
+def recalibrated_accuracy(model: nn.Module, xtr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor) -> dict:
+    """Test accuracy with the BN layers' running statistics replaced by the exact population statistics of
+    the training set (:func:`batchnorm.tools.recalibrate`, on a copy; batches of 500)."""
+    from ..tools import recalibrate
+
+    m = copy.deepcopy(model).train()
+    recalibrate(m, [xtr[i : i + 500] for i in range(0, len(xtr), 500)])
+    right, _ = evaluate_examples(m, xte, yte)
+    return {"recalibrated_test_accuracy": float(right.mean()), "recalibrated_test_correct": pack_correct(right)}
 
 
 def _finite_or_none(v):
