@@ -145,3 +145,25 @@ def test_test_accuracy_is_taken_at_the_best_validation_checkpoint():
     assert r["final_test_accuracy"] == c["test_acc"][-1]
     stopped = train(cfg.replace(steps=max(best, 1), eval_every=4))
     assert stopped["result"]["test_correct"] == r["test_correct"] or best == 0
+
+
+def test_batch_stat_accuracy_equals_separate_test_batches():
+    """The one-pass version (ghost batches) gives exactly the accuracy of normalizing each test batch
+    separately with its own statistics; dropout stays off."""
+    import copy
+
+    from batchnorm.lab.models import build_model
+    from batchnorm.lab.train import batch_stat_accuracy
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 40), 10, norm="batchnorm", dropout=0.5)
+    x, y = torch.randn(203, 1, 40), torch.randint(0, 10, (203,))
+    got = batch_stat_accuracy(model, x, y, sizes=(4, 16, 100))
+    for size in (4, 16, 100):
+        m = copy.deepcopy(model).eval()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._NormBase):
+                mod.train()
+        n = (len(y) // size) * size
+        right = sum(int((m(x[i:i + size]).argmax(1) == y[i:i + size]).sum()) for i in range(0, n, size))
+        assert got[str(size)] == right / n
