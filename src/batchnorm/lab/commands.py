@@ -96,15 +96,48 @@ def _list_of(item, what: str):
     return parse
 
 
+def _did_you_mean(name: str, choices) -> str:
+    from difflib import get_close_matches
+
+    near = get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def _model(name: str) -> str:
-    if name not in MODELS:
-        raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    """A zoo model, or your factory as ``module:function`` (it must import)."""
+    if name in MODELS:
+        return name
+    if ":" not in name:
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}{_did_you_mean(name, MODELS)}; choose from "
+                                         f"{', '.join(MODELS)}, or give your model factory as module:function")
+    from .byo import ModelError, resolve_factory
+
+    try:
+        resolve_factory(name)
+    except ModelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
+
+
+def _builtin_dataset(name: str) -> str:
+    if name not in DATASETS:
+        raise argparse.ArgumentTypeError(f"unknown dataset {name!r}{_did_you_mean(name, DATASETS)}; choose from "
+                                         f"{', '.join(DATASETS)}")
     return name
 
 
 def _dataset(name: str) -> str:
-    if name not in DATASETS:
-        raise argparse.ArgumentTypeError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    """A built-in dataset, or your own: a .npz or .csv file, or an ImageFolder directory."""
+    if name in DATASETS:
+        return name
+    from .byo import dataset_kind
+
+    kind = dataset_kind(name)
+    if kind is None or not Path(name).exists():
+        what = f"no such file {name!r}" if kind in ("npz", "csv") else f"unknown dataset {name!r}"
+        near = _did_you_mean(name, DATASETS) if kind is None else ""
+        raise argparse.ArgumentTypeError(f"{what}{near}; choose from {', '.join(DATASETS)}, or give your own data "
+                                         "as a .npz file, a .csv file or an ImageFolder directory")
     return name
 
 
@@ -219,14 +252,24 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (>= 1)")
 
 
+def _add_dataset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist1d", type=_dataset, metavar="DATASET",
+                   help=f"one of {', '.join(DATASETS)}; or your own data: a .npz file (x_train, y_train, optional "
+                        "x_val, y_val, x_test, y_test), a .csv file (with --label) or an ImageFolder directory")
+    p.add_argument("--task", default="classification", choices=["classification", "regression"],
+                   help="your own data: classification (cross-entropy) or regression (MSE)")
+    p.add_argument("--label", default=None, help="CSV data: the label column (default: label, target, y or class)")
+
+
 def register(subparsers) -> None:
     models = ", ".join(MODELS)
     datasets = ", ".join(DATASETS)
 
     p = subparsers.add_parser("train", help="train one model (with or without BN) and store the run",
                               description=f"Models: {models}. Datasets: {datasets}.")
-    p.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
-    p.add_argument("--model", default="mlp", choices=list(MODELS))
+    _add_dataset(p)
+    p.add_argument("--model", default="mlp", type=_model, metavar="MODEL",
+                   help=f"one of {models}, or your factory as module:function")
     p.add_argument("--norm", type=_norm, default="batchnorm",
                    help="none | batchnorm | ghost | renorm | frozen | module:Class (any layer class)")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (> 0)")
@@ -242,9 +285,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("compare", help="the same model with and without BN over learning rates and seeds")
-    p.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
+    _add_dataset(p)
     p.add_argument("--model", type=_list_of(_model, "models"), default=["mlp"],
-                   help=f"one or more (comma separated) of: {models}")
+                   help=f"one or more (comma separated) of: {models}; or your factory as module:function")
     p.add_argument("--norms", type=_list_of(_norm, "norms"), default=["none", "batchnorm"],
                    help="comma list of norms (default none,batchnorm)")
     p.add_argument("--lrs", type=_list_of(_positive_float, "learning rates"), default=None,
@@ -259,7 +302,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser("figure1", help="Ioffe & Szegedy Figure 1: paper-mlp with/without BN, percentiles")
-    p.add_argument("--dataset", default="mnist1d", choices=list(DATASETS))
+    p.add_argument("--dataset", default="mnist1d", type=_builtin_dataset, metavar="DATASET",
+                   help=f"one of {datasets}")
     p.add_argument("--steps", type=_positive_int, default=3000, help="training steps (>= 1)")
     p.add_argument("--seed", type=_seed, default=0, help=f"0..{MAX_SEED}")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (> 0)")
@@ -275,7 +319,7 @@ def register(subparsers) -> None:
                    help="10 seeds, every condition, longer and deeper (hours)")
     g.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="smoke test (seconds)")
     p.set_defaults(mode="quick")
-    p.add_argument("--dataset", type=_list_of(_dataset, "datasets"), default=["mnist1d", "fashion-mnist"],
+    p.add_argument("--dataset", type=_list_of(_builtin_dataset, "datasets"), default=["mnist1d", "fashion-mnist"],
                    help="comma list of datasets (default mnist1d,fashion-mnist)")
     p.add_argument("--only", type=_claim_keys, default=None, help="comma list of claim keys")
     _add_common(p)
@@ -330,6 +374,36 @@ def _data_id(args, dataset: str) -> str:
 
     _check_dataset(args, dataset)
     return data_identity(dataset, args.data_dir)
+
+
+def _data_fields(args) -> dict:
+    """RunConfig fields for ``--dataset`` (a built-in name, or the user's file with --task/--label)."""
+    task = getattr(args, "task", "classification")
+    label = getattr(args, "label", None)
+    if args.dataset in DATASETS:
+        if task != "classification":
+            raise UsageError(f"--task {task} needs your own data (--dataset data.npz or data.csv); the built-in "
+                             "datasets are classification")
+        if label is not None:
+            raise UsageError("--label names the label column of a .csv dataset; give --dataset data.csv")
+        return {"dataset": args.dataset}
+    from .byo import dataset_kind
+
+    kind = dataset_kind(args.dataset)
+    if args.data_dir:
+        raise UsageError(f"--data-dir is for the built-in IDX datasets; your data is --dataset {args.dataset} alone")
+    if label is not None and kind != "csv":
+        raise UsageError(f"--label names the label column of a .csv dataset; {args.dataset} is {kind} data")
+    return {"dataset": kind, "data_dir": str(Path(args.dataset).resolve()), "task": task,
+            "data_kw": {"label": label} if label else {}}
+
+
+def _dataset_label(args) -> str:
+    return args.dataset if args.dataset in DATASETS else Path(args.dataset).stem or "data"
+
+
+def _model_label(model: str) -> str:
+    return model.rpartition(":")[2].replace(".", "-") if ":" in model else model
 
 
 def _run(args, configs, console: Console, title: str) -> list[dict]:
@@ -438,9 +512,10 @@ def cmd_train(args) -> int:
     if args.skipinit:
         model_kw["skipinit"] = True
     norm_kw = {"virtual_batch_size": args.virtual_batch_size} if args.virtual_batch_size else {}
-    cfg = RunConfig(dataset=args.dataset, model=args.model, optimizer=args.optimizer, lr=args.lr,
+    cfg = RunConfig(model=args.model, optimizer=args.optimizer, lr=args.lr,
                     batch_size=args.batch_size, steps=args.steps, seed=args.seed, eval_every=args.eval_every,
-                    probes=tuple(args.probes)).replace(norm=args.norm, model_kw=model_kw, norm_kw=norm_kw)
+                    probes=tuple(args.probes)).replace(norm=args.norm, model_kw=model_kw, norm_kw=norm_kw,
+                                                       **_data_fields(args))
     t0 = time.perf_counter()
     h = config_hash(_resolved(args, [cfg])[0])
     with open_store(args.out, args.store, check=True) as store:
@@ -448,7 +523,7 @@ def cmd_train(args) -> int:
     args.workers = 1
     run = _run(args, [cfg], console, "train")[0]
     res = run["result"]
-    table = Table(title=escape(f"{cfg.dataset} / {cfg.model} / {cfg.norm}"))
+    table = Table(title=escape(f"{_dataset_label(args)} / {cfg.model} / {cfg.norm}"))
     for col in ("test acc", "val acc", "train acc", "train loss", "steps", "diverged", "seconds"):
         table.add_column(col)
     table.add_row(_pct(res["test_accuracy"]), _pct(res["val_accuracy"]), _pct(res["train_accuracy"]),
@@ -463,13 +538,18 @@ def cmd_train(args) -> int:
         "train_accuracy": res["train_accuracy"], "hash": h, "reused": reused,
         "wall_seconds": time.perf_counter() - t0, "config": run["config"],
     }
+    if res.get("task") == "regression":  # the accuracy fields hold R²
+        payload.update(task="regression", test_r2=res["test_r2"], test_mse=res["test_mse"])
     return _finish(args, console, payload, rebuild=False)
 
 
 def compare_configs(dataset, models, norms, lrs, seeds, steps=None, optimizer=None, batch_size=None,
-                    eval_every=None, probes=(), batch_sizes=None):
+                    eval_every=None, probes=(), batch_sizes=None, data: dict | None = None):
+    """The runs of a comparison; ``data`` holds RunConfig fields of a user's dataset (``dataset``,
+    ``data_dir``, ``task``, ``data_kw``) and replaces ``dataset`` when given."""
     from .train import RunConfig
 
+    data = data or {"dataset": dataset}
     cfgs = []
     for model in models:
         from .models import recipe
@@ -478,9 +558,9 @@ def compare_configs(dataset, models, norms, lrs, seeds, steps=None, optimizer=No
             for lr in lrs or [recipe(model).lr]:
                 for bs in batch_sizes or [batch_size or recipe(model).batch_size]:
                     for seed in seeds:
-                        cfgs.append(RunConfig(dataset=dataset, model=model, lr=lr, seed=seed, steps=steps,
+                        cfgs.append(RunConfig(model=model, lr=lr, seed=seed, steps=steps,
                                               optimizer=optimizer, batch_size=bs, eval_every=eval_every,
-                                              probes=tuple(probes)).replace(norm=norm))
+                                              probes=tuple(probes)).replace(norm=norm, **data))
     return cfgs
 
 
@@ -529,8 +609,9 @@ def cmd_compare(args) -> int:
     lrs = list(dict.fromkeys(args.lrs)) if args.lrs else None
     seeds = list(dict.fromkeys(args.seeds))
     batch_sizes = list(dict.fromkeys(args.batch_sizes)) if args.batch_sizes else None
+    data = _data_fields(args)
     cfgs = compare_configs(args.dataset, models, norms, lrs, seeds, args.steps, args.optimizer, args.batch_size,
-                           args.eval_every, batch_sizes=batch_sizes)
+                           args.eval_every, batch_sizes=batch_sizes, data=data)
     runs = _run(args, cfgs, console, "compare")
     target = args.target if args.target is not None else _default_target(args.dataset, models)
     tab = compare_table(runs, target)
@@ -538,8 +619,11 @@ def cmd_compare(args) -> int:
     params = {"dataset": args.dataset, "models": models, "norms": norms, "lrs": lrs, "batch_sizes": batch_sizes,
               "seeds": seeds, "target": target, "steps": args.steps, "optimizer": args.optimizer,
               "batch_size": args.batch_size, "eval_every": args.eval_every, "limit": args.limit,
-              "data_id": _data_id(args, args.dataset)}
-    name = experiment_name("compare", "-".join(models) + f"-{args.dataset}", params)
+              "data_id": runs[0]["config"]["data_id"] if runs else None}
+    if args.dataset not in DATASETS:  # your own data and models: their identities and the task
+        params.update(task=data["task"], data_kw=data["data_kw"],
+                      model_ids=sorted({r["config"].get("model_id") for r in runs if r["config"].get("model_id")}))
+    name = experiment_name("compare", "-".join(map(_model_label, models)) + f"-{_dataset_label(args)}", params)
     with open_store(args.out, args.store) as store:
         store.put_experiment(name, "compare", params, [r["hash"] for r in runs])
     return _finish(args, console, {"rows": tab["rows"], "summary": tab["summary"], "target": target})

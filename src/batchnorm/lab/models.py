@@ -473,13 +473,25 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], ModelRecipe]] = {
 }
 
 
+#: The recipe of a user's model (``module:function``) when the command line gives none.
+USER_RECIPE = ModelRecipe("adam", 1e-3, 64, 1000, "your model: Adam lr 1e-3, batch 64, 1000 steps")
+
+
 def recipe(model: str) -> ModelRecipe:
+    if ":" in model and model not in MODELS:
+        return USER_RECIPE
     return MODELS[model][1]
 
 
 def build_model(name: str, input_shape, num_classes: int, norm="none", weight_scale: float = 1.0,
                 **kw) -> nn.Module:
     """Build a zoo model; ``weight_scale`` multiplies every Linear/Conv weight after initialization."""
+    if ":" in name and name not in MODELS:  # a user's factory, module:function
+        from .byo import build_user_model
+
+        model = build_user_model(name, input_shape, num_classes, norm=norm_name(norm), norm_kw=kw.get("norm_kw"))
+        _scale_weights(model, weight_scale)
+        return model
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     model = MODELS[name][0](tuple(input_shape), num_classes, norm=resolve_norm(norm), **kw)

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from . import probes as P
+from .byo import FILE_KINDS, ModelError, is_user_model, load_user_data, model_identity, user_data_identity
 from .data import Dataset, load_dataset
 from .models import build_model, norm_name, recipe
 
-__all__ = ["RunConfig", "config_hash", "config_key", "evaluate", "resolve_data", "train", "with_data",
+__all__ = ["RunConfig", "config_hash", "config_key", "evaluate", "load_data", "resolve_data", "train", "with_data",
            "with_recipe"]
 
 # lab-2: the run key includes the data identity (``data_id``); runs of lab-1 stores are not reused
@@ -64,13 +65,16 @@ class RunConfig:
     data_limit: int | None = None
     data_dir: str | None = None  # where to look for the files: not part of the key
     data_id: str | None = None  # identity of the data (``data.data_identity``): part of the key
+    task: str = "classification"  # or "regression" (MSE); key only when not the default
+    data_kw: tuple = ()  # options of a user's dataset file (``label`` column of a CSV)
+    model_id: str | None = None  # identity of a user's model factory (``byo.model_identity``): part of the key
     probes: tuple = ()
     probe_layer: int = -1
     probe_unit: int = 0
     blowup: float = 20.0
 
     def __post_init__(self):
-        for k in ("model_kw", "norm_kw"):
+        for k in ("model_kw", "norm_kw", "data_kw"):
             v = getattr(self, k)
             if isinstance(v, dict):
                 object.__setattr__(self, k, tuple(sorted(v.items())))
@@ -83,6 +87,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["model_kw"] = dict(self.model_kw)
         d["norm_kw"] = dict(self.norm_kw)
+        d["data_kw"] = dict(self.data_kw)
         d["probes"] = list(self.probes)
         return d
 
@@ -91,12 +96,13 @@ class RunConfig:
         d = dict(d)
         d["model_kw"] = tuple(sorted(dict(d.get("model_kw") or {}).items()))
         d["norm_kw"] = tuple(sorted(dict(d.get("norm_kw") or {}).items()))
+        d["data_kw"] = tuple(sorted(dict(d.get("data_kw") or {}).items()))
         d["probes"] = tuple(d.get("probes") or ())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def replace(self, **kw) -> RunConfig:
-        for k in ("model_kw", "norm_kw"):
+        for k in ("model_kw", "norm_kw", "data_kw"):
             if k in kw and isinstance(kw[k], dict):
                 kw[k] = tuple(sorted(kw[k].items()))
         if "norm" in kw:
@@ -134,11 +140,31 @@ def with_data(cfg: RunConfig, limit: int | None = None, data_dir: str | None = N
 def resolve_data(cfg: RunConfig) -> RunConfig:
     """``cfg`` with ``data_id`` set to the identity of its data as found now (loads and checks the data,
     memoized per process; raises ``DataUnavailable``/``DataError`` for missing or wrong files)."""
-    if cfg.data_id is not None:
-        return cfg
+    if cfg.data_id is None:
+        cfg = dataclasses.replace(cfg, data_id=_data_identity(cfg))
+    if cfg.model_id is None and is_user_model(cfg.model):
+        cfg = dataclasses.replace(cfg, model_id=model_identity(cfg.model))
+    return cfg
+
+
+def _data_identity(cfg: RunConfig) -> str:
     from .data import data_identity
 
-    return dataclasses.replace(cfg, data_id=data_identity(cfg.dataset, cfg.data_dir))
+    if cfg.dataset in FILE_KINDS:
+        if not cfg.data_dir:
+            raise ValueError(f"dataset {cfg.dataset!r} needs the file's path as data_dir")
+        return user_data_identity(cfg.dataset, cfg.data_dir, cfg.task, dict(cfg.data_kw).get("label"))
+    return data_identity(cfg.dataset, cfg.data_dir)
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    """The dataset ``cfg`` names: a built-in one or the user's file (``cfg.data_dir``)."""
+    if cfg.dataset in FILE_KINDS:
+        return load_user_data(cfg.dataset, cfg.data_dir or "", cfg.task, dict(cfg.data_kw).get("label"),
+                              limit=cfg.data_limit)
+    if cfg.task != "classification":
+        raise ValueError(f"task {cfg.task!r} needs your own dataset file; the built-in datasets are classification")
+    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.data_limit)
 
 
 def config_key(cfg: RunConfig) -> str:
@@ -146,16 +172,25 @@ def config_key(cfg: RunConfig) -> str:
     full = with_recipe(cfg).to_dict()
     full.pop("data_dir", None)  # where the files live does not change the run
     full.pop("data_id", None)
+    full.pop("model_id", None)  # in the key beside the configuration (config_hash)
+    if full.get("task") == "classification":  # keys of runs from before these fields existed stay the same
+        full.pop("task")
+    if not full.get("data_kw"):
+        full.pop("data_kw", None)
     return json.dumps({"v": LAB_VERSION, **full}, sort_keys=True, default=str)
 
 
 def config_hash(cfg: RunConfig) -> str:
     """The run's key: SHA-256 over the configuration (:func:`config_key`) and the identity of its data.
 
-    A configuration without ``data_id`` gets the identity of the data it names as found now
+    A user's model (``module:qualname``) adds its factory's identity (``model_id``: the name and the SHA-256
+    of its source file). A configuration without ``data_id`` gets the identity of the data it names as found now
     (:func:`resolve_data`): the same configuration on other data is another run."""
-    data_id = resolve_data(cfg).data_id
-    blob = json.dumps({"config": config_key(cfg), "data": data_id})
+    cfg = resolve_data(cfg)
+    key = {"config": config_key(cfg), "data": cfg.data_id}
+    if cfg.model_id is not None:  # a user's model: its factory's identity (name and source digest)
+        key["model"] = cfg.model_id
+    blob = json.dumps(key)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -192,6 +227,42 @@ def evaluate_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return (np.concatenate(right) if right else np.zeros(0, dtype=bool)), loss / n
 
 
+@torch.no_grad()
+def evaluate_regression(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[float, float]:
+    """(R², mean squared error) in eval mode. R² = 1 - SSE / SST over the examples given (1: perfect, 0: as good
+    as predicting their mean); non-finite outputs give R² = -inf."""
+    was = model.training
+    model.eval()
+    sse = 0.0
+    for i in range(0, len(y), batch):
+        out = _as_target(model(x[i : i + batch]), y[i : i + batch])
+        sse += float(((out - y[i : i + batch]) ** 2).sum())
+    model.train(was)
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    sst = float(((y - y.mean(0)) ** 2).sum())
+    mse = sse / y.numel()
+    if not math.isfinite(sse):
+        return float("-inf"), float("inf")
+    return (1.0 - sse / sst if sst > 0 else float("nan")), mse
+
+
+def _as_target(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A regression model's output shaped like its targets ((N, 1) outputs for (N,) targets)."""
+    if out.dim() == y.dim() + 1 and out.shape[-1] == 1:
+        return out.squeeze(-1)
+    return out
+
+
+def loss_function(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if task == "regression":
+        return lambda out, y: nn.functional.mse_loss(_as_target(out, y), y)
+    if task != "classification":
+        raise ValueError(f"unknown task {task!r}; choose classification or regression")
+    return nn.functional.cross_entropy
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) in eval mode; non-finite logits count as wrong."""
     right, loss = evaluate_examples(model, x, y, batch)
@@ -221,7 +292,13 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     """
     cfg = with_recipe(cfg)
     t0 = time.perf_counter()
-    data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.data_limit)
+    data = data or load_data(cfg)
+    if is_user_model(cfg.model):
+        mid = model_identity(cfg.model)
+        if cfg.model_id is not None and mid != cfg.model_id:
+            raise ModelError(f"the model {cfg.model} changed: the run was planned with {cfg.model_id}, its source "
+                             f"now is {mid}; run the command again")
+        cfg = dataclasses.replace(cfg, model_id=mid)
     found = data.info.get("data_id") or _arrays_identity(data)
     if cfg.data_id is not None and found is not None and found != cfg.data_id:
         from .data import DataError
@@ -238,9 +315,13 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     if cfg.schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; choose constant or cosine")
-    xtr, ytr = _t(data.x_train), _t(data.y_train, torch.int64)
-    xva, yva = _t(data.x_val), _t(data.y_val, torch.int64)
-    xte, yte = _t(data.x_test), _t(data.y_test, torch.int64)
+    regression = cfg.task == "regression"
+    loss_fn = loss_function(cfg.task)
+    ev = evaluate_regression if regression else evaluate  # regression: R² in the accuracy slots, MSE as loss
+    ydt = torch.float32 if regression else torch.int64
+    xtr, ytr = _t(data.x_train), _t(data.y_train, ydt)
+    xva, yva = _t(data.x_val), _t(data.y_val, ydt)
+    xte, yte = _t(data.x_test), _t(data.y_test, ydt)
     n_train_eval = min(len(ytr), 2000)
     gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     n = len(ytr)
@@ -264,7 +345,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     model.train()
     if "grad_norms" in want:
         k = min(500, n)
-        loss = nn.functional.cross_entropy(model(xtr[:k]), ytr[:k])
+        loss = loss_fn(model(xtr[:k]), ytr[:k])
         model.zero_grad()
         loss.backward()
         init["grad_norms"] = P.grad_norms(model)
@@ -281,20 +362,20 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
             pre.remove()
             pre = PreactivationProbe_or_none(model, cfg)
 
-    best: dict = {"val": -1.0, "step": 0, "state": None, "train_acc": float("nan")}
+    best: dict = {"val": float("-inf"), "step": 0, "state": None, "train_acc": float("nan")}
 
     def record(step: int, window_losses: list[float], final: bool = False):
         # intermediate points on fixed subsets (speed on 10k-image test sets), the final one on everything;
         # the validation subset is the same at every evaluation, so checkpoints compare like with like
         n_eval = None if final else EVAL_SUBSET
-        tr_acc, _ = evaluate(model, xtr[:n_train_eval], ytr[:n_train_eval])
-        va_acc, va_loss = (evaluate(model, xva[:EVAL_SUBSET], yva[:EVAL_SUBSET]) if len(yva)
+        tr_acc, _ = ev(model, xtr[:n_train_eval], ytr[:n_train_eval])
+        va_acc, va_loss = (ev(model, xva[:EVAL_SUBSET], yva[:EVAL_SUBSET]) if len(yva)
                            else (float("nan"), float("nan")))
         if (not len(yva) and final) or va_acc > best["val"]:
             best.update(val=va_acc, step=step, train_acc=tr_acc,
                         state={k: v.detach().clone() for k, v in model.state_dict().items()})
         def test_eval():
-            return evaluate(model, xte[:n_eval], yte[:n_eval])
+            return ev(model, xte[:n_eval], yte[:n_eval])
 
         if pre:  # the percentiles are taken during the test-set pass
             (te_acc, te_loss), pcts = pre.collect(test_eval)
@@ -332,7 +413,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         pos += bs
         xb, yb = xtr[idx], ytr[idx]
         out = model(xb)
-        loss = nn.functional.cross_entropy(out, yb)
+        loss = loss_fn(out, yb)
         lv = float(loss.detach())
         if first_loss is None:
             first_loss = lv
@@ -375,16 +456,21 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     final_test = curves["test_acc"][-1]
     if best["state"] is not None:  # the best validation checkpoint, evaluated on the whole test set
         model.load_state_dict(best["state"])
-    right, te_loss = evaluate_examples(model, xte, yte)
-    extra = {}
-    if "inference" in want:
-        extra["batch_stat_accuracy"] = batch_stat_accuracy(model, xte, yte)
-    if "recalibrate" in want:
-        extra.update(recalibrated_accuracy(model, xtr, xte, yte))
+    extra: dict = {}
+    if regression:  # R² (the "accuracy" of every table) and the MSE; no per-example correctness
+        te_r2, te_loss = evaluate_regression(model, xte, yte)
+        scores = {"test_accuracy": te_r2, "test_r2": te_r2, "test_mse": _finite_or_none(te_loss),
+                  "task": "regression", "test_examples": int(len(yte))}
+    else:
+        right, te_loss = evaluate_examples(model, xte, yte)
+        scores = {"test_accuracy": float(right.mean()) if len(right) else float("nan"),
+                  "test_correct": pack_correct(right), "test_examples": int(len(right))}
+        if "inference" in want:
+            extra["batch_stat_accuracy"] = batch_stat_accuracy(model, xte, yte)
+        if "recalibrate" in want:
+            extra.update(recalibrated_accuracy(model, xtr, xte, yte))
     result = {
-        "test_accuracy": float(right.mean()) if len(right) else float("nan"),
-        "test_correct": pack_correct(right),
-        "test_examples": int(len(right)),
+        **scores,
         "test_loss": _finite_or_none(te_loss),
         "best_step": best["step"],
         "final_test_accuracy": final_test,
