@@ -52,8 +52,8 @@ CASES = [
     (["train", "--seed", "-1"], 2, "argument --seed: -1 is out of range"),
     (["train", "--workers", "0"], 2, "argument --workers: 0 is out of range"),
     (["train", "--depth", "0"], 2, "argument --depth: 0 is out of range"),
-    (["train", "--model", "nope"], 2, "argument --model: invalid choice: 'nope'"),
-    (["train", "--dataset", "cifar"], 2, "argument --dataset: invalid choice: 'cifar'"),
+    (["train", "--model", "nope"], 2, "argument --model: unknown model 'nope'"),
+    (["train", "--dataset", "cifar"], 2, "argument --dataset: unknown dataset 'cifar'"),
     # ---- train: norms (issue 14)
     (["train", "--norm", "nosuchmod:X"], 2, "argument --norm: cannot import 'nosuchmod:X'"),
     (["train", "--norm", "evilnorm:<img src=x onerror=alert(2)>"], 2, "argument --norm: cannot import"),

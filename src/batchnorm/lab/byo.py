@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import marshal
 import os
 import sys
 from collections.abc import Callable
@@ -140,10 +141,11 @@ def model_identity(name: str) -> str:
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     else:
         try:
-            src = inspect.getsource(target)
-        except (OSError, TypeError):
-            src = repr(target)
-        digest = hashlib.sha256(src.encode()).hexdigest()
+            blob = inspect.getsource(target).encode()
+        except (OSError, TypeError):  # no source (e.g. typed into ``python -``): its compiled code
+            code = getattr(target, "__code__", None)
+            blob = marshal.dumps(code) if code is not None else repr(target).encode()
+        digest = hashlib.sha256(blob).hexdigest()
     return f"{name}@sha256:{digest[:16]}"
 
 
