@@ -1,7 +1,8 @@
 """The ``batchnorm`` command line.
 
-Each area of the package registers its own sub-commands (``register(subparsers)``):
-the lab (demo, train, compare, figure1, claims, report) and the benchmarks (bench).
+The arguments are parsed by :mod:`batchnorm_cli` without importing torch (so ``--help`` and usage errors
+are instant); :func:`run` then imports the command (the lab's in :mod:`batchnorm.lab.commands`, ``bench``
+in :mod:`batchnorm.bench`, which parses its own options) and runs it.
 
 Errors never show a traceback. Exit codes:
 
@@ -24,10 +25,7 @@ import os
 import sys
 import traceback
 
-__all__ = ["CommandError", "UsageError", "build_parser", "main"]
-
-# Modules that contribute sub-commands; each exposes ``register(subparsers)``.
-_COMMAND_MODULES = ("batchnorm.lab.commands", "batchnorm.bench")
+__all__ = ["CommandError", "UsageError", "build_parser", "main", "run"]
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -50,28 +48,11 @@ class UsageError(CommandError):
     code = EXIT_USAGE
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump): ``batchnorm train: error: argument --steps: ...``."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="batchnorm",
-        description="Batch normalization lab: train with and without BN, test the claims, benchmark kernels.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # an area not built yet must not break the others
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
-    return parser
+    """The ``batchnorm`` parser (:mod:`batchnorm_cli`: built without importing torch)."""
+    from batchnorm_cli import build_parser as _build
+
+    return _build()[0]
 
 
 def _error(message: str) -> None:
@@ -79,16 +60,39 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """The ``batchnorm`` command: :func:`batchnorm_cli.main` (parse, then :func:`run`)."""
+    from batchnorm_cli import main as _main
+
+    return _main(argv)
+
+
+def _bench_args(extra: list[str]) -> argparse.Namespace:
+    """``batchnorm bench``'s arguments, parsed by its own parser (it imports torch)."""
+    from batchnorm_cli import _Parser
+
+    from . import bench
+
+    parser = _Parser(prog="batchnorm")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    bench.register(sub)
+    return parser.parse_args(["bench", *extra])
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    """Run a parsed command: one ``error: ...`` line and an exit code for every failure (module docstring)."""
+    from batchnorm_cli import COMMANDS
+
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        return int(args.func(args) or 0)
+        if args.command == "bench":
+            try:
+                args = _bench_args(list(extra or ()))
+            except SystemExit as exc:
+                return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+            func = args.func
+        else:
+            module, name = COMMANDS[args.command]
+            func = getattr(importlib.import_module(module), name)
+        return int(func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; finished runs are stored and will be reused", file=sys.stderr)
         return 130
