@@ -86,6 +86,6 @@ def test_front_names_match_the_lab():
     assert front.CLAIM_KEYS == tuple(c.key for c in CLAIMS)
     import batchnorm.lab.commands as commands
 
-    for module, name in front.COMMANDS.values():
+    for _module, name in front.COMMANDS.values():
         if name:
             assert callable(getattr(commands, name))
