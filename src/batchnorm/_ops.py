@@ -300,6 +300,55 @@ def eager_entry(name: str, impl: Any, setup: Any, grad: Any, composite: Any) -> 
     return entry
 
 
+class _TrainLean(torch.autograd.Function):
+    """:data:`train` for the layers' common eager call (one group, no mask) on a backend with
+    ``train_lean``/``backward_lean`` (the cpu one), returning ``y`` only (see :func:`train_lean`):
+    the same kernels and gradients with fewer Python steps around them. The backward runs that
+    backend's ``backward_lean`` when the dispatcher still picks it, else the general formula
+    (:func:`_train_grad`, differentiable when the gradient must be) with the statistics as
+    tensors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, backend, running):  # type: ignore[no-untyped-def]
+        y, stats = backend.train_lean(x, weight, bias, eps, running)
+        ctx.save_for_backward(x, weight)
+        ctx.stats, ctx.backend, ctx.eps, ctx.vbs = stats, backend, eps, 0
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[no-untyped-def]
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        backend = ctx.backend
+        if graph_backward(dy) or kernels.select("backward_train", x) is not backend:
+            mean, var, count = backend.lean_stats(ctx.stats)
+            return (*_train_grad(_Saved(ctx, (x, weight, None, mean, var, count)), dy)[:3], None, None, None)
+        dx, dw, db = backend.backward_lean(dy, x, ctx.stats, ctx.eps, weight, need_x)
+        return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
+                db.to(ctx.bias_dtype) if need_b else None, None, None, None)
+
+
+class _Saved:
+    """A context for :func:`_train_grad` with the given saved tensors."""
+
+    def __init__(self, ctx: Any, saved: tuple) -> None:
+        self.saved_tensors, self.needs_input_grad = saved, ctx.needs_input_grad
+        self.eps, self.vbs, self.bias_dtype = ctx.eps, ctx.vbs, ctx.bias_dtype
+
+
+def train_lean(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: Any,
+               running: reference.Running | None) -> Tensor:
+    """The normalized output of :data:`train` (no mask, one group) computed by ``backend`` (the
+    module the dispatcher selected for ``forward_train`` on ``x``; it has ``train_lean``), in
+    eager mode with no transform active: the caller checks both. ``running`` is moved by the same
+    call (``running.accepted`` tells). The output is a tensor of its own in ``x``'s memory layout."""
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _TrainLean.apply(x, weight, bias, eps, backend, running)
+    return backend.train_lean(x, weight, bias, eps, running)[0]
+
+
 #: ``train(x, weight, bias, mask, eps, vbs, [running=]) -> (y, mean, var, count)``: training-mode
 #: normalization; with ``running`` (:class:`~batchnorm.kernels.reference.Running`, eager mode, one
 #: group, no mask) the backend moves the running statistics in the same call.

@@ -1276,6 +1276,82 @@ def backward_apply(dy, x, mean, var, eps, weight, need_input_grad=True):
                          False)[:3]
 
 
+# ------------------------------------------------------ plain batch norm: the layers' lean calls
+#
+# The layers' common training call (no mask, one group, no activation, no residual) with the
+# fewest Python steps: the per-shape decisions are cached (:func:`_plan`), the statistics stay in
+# the numpy array the kernel wrote (the backward reads it by address), and the backward returns
+# the parameter gradients as views of one array. Same kernels and arguments as above.
+
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan(x: Tensor, threads: int) -> tuple:
+    """``(prepared x, dims, rep, nb, stream, stream_backward, fused)`` for ``x``, cached per shape,
+    strides, dtype and thread count."""
+    key = (x.shape, x.stride(), x.dtype, threads)
+    plan = _PLANS.get(key)
+    if plan is None:
+        layout = _layout(x)
+        xp = _prepare(x, x, layout)
+        dims, rep, nb = _view(xp, layout, threads)
+        plan = (xp is x, layout, dims, rep, nb, _stream(xp, dims, rep), _stream(xp, dims, rep, backward=True),
+                _fused_channels(dims[1], threads))
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    same, layout, *rest = plan
+    return (x if same else _prepare(x, x, layout), *rest)
+
+
+def train_lean(x, weight, bias, eps, running):
+    """:func:`forward_train` of the whole batch, plain batch norm: ``(y, stats)`` with ``stats``
+    the ``(3, 1, C)`` numpy array of mean, variance and count (:func:`_finish`) that
+    :func:`backward_lean` takes; ``running`` (or ``None``) as :func:`forward_train_act`'s."""
+    threads = _threads(x.numel())
+    x, dims, rep, nb, stream, _, fused = _plan(x, threads)
+    y = torch.empty_like(x)
+    acc = acc_dtype(x.dtype)
+    out = np.empty((3, 1, dims[1]), dtype=_NP[acc])
+    w, b = _cvec(weight, x), _cvec(bias, x)
+    update = ref.kernel_can_update(running, x.device, acc, checks_finite=True)
+    o = out.ctypes.data
+    rm, rv = (running.mean.data_ptr(), running.var.data_ptr()) if update else (o, o)  # type: ignore[union-attr]
+    xa = x.data_ptr()
+    ok = _train(_args(xa, xa, y.data_ptr(), _addr(w), _addr(b), o, rm, rv, *dims), _PROTO[x.dtype], rep, False,
+                float(eps), 0, 0.0, float(running.momentum) if update else 0.0, update,  # type: ignore[union-attr]
+                update and running.skip_nonfinite, stream, fused, nb)  # type: ignore[union-attr]
+    if update:
+        running.accepted = ok  # type: ignore[union-attr]
+        if ok:
+            torch.autograd.graph.increment_version((running.mean, running.var))  # type: ignore[union-attr]
+    elif running is not None:
+        mean, var, _ = lean_stats(out)
+        ref.update_running(running, mean, var, dims[0] * dims[2])
+    return y, out
+
+
+def lean_stats(stats: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, count)`` as :func:`forward_train` returns them, from :func:`train_lean`'s array."""
+    return torch.from_numpy(stats[0]), torch.from_numpy(stats[1]), torch.from_numpy(stats[2, 0, :1])
+
+
+def backward_lean(dy, x, stats, eps, weight, need_input_grad):
+    """:func:`backward_train` from :func:`train_lean`'s statistics: ``(dx or None, dweight, dbias)``."""
+    threads = _threads(x.numel())
+    x, dims, rep, nb, _, stream, fused = _plan(x, threads)
+    dy = _prepare(dy, x, "rows" if rep else "planes") if dy.stride() != x.stride() else dy
+    dx = torch.empty_like(x) if need_input_grad else None
+    sums = np.empty((2, dims[1]), dtype=stats.dtype)  # sum(g), sum(g * xhat)
+    w = _cvec(weight, x)
+    xa = x.data_ptr()
+    o = stats.ctypes.data
+    _bwd(_args(dy.data_ptr(), xa, xa, _addr(dx, xa), xa, o, o + stats.strides[0], _addr(w), 0, sums.ctypes.data,
+               *dims), _PROTO[x.dtype], rep, False, 0, 0.0, float(eps), True, bool(need_input_grad), False, stream,
+         fused, nb)
+    return dx, torch.from_numpy(sums[1]), torch.from_numpy(sums[0])  # (own storages, as _backward_act's)
+
+
 # ------------------------------------------------------------------ fused activation wrappers
 
 _ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}

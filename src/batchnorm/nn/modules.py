@@ -221,7 +221,7 @@ class _NormBase(_TorchBatchNorm):
         axis = self._axis % input.dim()
         if axis == 0:
             raise F.InputError(f"the features axis {self._axis} is the batch axis of a {input.dim()}D input")
-        if not isinstance(self.weight, UninitializedParameter) and input.shape[axis] != self.num_features:
+        if input.shape[axis] != self.num_features and not isinstance(self.weight, UninitializedParameter):
             raise F.InputError(
                 f"expected input with {self.num_features} features on axis {self._axis}, got "
                 f"{input.shape[axis]} (input shape {tuple(input.shape)}); check num_features or the layout"
@@ -237,8 +237,10 @@ class _NormBase(_TorchBatchNorm):
     def _count_batch(self, accepted: Tensor | bool | None) -> None:
         """Add an applied running-statistics update (a 0-d bool tensor, or ``True``) to
         ``num_batches_tracked``."""
+        if accepted is None:
+            return
         nbt = self.num_batches_tracked
-        if accepted is None or nbt is None:
+        if nbt is None:
             return
         if isinstance(accepted, bool):
             nbt.add_(int(accepted))
@@ -285,10 +287,28 @@ class _NormBase(_TorchBatchNorm):
         """Normalize ``input``; ``mask`` (optional) marks the valid positions, shape as ``input``
         without its features axis (e.g. ``(N, L)`` for ``(N, C, L)``)."""
         self._check_input_dim(input)
+        if not self.training and mask is None and self._axis == 1 and type(self)._normalize is _NormBase._normalize:
+            # inference with the running statistics on small CPU tensors: ATen's kernel (see
+            # functional.eval_lean), with the fewest Python steps
+            buffers = self._buffers
+            rm, rv = buffers.get("running_mean"), buffers.get("running_var")
+            if rm is not None and rv is not None:
+                weight, bias = self._affine()
+                y = F.eval_lean(input, rm, rv, weight, bias, self.eps)
+                if y is not None:
+                    return y
         axis = self._axis % input.dim()
         x = input if axis == 1 else input.movedim(axis, 1)
         normalize_with_batch, update = self._modes()
-        y, accepted = self._normalize(x, mask, normalize_with_batch, update)
+        lean = None
+        if (mask is None and type(self)._normalize is _NormBase._normalize
+                and not (normalize_with_batch and self.virtual_batch_size)):
+            weight, bias = self._affine()
+            lean = F.layer_call_lean(x, self.running_mean, self.running_var, weight, bias,
+                                     normalize_with_batch=normalize_with_batch, update=update,
+                                     momentum=self._momentum_factor() if update else 0.0, eps=self.eps,
+                                     nonfinite=self.nonfinite)
+        y, accepted = lean if lean is not None else self._normalize(x, mask, normalize_with_batch, update)
         self._count_batch(accepted)
         return y if axis == 1 else y.movedim(1, axis)
 

@@ -1,0 +1,256 @@
+"""Issue 21's targets, each as a ratio against torch measured in the same run.
+
+* ``first_call``: the first ``BatchNorm2d`` training forward+backward in a fresh process with an
+  empty numba cache (a new ``NUMBA_CACHE_DIR`` per run), against torch's ``nn.BatchNorm2d`` first
+  call in a fresh process; runs alternate. Target: ours <= 3x torch's (``ratio`` here is ours /
+  torch, lower is better; every other ratio is torch / ours, higher is better).
+* ``small``: ``BatchNorm1d`` (256, 100) and ``BatchNorm2d`` (64, 64, 8, 8) training
+  forward+backward (target >= 1.0x), (256, 100) eval forward (>= 1.0x), layers against torch's.
+* ``mlp``: a training step of Linear-BN-ReLU x3 (width 256, batch 128, a Linear head, cross
+  entropy, Adam) with our ``BatchNorm1d`` against the same model with torch's (>= 0.95x).
+* ``large``: (32, 64, 56, 56) float32 backward (>= 1.2x) and training forward, NCHW and
+  channels_last, as ``batchnorm bench`` times them (our backward op against ATen's).
+
+Ratios are medians over interleaved repeats (ours, torch, ours, torch, ...), ``--threads``
+intra-op threads (default 2). Our layers run the backend the dispatcher picks; the compiled cpu
+kernels are made ready before anything is timed (``first_call`` aside, which is about that).
+Results go to ``--out`` as JSON (nothing is written without it) and a table to stdout::
+
+    python benchmarks/first_call_bench.py --out first_call_small_tensors.json
+    python benchmarks/first_call_bench.py --only small,mlp --repeats 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+TARGETS = ("first_call", "small", "mlp", "large")
+
+_FIRST_CALL = r"""
+import sys, time
+import torch
+torch.set_num_threads({threads})
+if sys.argv[1] == "ours":
+    import batchnorm as bn
+    layer = bn.BatchNorm2d(16)
+else:
+    layer = torch.nn.BatchNorm2d(16)
+x = torch.randn(8, 16, 8, 8, requires_grad=True)
+t0 = time.perf_counter()
+layer(x).sum().backward()
+t1 = time.perf_counter()
+print(t1 - t0)
+"""
+
+
+def first_call(runs: int, threads: int) -> dict[str, Any]:
+    """Seconds of the first training forward+backward, fresh processes, ours with an empty cache."""
+    code = _FIRST_CALL.format(threads=threads)
+    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    for _ in range(runs):
+        for who in ("ours", "torch"):
+            with tempfile.TemporaryDirectory(prefix="bn-numba-cache-") as cache:
+                env = {**os.environ, "NUMBA_CACHE_DIR": cache, "BATCHNORM_QUIET": "1"}
+                env.pop("BATCHNORM_BACKEND", None)
+                env.pop("BATCHNORM_COMPILE", None)
+                out = subprocess.run([sys.executable, "-c", code, who], env=env, capture_output=True,
+                                     text=True, timeout=1200, check=True)
+                times[who].append(float(out.stdout.strip().splitlines()[-1]))
+    ours, theirs = statistics.median(times["ours"]), statistics.median(times["torch"])
+    return {"what": "first BatchNorm2d(16) training forward+backward on (8, 16, 8, 8), fresh process, "
+                    "empty numba cache; ratio = ours / torch (target <= 3)",
+            "ours_s": ours, "torch_s": theirs, "ratio": ours / theirs, "goal": 3.0, "runs": times}
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, inner: int, warmup: int = 20) -> dict[str, float]:
+    """Median seconds per call of each function; each repeat times ``inner`` calls of each in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _pair(name: str, ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int, inner: int,
+          target: float) -> dict[str, Any]:
+    t = _interleaved({"ours": ours, "torch": theirs}, repeats, inner)
+    return {"what": name, "ours_s": t["ours"], "torch_s": t["torch"], "ratio": t["torch"] / t["ours"],
+            "goal": target}
+
+
+def _layer_fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], Any]:
+    params = [p for p in layer.parameters()]
+
+    def step() -> None:
+        y = layer(x)
+        torch.autograd.grad(y, [x, *params], dy)
+
+    return step
+
+
+def _layer_eval(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    def step() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    return step
+
+
+def small(repeats: int) -> list[dict[str, Any]]:
+    import batchnorm as bn
+
+    out = []
+    for shape, ours_cls, torch_cls in (((256, 100), bn.BatchNorm1d, nn.BatchNorm1d),
+                                      ((64, 64, 8, 8), bn.BatchNorm2d, nn.BatchNorm2d)):
+        x = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+        ours, theirs = ours_cls(shape[1]), torch_cls(shape[1])
+        out.append(_pair(f"{torch_cls.__name__} {shape} training forward+backward",
+                         _layer_fwd_bwd(ours, x, dy), _layer_fwd_bwd(theirs, x, dy), repeats, 10, 1.0))
+    x = torch.randn(256, 100)
+    ours, theirs = bn.BatchNorm1d(100).eval(), nn.BatchNorm1d(100).eval()
+    out.append(_pair("BatchNorm1d (256, 100) eval forward", _layer_eval(ours, x), _layer_eval(theirs, x),
+                     repeats, 20, 1.0))
+    return out
+
+
+def _mlp(norm: type[nn.Module], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(3):
+        layers += [nn.Linear(256, 256, bias=False), norm(256), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(256, 10))
+
+
+def mlp(repeats: int) -> dict[str, Any]:
+    import batchnorm as bn
+
+    x, target = torch.randn(128, 256), torch.randint(0, 10, (128,))
+    steps = {}
+    for who, norm in (("ours", bn.BatchNorm1d), ("torch", nn.BatchNorm1d)):
+        model = _mlp(norm, 0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), target).backward()
+            opt.step()
+
+        steps[who] = step
+    t = _interleaved(steps, repeats, 5)
+    return {"what": "MLP training step: (Linear(256, 256)-BN-ReLU) x3 + Linear(256, 10), batch 128, Adam",
+            "ours_s": t["ours"], "torch_s": t["torch"], "ratio": t["torch"] / t["ours"], "goal": 0.95}
+
+
+def large(repeats: int) -> list[dict[str, Any]]:
+    import batchnorm.functional as F
+    from batchnorm import _ops
+
+    out = []
+    shape = (32, 64, 56, 56)
+    eps = 1e-5
+    for layout in ("contiguous", "channels_last"):
+        x = torch.randn(shape)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        c = shape[1]
+        w, b = torch.rand(c) + 0.5, torch.randn(c)
+        dy = torch.randn_like(x)
+        rm, rv, rm_t, rv_t = torch.zeros(c), torch.ones(c), torch.zeros(c), torch.ones(c)
+        _, mean, var, count = torch.ops.batchnorm.train_forward(x, w, b, None, eps, 0)
+        _, smean, sinv, reserve, impl = torch.ops.aten._batch_norm_impl_index(x, w, b, rm_t, rv_t, True, 0.1, eps, True)
+        out.append(_pair(
+            f"{shape} float32 {layout} backward",
+            lambda x=x, dy=dy, w=w, mean=mean, var=var, count=count: _ops._train_backward_impl(
+                dy, x, mean, var, w, None, count, eps, 0, True),
+            lambda x=x, dy=dy, w=w, smean=smean, sinv=sinv, reserve=reserve, impl=impl:
+                torch.ops.aten._batch_norm_impl_index_backward(impl, x, dy, w, None, None, smean, sinv, True, eps,
+                                                               [True, True, True], reserve),
+            repeats, 1, 1.2))
+        out.append(_pair(
+            f"{shape} float32 {layout} training forward",
+            lambda x=x, w=w, b=b, rm=rm, rv=rv: F.batch_norm(x, rm, rv, w, b, True, 0.1, eps),
+            lambda x=x, w=w, b=b, rm=rm_t, rv=rv_t: torch.nn.functional.batch_norm(x, rm, rv, w, b, True, 0.1, eps),
+            repeats, 1, 1.25 if layout == "channels_last" else 2.0))
+    return out
+
+
+def _ready_kernels() -> str:
+    """Make the cpu backend's float32 kernels ready (compiled or loaded) before timing."""
+    import batchnorm as bn
+
+    if "cpu" not in bn.available_backends():
+        return "reference (numba not installed)"
+    from batchnorm.kernels import cpu
+
+    for entry in cpu.KERNELS.entries:
+        cpu.KERNELS.ready(entry, "float32", wait=True)
+    return "cpu kernels ready"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(TARGETS),
+                        help=f"comma-separated subset of {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=200, help="interleaved repeats (small, mlp; large: a fifth)")
+    parser.add_argument("--first-call-runs", type=int, default=5)
+    parser.add_argument("--out", help="write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    only = [t.strip() for t in args.only.split(",") if t.strip()]
+    unknown = sorted(set(only) - set(TARGETS))
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+    from batchnorm.bench import reuse_large_allocations
+
+    reuse_large_allocations()
+    result: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "load": os.getloadavg()},
+        "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats, "results": [],
+    }
+    if "first_call" in only:
+        result["results"].append({"target": "first_call", **first_call(args.first_call_runs, args.threads)})
+    if set(only) - {"first_call"}:
+        result["backend"] = _ready_kernels()
+    if "small" in only:
+        result["results"] += [{"target": "small", **r} for r in small(args.repeats)]
+    if "mlp" in only:
+        result["results"].append({"target": "mlp", **mlp(args.repeats)})
+    if "large" in only:
+        result["results"] += [{"target": "large", **r} for r in large(max(10, args.repeats // 5))]
+    result["machine"]["load_after"] = os.getloadavg()
+    for r in result["results"]:
+        print(f"{r['target']:>10}  {r['ratio']:6.2f}x  ours {r['ours_s'] * 1e3:9.3f} ms  "
+              f"torch {r['torch_s'] * 1e3:9.3f} ms  {r['what']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
