@@ -8,6 +8,7 @@ def configure_cpu(cpu, monkeypatch, variant: str) -> None:
     otherwise take only planes of at least ``ROWS_MAX_PLANE`` values (the small test shapes would
     all run as rows)."""
     monkeypatch.setattr(cpu, "MIN_NUMEL", 0)
+    monkeypatch.setattr(cpu, "_PLANS", {})  # the lean calls' cached per-shape decisions follow the settings below
     if "streamed" in variant:
         monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 0)
         monkeypatch.setattr(cpu, "STREAM_MIN_BYTES_BACKWARD", 0)
