@@ -11,10 +11,17 @@ import sqlite3
 import time
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column, Table
 
 from ..cli import CommandError, UsageError
 from .claims import interval_text
@@ -113,8 +120,12 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
     try:
         todo = len({config_hash(c) for c in configs if not store.has(config_hash(c))})
         workers = _workers(args, todo)
-        cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}")]
+        # at most ~76 columns (readable on an 80-column terminal): the run's label and info are cut, not the counts
+        fixed = Column(no_wrap=True)
+        cols = [TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, max_width=22)),
+                BarColumn(bar_width=10), MofNCompleteColumn(table_column=fixed), TextColumn("eta", table_column=fixed),
+                TimeRemainingColumn(table_column=fixed),
+                TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, max_width=24))]
         with Progress(*cols, console=console, transient=False) as prog:
             total = prog.add_task(title, total=len(configs), info=f"{todo} to train, {workers} worker(s)")
             step_task = prog.add_task("  current run", total=1, info="",
@@ -219,10 +230,11 @@ def cmd_train(args) -> int:
     args.workers = 1
     run = _run(args, [cfg], console, "train")[0]
     res = run["result"]
-    table = Table(title=escape(f"{_dataset_label(args)} / {cfg.model} / {cfg.norm}"))
-    for col in ("test acc", "val acc", "train acc", "train loss", "steps", "diverged", "seconds"):
-        table.add_column(col)
-    table.add_row(_pct(res["test_accuracy"]), _pct(res["val_accuracy"]), _pct(res["train_accuracy"]),
+    fmt = _score_fmt(cfg.task)
+    metric = "R²" if cfg.task == "regression" else "acc %"
+    table = _table(escape(f"{_dataset_label(args)} / {cfg.model} / {cfg.norm}"),
+                   [f"test {metric}", f"val {metric}", f"train {metric}", "train loss", "steps", "diverged", "s"])
+    table.add_row(fmt(res["test_accuracy"]), fmt(res["val_accuracy"]), fmt(res["train_accuracy"]),
                   f"{res['train_loss']:.4f}" if res["train_loss"] is not None else "–", str(res["steps"]),
                   str(res["diverged"]), f"{res['seconds']:.1f}")
     console.print(table)
@@ -260,33 +272,61 @@ def compare_configs(dataset, models, norms, lrs, seeds, steps=None, optimizer=No
     return cfgs
 
 
-def _compare_table(console, tab) -> None:
-    t = Table(title=f"with vs without BN (target val accuracy {_pct(tab['target'])})")
-    for col in ("model", "norm", "lr", "batch", "test accuracy (mean ± sd)", "steps to target", "train−test gap",
-                "diverged", "s/run"):
-        t.add_column(col)
+def _table(title: str, columns: list[str], wrap: tuple[str, ...] = ()) -> Table:
+    """A table that stays readable at 80 columns and when piped: light borders, no padding at the edges, and
+    columns that never wrap or truncate a number (only the ``wrap`` columns wrap)."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    for col in columns:
+        t.add_column(col, no_wrap=col not in wrap, overflow="fold" if col in wrap else "ellipsis")
+    return t
+
+
+def _score_fmt(task: str):
+    """Accuracy as a percentage; a regression's R² as a number."""
+    if task == "regression":
+        return lambda x: "–" if x is None or not math.isfinite(x) else f"{x:.3f}"
+    return lambda x: "–" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
+
+
+def _compare_table(console, tab, task: str = "classification") -> None:
+    fmt = _score_fmt(task)
+    metric = "R²" if task == "regression" else "acc %"
+    models = sorted({r["model"] for r in tab["rows"]})
+    many = len(models) > 1
+    title = (f"with vs without BN{'' if many else ': ' + models[0]} (test {metric} at the best validation "
+             f"checkpoint, mean ± sd over seeds; target: val {metric} {fmt(tab['target'])})")
+    cols = (["model"] if many else []) + ["norm", "lr", "batch", f"test {metric}", "to target", "gap",
+                                          "div", "s/run"]
+    t = _table(escape(title), cols)
     for r in tab["rows"]:
-        t.add_row(escape(r["model"]), escape(r["norm"]), f"{r['lr']:g}", str(r["batch_size"]),
-                  f"{_pct(r['test_accuracy'])} ± {_pct(r['test_accuracy_std'])}",
+        t.add_row(*([escape(r["model"])] if many else []), escape(r["norm"]), f"{r['lr']:g}", str(r["batch_size"]),
+                  f"{fmt(r['test_accuracy'])} ± {fmt(r['test_accuracy_std'])}",
                   "–" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f} ({r['reached']}/{r['seeds']})",
-                  _pct(r["gap"]), f"{r['diverged']}/{r['seeds']}", f"{r['seconds']:.1f}")
+                  fmt(r["gap"]), f"{r['diverged']}/{r['seeds']}", f"{r['seconds']:.1f}")
     console.print(t)
-    s = Table(title="per norm: the lr / batch with the best validation accuracy, and its test accuracy")
-    for col in ("model", "norm", "best lr / batch (validation)", "val accuracy", "test accuracy", "max stable lr"):
-        s.add_column(col)
+    console.print(f"to target: steps to the target validation {metric} (seeds that reached it); gap: train − test; "
+                  "div: diverged runs; s/run: the fastest seed's seconds (a first run pays one-time warm-up)",
+                  style="dim")
+    multi_lr = len({r["lr"] for r in tab["rows"]}) > 1
+    cols = (["model"] if many else []) + ["norm", "best lr / batch", f"val {metric}", f"test {metric}"]
+    if multi_lr:
+        cols.append("max stable lr")
+    s = _table("per norm: the lr / batch with the best validation score, and its test score", cols)
     edge = []
     for r in tab["summary"]:
-        s.add_row(escape(r["model"]), escape(r["norm"]),
-                  f"{r['best_lr']:g} / {r['best_batch_size']}" + (" (grid edge)" if r["best_lr_at_edge"] else ""),
-                  _pct(r["best_val_accuracy"]),
-                  f"{_pct(r['best_test_accuracy'])} ± {_pct(r['best_test_accuracy_std'])}",
-                  "–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
+        row = ([escape(r["model"])] if many else []) + [
+            escape(r["norm"]),
+            f"{r['best_lr']:g} / {r['best_batch_size']}" + (" (edge)" if r["best_lr_at_edge"] else ""),
+            fmt(r["best_val_accuracy"]), f"{fmt(r['best_test_accuracy'])} ± {fmt(r['best_test_accuracy_std'])}"]
+        if multi_lr:
+            row.append("–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
+        s.add_row(*row)
         if r["best_lr_at_edge"]:
             edge.append(f"{r['model']}/{r['norm']}")
     console.print(s)
     if edge:
-        console.print(f"[yellow]the best learning rate of {', '.join(edge)} is at the edge of --lrs: extend the grid "
-                      "to know whether a better one lies beyond it[/yellow]")
+        console.print(f"[yellow]the best learning rate of {escape(', '.join(edge))} is at the edge of --lrs: extend "
+                      "the grid to know whether a better one lies beyond it[/yellow]")
 
 
 def _default_target(dataset: str, models: list[str]) -> float:
@@ -311,7 +351,7 @@ def cmd_compare(args) -> int:
     runs = _run(args, cfgs, console, "compare")
     target = args.target if args.target is not None else _default_target(args.dataset, models)
     tab = compare_table(runs, target)
-    _compare_table(console, tab)
+    _compare_table(console, tab, data.get("task", "classification"))
     params = {"dataset": args.dataset, "models": models, "norms": norms, "lrs": lrs, "batch_sizes": batch_sizes,
               "seeds": seeds, "target": target, "steps": args.steps, "optimizer": args.optimizer,
               "batch_size": args.batch_size, "eval_every": args.eval_every, "limit": args.limit,
@@ -342,9 +382,8 @@ def cmd_figure1(args) -> int:
     cfgs = figure1_configs(args.dataset, args.steps, args.seed, args.lr, args.eval_every)
     runs = _run(args, cfgs, console, "figure1")
     series = figure1_series(runs)
-    t = Table(title=f"Figure 1 on {args.dataset} (paper-mlp, {args.steps} steps)")
-    for col in ("", "final test accuracy", "p15 / p50 / p85 at start", "p15 / p50 / p85 at end"):
-        t.add_column(col)
+    t = _table(f"Figure 1 on {args.dataset} (paper-mlp, {args.steps} steps)",
+               ["", "final test acc", "p15 / p50 / p85 at start", "p15 / p50 / p85 at end"])
     for s in series["runs"]:
         p = s["percentiles"]
         t.add_row(s["norm"], _pct(s["test_accuracy"][-1]),
