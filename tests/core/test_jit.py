@@ -33,6 +33,8 @@ def _g(a):
     return a * 2
 
 def _sig(entry, dtype):
+    import os, time
+    time.sleep(float(os.environ.get("BN_PROBE_SLOW", "0")))  # a compile that outlives its asker
     return (getattr(numba, dtype),)
 
 KERNELS = _jit.Kernels(__name__, {"_f": _f, "_g": _g}, _sig, [Path(__file__)])
@@ -112,10 +114,34 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def test_the_compiler_finishes_after_its_parent_exits(probe, tmp_path):
+    """A process that exits right after asking leaves a compiler that still fills the cache, and
+    its caller's pipe is not held open: the next process loads the kernels without compiling."""
+    asker = 'import bn_jit_probe as p, time\nprint(p.KERNELS.ready("_f", "float64"))\n'
+    asker += 'for _ in range(400):\n    if "float64" in p.KERNELS._procs: break\n    time.sleep(0.05)\n'
+    asker += 'print(p.KERNELS._procs["float64"].pid)\n'
+    p = _run(asker, {**probe, "BN_PROBE_SLOW": "3"})
+    out, err = p.communicate(timeout=120)  # returns although the compiler still runs
+    assert p.returncode == 0, err
+    first, pid = out.split()
+    assert first == "False"
+    assert _alive(int(pid)), "the compiler finished before its parent exited: the test shows nothing"
+    deadline = time.monotonic() + 240
+    while _alive(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(int(pid)), "the compiler did not finish"
+    assert sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "cache").rglob("*.ready")) == ["_f.ready", "_g.ready"]
+    q = _run(WORKER, probe)
+    out, err = q.communicate(timeout=120)
+    assert q.returncode == 0, err
+    assert out.split() == ["False", "2", "0"]
+    assert "batchnorm: compiling" not in err
+
+
 @pytest.mark.skipif("cpu" not in bn.available_backends(), reason="numba is not installed")
-def test_first_call_computes_on_reference_and_the_compiler_dies_with_its_parent(tmp_path):
+def test_first_call_computes_on_reference_while_the_kernels_compile(tmp_path):
     """With an empty numba cache the first training forward+backward runs on the reference
-    backend (equal to torch's), a compiler process starts, and it exits when its parent does."""
+    backend (equal to torch's) while a compiler process starts."""
     code = textwrap.dedent('''
         import time, torch
         import batchnorm as bn
@@ -144,10 +170,8 @@ def test_first_call_computes_on_reference_and_the_compiler_dies_with_its_parent(
     assert p.returncode == 0, err
     names, pid = out.split("\n")[:2]
     assert names == "reference reference"
-    deadline = time.monotonic() + 60
-    while _alive(int(pid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _alive(int(pid)), "the compiler process outlived the process that started it"
+    assert _alive(int(pid))
+    os.kill(int(pid), 9)  # the test's cache is thrown away: no need to finish
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ of this process gets the kernels:
    cache, writes each one's marker, and says so on stderr (one line when it starts, one when it
    is done; ``BATCHNORM_QUIET=1`` silences them). A process that finds the lock taken starts
    no compiler of its own: it waits for the markers, so workers compile once per machine (per
-   cache directory), not once each. The compiler process exits when the process that started
-   it does.
+   cache directory), not once each. The compiler finishes what it started even when the process
+   that started it exits first (short-lived workers still fill the cache); it then stops writing
+   to that process's stderr, so a pipe reading it is not held open.
 
 Each entry switches on its own, so a training forward may run on the reference backend and its
 backward on the cpu one, or the reverse: both backends take and return the same statistics
@@ -240,6 +241,7 @@ class Kernels:
         return subprocess.Popen(
             [sys.executable, "-m", "batchnorm.kernels._compile", self.module, dtype, str(os.getpid()), *entries],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True,  # not interrupted with the terminal's foreground processes
         )
 
     def _after_fork(self) -> None:
@@ -256,11 +258,14 @@ class Kernels:
 
 
 def _watch_parent(pid: int) -> None:
-    """Exit this compiler process when the process that started it is gone."""
-    while True:
-        if os.getppid() != pid:
-            os._exit(3)
-        time.sleep(1.0)
+    """When the process that started this compiler is gone, point stdout and stderr at
+    ``/dev/null`` (a pipe that reads the parent's output must not wait for the compiler) and
+    keep compiling."""
+    while os.getppid() == pid:
+        time.sleep(0.5)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
 
 
 def compile_entries(kernels: Kernels, dtype: str, entries: list[str]) -> None:
