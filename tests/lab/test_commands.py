@@ -99,18 +99,39 @@ def test_figure1_json_schema(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian `chromium`) not installed")
 def test_report_renders_in_headless_chromium(tmp_path, capsys):
-    """The self-contained report renders offline: its embedded plots make a screenshot far from blank."""
+    """The self-contained report renders offline: the findings box at the top (its blue frame and the coloured
+    verdict bars of its lines), and below it the embedded plots; at desktop and at phone width."""
+    import numpy as np
     from matplotlib.image import imread
 
     assert main(["figure1", "--steps", "10", "--eval-every", "5", "--limit", "200", "--out", str(tmp_path)]) == 0
-    shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1200,900", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    pixels = imread(shot)[..., :3]
-    dark = (pixels.mean(axis=-1) < 0.5).mean()  # text, axes and curves
-    colored = (pixels.std(axis=-1) > 0.15).mean()  # the red/blue curves of the embedded plots
-    assert dark > 0.005 and colored > 0.0005, (dark, colored)
+    assert main(["compare", "--model", "mlp", "--seeds", "0,1", "--steps", "10", "--limit", "200", "--workers", "1",
+                 "--out", str(tmp_path)]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert '<section id="findings">' in html and 'name="viewport"' in html
+
+    def shot(width: int, height: int) -> np.ndarray:
+        path = tmp_path / f"shot-{width}.png"
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--window-size={width},{height}", f"--screenshot={path}", (tmp_path / "report.html").as_uri()],
+                       check=True, capture_output=True, timeout=120)
+        return imread(path)[..., :3]
+
+    def near(px: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
+        return (np.abs(px - np.array(rgb) / 255).max(axis=-1) < 0.08)
+
+    for width, height in ((1200, 1400), (390, 1600)):
+        px = shot(width, height)
+        top = px[: height // 2]
+        frame = near(top, (0x1F, 0x77, 0xB4)).sum()  # the findings box's frame, in the top half
+        bars = near(top, (0xFF, 0xBF, 0x47)).sum() + near(top, (0x2C, 0xA0, 0x2C)).sum() + near(
+            top, (0xD6, 0x27, 0x28)).sum()  # the verdict bars of its lines
+        assert frame > 200 and bars > 50, (width, frame, bars)
+        dark = (px.mean(axis=-1) < 0.5).mean()  # text, axes and curves
+        colored = (px.std(axis=-1) > 0.15).mean()  # the red/blue curves of the embedded plots
+        assert dark > 0.005 and colored > 0.0005, (width, dark, colored)
+        # nothing wider than the window: the page does not scroll sideways at phone width
+        assert px.shape[1] == width
 
 
 def test_compare_and_report(tmp_path, capsys):
@@ -126,8 +147,12 @@ def test_compare_and_report(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--json"]) == 0
     rep = _last_json(capsys)
     html = (tmp_path / "report.html").read_text()
-    assert "data:image/png;base64," in html and "Compare with and without BN" in html
+    assert "data:image/png;base64," in html and "With and without BN: mlp on MNIST-1D" in html
     summary = json.loads((tmp_path / "summary.json").read_text())
+    # the findings box says what the terminal said: the same lines
+    assert [f["text"] for f in r["findings"]] == summary["findings"][0]["lines"]
+    assert all(line in html for line in summary["findings"][0]["lines"])
+    assert r["findings"][0]["n_seeds"] == 2 and len(r["findings"][0]["ci95"]) == 2
     assert summary["experiments"][0]["kind"] == "compare" and summary["pngs"]
     assert rep["report"].endswith("report.html")
     assert main(["report", str(tmp_path / "nothing")]) == 2

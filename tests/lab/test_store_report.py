@@ -138,7 +138,8 @@ EVIL = {
     "dataset": "<iframe src=javascript:alert(4)>",
 }
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "code", "b", "i", "img",
-                "table", "thead", "tbody", "tr", "th", "td", "br", "span", "details", "summary", "div"}
+                "table", "thead", "tbody", "tr", "th", "td", "br", "span", "details", "summary", "div",
+                "section", "ul", "li", "a"}  # the findings box: a section of lists, links to the sections
 
 
 class _Tags(HTMLParser):

@@ -329,6 +329,13 @@ def _compare_table(console, tab, task: str = "classification") -> None:
                       "the grid to know whether a better one lies beyond it[/yellow]")
 
 
+def _print_findings(console, found: list[dict]) -> None:
+    """The findings lines (the same as the report's findings box)."""
+    style = {"ok": "green", "bad": "red", "mid": "yellow"}
+    for f in found:
+        console.print(f"[bold]finding[/bold] [{style.get(f['class'], 'yellow')}]{escape(f['text'])}[/]")
+
+
 def _default_target(dataset: str, models: list[str]) -> float:
     return 0.5 if dataset == "mnist1d" and "cnn" not in models else 0.8
 
@@ -352,6 +359,10 @@ def cmd_compare(args) -> int:
     target = args.target if args.target is not None else _default_target(args.dataset, models)
     tab = compare_table(runs, target)
     _compare_table(console, tab, data.get("task", "classification"))
+    from .findings import compare_findings
+
+    found = compare_findings(runs, tab)
+    _print_findings(console, found)
     params = {"dataset": args.dataset, "models": models, "norms": norms, "lrs": lrs, "batch_sizes": batch_sizes,
               "seeds": seeds, "target": target, "steps": args.steps, "optimizer": args.optimizer,
               "batch_size": args.batch_size, "eval_every": args.eval_every, "limit": args.limit,
@@ -362,7 +373,8 @@ def cmd_compare(args) -> int:
     name = experiment_name("compare", "-".join(map(_model_label, models)) + f"-{_dataset_label(args)}", params)
     with open_store(args.out, args.store) as store:
         store.put_experiment(name, "compare", params, [r["hash"] for r in runs])
-    return _finish(args, console, {"rows": tab["rows"], "summary": tab["summary"], "target": target})
+    return _finish(args, console, {"rows": tab["rows"], "summary": tab["summary"], "target": target,
+                                   "findings": found})
 
 
 def figure1_configs(dataset, steps, seed, lr=None, eval_every=None):
@@ -530,9 +542,16 @@ def cmd_demo(args) -> int:
         payload_rows.append({"model": model, "none": r0, "batchnorm": r1})
         _ = summ
     console.print(t)
+    from .findings import compare_findings, figure1_findings
+
+    found = figure1_findings(series) + compare_findings(cmp_runs, tab)
+    for f in found:
+        f.setdefault("class", "mid")
+    _print_findings(console, found)
     seconds = time.perf_counter() - t0
     console.print(f"demo finished in {seconds:.0f} s")
-    payload = {"seconds": seconds, "figure1": series, "compare": payload_rows}
+    payload = {"seconds": seconds, "figure1": series, "compare": payload_rows,
+               "findings": [f["text"] for f in found]}
     return _finish(args, console, payload)
 
 

@@ -26,6 +26,7 @@ from jinja2 import Environment  # noqa: E402
 
 from .analysis import compare_table, curves_mean, figure1_series  # noqa: E402
 from .claims import analyze_claims, interval_text  # noqa: E402
+from .findings import compare_findings, figure1_findings  # noqa: E402
 from .store import Store, environment  # noqa: E402
 from .train import RunConfig, config_hash, with_data  # noqa: E402
 
@@ -40,6 +41,21 @@ def _color(norm: str, i: int = 0) -> str:
 
 def _label(norm: str) -> str:
     return {"none": "without BN", "batchnorm": "with BN"}.get(norm, norm)
+
+
+_DATASET_NAMES = {"mnist1d": "MNIST-1D", "fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "digits": "digits (8x8)",
+                  "idx": "your IDX files"}
+
+
+def _dataset_name(name, path: str | None = None) -> str:
+    """A dataset as a reader knows it: MNIST-1D, Fashion-MNIST, or the user's file name."""
+    if name in ("npz", "csv", "imagefolder") and path:
+        return Path(path).name
+    return _DATASET_NAMES.get(str(name), str(name))
+
+
+def _model_name(model: str) -> str:
+    return model.rpartition(":")[2] if ":" in model else model
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -96,15 +112,18 @@ def _table(headers: list[str], rows: list[list], cls: str = "") -> dict:
 def _figure1_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
     series = figure1_series(runs)
     name = exp["name"]
+    params = exp["params"]
+    ds = _dataset_name(params.get("dataset"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     ax = axes[0]
     for i, s in enumerate(series["runs"]):
         ax.plot(s["steps"], s["test_accuracy"], color=_color(s["norm"], i), label=_label(s["norm"]))
     ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy")
-    ax.set_title("(a) test accuracy")
+    ax.set_title(f"(a) test accuracy, paper-mlp on {ds}")
     ax.legend()
     ax.grid(alpha=0.3)
+    axes[2].sharey(axes[1])  # (b) and (c) on one y range: the drift is compared at a glance
     for ax, norm, letter in ((axes[1], "none", "b"), (axes[2], "batchnorm", "c")):
         s = next((s for s in series["runs"] if s["norm"] == norm), None)
         if s is None:
@@ -112,10 +131,12 @@ def _figure1_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
             continue
         for k, style in (("p85", ":"), ("p50", "-"), ("p15", "--")):
             ax.plot(s["steps"], s["percentiles"][k], style, color=_color(norm), label=k)
-        ax.set_title(f"({letter}) unit pre-activation, {_label(norm)}")
+        ax.set_title(f"({letter}) sigmoid input, {_label(norm)}")
         ax.set_xlabel("training step")
+        ax.set_ylabel("input of a last-layer sigmoid\n(15th / 50th / 85th percentile)")
         ax.legend()
         ax.grid(alpha=0.3)
+    fig.tight_layout()
     img = figs.save(fig, f"{name}")
     rows = []
     summary = []
@@ -124,8 +145,10 @@ def _figure1_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
         drift = (abs(p["p50"][-1] - p["p50"][0]) if p["p50"] and p["p50"][0] is not None else None)
         rows.append([_label(s["norm"]), _fmt(s["test_accuracy"][-1], pct=True), _fmt(drift)])
         summary.append({"norm": s["norm"], "final_test_accuracy": s["test_accuracy"][-1], "median_drift": drift})
-    params = exp["params"]
-    section = {"kind": "figure1", "name": name, "dataset": str(params.get("dataset")),
+    section = {"kind": "figure1", "name": name, "dataset": ds,
+               "title": f"Figure 1 of Ioffe & Szegedy on {ds}: paper-mlp with and without BN, "
+                        f"{params.get('steps')} steps",
+               "findings": [{"text": f["text"], "cls": f["class"]} for f in figure1_findings(series)],
                "steps": str(params.get("steps")), "img": img,
                "table": _table(["", "final test accuracy", "|drift of median pre-activation|"], rows)}
     return section, {"figure1": summary}
@@ -135,59 +158,83 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
     p = exp["params"]
     tab = compare_table(runs, p.get("target", 0.5))
     name = exp["name"]
+    regression = any(r["result"].get("task") == "regression" for r in runs)
+    metric = "R²" if regression else "accuracy"
+    ds = _dataset_name(p.get("dataset"))
     models = sorted({str(r["config"]["model"]) for r in runs})
+    best = {(s["model"], s["norm"]): s for s in tab["summary"]}
+    multi_lr = len({r["config"]["lr"] for r in runs}) > 1
     imgs = []
     for model in models:
         mr = [r for r in runs if r["config"]["model"] == model]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        fig, axes = plt.subplots(1, 2 if multi_lr else 1, figsize=(11 if multi_lr else 6.5, 3.8), squeeze=False)
+        axes = axes[0]
         norms = sorted({r["config"]["norm"] for r in mr}, key=lambda n: (n != "none", n))
+        n_seeds = 0
         for i, norm in enumerate(norms):
             nr = [r for r in mr if r["config"]["norm"] == norm]
             lrs = sorted({r["config"]["lr"] for r in nr})
-
-            def mean_acc(lr, nr=nr):
-                return np.mean([r["result"]["test_accuracy"] for r in nr if r["config"]["lr"] == lr])
-
-            best = max(lrs, key=mean_acc)
-            br = [r for r in nr if r["config"]["lr"] == best]
+            sel = best[(model, norm)]  # the learning rate and batch size chosen on validation
+            br = [r for r in nr if r["config"]["lr"] == sel["best_lr"]
+                  and r["config"]["batch_size"] == sel["best_batch_size"]]
+            n_seeds = max(n_seeds, len(br))
             steps, acc = curves_mean(br, "test_acc")
             _, tr = curves_mean(br, "train_acc")
-            axes[0].plot(steps, acc, color=_color(norm, i), label=f"{_label(norm)} test (lr {best:g})")
-            axes[0].plot(steps, tr, ":", color=_color(norm, i), label=f"{_label(norm)} train")
-            means = [np.mean([r["result"]["test_accuracy"] for r in nr if r["config"]["lr"] == lr]) for lr in lrs]
-            stds = [np.std([r["result"]["test_accuracy"] for r in nr if r["config"]["lr"] == lr]) for lr in lrs]
-            axes[1].errorbar(lrs, means, yerr=stds, marker="o", capsize=3, color=_color(norm, i), label=_label(norm))
+            color = _color(norm, i)
+            axes[0].plot(steps, acc, color=color, label=f"{_label(norm)} test (lr {sel['best_lr']:g})")
+            axes[0].plot(steps, tr, ":", color=color, label=f"{_label(norm)} train")
+            if len(br) > 1:  # the band: lowest to highest seed
+                k = len(steps)
+                vals = np.array([[np.nan if v is None else v for v in r["curves"]["test_acc"][:k]] for r in br])
+                axes[0].fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=color, alpha=0.18, lw=0)
+            if multi_lr:
+                def at(lr, nr=nr):
+                    return [r["result"]["test_accuracy"] for r in nr if r["config"]["lr"] == lr]
+
+                means = [np.mean(at(lr)) for lr in lrs]
+                stds = [np.std(at(lr), ddof=1) if len(at(lr)) > 1 else 0.0 for lr in lrs]
+                axes[1].errorbar(lrs, means, yerr=stds, marker="o", capsize=3, color=color, label=_label(norm))
         axes[0].set_xlabel("training step")
-        axes[0].set_ylabel("accuracy")
-        axes[0].set_title(f"{model}: accuracy during training (best LR)")
+        axes[0].set_ylabel(metric)
+        band = f"; band: min–max over {n_seeds} seeds" if n_seeds > 1 else ""
+        axes[0].set_title(f"{model} on {ds}: {metric} during training\n(mean at the LR chosen on validation{band})",
+                          fontsize=10)
         axes[0].legend(fontsize=8)
         axes[0].grid(alpha=0.3)
-        axes[1].set_xscale("log")
-        axes[1].set_xlabel("learning rate")
-        axes[1].set_ylabel("test accuracy (best val checkpoint)")
-        axes[1].set_title(f"{model}: learning-rate sweep")
-        axes[1].legend(fontsize=8)
-        axes[1].grid(alpha=0.3)
+        if multi_lr:
+            axes[1].set_xscale("log")
+            axes[1].set_xlabel("learning rate")
+            axes[1].set_ylabel(f"test {metric} (best val checkpoint)")
+            axes[1].set_title(f"{model} on {ds}: learning-rate sweep\n(error bars: sd over {n_seeds} seeds)",
+                              fontsize=10)
+            axes[1].legend(fontsize=8)
+            axes[1].grid(alpha=0.3)
+        fig.tight_layout()
         imgs.append(figs.save(fig, f"{name}-{model}"))
+    fmt = (lambda x: _fmt(x)) if regression else (lambda x: _fmt(x, pct=True))
     rows = [[r["model"], _label(r["norm"]), _fmt(r["lr"]), r["batch_size"], r["seeds"],
-             f"{_fmt(r['test_accuracy'], pct=True)} ± {_fmt(r['test_accuracy_std'], pct=True)}",
+             f"{fmt(r['test_accuracy'])} ± {fmt(r['test_accuracy_std'])}",
              _fmt(r["steps_to_target"]) + (f" ({r['reached']}/{r['seeds']})" if r["reached"] < r["seeds"] else ""),
-             f"{_fmt(r['gap'], pct=True)}", r["diverged"], _fmt(r["seconds"], 2)] for r in tab["rows"]]
+             f"{fmt(r['gap'])}", r["diverged"], _fmt(r["seconds"], 2)] for r in tab["rows"]]
     srows = [[s["model"], _label(s["norm"]), f"{_fmt(s['best_lr'])} / {s['best_batch_size']}"
-              + (" (grid edge)" if s.get("best_lr_at_edge") else ""), _fmt(s.get("best_val_accuracy"), pct=True),
-              f"{_fmt(s['best_test_accuracy'], pct=True)} ± {_fmt(s['best_test_accuracy_std'], pct=True)}",
-              _fmt(s["max_stable_lr"]), _fmt(s["steps_to_target"]), _fmt(s["gap"], pct=True)] for s in tab["summary"]]
+              + (" (grid edge)" if s.get("best_lr_at_edge") else ""), fmt(s.get("best_val_accuracy")),
+              f"{fmt(s['best_test_accuracy'])} ± {fmt(s['best_test_accuracy_std'])}"]
+             + ([_fmt(s["max_stable_lr"])] if multi_lr else []) + [_fmt(s["steps_to_target"]), fmt(s["gap"])]
+             for s in tab["summary"]]
+    found = compare_findings(runs, tab)
     section = {
-        "kind": "compare", "name": name, "dataset": str(p.get("dataset")), "models": ", ".join(models),
+        "kind": "compare", "name": name, "dataset": ds, "models": ", ".join(models),
+        "title": f"With and without BN: {', '.join(models)} on {ds}",
+        "findings": [{"text": f["text"], "cls": f["class"]} for f in found],
         "lrs": str(p.get("lrs") or "of the recipe"), "seeds": str(p.get("seeds")),
-        "target": _fmt(tab["target"], pct=True), "imgs": imgs,
-        "table": _table(["model", "norm", "lr", "batch", "seeds", "test accuracy", "steps to target",
-                         "train−test gap", "diverged", "s/run"], rows),
-        "summary": _table(["model", "norm", "best lr / batch (by validation)", "val accuracy", "test accuracy",
-                           "max stable lr",
-                           "steps to target", "gap at best lr"], srows),
+        "target": fmt(tab["target"]), "imgs": imgs, "metric": metric,
+        "table": _table(["model", "norm", "lr", "batch", "seeds", f"test {metric}", "steps to target",
+                         "train−test gap", "diverged", "s/run (fastest seed)"], rows, "wide"),
+        "summary": _table(["model", "norm", "best lr / batch (by validation)", f"val {metric}", f"test {metric}"]
+                          + (["max stable lr"] if multi_lr else []) + ["steps to target", "gap at best lr"], srows,
+                          "wide"),
     }
-    return section, {"compare": tab}
+    return section, {"compare": tab, "findings": found}
 
 
 _VERDICT_CLASS = {"supported": "ok", "contradicted": "bad", "inconclusive": "mid", "depends": "mid"}
@@ -264,7 +311,13 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[dict, dict]:
                 drows.append(" · ".join([f"{c['dataset']}, {c['condition']}"] + [
                     f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in d.items()]))
         details.append({"claim": r["claim"], "verdict": r["verdict"], "evidence": r["evidence"], "rows": drows})
+    findings = [{"text": f"{r['claim']}: {r['verdict']} — " + "; ".join(
+                    f"{c['dataset']}, {c['condition']}: {interval_text(c)} (n={c['n_seeds']})"
+                    for c in r["conditions"]),
+                 "cls": _VERDICT_CLASS.get(r["verdict"], "mid")} for r in results]
     section = {"kind": "claims", "name": name, "mode": str(mode), "rows": rows, "effects_img": effects_img,
+               "title": f"Claims about BN, measured ({mode} mode; {', '.join(_dataset_name(d) for d in datasets)})",
+               "findings": findings,
                "plots": _claim_detail_plots(results, mode, datasets, get, figs, name), "details": details}
     from .commands import claims_payload
 
@@ -321,30 +374,41 @@ def _claim_detail_plots(results, mode, datasets, get, figs, name) -> list[dict]:
     return parts
 
 
-def _train_section(exp, runs, figs) -> tuple[dict, dict]:
-    r = runs[0]
-    c = r["curves"]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.4))
-    ax[0].plot(c["step"], c["test_acc"], label="test")
-    ax[0].plot(c["step"], c["train_acc"], ":", label="train")
-    ax[0].plot(c["step"], c["val_acc"], "--", label="val")
-    ax[0].set_title("accuracy")
-    ax[0].legend()
-    ax[1].semilogy(c["step"][1:], [v if v and v > 0 else np.nan for v in c["train_loss"][1:]], label="train loss")
-    ax[1].semilogy(c["step"], c["test_loss"], label="test loss")
-    ax[1].legend()
-    ax[1].set_title("loss")
+def _train_section(exps: list[tuple[dict, dict]], figs) -> tuple[dict, list[dict]]:
+    """Every ``train`` run of the store in one section: their curves overlaid (colour by norm, as elsewhere)."""
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    texts, summ = [], []
+    for i, (_exp, r) in enumerate(exps):
+        c, cfg, res = r["curves"], r["config"], r["result"]
+        regression = res.get("task") == "regression"
+        color = _color(cfg["norm"], i) if len(exps) <= len(COLORS) else None
+        label = f"{_model_name(cfg['model'])}/{_label(cfg['norm'])} lr {cfg['lr']:g}"
+        ax[0].plot(c["step"], c["test_acc"], color=color, label=f"{label} test")
+        ax[0].plot(c["step"], c["val_acc"], "--", color=color, lw=0.9, label=f"{label} val")
+        ax[1].semilogy(c["step"][1:], [v if v and v > 0 else np.nan for v in c["train_loss"][1:]], color=color,
+                       label=f"{label} train")
+        ax[1].semilogy(c["step"], [v if v and v > 0 else np.nan for v in c["test_loss"]], ":", color=color,
+                       label=f"{label} test")
+        score = _fmt(res["test_accuracy"]) + " R²" if regression else _fmt(res["test_accuracy"], pct=True)
+        texts.append(f"{_dataset_name(cfg['dataset'], cfg.get('data_dir'))} / {_model_name(cfg['model'])} / "
+                     f"{_label(cfg['norm'])}, {cfg['optimizer']} lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+                     f"{res['steps']} steps, seed {cfg['seed']}: test {score} at the best validation checkpoint"
+                     f"{' (diverged)' if res['diverged'] else ''}.")
+        summ.append({"train": {"hash": r["hash"], **res}})
+    metric = "R² (regression)" if any(r["result"].get("task") == "regression" for _, r in exps) else "accuracy"
+    ax[0].set_ylabel(metric)
+    ax[0].set_title(f"{metric}: test (solid) and validation (dashed)", fontsize=10)
+    ax[1].set_ylabel("loss")
+    ax[1].set_title("loss: train (solid) and test (dotted)", fontsize=10)
     for a in ax:
         a.set_xlabel("training step")
         a.grid(alpha=0.3)
-    img = figs.save(fig, exp["name"])
-    cfg = r["config"]
-    res = r["result"]
-    section = {"kind": "train", "name": exp["name"], "img": img,
-               "text": (f"{cfg['dataset']} / {cfg['model']} / norm {cfg['norm']}, {cfg['optimizer']} lr {cfg['lr']}, "
-                        f"batch {cfg['batch_size']}, {res['steps']} steps, seed {cfg['seed']}: test accuracy "
-                        f"{_fmt(res['test_accuracy'], pct=True)}{' (diverged)' if res['diverged'] else ''}.")}
-    return section, {"train": {"hash": r["hash"], **res}}
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    img = figs.save(fig, "train-runs")
+    section = {"kind": "train", "name": "train-runs", "img": img, "texts": texts,
+               "title": f"Single runs ({len(exps)})", "findings": []}
+    return section, summ
 
 
 _CSS = """
@@ -356,42 +420,65 @@ vertical-align:top;text-align:left} th{background:#f3f3f3} img{max-width:100%;di
 .bad{color:#fff;background:#d62728;padding:.1em .4em;border-radius:.3em}
 .mid{color:#000;background:#ffbf47;padding:.1em .4em;border-radius:.3em}
 .det{font-family:monospace;font-size:.8em} code{background:#f4f4f4;padding:0 .2em} .small{color:#666;font-size:.85em}
+#findings{border:2px solid #1f77b4;border-radius:.5em;background:#f5f9fd;padding:.6em 1.2em;margin:1em 0}
+#findings h2{margin-top:.3em;border:none} #findings h3{font-size:1em;margin:.7em 0 .2em}
+#findings ul{margin:.2em 0;padding-left:1.2em} #findings li{margin:.25em 0}
+.finding-ok{border-left:6px solid #2ca02c;padding-left:.5em;list-style:none}
+.finding-bad{border-left:6px solid #d62728;padding-left:.5em;list-style:none}
+.finding-mid{border-left:6px solid #ffbf47;padding-left:.5em;list-style:none}
+.wrap{overflow-x:auto;max-width:100%} h2 .small{font-weight:normal}
+@media (max-width:700px){body{margin:.5em auto;padding:0 .5em} table{font-size:.75em} th,td{padding:.2em .3em}
+h1{font-size:1.3em} h2{font-size:1.15em}}
 """
 
 # Autoescaped: every {{ value }} is HTML-escaped. Nothing is marked |safe.
 _TEMPLATE = """<!DOCTYPE html>
 {%- macro table(t) -%}
-<table class="{{ t.cls }}"><thead><tr>{% for h in t.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>
+<div class="wrap"><table class="{{ t.cls }}">
+<thead><tr>{% for h in t.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>
 {%- for row in t.rows %}<tr>{% for c in row %}<td>
 {%- if c is string %}{{ c }}{% else %}{% for line in c %}{{ line }}{% if not loop.last %}<br/>{% endif %}{% endfor %}
-{%- endif %}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
+{%- endif %}</td>{% endfor %}</tr>{% endfor %}</tbody></table></div>
 {%- endmacro -%}
 {%- macro image(img) -%}<img alt="{{ img.name }}" src="data:image/png;base64,{{ img.b64 }}"/>{%- endmacro -%}
-<html><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ css }}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title><style>{{ css }}</style></head><body>
 <h1>{{ title }}</h1>
 <p class="small">Generated {{ generated }} from {{ store_path }} ({{ runs }} stored runs).
 Rebuild with <code>batchnorm report {{ out }}</code>.</p>
+{%- if findings %}
+<section id="findings"><h2>Findings</h2>
+<p class="small">The effect of BN in each experiment: test accuracy at the best validation checkpoint, each arm at its
+learning rate chosen on validation; 95% interval over seeds (and test examples); the same lines as the terminal
+summary.</p>
+{%- for s in findings %}
+<h3><a href="#{{ s.anchor }}">{{ s.title }}</a></h3><ul>
+{%- for f in s.findings %}<li class="finding-{{ f.cls }}">{{ f.text }}</li>{% endfor %}</ul>
+{%- endfor %}
+</section>
+{%- endif %}
 {% for s in sections %}
 {%- if s.kind == "figure1" %}
-<h2>Figure 1 ({{ s.name }})</h2>
+<h2 id="{{ s.anchor }}">{{ s.title }} <span class="small">({{ s.name }})</span></h2>
 <p>Ioffe &amp; Szegedy (2015) Figure 1 on <b>{{ s.dataset }}</b>: <code>paper-mlp</code> (3 hidden layers of 100
 sigmoid units, SGD, batch 60), {{ s.steps }} steps. (b, c) show the 15th, 50th and 85th percentiles over the test
 set of the input of one sigmoid of the last hidden layer.</p>
 {{ image(s.img) }}{{ table(s.table) }}
 {%- elif s.kind == "compare" %}
-<h2>Compare with and without BN ({{ s.name }})</h2>
+<h2 id="{{ s.anchor }}">{{ s.title }} <span class="small">({{ s.name }})</span></h2>
 <p>dataset <b>{{ s.dataset }}</b>, models {{ s.models }}, learning rates {{ s.lrs }}, seeds {{ s.seeds }}; target
-validation accuracy {{ s.target }}. Mean ± standard deviation over seeds.</p>
+validation {{ s.metric }} {{ s.target }}. Test {{ s.metric }} at the best validation checkpoint; mean ± standard
+deviation over seeds.</p>
 {% for img in s.imgs %}{{ image(img) }}{% endfor %}
 {{ table(s.table) }}
-<h3>Per norm</h3>
+<h3>Per norm: the learning rate chosen on validation</h3>
 {{ table(s.summary) }}
 {%- elif s.kind == "claims" %}
-<h2>Claims ({{ s.name }}, {{ s.mode }})</h2>
+<h2 id="{{ s.anchor }}">{{ s.title }} <span class="small">({{ s.name }})</span></h2>
 <p>Each claim of the seed articles is tested under one or more conditions, over several seeds. The effect is
 positive when the claim holds; a condition is <i>supported</i> when the mean effect reaches the minimum effect and
 is positive for every seed (or its 95% interval excludes 0).</p>
-<table class="claims"><thead><tr><th>claim (seed articles)</th><th>verdict</th>
+<div class="wrap"><table class="claims"><thead><tr><th>claim (seed articles)</th><th>verdict</th>
 <th>effect per condition: mean ± sd</th><th>effect unit</th><th>literature</th></tr></thead><tbody>
 {%- for r in s.rows %}
 <tr><td><b>{{ r.claim }}</b><br/><i>“{{ r.quote }}”</i></td>
@@ -399,7 +486,7 @@ is positive for every seed (or its 95% interval excludes 0).</p>
 <td>{% for e in r.effects %}{{ e }}{% if not loop.last %}<br/>{% endif %}{% endfor %}</td>
 <td>{{ r.unit }}</td><td>{{ r.literature }}</td></tr>
 {%- endfor %}
-</tbody></table>
+</tbody></table></div>
 {%- if s.effects_img %}
 <h3>Effects per seed (dots), mean (diamond) and 95% interval; dotted line: minimum effect</h3>
 {{ image(s.effects_img) }}
@@ -411,7 +498,8 @@ is positive for every seed (or its 95% interval excludes 0).</p>
 {%- for row in d.rows %}<div class="det">{{ row }}</div>{% endfor %}</details>{% endif %}
 {%- endfor %}
 {%- elif s.kind == "train" %}
-<h2>Run {{ s.name }}</h2><p>{{ s.text }}</p>{{ image(s.img) }}
+<h2 id="{{ s.anchor }}">{{ s.title }}</h2>{{ image(s.img) }}
+<ul>{% for t in s.texts %}<li>{{ t }}</li>{% endfor %}</ul>
 {%- endif %}
 {% else %}
 <p>No experiments stored yet.</p>
@@ -437,6 +525,7 @@ def build_report(store: Store, out_dir: str | Path, title: str = "batchnorm lab 
     sections = []
     summary: dict = {"generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "experiments": []}
     kinds_order = {"figure1": 0, "compare": 1, "claims": 2, "train": 3}
+    trains: list[tuple[dict, dict]] = []
     for exp in sorted(store.experiments(), key=lambda e: (kinds_order.get(e["kind"], 9), e["created"])):
         runs = [store.get(h) for h in exp["hashes"]]
         runs = [r for r in runs if r is not None]
@@ -448,17 +537,28 @@ def build_report(store: Store, out_dir: str | Path, title: str = "batchnorm lab 
             sec, summ = _compare_section(exp, runs, figs)
         elif exp["kind"] == "claims":
             sec, summ = _claims_section(exp, store, figs)
-        else:
-            sec, summ = _train_section(exp, runs, figs)
+        else:  # single runs: one section with their curves overlaid, after the loop
+            trains.append((exp, runs[0]))
+            continue
         sections.append(sec)
         summary["experiments"].append({"name": exp["name"], "kind": exp["kind"], "params": exp["params"],
                                        "runs": len(runs), **summ})
+    if trains:
+        sec, summs = _train_section(trains, figs)
+        sections.append(sec)
+        for (exp, _), summ in zip(trains, summs):
+            summary["experiments"].append({"name": exp["name"], "kind": exp["kind"], "params": exp["params"],
+                                           "runs": 1, **summ})
+    for i, sec in enumerate(sections):
+        sec["anchor"] = f"s{i + 1}"
+    summary["findings"] = [{"section": sec["title"], "lines": [f["text"] for f in sec["findings"]]}
+                           for sec in sections if sec["findings"]]
     env = environment()
     summary["environment"] = env
     summary["runs_in_store"] = store.count()
     doc = render_html({
         "title": title, "generated": summary["generated"], "store_path": str(store.path), "runs": store.count(),
-        "out": str(out), "sections": sections,
+        "out": str(out), "sections": sections, "findings": [sec for sec in sections if sec["findings"]],
         "env": _table(["", ""], [[str(k), str(v)] for k, v in env.items()]),
     })
     path = out / "report.html"
