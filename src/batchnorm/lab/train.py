@@ -177,6 +177,8 @@ def config_key(cfg: RunConfig) -> str:
         full.pop("task")
     if not full.get("data_kw"):
         full.pop("data_kw", None)
+    if full.get("schedule") == "constant":
+        full.pop("schedule")
     return json.dumps({"v": LAB_VERSION, **full}, sort_keys=True, default=str)
 
 
