@@ -29,6 +29,7 @@ NORMS = ("none", "batchnorm", "ghost", "renorm", "frozen", "groupnorm", "layerno
 DATASETS = ("mnist1d", "fashion-mnist", "mnist", "digits", "idx")
 CLAIM_KEYS = ("faster", "higher-lr", "regularizes", "init", "gradients", "deep", "ics", "smooth", "accuracy",
               "running-stats", "population-stats", "small-batch", "placement", "dropout", "noisy-bn")
+PORTABLE_CLAIMS = ("faster", "higher-lr", "regularizes", "accuracy", "running-stats", "small-batch")
 PROBES = ("percentiles", "grad_norms", "ics", "smoothness", "inference", "recalibrate")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 TASKS = ("classification", "regression")
@@ -460,7 +461,7 @@ def _add_lab_commands(sub) -> dict[str, argparse.ArgumentParser]:
                     "paired bootstrap interval and a Holm-corrected verdict.",
         epilog=_examples("batchnorm claims --tiny --dataset mnist1d --out smoke",
                          "batchnorm claims --quick --out claims",
-                         "batchnorm claims --only faster,higher-lr --dataset mnist1d"))
+                         "batchnorm claims --only faster,accuracy --model mypkg.models:build --dataset data.npz"))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="mode", action="store_const", const="quick",
                    help="5 seeds, the main conditions (the default; about 20 min on 2 idle cores)")
@@ -468,10 +469,16 @@ def _add_lab_commands(sub) -> dict[str, argparse.ArgumentParser]:
                    help="10 seeds, every condition, longer and deeper (hours)")
     g.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="smoke test (seconds)")
     p.set_defaults(mode="quick")
-    p.add_argument("--dataset", type=_list_of(_builtin_dataset, "datasets"), default=["mnist1d", "fashion-mnist"],
-                   metavar="D[,D]", help=f"comma list of {{{datasets}}}")
+    p.add_argument("--dataset", type=_list_of(_dataset, "datasets"), default=["mnist1d", "fashion-mnist"],
+                   metavar="D[,D]", help=f"comma list of {{{datasets}}}; or one dataset of your own (a .npz, a .csv "
+                                          "or an ImageFolder directory)")
+    p.add_argument("--model", type=_model, default=None, metavar="MODULE:FUNCTION",
+                   help="your model factory: the claims that make sense on any model "
+                        f"({', '.join(PORTABLE_CLAIMS)}) are run on it instead of the reference MLP")
+    p.add_argument("--label", default=None, metavar="COLUMN", help="CSV data: the label column")
     p.add_argument("--only", type=_claim_keys, default=None, metavar="CLAIM[,CLAIM]",
-                   help=f"comma list of {{{', '.join(CLAIM_KEYS)}}} (default: all)")
+                   help=f"comma list of {{{', '.join(CLAIM_KEYS)}}} (default: all; on your model or data: "
+                        f"{', '.join(PORTABLE_CLAIMS)})")
     _add_common(p)
     parsers["claims"] = p
 

@@ -235,3 +235,22 @@ def test_console_script_finds_a_module_in_the_working_directory(user):
                        cwd=user["dir"], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert len(json.loads(p.stdout.strip().splitlines()[-1])["rows"]) == 2
+
+
+def test_claims_on_your_model_and_data(user, capsys):
+    """``claims --only`` with the claims that make sense on any model: run on the user's model and data; the
+    others are refused with the list; the report rebuilds the same verdicts from the store."""
+    out = user["dir"] / "out"
+    args = ["claims", "--tiny", "--model", f"{user['module']}:plain", "--dataset", str(user["dir"] / "data.npz"),
+            "--only", "accuracy,running-stats", "--workers", "1", "--out", str(out), "--json"]
+    assert main(args) == 0
+    r = _last_json(capsys)
+    assert [c["key"] for c in r["claims"]] == ["accuracy", "running-stats"]
+    conds = [c for claim in r["claims"] for c in claim["conditions"]]
+    assert conds and all(c["dataset"] == "data" and f"{user['module']}:plain" in c["condition"] for c in conds)
+    assert all(c["n_seeds"] == 2 for c in conds)
+    html = (out / "report.html").read_text()
+    assert "Claims about BN, measured" in html and f"{user['module']}:plain" in html
+    assert main(["claims", "--tiny", "--model", f"{user['module']}:plain", "--dataset",
+                 str(user["dir"] / "data.npz"), "--only", "ics", "--out", str(out)]) == 2
+    assert "need the lab's own models" in capsys.readouterr().err

@@ -19,6 +19,7 @@ until nothing is missing; :func:`analyze_claims` then reads everything from the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,7 +207,39 @@ def seeds_of(mode: str) -> list[int]:
     return list(range(_budget(mode)["seeds"]))
 
 
-def _conditions(mode: str, datasets: list[str], claims: list[str] | None):
+#: The claims that make sense on any model and data: with a ``subject`` (your model and data) their conditions
+#: on the lab's reference MLP are run on your model instead, and their other conditions are left out.
+PORTABLE_CLAIMS = ("faster", "higher-lr", "regularizes", "accuracy", "running-stats", "small-batch")
+
+
+def _on_subject(cond: Condition, subject: dict) -> Condition | None:
+    """``cond`` with the reference MLP replaced by the user's model and data (``subject``: RunConfig fields:
+    ``model``, ``dataset``, ``data_dir``, ``task``, ``data_kw``); None for a condition on another model."""
+    cfgs = [c for cs in cond.arms.values() for c in cs]
+    if any(c.model != "mlp" or c.model_kw for c in cfgs):
+        return None
+    model = str(subject["model"])
+    fields = {k: v for k, v in subject.items() if k != "label"}
+    arms = {arm: [c.replace(**fields) for c in cs] for arm, cs in cond.arms.items()}
+    name = cond.name.replace("mlp (ReLU, Adam)", f"{model} (Adam)").replace("mlp", model, 1)
+    return dataclasses.replace(cond, arms=arms, name=name,
+                               dataset=str(subject.get("label") or subject["dataset"]))
+
+
+def _conditions(mode: str, datasets: list[str], claims: list[str] | None, subject: dict | None = None):
+    if subject is not None:
+        fields = {k: v for k, v in subject.items() if k != "label"}
+        unknown = [k for k in (claims or []) if k not in PORTABLE_CLAIMS]
+        if unknown:
+            raise ValueError(f"claim(s) {', '.join(unknown)} need the lab's own models; on your model choose from "
+                             f"{', '.join(PORTABLE_CLAIMS)}")
+        for claim in _select(list(claims or PORTABLE_CLAIMS)):
+            for cond in claim.conditions(mode, str(fields["dataset"])):
+                mine = _on_subject(cond, {**fields, "label": subject.get("label")})
+                if mine is not None:
+                    for c in _expand(mine):
+                        yield claim, c
+        return
     for claim in _select(claims):
         for ds in datasets:
             for cond in claim.conditions(mode, ds):
@@ -216,13 +249,15 @@ def _conditions(mode: str, datasets: list[str], claims: list[str] | None):
 
 def plan_claims(mode: str = "quick", datasets: list[str] | str = "mnist1d", claims: list[str] | None = None,
                 get_run: Callable[[RunConfig], dict | None] = lambda c: None,
-                seeds: list[int] | None = None) -> list[RunConfig]:
-    """The runs still needed, given what ``get_run`` finds stored (empty when everything is there)."""
+                seeds: list[int] | None = None, subject: dict | None = None) -> list[RunConfig]:
+    """The runs still needed, given what ``get_run`` finds stored (empty when everything is there).
+
+    ``subject``: your model and data (see :data:`PORTABLE_CLAIMS`); ``datasets`` is then unused."""
     datasets = [datasets] if isinstance(datasets, str) else list(datasets)
     seeds = seeds or seeds_of(mode)
     budget = _budget(mode)
     out: dict[str, RunConfig] = {}
-    for _, cond in _conditions(mode, datasets, claims):
+    for _, cond in _conditions(mode, datasets, claims, subject):
         for c in _resolve(cond, seeds, get_run, budget)[0]:
             out.setdefault(config_key(c), c)
     return list(out.values())
@@ -243,13 +278,17 @@ def _lr_of(cond: Condition, per_seed: dict, info: dict) -> dict:
 
 def analyze_claims(get_run: Callable[[RunConfig], dict | None], mode: str = "quick",
                    datasets: list[str] | str = "mnist1d", claims: list[str] | None = None,
-                   seeds: list[int] | None = None, replicates: int = stats.REPLICATES) -> list[dict]:
-    """Effects, bootstrap intervals, Holm-corrected verdicts, from stored runs."""
+                   seeds: list[int] | None = None, replicates: int = stats.REPLICATES,
+                   subject: dict | None = None) -> list[dict]:
+    """Effects, bootstrap intervals, Holm-corrected verdicts, from stored runs (``subject``: see
+    :func:`plan_claims`)."""
     datasets = [datasets] if isinstance(datasets, str) else list(datasets)
+    if subject is not None:  # the conditions are named after the user's data
+        datasets = [str(subject.get("label") or subject["dataset"])]
     seeds = seeds or seeds_of(mode)
     budget = _budget(mode)
     rows: list[tuple[Claim, dict]] = []
-    for claim, cond in _conditions(mode, datasets, claims):
+    for claim, cond in _conditions(mode, datasets, claims, subject):
         row = {"condition": cond.name, "dataset": cond.dataset, "min_effect": claim.min_effect}
         missing, per_seed, info = _resolve(cond, seeds, get_run, budget)
         if per_seed is None or missing:

@@ -5,6 +5,7 @@ importing torch; :func:`batchnorm.cli.run` calls the ``cmd_*`` functions here wi
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sqlite3
@@ -439,6 +440,29 @@ def claims_payload(results: list[dict], mode: str, seconds: float) -> dict:
             "mode": mode, "seconds": seconds}
 
 
+def _claims_subject(args, datasets: list[str], only: list[str] | None) -> dict | None:
+    """``claims`` on your model (``--model module:function``) or your data (a dataset path): the RunConfig
+    fields that replace the reference MLP and its data (plus a ``label``), or None for the lab's own claims."""
+    from .claims import PORTABLE_CLAIMS
+
+    model = getattr(args, "model", None)
+    own_data = any(d not in DATASETS for d in datasets)
+    if model is None and not own_data:
+        if getattr(args, "label", None) is not None:
+            raise UsageError("--label names the label column of a .csv dataset; give --dataset data.csv")
+        return None
+    if len(datasets) != 1:
+        raise UsageError("claims on your model or data take one --dataset")
+    bad = [k for k in (only or []) if k not in PORTABLE_CLAIMS]
+    if bad:
+        raise UsageError(f"claim(s) {', '.join(bad)} need the lab's own models; on your model or data choose "
+                         f"--only from {', '.join(PORTABLE_CLAIMS)}")
+    ns = argparse.Namespace(dataset=datasets[0], task="classification", label=getattr(args, "label", None),
+                            data_dir=args.data_dir)
+    fields = _data_fields(ns)
+    return {"model": model or "mlp", **fields, "label": _dataset_label(ns)}
+
+
 @_guard
 def cmd_claims(args) -> int:
     from .claims import analyze_claims, plan_claims
@@ -450,7 +474,18 @@ def cmd_claims(args) -> int:
     only = list(dict.fromkeys(args.only)) if args.only else None
     datasets = list(dict.fromkeys(args.dataset))
     t0 = time.perf_counter()
-    data_ids = {ds: _data_id(args, ds) for ds in datasets}  # finds and checks every dataset before any run
+    subject = _claims_subject(args, datasets, only)
+    if subject is not None:  # your model and/or data: the portable claims, on them
+        from .train import RunConfig, resolve_data
+
+        fields = {k: v for k, v in subject.items() if k != "label"}
+        data_ids = {fields["dataset"]: resolve_data(RunConfig(**fields)).data_id}
+        datasets = [subject["label"]]
+        from .claims import PORTABLE_CLAIMS
+
+        only = only or list(PORTABLE_CLAIMS)
+    else:
+        data_ids = {ds: _data_id(args, ds) for ds in datasets}  # finds and checks every dataset before any run
     hashes: set[str] = set()
 
     def key(c):
@@ -459,7 +494,7 @@ def cmd_claims(args) -> int:
     # tuning runs first, then the runs at each arm's selected learning rate (one round per step of the grid)
     for rnd in range(1, 20):
         with open_store(args.out, args.store) as store:
-            need = plan_claims(args.mode, datasets, only, lambda c: store.get(key(c)))
+            need = plan_claims(args.mode, datasets, only, lambda c: store.get(key(c)), subject=subject)
         if not need:
             break
         runs = _run(args, need, console, f"claims ({args.mode}), round {rnd}")
@@ -475,9 +510,11 @@ def cmd_claims(args) -> int:
                     hashes.add(h)
             return cache[h]
 
-        results = analyze_claims(get, args.mode, datasets, only)
+        results = analyze_claims(get, args.mode, datasets, only, subject=subject)
         params = {"mode": args.mode, "datasets": datasets, "claims": only, "limit": args.limit,
                   "data_dir": args.data_dir, "data_ids": data_ids}
+        if subject is not None:
+            params["subject"] = subject
         store.put_experiment(experiment_name("claims", f"{args.mode}-{'-'.join(datasets)}", params), "claims",
                              params, sorted(hashes))
     _claims_table(console, results)

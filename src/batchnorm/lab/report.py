@@ -258,7 +258,7 @@ def _claims_section(exp, store: Store, figs: _Figures) -> tuple[dict, dict]:
 
     datasets = p.get("datasets") or [p.get("dataset", "mnist1d")]
     mode = p.get("mode", "quick")
-    results = analyze_claims(get, mode, datasets, p.get("claims"), p.get("seeds"))
+    results = analyze_claims(get, mode, datasets, p.get("claims"), p.get("seeds"), subject=p.get("subject"))
     name = exp["name"]
     rows = []
     for r in results:
