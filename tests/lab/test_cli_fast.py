@@ -84,6 +84,9 @@ def test_front_names_match_the_lab():
     assert front.NORMS == tuple(NORMS)
     assert front.DATASETS == tuple(DATASETS)
     assert front.CLAIM_KEYS == tuple(c.key for c in CLAIMS)
+    from batchnorm.lab.claims import PORTABLE_CLAIMS
+
+    assert front.PORTABLE_CLAIMS == PORTABLE_CLAIMS
     import batchnorm.lab.commands as commands
 
     for _module, name in front.COMMANDS.values():
