@@ -343,6 +343,9 @@ def _add_common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OU
                    help="use at most this many training examples (>= 2; default: all)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the HTML report")
+    p.add_argument("--csv", type=_out_dir, default=None, metavar="DIR",
+                   help="also write the command's tables as CSV files into DIR, and curves.csv (one row per run "
+                        "and evaluation)")
     p.add_argument(
         "--executor", choices=EXECUTORS, default=None,
         help="where runs are trained: 'local' worker processes (default: local; ray when --address is given) or "

@@ -71,9 +71,18 @@ def _count(out: Path) -> int:
 def test_cli_compare_own_model_and_npz(user, capsys):
     out = user["dir"] / "out"
     args = ["compare", "--model", f"{user['module']}:build", "--dataset", str(user["dir"] / "data.npz"),
-            "--steps", "30", "--seeds", "0,1", "--lrs", "0.003,0.03", "--workers", "1", "--out", str(out), "--json"]
+            "--steps", "30", "--seeds", "0,1", "--lrs", "0.003,0.03", "--workers", "1", "--out", str(out), "--json",
+            "--csv", str(out / "csv")]
     assert main(args) == 0
     r = _last_json(capsys)
+    # results out: the runs' curves in --json, one CSV per table and curves.csv
+    assert len(r["curves"]) == 8
+    assert {"hash", "norm", "lr", "seed", "step", "val_acc", "test_acc"} <= set(r["curves"][0])
+    assert sorted(p.name for p in (out / "csv").iterdir()) == ["curves.csv", "findings.csv", "rows.csv", "summary.csv"]
+    curves_csv = (out / "csv" / "curves.csv").read_text().splitlines()
+    assert curves_csv[0].startswith("hash,model,norm")
+    assert len(curves_csv) == 1 + sum(len(c["step"]) for c in r["curves"])
+    assert json.loads((out / "summary.json").read_text())["experiments"][0]["curves"]
     assert {row["norm"] for row in r["rows"]} == {"none", "batchnorm"} and len(r["rows"]) == 4
     assert all(0 <= row["test_accuracy"] <= 1 for row in r["rows"])
     assert {s["selected_on"] for s in r["summary"]} == {"validation"}

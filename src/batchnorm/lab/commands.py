@@ -149,7 +149,20 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
     return runs
 
 
-def _finish(args, console, payload: dict, rebuild: bool = True) -> int:
+def _finish(args, console, payload: dict, rebuild: bool = True, runs: list[dict] | None = None,
+            tables: dict[str, list[dict]] | None = None, curves_in_json: bool = True) -> int:
+    """Report, ``--csv DIR`` (the command's tables and its runs' curves) and the ``--json`` line (with the runs'
+    curves)."""
+    if runs is not None and curves_in_json:
+        from .export import curves_of
+
+        payload["curves"] = curves_of(runs)
+    if getattr(args, "csv", None):
+        from .export import write_csv
+
+        paths = write_csv(args.csv, tables or {}, runs)
+        payload["csv"] = [str(p) for p in paths]
+        console.print(f"csv: [bold]{escape(', '.join(p.name for p in paths))}[/bold] in {escape(str(args.csv))}")
     if rebuild and not getattr(args, "no_report", False):
         from .report import build_report
 
@@ -249,7 +262,8 @@ def cmd_train(args) -> int:
     }
     if res.get("task") == "regression":  # the accuracy fields hold R²
         payload.update(task="regression", test_r2=res["test_r2"], test_mse=res["test_mse"])
-    return _finish(args, console, payload, rebuild=False)
+    return _finish(args, console, payload, rebuild=False, runs=[run],
+                   tables={"run": [{k: v for k, v in payload.items() if k != "config"}]})
 
 
 def compare_configs(dataset, models, norms, lrs, seeds, steps=None, optimizer=None, batch_size=None,
@@ -375,7 +389,8 @@ def cmd_compare(args) -> int:
     with open_store(args.out, args.store) as store:
         store.put_experiment(name, "compare", params, [r["hash"] for r in runs])
     return _finish(args, console, {"rows": tab["rows"], "summary": tab["summary"], "target": target,
-                                   "findings": found})
+                                   "findings": found}, runs=runs,
+                   tables={"rows": tab["rows"], "summary": tab["summary"], "findings": found})
 
 
 def figure1_configs(dataset, steps, seed, lr=None, eval_every=None):
@@ -410,7 +425,11 @@ def cmd_figure1(args) -> int:
     with open_store(args.out, args.store) as store:
         store.put_experiment(experiment_name("figure1", args.dataset, params), "figure1", params,
                              [r["hash"] for r in runs])
-    return _finish(args, console, series)
+    return _finish(args, console, series, runs=runs, curves_in_json=False,
+                   tables={"figure1": [{"norm": s["norm"], "final_test_accuracy": s["test_accuracy"][-1],
+                                        **{f"{k}_start": s["percentiles"][k][0] for k in ("p15", "p50", "p85")},
+                                        **{f"{k}_end": s["percentiles"][k][-1] for k in ("p15", "p50", "p85")}}
+                                       for s in series["runs"]]})
 
 
 def _claims_table(console, results) -> None:
@@ -520,7 +539,11 @@ def cmd_claims(args) -> int:
     _claims_table(console, results)
     payload = claims_payload(results, args.mode, time.perf_counter() - t0)
     console.print(f"claims finished in {payload['seconds']:.0f} s")
-    return _finish(args, console, payload)
+    conditions = [{"claim": r["key"], "claim_verdict": r["verdict"],
+                   **{k: c.get(k) for k in ("dataset", "condition", "effect", "ci95", "n_seeds", "min_effect",
+                                            "verdict", "p_for_holm", "p_against_holm")}}
+                  for r in results for c in r["conditions"]]
+    return _finish(args, console, payload, curves_in_json=False, tables={"claims": conditions})
 
 
 @_guard
@@ -589,7 +612,9 @@ def cmd_demo(args) -> int:
     console.print(f"demo finished in {seconds:.0f} s")
     payload = {"seconds": seconds, "figure1": series, "compare": payload_rows,
                "findings": [f["text"] for f in found]}
-    return _finish(args, console, payload)
+    return _finish(args, console, payload, runs=runs, curves_in_json=False,
+                   tables={"compare": tab["rows"], "summary": tab["summary"],
+                           "findings": [{"text": f["text"]} for f in found]})
 
 
 @_guard

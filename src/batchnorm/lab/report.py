@@ -234,7 +234,9 @@ def _compare_section(exp, runs, figs: _Figures) -> tuple[dict, dict]:
                           + (["max stable lr"] if multi_lr else []) + ["steps to target", "gap at best lr"], srows,
                           "wide"),
     }
-    return section, {"compare": tab, "findings": found}
+    from .export import curves_of
+
+    return section, {"compare": tab, "findings": found, "curves": curves_of(runs)}
 
 
 _VERDICT_CLASS = {"supported": "ok", "contradicted": "bad", "inconclusive": "mid", "depends": "mid"}
@@ -394,7 +396,9 @@ def _train_section(exps: list[tuple[dict, dict]], figs) -> tuple[dict, list[dict
                      f"{_label(cfg['norm'])}, {cfg['optimizer']} lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
                      f"{res['steps']} steps, seed {cfg['seed']}: test {score} at the best validation checkpoint"
                      f"{' (diverged)' if res['diverged'] else ''}.")
-        summ.append({"train": {"hash": r["hash"], **res}})
+        from .export import curves_of
+
+        summ.append({"train": {"hash": r["hash"], **res}, "curves": curves_of([r])})
     metric = "R² (regression)" if any(r["result"].get("task") == "regression" for _, r in exps) else "accuracy"
     ax[0].set_ylabel(metric)
     ax[0].set_title(f"{metric}: test (solid) and validation (dashed)", fontsize=10)
