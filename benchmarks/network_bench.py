@@ -38,15 +38,16 @@ def stack(bn: type, channels: int, layers: int) -> torch.nn.Sequential:
 
 def bn_call_times(model: torch.nn.Module, x: torch.Tensor, steps: int, ours: bool) -> dict[str, float]:
     """Microseconds per BN call (forward, backward) from the torch profiler's self CPU time."""
-    names = (("_train_forward", "_train_forwardBackward") if ours
-             else ("aten::native_batch_norm", "aten::native_batch_norm_backward"))
+    # ours: the layers' lean path (_TrainLean, the cpu backend) or the operator route (_train_forward)
+    names = ((("_TrainLean", "_train_forward"), ("_TrainLeanBackward", "_train_forwardBackward")) if ours
+             else (("aten::native_batch_norm",), ("aten::native_batch_norm_backward",)))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             model(x).sum().backward()
     found = {e.key: e for e in prof.key_averages()}
     out = {}
-    for label, name in zip(("forward_us", "backward_us"), names):
-        e = found.get(name)
+    for label, keys in zip(("forward_us", "backward_us"), names):
+        e = next((found[k] for k in keys if k in found), None)
         out[label] = float("nan") if e is None else e.self_cpu_time_total / e.count
     return out
 
