@@ -433,10 +433,9 @@ def cmd_figure1(args) -> int:
 
 
 def _claims_table(console, results) -> None:
-    t = Table(title="claims of the seed articles, measured (effect, 95% bootstrap interval, Holm-corrected verdict)",
-              show_lines=True)
-    for col in ("claim", "verdict", "effect per condition [95% CI]"):
-        t.add_column(col)
+    t = _table("claims of the seed articles, measured (effect, 95% bootstrap interval, Holm-corrected verdict)",
+               ["claim", "verdict", "effect per condition [95% CI]"], wrap=("claim", "effect per condition [95% CI]"))
+    t.show_lines = True
     style = {"supported": "green", "contradicted": "red", "inconclusive": "yellow", "depends": "cyan"}
     for r in results:
         eff = "\n".join(f"{c['dataset']}, {c['condition']}: {interval_text(c)} ({c['verdict']})"
@@ -578,9 +577,8 @@ def cmd_demo(args) -> int:
                              [r["hash"] for r in fig_runs])
         store.put_experiment(experiment_name("compare", "mlp-cnn-mnist1d", cparams), "compare", cparams,
                              [r["hash"] for r in cmp_runs])
-    t = Table(title=f"demo summary: MNIST-1D, mean ± sd over {len(seeds)} seeds", show_lines=False)
-    for col in ("experiment", "without BN", "with BN", "BN effect"):
-        t.add_column(col)
+    t = _table(f"demo summary: MNIST-1D, mean ± sd over {len(seeds)} seeds (test accuracy at the best validation "
+               "checkpoint)", ["experiment", "without BN", "with BN", "BN effect"], wrap=("experiment",))
     f = {s["norm"]: s for s in series["runs"]}
     a0, a1 = f["none"]["test_accuracy"][-1], f["batchnorm"]["test_accuracy"][-1]
     t.add_row(f"Figure 1: paper-mlp, {f_steps} SGD steps", _pct(a0), _pct(a1), f"{100 * (a1 - a0):+.1f} pp")
@@ -589,7 +587,7 @@ def cmd_demo(args) -> int:
     payload_rows = []
     for model in ("mlp", "cnn"):
         r0, r1 = rows[(model, "none")], rows[(model, "batchnorm")]
-        t.add_row(f"{model}: final test accuracy ({c_steps} steps)",
+        t.add_row(f"{model}: test accuracy ({c_steps} steps)",
                   f"{_pct(r0['test_accuracy'])} ± {_pct(r0['test_accuracy_std'])}",
                   f"{_pct(r1['test_accuracy'])} ± {_pct(r1['test_accuracy_std'])}",
                   f"{100 * (r1['test_accuracy'] - r0['test_accuracy']):+.1f} pp")
