@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Dataset, load_dataset
+from .data import Dataset
 from .store import Store, environment
-from .train import RunConfig, config_hash, train, with_recipe
+from .train import RunConfig, config_hash, load_data, train, with_recipe
 
 __all__ = ["EXECUTORS", "ExecutorUnavailable", "SweepError", "add_executor_arguments", "check_executor",
            "default_workers", "executor_options", "run_sweep"]
@@ -272,7 +272,7 @@ def check_executor(executor: str, address: str | None = None) -> None:
 
 
 def _data_key(cfg: RunConfig) -> tuple:
-    return (cfg.dataset, cfg.data_dir, cfg.data_limit)
+    return (cfg.dataset, cfg.data_dir, cfg.data_limit, cfg.task, cfg.data_kw)
 
 
 #: Datasets a Ray worker process has received, by data key and identity (a worker runs many tasks).
@@ -413,7 +413,7 @@ def _run_ray(todo: dict[str, RunConfig], store: Store, workers: int, address: st
     datasets: dict[tuple, Dataset] = {}
     for c in ordered:
         if _data_key(c) not in datasets:
-            datasets[_data_key(c)] = load_dataset(c.dataset, data_dir=c.data_dir, limit=c.data_limit)
+            datasets[_data_key(c)] = load_data(c)  # a built-in dataset or the user's file
     started = not ray.is_initialized()
     reaper = _ray_init(ray, address, workers) if started else None
     pending: list = []
