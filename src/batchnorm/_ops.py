@@ -321,12 +321,17 @@ class _TrainLean(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         backend = ctx.backend
-        if graph_backward(dy) or kernels.select("backward_train", x) is not backend:
+        forced = kernels.get_backend()  # in "auto" mode the forward's backend is still the one picked
+        if (graph_backward(dy) or backend.name in kernels._disabled
+                or (forced != "auto" and kernels.select("backward_train", x) is not backend)):
             mean, var, count = backend.lean_stats(ctx.stats)
             return (*_train_grad(_Saved(ctx, (x, weight, None, mean, var, count)), dy)[:3], None, None, None)
         dx, dw, db = backend.backward_lean(dy, x, ctx.stats, ctx.eps, weight, need_x)
-        return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
-                db.to(ctx.bias_dtype) if need_b else None, None, None, None)
+        if need_w and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        if need_b and db.dtype != ctx.bias_dtype:
+            db = db.to(ctx.bias_dtype)
+        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
 
 
 class _Saved:
