@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import re
 import sys
 from difflib import get_close_matches
@@ -128,7 +129,8 @@ class _Parser(argparse.ArgumentParser):
                               f"(see `{self.prog} --help`)\n")
 
 
-def _dataset_kind(name: str) -> str | None:
+def dataset_kind(name: str | os.PathLike) -> str | None:
+    """``npz``, ``csv`` or ``imagefolder`` for a dataset path, None for anything else (a built-in name)."""
     p = Path(name)
     if p.suffix.lower() == ".npz":
         return "npz"
@@ -237,7 +239,7 @@ def _dataset(name: str) -> str:
     """A built-in dataset, or your own: a .npz or .csv file, or an ImageFolder directory."""
     if name in DATASETS:
         return name
-    kind = _dataset_kind(name)
+    kind = dataset_kind(name)
     if kind is None or not Path(name).exists():
         what = f"no such file {name!r}" if kind in ("npz", "csv") else f"unknown dataset {name!r}"
         near = _did_you_mean(name, DATASETS) if kind is None else ""

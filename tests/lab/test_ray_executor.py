@@ -175,8 +175,10 @@ def test_missing_ray_is_refused_before_any_work(tmp_path, monkeypatch):
 
 def test_executor_arguments(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))  # options only need ray importable
-    p = argparse.ArgumentParser()
-    S.add_executor_arguments(p)
+    import batchnorm_cli
+
+    _, parsers = batchnorm_cli.build_parser()
+    p = parsers["train"]  # every lab command has the same executor options (the command line's front)
     help_text = " ".join(p.format_help().split())
     assert "default: local" in help_text and "implies --executor ray" in help_text
     assert S.executor_options(p.parse_args([])) == {"executor": "local", "address": None}

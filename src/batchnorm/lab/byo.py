@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from batchnorm_cli import dataset_kind  # the command line's front decides it without torch
+
 from .data import DataError, Dataset, DataUnavailable, _array_digest, _identity
 
 __all__ = ["FILE_KINDS", "TASKS", "ModelError", "build_user_model", "dataset_kind", "is_user_model",
@@ -204,16 +206,6 @@ def build_user_model(name: str, input_shape, num_outputs: int, norm: str = "none
 # ------------------------------------------------------------------------------------------------- data
 
 
-def dataset_kind(path: str | os.PathLike) -> str | None:
-    """``npz``, ``csv`` or ``imagefolder`` for a dataset path, None for anything else."""
-    p = Path(path)
-    if p.suffix.lower() == ".npz":
-        return "npz"
-    if p.suffix.lower() == ".csv":
-        return "csv"
-    if p.is_dir():
-        return "imagefolder"
-    return None
 
 
 _KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")

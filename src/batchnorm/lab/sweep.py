@@ -41,12 +41,12 @@ from .data import Dataset
 from .store import Store, environment
 from .train import RunConfig, config_hash, load_data, train, with_recipe
 
-__all__ = ["EXECUTORS", "ExecutorUnavailable", "SweepError", "add_executor_arguments", "check_executor",
+__all__ = ["EXECUTORS", "ExecutorUnavailable", "SweepError", "check_executor",
            "default_workers", "executor_options", "run_sweep"]
 
 #: Where a sweep's runs are trained: worker processes on this machine, or Ray tasks.
-EXECUTORS = ("local", "ray")
-RAY_INSTALL = 'pip install "batchnorm[ray]"'
+from batchnorm_cli import EXECUTORS, RAY_INSTALL  # one list of executors, shared with the front
+
 #: Settings of the driver that change how a run computes; a Ray cluster's workers do not inherit the
 #: driver's environment, so these travel with the tasks (``runtime_env``) when the cluster is not ours.
 FORWARDED_ENV = ("BATCHNORM_BACKEND", "BATCHNORM_TRITON", "BATCHNORM_TRITON_PIPELINE")
@@ -463,23 +463,8 @@ def _run_ray(todo: dict[str, RunConfig], store: Store, workers: int, address: st
 # ------------------------------------------------------------------------------------ command line
 
 
-def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--executor {local,ray}`` and ``--address``, for any command that runs a sweep."""
-    parser.add_argument(
-        "--executor", choices=EXECUTORS, default=None,
-        help="where runs are trained: 'local' worker processes (default: local; ray when --address is given) or "
-             f"'ray' tasks (optional extra: {RAY_INSTALL}); with ray and no --address, a local Ray instance on "
-             "--workers CPUs. The store is written by this process only",
-    )
-    parser.add_argument(
-        "--address", default=None, metavar="ADDRESS",
-        help="address of a running Ray cluster (HOST:6379, ray://HOST:10001 or auto; implies --executor ray; "
-             "default: none, or $RAY_ADDRESS with --executor ray). The nodes need batchnorm installed, not the data",
-    )
-
-
 def executor_options(args: argparse.Namespace) -> dict:
-    """``run_sweep``'s executor keywords from :func:`add_executor_arguments`' options, checked now (before
+    """``run_sweep``'s executor keywords from the command line's ``--executor``/``--address``, checked now (before
     any store is opened): a missing Ray is a runtime error naming the install command, ``--executor local
     --address`` a usage error."""
     from ..cli import CommandError, UsageError
