@@ -5,7 +5,7 @@ training forward) of ``batchnorm.BatchNorm*d`` and ``torch.nn.BatchNorm*d`` and 
 median of many repeats and the ratio torch/ours (> 1: ours is faster). Every backend the
 dispatcher can use is measured (``reference`` = plain torch ops, ``auto`` = what a user gets).
 
-    python benchmarks/core_bench.py [--repeats 30] [--threads 2] [--json out.json]
+    python benchmarks/core_bench.py [--repeats 30] [--threads 2] [--out out.json]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the rows to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(args.repeats)
@@ -100,8 +100,8 @@ def main() -> None:
     for r in rows:
         print(f"{str(tuple(r['shape'])):<22}{r['layout']:<15}{r['pass']:<15}{r['backend']:<11}"
               f"{r['ours_ms']:>10.3f}{r['torch_ms']:>10.3f}{r['ratio_torch_over_ours']:>8.2f}")
-    if args.json:
-        with open(args.json, "w") as fh:
+    if args.out:
+        with open(args.out, "w") as fh:
             json.dump({"torch": torch.__version__, "threads": args.threads, "rows": rows}, fh, indent=1)
 
 

@@ -3,7 +3,7 @@
 Issue 3's targets: (256, 64, 56, 56) bfloat16 forward+backward at >= 80% of the measured copy
 bandwidth; >= 2x ATen on NCHW bfloat16; fused BN+ReLU >= 1.45x eager BN then ReLU.
 
-    python benchmarks/gpu_bench.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 50] [--json gpu.json]
+    python benchmarks/gpu_bench.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 50] [--out gpu.json]
     python benchmarks/gpu_bench.py --pipeline   # NCHW training passes as the pipelined single launch
 
 It is ``batchnorm bench --device cuda`` with the issue's defaults (same table and JSON); measured
@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", action="store_true",
                    help="run NCHW training forwards/backwards as the pipelined single launch "
                         "(BATCHNORM_TRITON_PIPELINE=1; default file gpu_bench_pipelined.json)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--out", default=None, metavar="FILE")
     args = p.parse_args(argv)
-    if args.json is None:
-        args.json = "gpu_bench_pipelined.json" if args.pipeline else "gpu_bench.json"
+    if args.out is None:
+        args.out = "gpu_bench_pipelined.json" if args.pipeline else "gpu_bench.json"
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to measure (the Triton kernels are tested on the CPU under "
               "TRITON_INTERPRET=1 by tests/kernels/test_triton.py)")
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_gpu._PIPELINE = True
     ns = argparse.Namespace(shape=args.shape or ["256,64,56,56"], layouts=args.layouts, dtype=args.dtype,
                             passes=args.passes, repeats=args.repeats, threads=0, device="cuda",
-                            compile=args.compile, json=args.json, quiet=False)
+                            compile=args.compile, out=args.out, json=False, quiet=False)
     return bench.handler(ns)
 
 

@@ -41,19 +41,19 @@ step() {  # step NAME TIMEOUT COMMAND...
 
 for s in $STEPS; do
     case $s in
-        pipeline) step pipeline 150 python benchmarks/gpu_pipeline_check.py --json "$OUT/pipeline_check.json" ;;
+        pipeline) step pipeline 150 python benchmarks/gpu_pipeline_check.py --out "$OUT/pipeline_check.json" ;;
         checks) step checks 300 python tests/kernels/_triton_checks.py ;;
         bench)
-            step bench 120 python benchmarks/gpu_bench.py --dtype bfloat16 --json "$OUT/bench.json"
+            step bench 120 python benchmarks/gpu_bench.py --dtype bfloat16 --out "$OUT/bench.json"
             step bench_pipelined 120 python benchmarks/gpu_bench.py --dtype bfloat16 --pipeline \
-                --json "$OUT/bench_pipelined.json" ;;
-        sweep) step sweep 240 python benchmarks/gpu_tile_sweep.py --repeats 40 --json "$OUT/sweep.json" ;;
+                --out "$OUT/bench_pipelined.json" ;;
+        sweep) step sweep 240 python benchmarks/gpu_tile_sweep.py --repeats 40 --out "$OUT/sweep.json" ;;
         small)
             step small_triton 120 python -c "import sys; from batchnorm.cli import main; sys.exit(main())" \
-                bench --device cuda $SMALL --json "$OUT/small_triton.json"
+                bench --device cuda $SMALL --out "$OUT/small_triton.json"
             BATCHNORM_BACKEND=reference step small_reference 120 python -c \
                 "import sys; from batchnorm.cli import main; sys.exit(main())" \
-                bench --device cuda $SMALL --json "$OUT/small_reference.json" ;;
+                bench --device cuda $SMALL --out "$OUT/small_reference.json" ;;
         *) echo "unknown step $s (pipeline, checks, bench, sweep, small)"; exit 2 ;;
     esac
 done

@@ -8,7 +8,7 @@ and backward of both paths against float64 statistics and each other, then times
 (CUDA events, L2 flushed before each call, interleaved), and prints the fraction of the copy
 bandwidth each reaches over the pass's floor (1R+1W forward, 2R+1W backward).
 
-    python benchmarks/gpu_pipeline_check.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 50] [--json F]
+    python benchmarks/gpu_pipeline_check.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 50] [--out F]
 
 Run it under ``timeout``: a pipelined program waiting on a group that never completes would hang.
 """
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="256,64,56,56")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--json", default="gpu_pipeline_check.json", help="'' for none")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the results to this JSON file")
     p.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 BATCHNORM_TRITON=1")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:26s} {t['median'] * 1e6:8.1f} us  {floor / t['median'] / bw:5.1%} of copy")
     out["timing"], out["copy_gbps"] = timing, bw / 1e9
     tg._PIPELINE = False
-    if args.json:
-        with open(args.json, "w") as fh:
+    if args.out:
+        with open(args.out, "w") as fh:
             json.dump(out, fh, indent=1)
-        print(f"wrote {args.json}")
+        print(f"wrote {args.out}")
     print("correct" if ok else "WRONG")
     return 0 if ok else 1
 

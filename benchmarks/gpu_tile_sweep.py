@@ -7,7 +7,7 @@ setting with the sum over the cases. The defaults in ``batchnorm/kernels/triton_
 from the run recorded in ``benchmarks/results/gpu_tile_sweep_h200_2026-11-30.json``
 (docs/results/2026-11-30-gpu-h200.md).
 
-    python benchmarks/gpu_tile_sweep.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 60] [--json sweep.json]
+    python benchmarks/gpu_tile_sweep.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 60] [--out sweep.json]
 
 ``--device cpu`` (under ``TRITON_INTERPRET=1 BATCHNORM_TRITON=1``) is a dry run: every case runs
 once in Triton's interpreter, untimed, for one setting per code path (CI runs it on a tiny shape,
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="256,64,56,56")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=60)
-    p.add_argument("--json", default="gpu_tile_sweep.json", help="'' for none")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the results to this JSON file")
     p.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 BATCHNORM_TRITON=1")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     best = min(results, key=lambda s: sum(results[s].values()))
     print(f"fastest: {best} (defaults {defaults})")
-    if args.json:
-        with open(args.json, "w") as fh:
+    if args.out:
+        with open(args.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(dev), "shape": shape, "dtype": args.dtype,
                        "repeats": args.repeats, "defaults": defaults, "results": results, "fastest": best},
                       fh, indent=1)
-        print(f"wrote {args.json}")
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -11,7 +11,7 @@ output. This times what a user sees there:
   backward; ours: the autograd function of the training op, Python included).
 
     python benchmarks/network_bench.py [--shape 64,64,8,8] [--layers 4] [--threads 2]
-                                       [--repeats 40] [--json network_bench.json]
+                                       [--repeats 40] [--out network_bench.json]
 
 Weights are copied from the torch stack to ours, so both compute the same function.
 """
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=40)
-    p.add_argument("--json", default="network_bench.json", help="'' for none")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the results to this JSON file")
     p.add_argument("--no-malloc-reuse", dest="malloc_reuse", action="store_false",
                    help="leave glibc's allocator settings alone (see bench.reuse_large_allocations)")
     args = p.parse_args(argv)
@@ -106,10 +106,10 @@ def _run(args: argparse.Namespace, n: int, c: int, h: int, w: int) -> int:
         print(f"{label}: torch {ms['torch']:.2f} ms, ours {ms['ours']:.2f} ms (torch/ours {ratio:.2f}x)")
     for k, v in calls.items():
         print(f"BN per call ({k}): forward {v['forward_us']:.0f} us, backward {v['backward_us']:.0f} us")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+        print(f"wrote {args.out}")
     return 0
 
 

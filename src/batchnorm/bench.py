@@ -23,20 +23,24 @@ Passes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as TF
 
-PASSES = ("train", "eval", "backward", "bn_relu")
+from batchnorm_cli.bench_args import DEFAULT_SHAPE, DTYPES, LAYOUTS, PASSES, parse_shape
+
+__all__ = ["DTYPES", "LAYOUTS", "PASSES", "copy_bandwidth", "handler", "render", "reuse_large_allocations", "run",
+           "time_side_by_side"]
 FLOOR_PASSES = {"train": 2, "eval": 2, "backward": 3, "bn_relu": 5}  # tensor-sized reads + writes
 
 
@@ -152,8 +156,8 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
     pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     w = torch.rand(c, dtype=pdtype, device=device) + 0.5
     b = torch.randn(c, dtype=pdtype, device=device)
-    rm_ours, rv_ours = torch.zeros(c, device=device), torch.ones(c, device=device)
-    rm_t, rv_t = torch.zeros(c, device=device), torch.ones(c, device=device)
+    rm_ours, rv_ours = torch.zeros(c, dtype=pdtype, device=device), torch.ones(c, dtype=pdtype, device=device)
+    rm_t, rv_t = torch.zeros(c, dtype=pdtype, device=device), torch.ones(c, dtype=pdtype, device=device)
     dy = torch.randn_like(x)
     eps = 1e-5
     cases: list[tuple[str, dict[str, Callable[[], Any]]]] = []
@@ -252,101 +256,34 @@ def run(shapes: list[tuple[int, ...]], layouts: list[str], dtypes: list[torch.dt
     }
 
 
-def render(result: dict[str, Any]) -> None:
-    """Print the rows as a rich table."""
+def render(result: dict[str, Any], stderr: bool = False) -> None:
+    """Print the rows as a rich table (on stderr when stdout carries the JSON line)."""
     from rich.console import Console
     from rich.table import Table
 
-    has_compile = any("compile_ms" in r for r in result["rows"])
+    rows = result["rows"]
+    has_compile = any("compile_ms" in r for r in rows)
+    dtypes = sorted({r["dtype"] for r in rows})
     m = result["machine"]
     clock = m.get("clock", "wall")
-    table = Table(title=f"batchnorm bench: {m['device']}, {m['threads']} threads, copy "
-                        f"{result['copy_gbps']:.1f} GB/s, median of {result['repeats']} ({clock} time)")
-    for col in ("shape", "layout", "dtype", "pass", "ours ms", "torch ms", *(["compile ms"] if has_compile else []),
-                "torch/ours", "GB/s", "of copy"):
-        table.add_column(col, justify="right" if col not in ("layout", "pass") else "left")
-    for r in result["rows"]:
+    one_dtype = f"{dtypes[0]}, " if len(dtypes) == 1 else ""
+    table = Table(title=f"batchnorm bench: {m['device']}, {one_dtype}{m['threads']} threads, copy "
+                        f"{result['copy_gbps']:.1f} GB/s, median of {result['repeats']} ({clock} time)",
+                  caption="ratio = torch ms / ours ms (> 1: ours is faster); contig = contiguous, "
+                          "chlast = channels_last; %copy: our bandwidth / copy bandwidth",
+                  box=None, pad_edge=False, header_style="bold")
+    columns = ["shape", "layout", *(["dtype"] if not one_dtype else []), "pass", "ours ms", "torch ms",
+               *(["compile ms"] if has_compile else []), "ratio", "GB/s", "%copy"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("layout", "pass", "dtype") else "right", no_wrap=True)
+    for r in rows:
         table.add_row(
-            "x".join(map(str, r["shape"])), r["layout"], r["dtype"], r["pass"], f"{r['ours_ms']:.2f}",
-            f"{r['torch_ms']:.2f}", *([f"{r['compile_ms']:.2f}" if "compile_ms" in r else "-"] if has_compile else []),
+            "x".join(map(str, r["shape"])), {"contiguous": "contig", "channels_last": "chlast"}[r["layout"]],
+            *([r["dtype"]] if not one_dtype else []), r["pass"], f"{r['ours_ms']:.2f}", f"{r['torch_ms']:.2f}",
+            *([f"{r['compile_ms']:.2f}" if "compile_ms" in r else "-"] if has_compile else []),
             f"{r['ratio']:.2f}x", f"{r['gbps']:.1f}", f"{r['copy_fraction']:.0%}",
         )
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    console.print(table)
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v)
-
-
-# --------------------------------------------------------------------- option validators (argparse type=)
-# A bad value is refused before anything is measured; argparse names the option ("argument --shape: ...")
-# and ``batchnorm.cli`` exits with code 2.
-
-MAX_ELEMENTS = 1 << 34  # 16 Gi elements: a typo, not a benchmark
-DTYPES = ("float16", "bfloat16", "float32", "float64")
-LAYOUTS = ("contiguous", "channels_last")
-
-
-def _shape_arg(text: str) -> tuple[int, ...]:
-    """``N,C[,L | ,H,W | ,D,H,W]`` (``x`` also separates): 2 to 5 integers >= 1."""
-    try:
-        shape = _parse_shape(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; expected 2 to 5 integers >= 1 such as "
-                                         "32,64,56,56 (N,C,H,W)") from None
-    if not 2 <= len(shape) <= 5:
-        raise argparse.ArgumentTypeError(f"{text!r} has {len(shape)} dimension(s); expected 2 to 5 (N,C[,L|H,W|D,H,W])")
-    if min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty dimension; every size must be >= 1")
-    if shape[0] * math.prod(shape[2:]) < 2:
-        raise argparse.ArgumentTypeError(f"{text!r} has one value per channel; training batch norm needs at "
-                                         "least 2 (N x spatial sizes >= 2)")
-    n = math.prod(shape)
-    if n > MAX_ELEMENTS:
-        raise argparse.ArgumentTypeError(f"{text!r} has {n} elements; at most {MAX_ELEMENTS}")
-    return shape
-
-
-def _int_range(lo: int, hi: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected {lo}..{hi}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{v} is out of range; expected an integer from {lo} to {hi}")
-        return v
-
-    return parse
-
-
-def _choices_list(choices: tuple[str, ...], what: str):
-    def parse(text: str) -> str:
-        items = [x for x in text.split(",") if x]
-        bad = [x for x in items if x not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad)) or '(none given)'}; "
-                                             f"choose from {', '.join(choices)}")
-        return ",".join(items)
-
-    return parse
-
-
-def _output_file(text: str) -> str:
-    """Where to write the JSON ('' for nowhere): not a directory, and its directory must exist."""
-    if not text:
-        return text
-    path = os.path.abspath(text)
-    if os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as "
-                                         f"{os.path.join(text, 'bench.json')}")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"the directory {os.path.dirname(text) or parent} does not exist")
-    return text
+    Console(stderr=stderr).print(table)
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -375,53 +312,33 @@ def _handle(args: argparse.Namespace) -> int:
     if unknown:  # the command line refuses these already; this is for scripts calling handler()
         print(f"error: unknown passes {sorted(unknown)}; choose from {PASSES}", file=sys.stderr)
         return 2
-    shapes = [s if isinstance(s, tuple) else _shape_arg(s) for s in args.shape]
+    shapes = [s if isinstance(s, tuple) else parse_shape(s) for s in args.shape]
+    log = partial(print, file=sys.stderr if args.json else sys.stdout)
     result = run(shapes, args.layouts.split(","), dtypes, passes, device,
-                 args.repeats, args.compile, log=(lambda s: None) if args.quiet else print)
+                 args.repeats, args.compile, log=(lambda s: None) if args.quiet else log)
     result["machine"]["malloc_reuse"] = malloc_reuse
-    render(result)
-    if args.json:
+    render(result, stderr=bool(getattr(args, "json", False)))
+    out = getattr(args, "out", None)
+    if out:
+        tmp = f"{out}.tmp"
         try:
-            with open(args.json, "w") as fh:
+            with open(tmp, "w") as fh:
                 json.dump(result, fh, indent=2)
+            os.replace(tmp, out)
         except OSError as exc:
             from .cli import CommandError
 
-            raise CommandError(f"cannot write {args.json}: {exc.strerror or exc}") from None
-        print(f"wrote {args.json}")
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
+        print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
+    if getattr(args, "json", False):
+        print(json.dumps(result), flush=True)
     return 0
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("bench", help="time our batch-norm kernels against torch's native ones",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", action="append", type=_shape_arg, default=None,
-                   help="input shape N,C,H,W: 2 to 5 integers >= 1 (repeatable; default 32,64,56,56)")
-    p.add_argument("--layouts", type=_choices_list(LAYOUTS, "layout(s)"), default="contiguous,channels_last",
-                   help="contiguous,channels_last")
-    p.add_argument("--dtype", type=_choices_list(DTYPES, "dtype(s)"), default="float32",
-                   help="comma-separated: float32,float64 (GPU: bfloat16,...)")
-    p.add_argument("--passes", type=_choices_list(PASSES, "pass(es)"), default=",".join(PASSES),
-                   help=f"comma-separated subset of {','.join(PASSES)}")
-    p.add_argument("--repeats", type=_int_range(1, 100000), default=30,
-                   help="timed repeats per case (median reported; 1..100000)")
-    p.add_argument("--threads", type=_int_range(0, 4096), default=0,
-                   help="torch (and numba) threads; 0: torch's default")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of torch's batch norm")
-    p.add_argument("--json", type=_output_file, default="bench.json",
-                   help="where to write the results ('' for nowhere)")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="CPU runs: wall time, or this process's CPU time (robust to other processes' load "
-                        "with --threads 1; with more threads it also counts threads that spin-wait); "
-                        "GPU runs always use CUDA events")
-    p.add_argument("--no-malloc-reuse", dest="malloc_reuse", action="store_false",
-                   help="keep glibc's default thresholds (freed large outputs go back to the OS)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=_run_with_defaults)
-
-
-def _run_with_defaults(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    """Run ``batchnorm bench`` from its parsed options (:func:`batchnorm_cli.bench_args.add_arguments`)."""
     if not args.shape:
-        args.shape = [(32, 64, 56, 56)]
+        args.shape = [DEFAULT_SHAPE]
     return handler(args)

@@ -2,7 +2,7 @@
 
 The arguments are parsed by :mod:`batchnorm_cli` without importing torch (so ``--help`` and usage errors
 are instant); :func:`run` then imports the command (the lab's in :mod:`batchnorm.lab.commands`, ``bench``
-in :mod:`batchnorm.bench`, which parses its own options) and runs it.
+in :mod:`batchnorm.bench`) and runs it.
 
 Errors never show a traceback. Exit codes:
 
@@ -66,32 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     return _main(argv)
 
 
-def _bench_args(extra: list[str]) -> argparse.Namespace:
-    """``batchnorm bench``'s arguments, parsed by its own parser (it imports torch)."""
-    from batchnorm_cli import _Parser
-
-    from . import bench
-
-    parser = _Parser(prog="batchnorm")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    bench.register(sub)
-    return parser.parse_args(["bench", *extra])
-
-
-def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run a parsed command: one ``error: ...`` line and an exit code for every failure (module docstring)."""
     from batchnorm_cli import COMMANDS
 
     try:
-        if args.command == "bench":
-            try:
-                args = _bench_args(list(extra or ()))
-            except SystemExit as exc:
-                return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-            func = args.func
-        else:
-            module, name = COMMANDS[args.command]
-            func = getattr(importlib.import_module(module), name)
+        module, name = COMMANDS[args.command]
+        func = getattr(importlib.import_module(module), name)
         return int(func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; finished runs are stored and will be reused", file=sys.stderr)

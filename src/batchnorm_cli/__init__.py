@@ -45,7 +45,7 @@ COMMANDS = {
     "claims": ("batchnorm.lab.commands", "cmd_claims"),
     "demo": ("batchnorm.lab.commands", "cmd_demo"),
     "report": ("batchnorm.lab.commands", "cmd_report"),
-    "bench": ("batchnorm.bench", None),
+    "bench": ("batchnorm.bench", "main"),
 }
 
 
@@ -509,8 +509,7 @@ def _add_lab_commands(sub) -> dict[str, argparse.ArgumentParser]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and the sub-commands' parsers. ``bench`` is answered by :mod:`batchnorm.bench`'s
-    own parser (it imports torch): here it only collects its arguments."""
+    """The top-level parser and the sub-commands' parsers (stdlib only: no torch import)."""
     parser = _Parser(
         prog="batchnorm",
         description="Batch normalization lab: train with and without BN, test the claims, benchmark kernels.",
@@ -522,8 +521,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser.add_argument("--version", action="version", version=f"batchnorm {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parsers = _add_lab_commands(sub)
-    parsers["bench"] = sub.add_parser("bench", help="time our batch-norm kernels against torch's native ones",
-                                      add_help=False, usage="batchnorm bench [options]")
+    from .bench_args import DESCRIPTION, add_arguments
+
+    p = sub.add_parser(
+        "bench", help="time our batch-norm kernels against torch's native ones", description=DESCRIPTION,
+        epilog=_examples("batchnorm bench                                  # (32,64,56,56), both layouts",
+                         "batchnorm bench --shape 256,100 --shape 64,64,8,8 --threads 2",
+                         "batchnorm bench --passes backward --repeats 100 --out bench.json"))
+    add_arguments(p)
+    parsers["bench"] = p
     return parser, parsers
 
 
@@ -533,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser, parsers = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "bench":
+        if extra:
             parsers.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help/--version (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
@@ -542,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from batchnorm.cli import run
 
-    return run(args, extra)
+    return run(args)
 
 
 if __name__ == "__main__":
