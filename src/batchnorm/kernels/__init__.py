@@ -143,15 +143,40 @@ def _after_fork_in_child() -> None:
         _disabled.add("cpu")
 
 
+#: backend module -> the third-party package whose absence leaves it unregistered
+OPTIONAL_DEPENDENCIES = {"cpu": "numba", "triton_gpu": "triton"}
+
+
+def _optional_dependency_missing(modname: str, exc: ModuleNotFoundError) -> bool:
+    """Whether ``exc`` says that the optional package ``modname`` is built on is not installed
+    (a missing ``numba`` for the cpu backend, ``triton`` for the triton one); any other failed
+    import (a bug, a broken install of something else) is not tolerated."""
+    wanted = OPTIONAL_DEPENDENCIES.get(modname)
+    return wanted is not None and (exc.name or "").split(".")[0] == wanted
+
+
+def _gpu_or_interpreter() -> bool:
+    """Whether the triton backend can run here: a CUDA device, or triton's interpreter asked for
+    (``TRITON_INTERPRET=1 BATCHNORM_TRITON=1``)."""
+    import torch
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("BATCHNORM_TRITON") == "1"
+    return interpret or torch.cuda.is_available()
+
+
 def _register_optional() -> None:
-    """Register the fast backends that exist and whose dependencies are installed."""
+    """Register the fast backends. A backend whose optional package (:data:`OPTIONAL_DEPENDENCIES`)
+    is not installed is left out; any other import error propagates."""
     import importlib
 
     for modname in ("aten", "cpu", "triton_gpu"):
+        if modname == "triton_gpu" and not _gpu_or_interpreter():
+            continue
         try:
             importlib.import_module(f"{__name__}.{modname}")
-        except ImportError:
-            continue
+        except ModuleNotFoundError as exc:
+            if not _optional_dependency_missing(modname, exc):
+                raise
     if "cpu" in _REGISTRY:
         os.register_at_fork(after_in_child=_after_fork_in_child)
 
