@@ -77,7 +77,7 @@ def test_insert_fx_traceable_module():
     model = Net()
     new = B.insert(model, where="after_activation")
     assert isinstance(new, torch.fx.GraphModule)
-    assert isinstance(new.conv_bn, B.BatchNorm2d) and isinstance(new.fc1_bn, B.BatchNorm1d)
+    assert isinstance(new.conv_bn, B.BatchNorm2d) and type(new.fc1_bn) is nn.BatchNorm1d  # layer="auto"
     assert not hasattr(new, "fc2_bn")
     x = torch.randn(6, 3, 5, 5)
     # independent: the same computation written out with torch layers
@@ -127,3 +127,26 @@ def test_insert_errors_leave_model_untouched():
     with pytest.raises(ValueError, match="fx"):
         B.insert(model)
     assert list(dict(model.named_modules())) == ["", "fc"]
+
+
+def test_insert_auto_picks_torch_after_linear_and_ours_after_convolutions():
+    """The default ``layer="auto"``: torch's BatchNorm1d after a Linear (small (N, C) tensors, where the
+    call path dominates), ours after a convolution; ``layer="batchnorm"`` forces ours everywhere, and an
+    option only ours takes selects ours."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv1d(4, 4, 1), nn.Flatten(), nn.Linear(8, 8),
+                          nn.ReLU(), nn.Linear(8, 2))
+    new = B.insert(model)
+    bns = [m for m in new.modules() if "BatchNorm" in type(m).__name__]
+    assert [(type(m).__module__.split(".")[0], type(m).__name__) for m in bns] == [
+        ("batchnorm", "BatchNorm2d"), ("batchnorm", "BatchNorm1d"), ("torch", "BatchNorm1d")]
+    from batchnorm.tools.insert import fastest_layer
+
+    assert fastest_layer(nn.Linear(2, 2)) == "torch"
+    assert fastest_layer(nn.Conv3d(2, 2, 1)) == "batchnorm"
+    forced = B.insert(mlp(), layer="batchnorm")
+    assert all(isinstance(m, B.BatchNorm1d) for m in forced.modules() if "BatchNorm" in type(m).__name__)
+    ghost = B.insert(mlp(), virtual_batch_size=4)
+    assert all(isinstance(m, B.BatchNorm1d) and m.virtual_batch_size == 4
+               for m in ghost.modules() if "BatchNorm" in type(m).__name__)
+    with pytest.raises(ValueError, match="'auto', 'batchnorm', 'torch'"):
+        B.insert(mlp(), layer="fast")
