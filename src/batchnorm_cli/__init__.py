@@ -36,6 +36,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 TASKS = ("classification", "regression")
 EXECUTORS = ("local", "ray")
 RAY_INSTALL = 'pip install "batchnorm[ray]"'
+TENSORBOARD_INSTALL = 'pip install "batchnorm[tensorboard]"'
 
 #: sub-command -> (module, function) run by batchnorm.cli.run
 COMMANDS = {
@@ -315,6 +316,16 @@ def _out_dir(text: str) -> str:
     return _creatable(text)
 
 
+def _tensorboard_dir(text: str) -> str:
+    """A directory for TensorBoard event files; refused at once when the tensorboard package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise argparse.ArgumentTypeError(f"--tensorboard needs the tensorboard package, which is not installed; "
+                                         f"install it with: {TENSORBOARD_INSTALL}")
+    return _out_dir(text)
+
+
 def _store_file(text: str) -> str:
     p = Path(text)
     if p.is_dir():
@@ -348,6 +359,9 @@ def _add_common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OU
     p.add_argument("--csv", type=_out_dir, default=None, metavar="DIR",
                    help="also write the command's tables as CSV files into DIR, and curves.csv (one row per run "
                         "and evaluation)")
+    p.add_argument("--tensorboard", type=_tensorboard_dir, default=None, metavar="DIR",
+                   help="also log every run's curves as TensorBoard scalars under DIR/<run> (needs tensorboard: "
+                        f"{TENSORBOARD_INSTALL}); view with: tensorboard --logdir DIR")
     p.add_argument(
         "--executor", choices=EXECUTORS, default=None,
         help="where runs are trained: 'local' worker processes (default: local; ray when --address is given) or "

@@ -263,3 +263,42 @@ def test_claims_on_your_model_and_data(user, capsys):
     assert main(["claims", "--tiny", "--model", f"{user['module']}:plain", "--dataset",
                  str(user["dir"] / "data.npz"), "--only", "ics", "--out", str(out)]) == 2
     assert "need the lab's own models" in capsys.readouterr().err
+
+
+def test_tensorboard_logs_every_runs_curves(user, capsys):
+    """``--tensorboard DIR``: one event file per run under DIR/<run>, each curve a scalar series whose values
+    and steps are the ones in ``--json`` (read back with tensorboard's own reader)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, tb = user["dir"] / "out", user["dir"] / "tb"
+    assert main(["compare", "--model", f"{user['module']}:build", "--dataset", str(user["dir"] / "data.npz"),
+                 "--steps", "20", "--seeds", "0", "--lrs", "0.003,0.03", "--workers", "1", "--out", str(out),
+                 "--json", "--no-report", "--tensorboard", str(tb)]) == 0
+    r = _last_json(capsys)
+    assert r["tensorboard"] == str(tb)
+    dirs = sorted(p.name for p in tb.iterdir())
+    assert len(dirs) == len(r["curves"]) == 4
+    for curve in r["curves"]:
+        (run_dir,) = [d for d in dirs if d.endswith(curve["hash"][:8])]
+        assert run_dir == (f"{user['module']}_build-{curve['norm']}-npz-lr{curve['lr']:g}-bs{curve['batch_size']}"
+                           f"-seed0-{curve['hash'][:8]}")
+        acc = EventAccumulator(str(tb / run_dir))
+        acc.Reload()
+        assert {"val_acc", "test_acc", "train_loss"} <= set(acc.Tags()["scalars"])
+        events = acc.Scalars("test_acc")
+        assert [e.step for e in events] == curve["step"]
+        np.testing.assert_allclose([e.value for e in events], curve["test_acc"], rtol=1e-6)
+
+
+def test_tensorboard_missing_is_a_usage_error(user, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    out = user["dir"] / "out"
+    assert main(["train", "--model", f"{user['module']}:build", "--dataset", str(user["dir"] / "data.npz"),
+                 "--steps", "5", "--out", str(out), "--tensorboard", str(user["dir"] / "tb")]) == 2
+    err = capsys.readouterr().err
+    assert 'needs the tensorboard package' in err and 'pip install "batchnorm[tensorboard]"' in err
+    assert not out.exists() and not (user["dir"] / "tb").exists()

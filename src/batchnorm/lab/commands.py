@@ -151,8 +151,8 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
 
 def _finish(args, console, payload: dict, rebuild: bool = True, runs: list[dict] | None = None,
             tables: dict[str, list[dict]] | None = None, curves_in_json: bool = True) -> int:
-    """Report, ``--csv DIR`` (the command's tables and its runs' curves) and the ``--json`` line (with the runs'
-    curves)."""
+    """Report, ``--csv DIR`` (the command's tables and its runs' curves), ``--tensorboard DIR`` (the runs' curves)
+    and the ``--json`` line (with the runs' curves unless ``curves_in_json`` is false)."""
     if runs is not None and curves_in_json:
         from .export import curves_of
 
@@ -163,6 +163,13 @@ def _finish(args, console, payload: dict, rebuild: bool = True, runs: list[dict]
         paths = write_csv(args.csv, tables or {}, runs)
         payload["csv"] = [str(p) for p in paths]
         console.print(f"csv: [bold]{escape(', '.join(p.name for p in paths))}[/bold] in {escape(str(args.csv))}")
+    if getattr(args, "tensorboard", None):
+        from .export import write_tensorboard
+
+        logged = write_tensorboard(args.tensorboard, runs or [])
+        payload["tensorboard"] = str(args.tensorboard)
+        console.print(f"tensorboard: {len(logged)} run(s) in [bold]{escape(str(args.tensorboard))}[/bold] "
+                      f"(tensorboard --logdir {escape(str(args.tensorboard))})")
     if rebuild and not getattr(args, "no_report", False):
         from .report import build_report
 
@@ -542,7 +549,8 @@ def cmd_claims(args) -> int:
                    **{k: c.get(k) for k in ("dataset", "condition", "effect", "ci95", "n_seeds", "min_effect",
                                             "verdict", "p_for_holm", "p_against_holm")}}
                   for r in results for c in r["conditions"]]
-    return _finish(args, console, payload, curves_in_json=False, tables={"claims": conditions})
+    used = [r for r in cache.values() if r is not None]
+    return _finish(args, console, payload, runs=used, curves_in_json=False, tables={"claims": conditions})
 
 
 @_guard

@@ -1,5 +1,6 @@
-"""Results out: every run's curves as plain records (for ``--json`` and ``summary.json``) and ``--csv DIR``
-(one CSV per table of a command, plus ``curves.csv``: one row per run and evaluation)."""
+"""Results out: every run's curves as plain records (for ``--json`` and ``summary.json``), ``--csv DIR``
+(one CSV per table of a command, plus ``curves.csv``: one row per run and evaluation) and ``--tensorboard DIR``
+(each run's curves as TensorBoard scalars)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["curves_of", "write_csv"]
+__all__ = ["curves_of", "run_label", "write_csv", "write_tensorboard"]
 
 CURVE_KEYS = ("step", "train_loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "seconds")
 RUN_KEYS = ("model", "norm", "dataset", "lr", "batch_size", "optimizer", "seed", "task")
@@ -60,5 +61,42 @@ def write_csv(out_dir: str | Path, tables: dict[str, list[dict]], runs: list[dic
                 for i in range(len(rec["step"])):
                     w.writerow([rec["hash"], *(_cell(rec[k]) for k in RUN_KEYS),
                                 *(_cell(rec[k][i]) if i < len(rec[k]) else "" for k in CURVE_KEYS)])
+        paths.append(path)
+    return paths
+
+
+def run_label(rec: dict) -> str:
+    """A run's directory name under ``--tensorboard DIR``: what differs between runs, then the run's hash
+    (two runs never share a directory), characters other than letters, digits and ``-._`` as ``_``:
+    ``mlp-batchnorm-mnist1d-lr0.001-bs60-seed0-1a2b3c4d``, ``mypkg.models_build-none-npz-...``."""
+    parts = [rec.get("model"), rec.get("norm"), rec.get("dataset"), f"lr{rec.get('lr'):g}" if rec.get("lr") else None,
+             f"bs{rec['batch_size']}" if rec.get("batch_size") else None, f"seed{rec.get('seed')}",
+             str(rec["hash"])[:8]]
+    text = "-".join(str(p) for p in parts if p not in (None, ""))
+    return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in text)
+
+
+def write_tensorboard(out_dir: str | Path, runs: list[dict]) -> list[Path]:
+    """``out_dir/<run_label>/`` with one TensorBoard event file per run: every curve (``val_acc``, ``test_acc``,
+    ``train_loss``, ...; ``*_acc`` in [0, 1], R² for regression) as a scalar over training steps, plus
+    ``seconds`` (wall time at each evaluation). A run logged before is logged again into a fresh file, so the
+    directory holds what the last command printed. Returns the run directories."""
+    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (optional extra)
+
+    out = Path(out_dir)
+    paths = []
+    for rec in curves_of(runs):
+        path = out / run_label(rec)
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.glob("events.out.tfevents.*"):
+            old.unlink()
+        writer = SummaryWriter(log_dir=str(path))
+        try:
+            for key in CURVE_KEYS[1:]:
+                for step, value in zip(rec["step"], rec[key], strict=False):
+                    if value is not None and math.isfinite(value):
+                        writer.add_scalar(key, value, int(step))
+        finally:
+            writer.close()
         paths.append(path)
     return paths
