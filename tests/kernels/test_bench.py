@@ -35,10 +35,11 @@ def test_bench_json_is_the_last_line_and_writes_no_file_uninvited(tmp_path, monk
     progress go to stderr); without ``--out`` nothing is written to the working directory."""
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", "--shape", "4,3", "--repeats", "1", "--threads", "1", "--passes", "eval", "--json",
-                     "--no-malloc-reuse"]) == 0
+                     "--dtype", "float32,float64", "--no-malloc-reuse"]) == 0
     captured = capsys.readouterr()
     data = json.loads(captured.out.strip().splitlines()[-1])
-    assert [r["pass"] for r in data["rows"]] == ["eval"] and data["rows"][0]["shape"] == [4, 3]
+    assert [(r["pass"], r["dtype"]) for r in data["rows"]] == [("eval", "float32"), ("eval", "float64")]
+    assert data["rows"][0]["shape"] == [4, 3]
     assert "torch ms / ours ms" in captured.err
     assert list(tmp_path.iterdir()) == []
 
