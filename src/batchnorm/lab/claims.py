@@ -5,7 +5,8 @@ has *arms* (e.g. without and with BN), each a run configuration, and an *effect*
 computed from that seed's runs (positive = the claim holds, in the claim's stated unit).
 
 * **Fair arms.** In a tuned condition each arm's learning rate is chosen on the validation split: the
-  mean best validation accuracy over the first :data:`TUNE_SEEDS` seeds, on a 1-3 ladder of learning rates
+  mean best validation accuracy over the first seeds (the mode's ``tune_seeds``: 1 in ``--quick``,
+  :data:`TUNE_SEEDS` otherwise), on a 1-3 ladder of learning rates
   that is extended until the best one is interior (or a bound is reached, which the output says). The
   test split never selects anything. A tuned condition is also reported at one shared learning rate
   (the model's recipe), as its own condition.
@@ -31,7 +32,8 @@ from .train import RunConfig, config_key, unpack_correct, with_recipe
 
 __all__ = ["Claim", "Condition", "SeedRuns", "analyze_claims", "plan_claims", "tune_lr"]
 
-#: Seeds (the first ones of a run) whose validation accuracy selects each arm's learning rate.
+#: Seeds (the first ones of a run) whose validation accuracy selects each arm's learning rate, unless the
+#: mode's budget says otherwise (``tune_seeds``).
 TUNE_SEEDS = 2
 #: First learning-rate grid per optimizer; extended along the 1-3 ladder while the best is at an edge.
 LR_GRIDS = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
@@ -138,7 +140,8 @@ def tune_lr(base: RunConfig, seeds: list[int], get_run: Callable[[RunConfig], di
         elif extended < max_extensions and i == len(grid) - 1 and _ladder(grid[-1], True) <= LR_BOUNDS[1]:
             grid.append(_ladder(grid[-1], True))
         else:
-            return best, [], {"grid": grid, "val_accuracy": score, "interior": 0 < i < len(grid) - 1}
+            return best, [], {"grid": grid, "val_accuracy": score, "interior": 0 < i < len(grid) - 1,
+                              "seeds": list(seeds)}
         extended += 1
 
 
@@ -169,7 +172,8 @@ def _resolve(cond: Condition, seeds: list[int], get_run, budget: dict):
         if budget.get("tune_points"):  # the smoke-test mode tries only the middle of the grid
             mid = len(grid) // 2
             grid = grid[mid - budget["tune_points"] // 2: mid - budget["tune_points"] // 2 + budget["tune_points"]]
-        lr, need, inf = tune_lr(base, seeds[:TUNE_SEEDS], get_run, budget["lr_extensions"], tuple(grid))
+        tune_seeds = seeds[:budget.get("tune_seeds", TUNE_SEEDS)]
+        lr, need, inf = tune_lr(base, tune_seeds, get_run, budget["lr_extensions"], tuple(grid))
         needed += need
         if lr is not None:
             chosen[arm], info[arm] = lr, inf
@@ -270,7 +274,7 @@ def _lr_of(cond: Condition, per_seed: dict, info: dict) -> dict:
     if cond.tune:
         out["selected_on"] = "validation"
         out["tuning"] = {arm: {"grid": i["grid"], "val_accuracy": {f"{k:g}": v for k, v in i["val_accuracy"].items()},
-                               "interior": i["interior"]} for arm, i in info.items()}
+                               "interior": i["interior"], "seeds": i["seeds"]} for arm, i in info.items()}
     else:
         out["selected_on"] = cond.lr_note or "fixed by the experiment"
     return out

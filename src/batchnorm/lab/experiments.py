@@ -1,8 +1,9 @@
 """The seed articles' claims about BN, and the literature's counter-claims, as experiments.
 
-Each claim lists its conditions per dataset and mode (``tiny`` smoke test, ``quick`` <= 20 minutes on
-2 cores, ``full``); :mod:`.claims` runs them and judges them. The effect of every condition is one
-number per seed, positive when the claim holds, in the claim's unit.
+Each claim lists its conditions per dataset and mode (``tiny`` smoke test; ``quick`` <= 20 minutes on
+2 cores, with learning rates tuned on one seed and the ICS/smoothness probes over 300 steps; ``full``);
+:mod:`.claims` runs them and judges them. The effect of every condition is one number per seed, positive
+when the claim holds, in the claim's unit.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ BUDGET = {
     "tiny": {"seeds": 2, "steps": 30, "short": 20, "depth": 6, "deep_steps": 20, "lstm_steps": 10, "ics_depth": 10,
              "lr_extensions": 0, "tune_points": 2, "limit": 600, "small_batches": (2, 32), "full_conditions": False},
     "quick": {"seeds": 5, "steps": 1000, "short": 300, "depth": 20, "deep_steps": 200, "lstm_steps": 1000,
-              "ics_depth": 10, "lr_extensions": 2, "limit": None, "small_batches": (2, 16, 128),
-              "full_conditions": False},
+              "ics_depth": 10, "probe_steps": 300, "lr_extensions": 2, "tune_seeds": 1, "limit": None,
+              "small_batches": (2, 16, 128), "full_conditions": False},
     "full": {"seeds": 10, "steps": 4000, "short": 1500, "depth": 100, "deep_steps": 2000, "lstm_steps": 4000,
              "ics_depth": 12, "lr_extensions": 4, "limit": None, "small_batches": (2, 4, 8, 16, 32, 64, 128),
              "full_conditions": True},
@@ -247,7 +248,8 @@ def _c6(mode, ds):
 
 
 def _probe_cfg(ds, mode):
-    return _base(ds, mode, model="mlp", optimizer="sgd", lr=0.1, steps=BUDGET[mode]["steps"],
+    steps = BUDGET[mode].get("probe_steps", BUDGET[mode]["steps"])
+    return _base(ds, mode, model="mlp", optimizer="sgd", lr=0.1, steps=steps,
                  probes=("ics", "smoothness"), model_kw={"depth": BUDGET[mode]["ics_depth"]})
 
 
