@@ -13,38 +13,36 @@ t-th update when the layer's momentum is ``None``); ``running_var`` receives the
 variance ``m / (m - 1) * sigma_B^2``.
 Inference (Algorithm 2): ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``.
 
-The arithmetic runs in :mod:`batchnorm._ops` custom operators on a backend from
-:mod:`batchnorm.kernels`; this module validates arguments, dispatches, merges statistics and
-updates the running buffers.
+The arithmetic runs in the custom operators of :mod:`batchnorm.ops` on a backend from
+:mod:`batchnorm.kernels`; this module owns every decision around them, for plain batch norm and
+its fused forms alike (:func:`batch_norm_with_update`): which statistics normalize, whether and
+how the running buffers move, masks, ghost batches, the non-finite guard; it validates the
+arguments (:mod:`batchnorm._checks`) and merges statistics.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _ops, kernels
+from . import kernels, ops
+from ._checks import (
+    ACTIVATIONS,
+    INVERTIBLE,
+    NONFINITE_MODES,
+    SMALL_BATCH_REMEDIES,
+    InputError,
+    check_activation,
+    check_fused,
+    check_input,
+    check_nonfinite_mode,
+    mask_for_kernels,
+)
 from .kernels import aten as _aten
 from .kernels import reference as _ref
-
-NONFINITE_MODES = ("skip", "raise", "propagate")
-
-SMALL_BATCH_REMEDIES = (
-    "Remedies: use drop_last=True in the DataLoader so no batch has a single sample; "
-    "freeze the statistics (batchnorm.freeze(model) or layer.use_running_stats = True); "
-    "or use a normalization that does not need a batch (GroupNorm/LayerNorm)."
-)
-
-
-class InputError(ValueError, RuntimeError):
-    """A batch-norm call got input it cannot normalize (rank, channel count, parameter sizes,
-    mask shape, eps, too few values per channel); the message names what and the remedy.
-
-    Both a ``ValueError`` (this library's convention) and a ``RuntimeError`` (what torch raises
-    for several of these, e.g. a size mismatch), so code written against either catches it."""
 
 
 class Stats(NamedTuple):
@@ -57,104 +55,13 @@ class Stats(NamedTuple):
 
 def _compiling() -> bool:
     """Whether a graph is being traced (torch.compile, torch.export, torch.jit.trace): then no
-    value is read in Python and the registered operators are called (see ``_ops._tracing``)."""
-    return _ops._tracing()
+    value is read in Python and the registered operators are called (see :func:`batchnorm.ops.tracing`)."""
+    return ops.tracing()
 
 
 def _concrete(t: Tensor) -> bool:
     """Whether ``t``'s values may be read in Python (``bool(t)``): not while tracing, not on meta."""
     return not _compiling() and t.device.type != "meta"
-
-
-# ----------------------------------------------------------------------------- checking
-
-
-def _dims_name(n: int) -> str:
-    return f"{n}D"
-
-
-def check_input(
-    input: Tensor,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    *,
-    training: bool = False,
-    eps: float = 1e-5,
-    mask: Tensor | None = None,
-    virtual_batch_size: int | None = None,
-) -> None:
-    """Raise ``TypeError``/:class:`InputError` naming what is wrong with a batch-norm call.
-
-    Called before anything is computed or updated, so a rejected call changes nothing.
-    """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"expected a torch.Tensor input, got {type(input).__name__}")
-    if not input.dtype.is_floating_point:
-        raise TypeError(
-            f"expected a floating-point input, got {input.dtype}; convert it with .float() "
-            "(batch normalization of integer or bool tensors is not defined)"
-        )
-    if input.dim() < 2:
-        raise InputError(
-            f"expected at least 2D input (got {input.dim()}D input) of shape (N, C, *); "
-            "for a single sample add a batch dimension with x.unsqueeze(0)"
-        )
-    channels = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
-            raise InputError(
-                f"{name} should contain {channels} elements not {t.numel()}: the input has "
-                f"{channels} channels on its channel axis (shape {tuple(input.shape)}); "
-                "check num_features or which axis holds the features"
-            )
-    if training and eps <= 0:
-        raise InputError(
-            f"batch_norm eps must be positive during training, but got {eps}; use e.g. eps=1e-5"
-        )
-    if eps < 0:
-        raise InputError(f"batch_norm eps must be >= 0, but got {eps}")
-    if virtual_batch_size is not None and (
-        not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
-    ):
-        raise InputError(f"virtual_batch_size must be a positive integer or None, got {virtual_batch_size!r}")
-    if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        target = (input.shape[0], *input.shape[2:])
-        try:
-            torch.broadcast_shapes(tuple(mask.shape), target)
-            ok = len(mask.shape) <= len(target) and torch.broadcast_shapes(tuple(mask.shape), target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise InputError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to the input without its "
-                f"channel axis {tuple(target)} (input shape {tuple(input.shape)}); "
-                "the mask marks valid positions, e.g. shape (N, L) for input (N, C, L)"
-            )
-    if training and input.numel() > 0 and input.numel() // channels == 1:
-        raise InputError(
-            f"Expected more than 1 value per channel when training, got input size {input.shape}. "
-            + SMALL_BATCH_REMEDIES
-        )
-
-
-def check_nonfinite_mode(nonfinite: str) -> str:
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-    return nonfinite
-
-
-def _mask_for_kernels(mask: Tensor | None, input: Tensor) -> Tensor | None:
-    """``mask`` broadcast to ``(N, 1, *S)`` as bool (the kernels' convention)."""
-    if mask is None:
-        return None
-    target = (input.shape[0], *input.shape[2:])
-    m = mask if mask.dtype == torch.bool else mask != 0
-    return m.to(input.device).expand(target).unsqueeze(1)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -169,7 +76,7 @@ def batch_stats(input: Tensor, mask: Tensor | None = None, virtual_batch_size: i
     channel axis) marks which positions count.
     """
     check_input(input, mask=mask, virtual_batch_size=virtual_batch_size)
-    mean, var, count = _ref.stats(input, _mask_for_kernels(mask, input), virtual_batch_size or 0)
+    mean, var, count = _ref.stats(input, mask_for_kernels(mask, input), virtual_batch_size or 0)
     if not virtual_batch_size:
         return Stats(mean[0], var[0], count[0])
     return Stats(mean, var, count)
@@ -189,6 +96,11 @@ def combine_stats(mean: Tensor, var: Tensor, count: Tensor) -> Stats:
     mu = (n * m).sum(0) / safe
     m2 = (n * var.double()).sum(0) + (n * (m - mu).square()).sum(0)
     return Stats(mu, m2 / safe, total.reshape(()))
+
+
+def inverse_std(var: Tensor, eps: float) -> Tensor:
+    """``1 / sqrt(var + eps)``, computed as every backend computes it."""
+    return _ref.inverse_std(var, eps)
 
 
 def unbiased(var: Tensor, count: Tensor) -> Tensor:
@@ -321,14 +233,14 @@ def layer_call_lean(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
 
     * training, when the dispatcher picks a backend with ``train_lean`` (the cpu one) for
       ``forward_train``: its kernel computes the output and moves the running statistics in one
-      call (:func:`batchnorm._ops.train_lean`; the same gradients as :data:`batchnorm._ops.train`'s),
+      call (:func:`batchnorm.ops.train_lean`; the same gradients as :data:`batchnorm.ops.train`'s),
       with a number for momentum;
     * inference without an update, when the dispatcher picks the ``aten`` backend (small tensors,
       see :mod:`batchnorm.kernels.aten`): ``torch.batch_norm`` with its own autograd, the running
       statistics as constants.
 
     Returns ``(y, accepted)`` as :func:`batch_norm_with_update` with ``accepted_tensor=False``."""
-    if (x.device.type != "cpu" or x.dtype not in _LEAN_DTYPES or _ops._tracing() or _ops.transformed()
+    if (x.device.type != "cpu" or x.dtype not in _LEAN_DTYPES or ops.tracing() or ops.transformed()
             or x.numel() == 0 or eps < 0):
         return None
     c = x.shape[1]
@@ -340,10 +252,10 @@ def layer_call_lean(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
         if not hasattr(backend, "train_lean"):
             return None
         if not update:
-            return _ops.train_lean(x, weight, bias, eps, backend, None), None
+            return ops.train_lean(x, weight, bias, eps, backend, None), None
         running = _ref.Running(running_mean, running_var, momentum,  # type: ignore[arg-type]
                                skip_nonfinite=nonfinite != "propagate")
-        y = _ops.train_lean(x, weight, bias, eps, backend, running)
+        y = ops.train_lean(x, weight, bias, eps, backend, running)
         if not running.accepted:
             _report_nonfinite(nonfinite, stacklevel=3)  # the layer's forward, as the general path
         return y, running.accepted
@@ -361,7 +273,7 @@ def eval_lean(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tens
     path). The caller has checked the input's rank and channel count; the per-channel tensors are
     checked here (:func:`batchnorm.kernels.aten.params_fit`)."""
     if (not _aten.supports("forward_apply", x) or eps < 0 or kernels.get_backend() != "auto"
-            or "aten" in kernels._disabled or _ops._tracing() or _ops.transformed()
+            or "aten" in kernels._disabled or ops.tracing() or ops.transformed()
             or running_mean.requires_grad or running_var.requires_grad
             or not _aten.params_fit(x, running_mean, running_var, weight, bias)):
         return None
@@ -439,46 +351,100 @@ def batch_norm_with_update(
     virtual_batch_size: int | None = None,
     nonfinite: str = "propagate",
     accepted_tensor: bool = True,
+    residual: Tensor | None = None,
+    act: str = "identity",
+    negative_slope: float = 0.01,
+    inplace_abn: bool = False,
+    collective: ops.Collective | None = None,
 ) -> tuple[Tensor, Tensor | bool | None]:
-    """The general form behind :func:`batch_norm` and every layer.
+    """The general form behind :func:`batch_norm` and every layer: ``act(bn(input) + residual)``.
 
     The two decisions that ``training`` conflates are separate: which statistics normalize
     (``normalize_with_batch``) and whether the running statistics ``update``. Returns the
     output and, when an update was attempted, the 0-d bool tensor telling whether it was applied;
     with ``accepted_tensor=False`` that is a plain bool when the training op moved the running
     statistics itself (:func:`train_with_update`), which saves a torch call (the layers use it).
+
+    Plain batch norm is the case ``act="identity"`` with no ``residual`` (the plain operators,
+    the fastest); otherwise the fused operators apply ``act`` (one of :data:`ACTIVATIONS`, with
+    ``negative_slope`` for ``"leaky_relu"``) to ``bn(input) + residual``. ``inplace_abn``
+    (training only) keeps only the output for the backward (an invertible ``act``, no residual,
+    no ghost batches, every weight non-zero). ``collective`` (training only) normalizes with the
+    statistics of the batch of every process, reduced by that hook (:class:`batchnorm.ops.Collective`).
     """
     check_nonfinite_mode(nonfinite)
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
         return input.clone(), None  # as torch: an empty 1-D input gives an empty output
+    synced = collective is not None and normalize_with_batch
     check_input(
         input, running_mean, running_var, weight, bias,
-        training=normalize_with_batch or update, eps=eps, mask=mask,
+        training=(normalize_with_batch or update) and not synced, eps=eps, mask=mask,
         virtual_batch_size=virtual_batch_size,
     )
     if update and (running_mean is None or running_var is None):
         raise ValueError("update=True needs running_mean and running_var tensors")
     if not normalize_with_batch and (running_mean is None or running_var is None):
         raise ValueError("normalizing with running statistics needs running_mean and running_var")
-    kmask = _mask_for_kernels(mask, input)
+    fused = act != "identity" or residual is not None or inplace_abn
+    if fused:
+        check_fused(input, weight, residual, act, negative_slope, inplace_abn and normalize_with_batch,
+                     virtual_batch_size)
+    kmask = mask_for_kernels(mask, input)
+    if synced:
+        return _collective_train(input, running_mean, running_var, weight, bias, kmask, update=update,
+                                 momentum=momentum, eps=eps, nonfinite=nonfinite, collective=collective)  # type: ignore[arg-type]
     vbs = virtual_batch_size or 0
-    if input.numel() == 0:
-        y = (_ops.train(input, weight, bias, kmask, eps, vbs)[0] if normalize_with_batch
-             else apply_stats(input, running_mean, running_var, weight, bias, eps))  # type: ignore[arg-type]
-        return y, (empty_batch_update(accepted_tensor) if update else None)
     if normalize_with_batch:
-        y, accepted = train_with_update(_ops.train, (input, weight, bias, kmask, eps, vbs), running_mean,
-                                        running_var, update=update, momentum=momentum, nonfinite=nonfinite,
-                                        fusable=kmask is None and not vbs)
+        op: Any
+        args: tuple
+        if not fused:
+            op, args = ops.train, (input, weight, bias, kmask, eps, vbs)
+        elif inplace_abn:
+            op, args = ops.act_inplace_train, (input, weight, bias, kmask, eps, act, negative_slope)
+        else:
+            op, args = ops.act_train, (input, weight, bias, residual, kmask, eps, vbs, act, negative_slope)
+        if input.numel() == 0:  # through the op (gamma and beta get zero gradients), no update
+            return op(*args)[0], (empty_batch_update(accepted_tensor) if update else None)
+        y, accepted = train_with_update(op, args, running_mean, running_var, update=update, momentum=momentum,
+                                        nonfinite=nonfinite, fusable=kmask is None and not vbs and not inplace_abn)
         return y, (torch.tensor(accepted) if accepted_tensor and isinstance(accepted, bool) else accepted)
     assert running_mean is not None and running_var is not None
-    if update:
+    accepted = None
+    if update and input.numel() == 0:
+        accepted = empty_batch_update(accepted_tensor)
+    elif update:
         stats = _whole_batch(*_ref.stats(input.detach(), kmask, 0))
         # statistics to normalize with are read before the update, as in the frozen-statistics case
-        y = apply_stats(input, running_mean.clone(), running_var.clone(), weight, bias, eps)
+        rm, rv = running_mean.clone(), running_var.clone()
         accepted = update_running_stats(running_mean, running_var, stats, momentum, nonfinite)
-        return y, accepted
-    return apply_stats(input, running_mean, running_var, weight, bias, eps), None
+        running_mean, running_var = rm, rv
+    if not fused:
+        return apply_stats(input, running_mean, running_var, weight, bias, eps), accepted
+    acc = _ref.acc_dtype(input.dtype)
+    return ops.act_apply(input, running_mean.detach().to(acc), running_var.detach().to(acc), eps, weight, bias,
+                          residual, act, negative_slope), accepted
+
+
+def _collective_train(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                      weight: Tensor | None, bias: Tensor | None, kmask: Tensor | None, *, update: bool,
+                      momentum: float | Tensor, eps: float, nonfinite: str, collective: ops.Collective
+                      ) -> tuple[Tensor, Tensor | bool | None]:
+    """Training with the statistics of every process's batch (checks on the global count)."""
+    if eps <= 0:
+        raise InputError(f"batch_norm eps must be positive during training, but got {eps}; use e.g. eps=1e-5")
+    y, mean, var, count = ops.collective_train(input, weight, bias, kmask, eps, collective)
+    n = float(count)
+    if n == 1:
+        raise InputError(
+            f"Expected more than 1 value per channel when training, got 1 over all processes "
+            f"(local input size {tuple(input.shape)}). " + SMALL_BATCH_REMEDIES
+        )
+    if not update:
+        return y, None
+    if n == 0:  # every process empty: as one process with an empty batch
+        return y, empty_batch_update()
+    return y, update_running_stats(running_mean, running_var, Stats(mean, var, count), momentum,  # type: ignore[arg-type]
+                                   nonfinite)
 
 
 def apply_stats(
@@ -488,14 +454,14 @@ def apply_stats(
 
     Algorithm 2 (inference) and frozen statistics; ``mean``/``var`` are treated as constants.
     """
-    if _ops.transformed() and _tangent(input) and (_tangent(mean) or _tangent(var)):
+    if ops.transformed() and _tangent(input) and (_tangent(mean) or _tangent(var)):
         raise RuntimeError(
             "batch_norm is not differentiable with respect to running_mean and running_var (as in torch): "
             "give them no forward-mode tangent, or normalize with batch statistics"
         )
     acc = _ref.acc_dtype(input.dtype)
     mean, var = mean.detach(), var.detach()
-    return _ops.apply(input, mean if mean.dtype == acc else mean.to(acc), var if var.dtype == acc else var.to(acc),
+    return ops.apply(input, mean if mean.dtype == acc else mean.to(acc), var if var.dtype == acc else var.to(acc),
                       eps, weight, bias)
 
 
@@ -566,8 +532,8 @@ def batch_renorm(
     check_input(input, running_mean, running_var, weight, bias, training=True, eps=eps, mask=mask,
                 virtual_batch_size=virtual_batch_size)
     vbs = virtual_batch_size or 0
-    xhat, mean, var, count = _ops.train(
-        input, None, None, _mask_for_kernels(mask, input), eps, vbs
+    xhat, mean, var, count = ops.train(
+        input, None, None, mask_for_kernels(mask, input), eps, vbs
     )
     acc = mean.dtype
     sigma = torch.sqrt(running_var.detach().to(acc) + eps)
@@ -599,6 +565,8 @@ def keras_to_torch_momentum(keras_momentum: float) -> float:
 
 
 __all__ = [
+    "ACTIVATIONS",
+    "INVERTIBLE",
     "NONFINITE_MODES",
     "InputError",
     "Stats",
@@ -607,8 +575,10 @@ __all__ = [
     "batch_norm_with_update",
     "batch_renorm",
     "batch_stats",
+    "check_activation",
     "check_input",
     "combine_stats",
+    "inverse_std",
     "keras_to_torch_momentum",
     "renorm_limits",
     "unbiased",

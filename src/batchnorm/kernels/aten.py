@@ -8,7 +8,8 @@ the cpu backend's ``forward_apply`` in one process, interleaved: 14.4 vs 21.5 us
 13.0 vs 23.7 us (2 threads).
 
 Only ``forward_apply`` (inference, frozen statistics) runs here; the dispatcher passes every
-other op, and larger tensors, to the next backend. ``torch.batch_norm`` with ``training=False``
+other op, and larger tensors, to the next backend (the other entry points of the backend
+contract, :class:`batchnorm.kernels.protocol.Backend`, are the reference backend's). ``torch.batch_norm`` with ``training=False``
 computes ``(x - mean) * (1 / sqrt(var + eps)) * weight + bias`` with the statistics as given,
 as :func:`batchnorm.kernels.reference.forward_apply` does.
 """
@@ -35,6 +36,11 @@ def forward_apply(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tens
     if not params_fit(x, mean, var, weight, bias):
         return reference.forward_apply(x, mean, var, eps, weight, bias)
     return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+
+forward_train = reference.forward_train
+backward_train = reference.backward_train
+backward_apply = reference.backward_apply
 
 
 def params_fit(x: Tensor, *tensors: Tensor | None) -> bool:

@@ -25,28 +25,12 @@ Conventions shared by every backend (see :mod:`batchnorm.kernels`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from .protocol import Running
+
 name = "reference"
-
-
-@dataclass
-class Running:
-    """Running statistics a training forward moves in place (``running += momentum * (batch -
-    running)``, the variance unbiased): what ``forward_train(..., running=...)`` receives.
-
-    With ``skip_nonfinite`` a batch whose mean or variance is not finite leaves the buffers as
-    they were (the layers' default, ``nonfinite="skip"``); the backend then sets ``accepted`` to
-    ``False``."""
-
-    mean: Tensor
-    var: Tensor
-    momentum: float
-    skip_nonfinite: bool = False
-    accepted: bool = True
 
 
 def all_finite(mean: Tensor, var_u: Tensor) -> Tensor:

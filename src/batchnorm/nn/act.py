@@ -13,7 +13,8 @@ is not kept alive for the backward. Every ``gamma`` must be non-zero (checked); 
 ghost batches in that mode.
 
 Everything else (running statistics, freezing knobs, masks, ghost batches, ``nonfinite``) is the
-:class:`~batchnorm.nn.modules._NormBase` behaviour.
+:class:`~batchnorm.nn.modules._NormBase` behaviour: the layer calls the one functional path,
+:func:`batchnorm.functional.batch_norm_with_update`, with its activation.
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .. import _act_ops
 from .. import functional as F
-from ..kernels import reference as _ref
-from ..kernels.reference_act import INVERTIBLE, check_activation
 from .modules import _NormBase
 
 
@@ -36,11 +34,11 @@ class _BatchNormActBase(_NormBase):
                  momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
                  device: Any = None, dtype: Any = None, *, negative_slope: float = 0.01,
                  inplace_abn: bool = False, **kwargs: Any) -> None:
-        check_activation(act)
+        F.check_activation(act)
         if inplace_abn:
-            if act not in INVERTIBLE:
+            if act not in F.INVERTIBLE:
                 raise ValueError(
-                    f"inplace_abn=True needs an invertible activation {INVERTIBLE}, got act={act!r}; "
+                    f"inplace_abn=True needs an invertible activation {F.INVERTIBLE}, got act={act!r}; "
                     "use act='leaky_relu' (Rota Bulo et al. use slope 0.01) or inplace_abn=False"
                 )
             if act == "leaky_relu" and not negative_slope > 0:
@@ -60,7 +58,8 @@ class _BatchNormActBase(_NormBase):
             extra += ", inplace_abn=True"
         return super().extra_repr() + extra
 
-    def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None,  # type: ignore[override]
+                mask: Tensor | None = None) -> Tensor:
         """``act(bn(input) + residual)``; ``mask`` marks valid positions as in :class:`BatchNorm1d`."""
         self._check_input_dim(input)
         normalize_with_batch, update = self._modes()
@@ -68,54 +67,16 @@ class _BatchNormActBase(_NormBase):
         self._count_batch(accepted)
         return y
 
-    def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
-                   update: bool) -> tuple[Tensor, Tensor | bool | None]:
-        return self._normalize_act(x, None, mask, normalize_with_batch, update)
+    def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool, update: bool,
+                   **path: Any) -> tuple[Tensor, Tensor | bool | None]:
+        return super()._normalize(x, mask, normalize_with_batch, update, act=self.act,
+                                  negative_slope=self.negative_slope, inplace_abn=self.inplace_abn, **path)
 
     def _normalize_act(self, x: Tensor, residual: Tensor | None, mask: Tensor | None,
                        normalize_with_batch: bool, update: bool) -> tuple[Tensor, Tensor | bool | None]:
-        weight, bias = self._affine()
-        vbs = (self.virtual_batch_size or 0) if normalize_with_batch else 0
-        F.check_input(x, self.running_mean, self.running_var, weight, bias,
-                      training=normalize_with_batch or update, eps=self.eps, mask=mask,
-                      virtual_batch_size=vbs or None)
-        if residual is not None and residual.shape != x.shape:
-            raise F.InputError(
-                f"residual of shape {tuple(residual.shape)} must have the input's shape {tuple(x.shape)}"
-            )
-        slope = self.negative_slope
-        kmask = F._mask_for_kernels(mask, x)
         # an empty batch goes through the ops (empty output, zero gradients for gamma and beta),
         # leaves the running statistics alone and counts as a batch (F.empty_batch_update)
-        empty_update = update and x.numel() == 0
-        update = update and not empty_update
-        momentum = self._momentum_factor() if update else 0.0
-        accepted = None
-        rm, rv = self.running_mean, self.running_var
-        if normalize_with_batch:
-            if self.inplace_abn:
-                if residual is not None:
-                    raise ValueError("inplace_abn=True takes no residual (the output alone must give x back)")
-                if weight is not None and F._concrete(weight) and bool((weight == 0).any()):
-                    raise ValueError("inplace_abn=True needs every weight (gamma) non-zero to recover x from y")
-                op, fusable = _act_ops.act_inplace_train, False
-                args: tuple = (x, weight, bias, kmask, self.eps, self.act, slope)
-            else:
-                op, args = _act_ops.act_train, (x, weight, bias, residual, kmask, self.eps, vbs, self.act, slope)
-                fusable = kmask is None and not vbs
-            y, accepted = F.train_with_update(op, args, rm, rv, update=update, momentum=momentum,
-                                              nonfinite=self.nonfinite, fusable=fusable)
-            return y, (F.empty_batch_update(False) if empty_update else accepted)
-        assert rm is not None and rv is not None
-        if update:
-            stats = F._whole_batch(*_ref.stats(x.detach(), kmask, 0))
-            rm, rv = rm.clone(), rv.clone()
-            accepted = F.update_running_stats(self.running_mean, self.running_var, stats, momentum,  # type: ignore[arg-type]
-                                              self.nonfinite)
-        acc = _ref.acc_dtype(x.dtype)
-        y = _act_ops.act_apply(x, rm.detach().to(acc), rv.detach().to(acc), self.eps, weight, bias, residual,
-                               self.act, slope)
-        return y, (F.empty_batch_update(False) if empty_update else accepted)
+        return self._normalize(x, mask, normalize_with_batch, update, residual=residual)
 
 
 class BatchNormAct1d(_BatchNormActBase):
@@ -144,15 +105,15 @@ class _AddActMixin:
         return super().forward(input, residual, mask)  # type: ignore[misc]
 
 
-class BatchNormAddAct1d(_AddActMixin, BatchNormAct1d):
+class BatchNormAddAct1d(_AddActMixin, BatchNormAct1d):  # type: ignore[misc]
     """Residual variant of :class:`BatchNormAct1d`: ``act(bn(x) + residual)``."""
 
 
-class BatchNormAddAct2d(_AddActMixin, BatchNormAct2d):
+class BatchNormAddAct2d(_AddActMixin, BatchNormAct2d):  # type: ignore[misc]
     """Residual variant of :class:`BatchNormAct2d`: ``act(bn(x) + residual)``."""
 
 
-class BatchNormAddAct3d(_AddActMixin, BatchNormAct3d):
+class BatchNormAddAct3d(_AddActMixin, BatchNormAct3d):  # type: ignore[misc]
     """Residual variant of :class:`BatchNormAct3d`: ``act(bn(x) + residual)``."""
 
 

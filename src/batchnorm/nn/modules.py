@@ -254,15 +254,17 @@ class _NormBase(_TorchBatchNorm):
                 None if self.bias is None else self.bias.detach())
 
     def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
-                   update: bool) -> tuple[Tensor, Tensor | bool | None]:
-        """The math on channel-first input; subclasses change only this (e.g. renormalization)."""
+                   update: bool, **path: Any) -> tuple[Tensor, Tensor | bool | None]:
+        """The math on channel-first input: :func:`batchnorm.functional.batch_norm_with_update`,
+        given ``path``'s options by the variants (a fused activation, a collective); renormalization
+        replaces it."""
         weight, bias = self._affine()
         return F.batch_norm_with_update(
             x, self.running_mean, self.running_var, weight, bias,
             normalize_with_batch=normalize_with_batch, update=update,
             momentum=self._momentum_factor() if update else 0.0, eps=self.eps, mask=mask,
             virtual_batch_size=self.virtual_batch_size if normalize_with_batch else None,
-            nonfinite=self.nonfinite, accepted_tensor=False,
+            nonfinite=self.nonfinite, accepted_tensor=False, **path,
         )
 
     def _modes(self) -> tuple[bool, bool]:

@@ -53,9 +53,9 @@ class _BatchRenormBase(_NormBase):
                                self.rmax_steps, self.dmax_steps)
 
     def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
-                   update: bool) -> tuple[Tensor, Tensor | bool | None]:
+                   update: bool, **path: Any) -> tuple[Tensor, Tensor | bool | None]:
         if not normalize_with_batch:
-            return super()._normalize(x, mask, normalize_with_batch, update)
+            return super()._normalize(x, mask, normalize_with_batch, update, **path)
         weight, bias = self._affine()
         rmax, dmax = self.current_limits()
         return F.batch_renorm(

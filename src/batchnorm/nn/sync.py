@@ -9,6 +9,10 @@ count; the gradients of gamma and beta are each rank's own share, so their sum o
 DDP's gradient all-reduce computes, up to its averaging) is the full-batch gradient, as with
 ``torch.nn.SyncBatchNorm``.
 
+The layer runs the one functional path (:func:`batchnorm.functional.batch_norm_with_update`)
+with a collective hook over its process group (:class:`_Distributed`), which reduces the
+statistics and the backward's sums across the ranks (:mod:`batchnorm.ops.collective`).
+
 Without an initialized process group (or with one process) the layer is plain BN; in eval
 mode (or with frozen statistics) it never communicates.
 """
@@ -22,7 +26,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..kernels import reference as _ref
 from .freeze import has_tail, is_foreign
 from .modules import _NormBase
 
@@ -67,48 +70,20 @@ def gather_stats(mean: Tensor, var: Tensor, count: Tensor, process_group: Any = 
     return F.combine_stats(stats[:, :c], stats[:, c:], table[:, 2])
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode BN across ranks, from the reference primitives and two collectives."""
+class _Distributed:
+    """The collective hook of :func:`batchnorm.functional.batch_norm_with_update` over a
+    ``torch.distributed`` process group (:class:`batchnorm.ops.Collective`)."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, eps, process_group):  # type: ignore[override]
-        acc = _ref.acc_dtype(x.dtype)
-        mean, var, count = _ref.stats(x, mask, 0)  # (1, C), (1, C), (1,)
-        has = count > 0  # an empty rank contributes count 0 (its mean/var are NaN: drop them)
-        mean = torch.where(has.unsqueeze(1), mean, torch.zeros_like(mean))
-        var = torch.where(has.unsqueeze(1), var, torch.zeros_like(var))
-        g = gather_stats(mean[0], var[0], count[0], process_group, x.dtype)
-        if float(g.count) == 1:  # no values at all is an empty batch on every rank: an empty output
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {int(g.count)} over all "
-                f"ranks (local input size {tuple(x.shape)}). " + F.SMALL_BATCH_REMEDIES
-            )
-        gmean = g.mean.to(acc).unsqueeze(0)
-        invstd = _ref.inverse_std(g.var.to(acc), eps).unsqueeze(0)
-        y = _ref.normalize(x, gmean, invstd, weight, bias, 0)
-        ctx.save_for_backward(x, weight, gmean, invstd, g.count, mask)
-        ctx.process_group = process_group
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(g.mean, g.var, g.count)
-        return y, g.mean, g.var, g.count
+    def __init__(self, process_group: Any) -> None:
+        self.process_group = process_group
 
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dcount):  # type: ignore[override]
-        x, weight, mean, invstd, count, mask = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(x)
-        sum_dy, sum_dy_xhat = _ref.backward_reduce(dy, x, mean, invstd, 0)  # (1, C) each, local
-        c = sum_dy.shape[1]
-        packed = torch.cat([sum_dy.reshape(-1), sum_dy_xhat.reshape(-1)]).double()
-        dist.all_reduce(packed, group=ctx.process_group)
-        g_dy, g_dy_xhat = packed[:c].unsqueeze(0), packed[c:].unsqueeze(0)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _ref.backward_elemt(dy, x, mean, invstd, weight, g_dy, g_dy_xhat, count.reshape(1), mask, 0)
-        dweight = sum_dy_xhat[0].to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
-        dbias = sum_dy[0].to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None
+    def gather_stats(self, mean: Tensor, var: Tensor, count: Tensor, dtype: torch.dtype
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(gather_stats(mean, var, count, self.process_group, dtype))  # type: ignore[return-value]
+
+    def sum(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, group=self.process_group)
+        return t
 
 
 class SyncBatchNorm(_NormBase):
@@ -142,28 +117,12 @@ class SyncBatchNorm(_NormBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.process_group is None else ", process_group=<group>")
 
-    def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool,
-                   update: bool) -> tuple[Tensor, Tensor | bool | None]:
+    def _normalize(self, x: Tensor, mask: Tensor | None, normalize_with_batch: bool, update: bool,
+                   **path: Any) -> tuple[Tensor, Tensor | bool | None]:
         # as torch's: only training synchronizes (eval without running statistics uses each rank's batch)
-        if not self.training or not normalize_with_batch or _world(self.process_group) == 1:
-            return super()._normalize(x, mask, normalize_with_batch, update)
-        weight, bias = self._affine()
-        # rank-local checks only; "more than one value" is checked on the global count
-        F.check_input(x, self.running_mean, self.running_var, weight, bias, eps=self.eps, mask=mask)
-        if self.eps <= 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}; use e.g. eps=1e-5")
-        kmask = F._mask_for_kernels(mask, x)
-        y, mean, var, count = _SyncBatchNormFunction.apply(x, weight, bias, kmask, self.eps, self.process_group)
-        accepted = None
-        if update and float(count) == 0:  # every rank empty: as one process with an empty batch
-            accepted = F.empty_batch_update()
-        elif update:
-            assert self.running_mean is not None and self.running_var is not None
-            accepted = F.update_running_stats(
-                self.running_mean, self.running_var, F.Stats(mean, var, count),
-                self._momentum_factor(), self.nonfinite,
-            )
-        return y, accepted
+        if self.training and _world(self.process_group) > 1:
+            path["collective"] = _Distributed(self.process_group)
+        return super()._normalize(x, mask, normalize_with_batch, update, **path)
 
     # -- torch.nn.SyncBatchNorm compatibility --------------------------------------------------
 

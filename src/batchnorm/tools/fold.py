@@ -36,7 +36,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from ..kernels.reference import inverse_std
+from .. import functional as F
 from ..nn.freeze import is_batchnorm, is_foreign, num_features, tail
 from ._common import bn_axis, has_running_stats, replace_modules, run_batch
 
@@ -81,7 +81,7 @@ class _Tracer(torch.fx.Tracer):
 def _bn_affine(bn: Any) -> tuple[Tensor, Tensor]:
     """``(a, c)`` in float64 with ``BN(x) = a * x + c`` per channel in eval mode."""
     rm, rv = bn.running_mean.double(), bn.running_var.double()
-    a = inverse_std(rv, bn.eps)
+    a = F.inverse_std(rv, bn.eps)
     w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
     if w is not None:
         a = a * w.detach().double()
