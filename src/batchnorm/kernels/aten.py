@@ -9,8 +9,9 @@ the cpu backend's ``forward_apply`` in one process, interleaved: 14.4 vs 21.5 us
 
 Only ``forward_apply`` (inference, frozen statistics) runs here; the dispatcher passes every
 other op, and larger tensors, to the next backend (the other entry points of the backend
-contract, :class:`batchnorm.kernels.protocol.Backend`, are the reference backend's). ``torch.batch_norm`` with ``training=False``
-computes ``(x - mean) * (1 / sqrt(var + eps)) * weight + bias`` with the statistics as given,
+contract, :class:`batchnorm.kernels.protocol.Backend`, are the reference backend's).
+``torch.batch_norm`` with ``training=False`` computes
+``(x - mean) * (1 / sqrt(var + eps)) * weight + bias`` with the statistics as given,
 as :func:`batchnorm.kernels.reference.forward_apply` does.
 """
 

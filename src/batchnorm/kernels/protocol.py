@@ -135,4 +135,5 @@ class PreparedBackend(Backend, Protocol):
     def prepared(self, op: str, x: Tensor, wait: bool = False) -> bool: ...
 
 
-__all__ = ["OPS", "Backend", "FusedBackend", "FusedOps", "Grads", "LeanBackend", "PreparedBackend", "Running", "TrainOut"]
+__all__ = ["OPS", "Backend", "FusedBackend", "FusedOps", "Grads", "LeanBackend", "PreparedBackend", "Running",
+           "TrainOut"]

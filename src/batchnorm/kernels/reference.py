@@ -25,6 +25,7 @@ Conventions shared by every backend (see :mod:`batchnorm.kernels`):
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
