@@ -55,7 +55,7 @@ def version() -> str:
         from importlib.metadata import version as _v
 
         return _v("batchnorm")
-    except Exception:  # noqa: BLE001 - running from a source tree without metadata
+    except Exception:  # running from a source tree without metadata
         return "unknown"
 
 

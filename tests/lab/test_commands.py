@@ -47,10 +47,10 @@ def test_train_any_layer_class_and_divergence(tmp_path, capsys):
 
 
 def test_train_missing_data_is_a_clean_error(tmp_path, capsys, monkeypatch):
-    from batchnorm.lab import data as D
+    from batchnorm.lab import sources
 
-    monkeypatch.setattr(D, "_find_local", lambda *a: None)
-    monkeypatch.setattr(D, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(sources, "_find_local", lambda *a: None)
+    monkeypatch.setattr(sources, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
     # a runtime failure (the data is missing), not a usage error: exit code 1, one line, nothing stored
     assert main(["train", "--dataset", "mnist", "--steps", "2", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
@@ -62,9 +62,10 @@ def test_claims_without_fashion_mnist_says_how_to_get_it(tmp_path, capsys, monke
     """The default claims run needs Fashion-MNIST: where it is missing, one line naming the Debian package,
     before any run is trained or stored."""
     from batchnorm.lab import data as D
+    from batchnorm.lab import sources
 
-    monkeypatch.setattr(D, "_find_local", lambda *a: None)
-    monkeypatch.setattr(D, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(sources, "_find_local", lambda *a: None)
+    monkeypatch.setattr(sources, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
     monkeypatch.setattr(D, "_RAW_MEMO", {})
     assert main(["claims", "--tiny", "--only", "accuracy", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err

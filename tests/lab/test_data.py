@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from batchnorm.lab import data as D
+from batchnorm.lab import sources
 
 
 def _idx_bytes(arr: np.ndarray, code: int, be_dtype: str) -> bytes:
@@ -112,8 +113,8 @@ def test_idx_dataset_from_data_dir(tmp_path):
 
 
 def test_missing_dataset_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
-    monkeypatch.setattr(D, "_find_local", lambda *a: None)
+    monkeypatch.setattr(sources, "_urlopen", lambda url: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(sources, "_find_local", lambda *a: None)
     with pytest.raises(D.DataUnavailable, match="--dataset mnist1d"):
         D.load_idx_set("mnist", data_dir=str(tmp_path))
 
@@ -126,7 +127,7 @@ def test_download_fallback_through_load_idx_set(tmp_path, monkeypatch):
     specs = {k: D.IdxFile(f.name, sha256=hashlib.sha256((mirror / f.name).read_bytes()).hexdigest())
              for k, f in D._IDX_SETS["mnist"]["files"].items()}
     monkeypatch.setitem(D._IDX_SETS, "mnist", {"urls": [mirror.as_uri()], "files": specs})
-    monkeypatch.setattr(D, "_find_local", lambda name, filename, data_dir: (
+    monkeypatch.setattr(sources, "_find_local", lambda name, filename, data_dir: (
         D.cache_dir() / name / filename if (D.cache_dir() / name / filename).is_file() else None))
     arrays = D.load_idx_set("mnist")
     assert arrays["train_x"].shape == (40, 6, 6)

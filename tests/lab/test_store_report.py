@@ -15,6 +15,7 @@ import pytest
 
 from batchnorm.cli import main
 from batchnorm.lab import data as D
+from batchnorm.lab import sources
 from batchnorm.lab.report import build_report
 from batchnorm.lab.store import Store
 
@@ -47,7 +48,7 @@ def official_fashion(tmp_path, monkeypatch):
                      for k, f in spec["files"].items()}
     spec["shapes"] = {"train_x": (60, 6, 6), "train_y": (60,), "test_x": (20, 6, 6), "test_y": (20,)}
     monkeypatch.setitem(D._IDX_SETS, "fashion-mnist", spec)
-    monkeypatch.setattr(D, "SYSTEM_DATASETS", system)
+    monkeypatch.setattr(sources, "SYSTEM_DATASETS", system)
     return official
 
 

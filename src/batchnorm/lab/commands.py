@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sqlite3
 import time
 from pathlib import Path
 
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -22,17 +20,16 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
-from rich.table import Column, Table
+from rich.table import Column
 
 from ..cli import CommandError, UsageError
-from .claims import interval_text
 from .data import DATASETS, DataError, DataUnavailable
+from .tables import claims_table, compare_tables, new_table, pct, print_findings, score_fmt
 
 __all__ = ["cmd_claims", "cmd_compare", "cmd_demo", "cmd_figure1", "cmd_report", "cmd_train", "compare_configs",
            "figure1_configs"]
 
 DEFAULT_OUT = "bn-report"
-PROBES = ("percentiles", "grad_norms", "ics", "smoothness", "inference", "recalibrate")
 MAX_SEED = 2**32 - 1
 
 
@@ -187,10 +184,6 @@ def _finish(args, console, payload: dict, rebuild: bool = True, runs: list[dict]
     return 0
 
 
-def _pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}%"
-
-
 def _store_path(args) -> str:
     if getattr(args, "store", None):
         return str(args.store)
@@ -251,9 +244,9 @@ def cmd_train(args) -> int:
     args.workers = 1
     run = _run(args, [cfg], console, "train")[0]
     res = run["result"]
-    fmt = _score_fmt(cfg.task)
+    fmt = score_fmt(cfg.task)
     metric = "R²" if cfg.task == "regression" else "acc %"
-    table = _table(escape(f"{_dataset_label(args)} / {cfg.model} / {cfg.norm}"),
+    table = new_table(escape(f"{_dataset_label(args)} / {cfg.model} / {cfg.norm}"),
                    [f"test {metric}", f"val {metric}", f"train {metric}", "train loss", "steps", "diverged", "s"])
     table.add_row(fmt(res["test_accuracy"]), fmt(res["val_accuracy"]), fmt(res["train_accuracy"]),
                   f"{res['train_loss']:.4f}" if res["train_loss"] is not None else "–", str(res["steps"]),
@@ -294,70 +287,6 @@ def compare_configs(dataset, models, norms, lrs, seeds, steps=None, optimizer=No
     return cfgs
 
 
-def _table(title: str, columns: list[str], wrap: tuple[str, ...] = ()) -> Table:
-    """A table that stays readable at 80 columns and when piped: light borders, no padding at the edges, and
-    columns that never wrap or truncate a number (only the ``wrap`` columns wrap)."""
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
-    for col in columns:
-        t.add_column(col, no_wrap=col not in wrap, overflow="fold" if col in wrap else "ellipsis")
-    return t
-
-
-def _score_fmt(task: str):
-    """Accuracy as a percentage; a regression's R² as a number."""
-    if task == "regression":
-        return lambda x: "–" if x is None or not math.isfinite(x) else f"{x:.3f}"
-    return lambda x: "–" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
-
-
-def _compare_table(console, tab, task: str = "classification") -> None:
-    fmt = _score_fmt(task)
-    metric = "R²" if task == "regression" else "acc %"
-    models = sorted({r["model"] for r in tab["rows"]})
-    many = len(models) > 1
-    title = (f"with vs without BN{'' if many else ': ' + models[0]} (test {metric} at the best validation "
-             f"checkpoint, mean ± sd over seeds; target: val {metric} {fmt(tab['target'])})")
-    cols = (["model"] if many else []) + ["norm", "lr", "batch", f"test {metric}", "to target", "gap",
-                                          "div", "s/run"]
-    t = _table(escape(title), cols)
-    for r in tab["rows"]:
-        t.add_row(*([escape(r["model"])] if many else []), escape(r["norm"]), f"{r['lr']:g}", str(r["batch_size"]),
-                  f"{fmt(r['test_accuracy'])} ± {fmt(r['test_accuracy_std'])}",
-                  "–" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f} ({r['reached']}/{r['seeds']})",
-                  fmt(r["gap"]), f"{r['diverged']}/{r['seeds']}", f"{r['seconds']:.1f}")
-    console.print(t)
-    console.print(f"to target: steps to the target validation {metric} (seeds that reached it); gap: train − test; "
-                  "div: diverged runs; s/run: the fastest seed's seconds (a first run pays one-time warm-up)",
-                  style="dim")
-    multi_lr = len({r["lr"] for r in tab["rows"]}) > 1
-    cols = (["model"] if many else []) + ["norm", "best lr / batch", f"val {metric}", f"test {metric}"]
-    if multi_lr:
-        cols.append("max stable lr")
-    s = _table("per norm: the lr / batch with the best validation score, and its test score", cols)
-    edge = []
-    for r in tab["summary"]:
-        row = ([escape(r["model"])] if many else []) + [
-            escape(r["norm"]),
-            f"{r['best_lr']:g} / {r['best_batch_size']}" + (" (edge)" if r["best_lr_at_edge"] else ""),
-            fmt(r["best_val_accuracy"]), f"{fmt(r['best_test_accuracy'])} ± {fmt(r['best_test_accuracy_std'])}"]
-        if multi_lr:
-            row.append("–" if r["max_stable_lr"] is None else f"{r['max_stable_lr']:g}")
-        s.add_row(*row)
-        if r["best_lr_at_edge"]:
-            edge.append(f"{r['model']}/{r['norm']}")
-    console.print(s)
-    if edge:
-        console.print(f"[yellow]the best learning rate of {escape(', '.join(edge))} is at the edge of --lrs: extend "
-                      "the grid to know whether a better one lies beyond it[/yellow]")
-
-
-def _print_findings(console, found: list[dict]) -> None:
-    """The findings lines (the same as the report's findings box)."""
-    style = {"ok": "green", "bad": "red", "mid": "yellow"}
-    for f in found:
-        console.print(f"[bold]finding[/bold] [{style.get(f['class'], 'yellow')}]{escape(f['text'])}[/]")
-
-
 def _default_target(dataset: str, models: list[str]) -> float:
     return 0.5 if dataset == "mnist1d" and "cnn" not in models else 0.8
 
@@ -380,11 +309,11 @@ def cmd_compare(args) -> int:
     runs = _run(args, cfgs, console, "compare")
     target = args.target if args.target is not None else _default_target(args.dataset, models)
     tab = compare_table(runs, target)
-    _compare_table(console, tab, data.get("task", "classification"))
+    compare_tables(console, tab, data.get("task", "classification"))
     from .findings import compare_findings
 
     found = compare_findings(runs, tab)
-    _print_findings(console, found)
+    print_findings(console, found)
     params = {"dataset": args.dataset, "models": models, "norms": norms, "lrs": lrs, "batch_sizes": batch_sizes,
               "seeds": seeds, "target": target, "steps": args.steps, "optimizer": args.optimizer,
               "batch_size": args.batch_size, "eval_every": args.eval_every, "limit": args.limit,
@@ -417,11 +346,11 @@ def cmd_figure1(args) -> int:
     cfgs = figure1_configs(args.dataset, args.steps, args.seed, args.lr, args.eval_every)
     runs = _run(args, cfgs, console, "figure1")
     series = figure1_series(runs)
-    t = _table(f"Figure 1 on {args.dataset} (paper-mlp, {args.steps} steps)",
+    t = new_table(f"Figure 1 on {args.dataset} (paper-mlp, {args.steps} steps)",
                ["", "final test acc", "p15 / p50 / p85 at start", "p15 / p50 / p85 at end"])
     for s in series["runs"]:
         p = s["percentiles"]
-        t.add_row(s["norm"], _pct(s["test_accuracy"][-1]),
+        t.add_row(s["norm"], pct(s["test_accuracy"][-1]),
                   " / ".join(f"{p[k][0]:.2f}" for k in ("p15", "p50", "p85")),
                   " / ".join(f"{p[k][-1]:.2f}" for k in ("p15", "p50", "p85")))
     console.print(t)
@@ -437,19 +366,6 @@ def cmd_figure1(args) -> int:
                                         **{f"{k}_start": s["percentiles"][k][0] for k in ("p15", "p50", "p85")},
                                         **{f"{k}_end": s["percentiles"][k][-1] for k in ("p15", "p50", "p85")}}
                                        for s in series["runs"]]})
-
-
-def _claims_table(console, results) -> None:
-    t = _table("claims of the seed articles, measured (effect, 95% bootstrap interval, Holm-corrected verdict)",
-               ["claim", "verdict", "effect per condition [95% CI]"], wrap=("claim", "effect per condition [95% CI]"))
-    t.show_lines = True
-    style = {"supported": "green", "contradicted": "red", "inconclusive": "yellow", "depends": "cyan"}
-    for r in results:
-        eff = "\n".join(f"{c['dataset']}, {c['condition']}: {interval_text(c)} ({c['verdict']})"
-                        for c in r["conditions"])
-        v = f"[{style[r['verdict']]}]{r['verdict']}[/]"
-        t.add_row(escape(f"{r['claim']}\n({r['unit']}; claimed size ≥ {r['min_effect']:g})"), v, escape(eff))
-    console.print(t)
 
 
 _CONDITION_KEYS = ("condition", "dataset", "effect", "ci95", "n_seeds", "min_effect", "verdict", "lr", "effects",
@@ -542,7 +458,7 @@ def cmd_claims(args) -> int:
             params["subject"] = subject
         store.put_experiment(experiment_name("claims", f"{args.mode}-{'-'.join(datasets)}", params), "claims",
                              params, sorted(hashes))
-    _claims_table(console, results)
+    claims_table(console, results)
     payload = claims_payload(results, args.mode, time.perf_counter() - t0)
     console.print(f"claims finished in {payload['seconds']:.0f} s")
     conditions = [{"claim": r["key"], "claim_verdict": r["verdict"],
@@ -585,25 +501,25 @@ def cmd_demo(args) -> int:
                              [r["hash"] for r in fig_runs])
         store.put_experiment(experiment_name("compare", "mlp-cnn-mnist1d", cparams), "compare", cparams,
                              [r["hash"] for r in cmp_runs])
-    t = _table(f"demo summary: MNIST-1D, mean ± sd over {len(seeds)} seeds (test accuracy at the best validation "
+    t = new_table(f"demo summary: MNIST-1D, mean ± sd over {len(seeds)} seeds (test accuracy at the best validation "
                "checkpoint)", ["experiment", "without BN", "with BN", "BN effect"], wrap=("experiment",))
     f = {s["norm"]: s for s in series["runs"]}
     a0, a1 = f["none"]["test_accuracy"][-1], f["batchnorm"]["test_accuracy"][-1]
-    t.add_row(f"Figure 1: paper-mlp, {f_steps} SGD steps", _pct(a0), _pct(a1), f"{100 * (a1 - a0):+.1f} pp")
+    t.add_row(f"Figure 1: paper-mlp, {f_steps} SGD steps", pct(a0), pct(a1), f"{100 * (a1 - a0):+.1f} pp")
     summ = {(s["model"], s["norm"]): s for s in tab["summary"]}
     rows = {(r["model"], r["norm"]): r for r in tab["rows"]}
     payload_rows = []
     for model in ("mlp", "cnn"):
         r0, r1 = rows[(model, "none")], rows[(model, "batchnorm")]
         t.add_row(f"{model}: test accuracy ({c_steps} steps)",
-                  f"{_pct(r0['test_accuracy'])} ± {_pct(r0['test_accuracy_std'])}",
-                  f"{_pct(r1['test_accuracy'])} ± {_pct(r1['test_accuracy_std'])}",
+                  f"{pct(r0['test_accuracy'])} ± {pct(r0['test_accuracy_std'])}",
+                  f"{pct(r1['test_accuracy'])} ± {pct(r1['test_accuracy_std'])}",
                   f"{100 * (r1['test_accuracy'] - r0['test_accuracy']):+.1f} pp")
         s0, s1 = r0["steps_to_target"], r1["steps_to_target"]
-        t.add_row(f"{model}: steps to {_pct(target)} val accuracy", "–" if s0 is None else f"{s0:.0f}",
+        t.add_row(f"{model}: steps to {pct(target)} val accuracy", "–" if s0 is None else f"{s0:.0f}",
                   "–" if s1 is None else f"{s1:.0f}",
                   f"×{s0 / s1:.2f} faster" if s0 and s1 else "–")
-        t.add_row(f"{model}: train−test gap", _pct(r0["gap"]), _pct(r1["gap"]),
+        t.add_row(f"{model}: train−test gap", pct(r0["gap"]), pct(r1["gap"]),
                   f"{100 * (r1['gap'] - r0['gap']):+.1f} pp")
         payload_rows.append({"model": model, "none": r0, "batchnorm": r1})
         _ = summ
@@ -613,7 +529,7 @@ def cmd_demo(args) -> int:
     found = figure1_findings(series) + compare_findings(cmp_runs, tab)
     for f in found:
         f.setdefault("class", "mid")
-    _print_findings(console, found)
+    print_findings(console, found)
     seconds = time.perf_counter() - t0
     console.print(f"demo finished in {seconds:.0f} s")
     payload = {"seconds": seconds, "figure1": series, "compare": payload_rows,

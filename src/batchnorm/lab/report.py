@@ -20,15 +20,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from jinja2 import Environment  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from jinja2 import Environment
 
-from .analysis import compare_table, curves_mean, figure1_series  # noqa: E402
-from .claims import analyze_claims, interval_text  # noqa: E402
-from .findings import compare_findings, figure1_findings  # noqa: E402
-from .store import Store, environment  # noqa: E402
-from .train import RunConfig, config_hash, with_data  # noqa: E402
+from .analysis import compare_table, curves_mean, figure1_series
+from .claims import analyze_claims, interval_text
+from .findings import compare_findings, figure1_findings
+from .store import Store, environment
+from .train import RunConfig, config_hash, with_data
 
 __all__ = ["build_report"]
 

@@ -330,7 +330,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     bs = min(cfg.batch_size, n)
 
     want = set(cfg.probes)
-    pre = PreactivationProbe_or_none(model, cfg) if "percentiles" in want else None
+    pre = preactivation_probe_or_none(model, cfg) if "percentiles" in want else None
     curves: dict[str, list] = {k: [] for k in ("step", "train_loss", "train_acc", "val_acc", "val_loss",
                                                "test_acc", "test_loss", "seconds")}
     if pre:
@@ -362,7 +362,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
         if pre:
             pre.remove()
-            pre = PreactivationProbe_or_none(model, cfg)
+            pre = preactivation_probe_or_none(model, cfg)
 
     best: dict = {"val": float("-inf"), "step": 0, "state": None, "train_acc": float("nan")}
 
@@ -548,7 +548,7 @@ def _finite_or_none(v):
     return float(v) if v is not None and math.isfinite(v) else None
 
 
-def PreactivationProbe_or_none(model, cfg):  # noqa: N802
+def preactivation_probe_or_none(model, cfg):
     try:
         return P.PreactivationProbe(model, layer=cfg.probe_layer, unit=cfg.probe_unit)
     except ValueError:

@@ -191,7 +191,7 @@ def diagnose(
                 d = sum(float((t.double() - e.double()).square().sum()) for t, e in zip(train_out, eval_out))
                 r = sum(float(t.double().square().sum()) for t in train_out)
                 output_gap = math.sqrt(d / r) if r > 0 else math.nan
-        except Exception as e:  # noqa: BLE001 - e.g. a batch of one in training mode
+        except Exception as e:  # any failure is reported, e.g. a batch of one in training mode
             warnings.append(f"could not run the model with batch statistics ({type(e).__name__}: {e})")
     rows = [_row(name, bn, probes[name]) for name, bn in layers]
     never = [r.name for r in rows if r.values_per_batch == 0]

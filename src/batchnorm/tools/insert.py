@@ -187,7 +187,7 @@ class _Tracer(torch.fx.Tracer):
 def _insert_fx(model: nn.Module, after, where, skip_last, bias, kind, bn_kwargs) -> nn.Module:
     try:
         graph = _Tracer().trace(model)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ValueError(
             f"insert() works on nn.Sequential models and on models torch.fx can trace; tracing "
             f"{type(model).__name__} failed ({type(e).__name__}: {e}). Insert BN layers by hand, or make "
