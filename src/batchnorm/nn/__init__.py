@@ -9,7 +9,7 @@ from .act import (
     BatchNormAddAct3d,
 )
 from .freeze import freeze, from_torch, is_batchnorm, unfreeze
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .modules import (
     BatchNorm,
     BatchNorm1d,
@@ -36,6 +36,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

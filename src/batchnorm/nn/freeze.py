@@ -34,9 +34,9 @@ _TORCH_FORWARDS = (_TorchBatchNorm.forward, nn.SyncBatchNorm.forward)
 def is_frozen_like(module: nn.Module) -> bool:
     """A frozen BN from another library (torchvision's or timm's ``FrozenBatchNorm2d``, timm's
     ``FrozenBatchNormAct2d``): fixed statistics and affine parameters as buffers, and ``eps``."""
-    from .frozen import _FrozenBatchNorm
+    from .frozen import FrozenBatchNorm
 
-    if isinstance(module, (_FrozenBatchNorm, _NormBase, _TorchBatchNorm)):
+    if isinstance(module, (FrozenBatchNorm, _NormBase, _TorchBatchNorm)):
         return False
     return (type(module).__name__.startswith("FrozenBatchNorm") and hasattr(module, "eps")
             and all(k in module._buffers for k in _FROZEN_BUFFERS))
@@ -200,8 +200,8 @@ def _set_frozen(model: nn.Module, stats: bool, affine: bool, frozen: bool) -> nn
 def is_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` is a batch-norm layer: ours (any kind), torch's (and its subclasses,
     such as timm's fused layers) or another library's frozen one (:func:`is_frozen_like`)."""
-    from .frozen import _FrozenBatchNorm
+    from .frozen import FrozenBatchNorm
 
-    return isinstance(module, (_NormBase, _TorchBatchNorm, _FrozenBatchNorm)) or is_frozen_like(module)
+    return isinstance(module, (_NormBase, _TorchBatchNorm, FrozenBatchNorm)) or is_frozen_like(module)
 
 

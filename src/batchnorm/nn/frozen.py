@@ -11,8 +11,9 @@ from .. import functional as F
 from .freeze import num_features
 
 
-class _FrozenBatchNorm(nn.Module):
-    """BN with fixed statistics and affine parameters, all stored as buffers.
+class FrozenBatchNorm(nn.Module):
+    """BN with fixed statistics and affine parameters, all stored as buffers; the base of
+    :class:`FrozenBatchNorm1d`/``2d``/``3d`` (which check the input's rank), any rank itself.
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``. Loads the state dict of
     a ``torch.nn.BatchNorm*``, a torchvision ``FrozenBatchNorm2d`` or one of ours exactly
@@ -40,7 +41,7 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     @classmethod
-    def from_module(cls, bn: Any) -> _FrozenBatchNorm:
+    def from_module(cls, bn: Any) -> FrozenBatchNorm:
         """A frozen copy of any batch-norm layer (ours, torch's, torchvision's frozen one) with running
         statistics; what a fused layer applies after normalizing is not part of it."""
         if getattr(bn, "running_mean", None) is None:
@@ -73,19 +74,19 @@ class _FrozenBatchNorm(nn.Module):
         return F.apply_stats(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
 
-class FrozenBatchNorm1d(_FrozenBatchNorm):
+class FrozenBatchNorm1d(FrozenBatchNorm):
     """Frozen BN over 2D or 3D input."""
 
     _valid_dims = (2, 3)
 
 
-class FrozenBatchNorm2d(_FrozenBatchNorm):
+class FrozenBatchNorm2d(FrozenBatchNorm):
     """Frozen BN over 4D input (torchvision's ``FrozenBatchNorm2d`` checkpoints load exactly)."""
 
     _valid_dims = (4,)
 
 
-class FrozenBatchNorm3d(_FrozenBatchNorm):
+class FrozenBatchNorm3d(FrozenBatchNorm):
     """Frozen BN over 5D input."""
 
     _valid_dims = (5,)

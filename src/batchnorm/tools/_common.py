@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as TorchBatchNorm
 
 from ..nn.freeze import is_batchnorm, is_frozen_like
-from ..nn.frozen import _FrozenBatchNorm
+from ..nn.frozen import FrozenBatchNorm
 from ..nn.modules import _NormBase
 
 
@@ -31,7 +31,7 @@ def has_running_stats(bn: nn.Module) -> bool:
 
 def is_frozen(bn: nn.Module) -> bool:
     """Frozen statistics: a Frozen* layer, or one of ours with the statistics knobs set."""
-    if isinstance(bn, _FrozenBatchNorm) or is_frozen_like(bn):
+    if isinstance(bn, FrozenBatchNorm) or is_frozen_like(bn):
         return True
     return isinstance(bn, _NormBase) and (bn.use_running_stats or not bn.update_running_stats)
 

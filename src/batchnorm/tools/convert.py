@@ -26,7 +26,7 @@ from torch import nn
 
 from ..nn.act import _BatchNormActBase
 from ..nn.freeze import from_torch, fused_activation, has_tail, is_batchnorm, is_foreign, is_frozen_like, num_features
-from ..nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from ..nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from ..nn.modules import (
     BatchNorm,
     BatchNorm1d,
@@ -105,7 +105,7 @@ def _why_not(bn: nn.Module, to: str) -> str | None:
     if isinstance(bn, _BatchNormActBase) and to in ("torch", "frozen") and bn.act != "identity":
         return (f"its fused activation ({bn.act!r}) has no place in {to}'s layers "
                 "(use bn.freeze(model) to freeze it in place)")
-    if to == "sync" and not isinstance(bn, (SyncBatchNorm, _FrozenBatchNorm)):
+    if to == "sync" and not isinstance(bn, (SyncBatchNorm, FrozenBatchNorm)):
         return why_not_sync(bn)
     if isinstance(bn, (_LazyNormBase, nn.modules.batchnorm._LazyNormBase)) and bn.has_uninitialized_params():
         return "it is a lazy layer that has not seen an input yet (run one batch first)"
@@ -123,9 +123,9 @@ def _why_not(bn: nn.Module, to: str) -> str | None:
                 return "torch has no ghost batch normalization (virtual_batch_size)"
             if bn.use_running_stats or not bn.update_running_stats:
                 return "torch's layers cannot hold frozen statistics (unfreeze it, or convert to 'frozen')"
-    if (isinstance(bn, _FrozenBatchNorm) or is_frozen_like(bn)) and to == "torch":
+    if (isinstance(bn, FrozenBatchNorm) or is_frozen_like(bn)) and to == "torch":
         return "torch has no frozen BN layer (keep ours, or torchvision's FrozenBatchNorm2d loads its state_dict)"
-    if to == "frozen" and not isinstance(bn, _FrozenBatchNorm) and not is_frozen_like(bn):
+    if to == "frozen" and not isinstance(bn, FrozenBatchNorm) and not is_frozen_like(bn):
         if getattr(bn, "running_mean", None) is None:
             return "it has no running statistics (track_running_stats=False) to freeze"
         if getattr(bn, "_axis", 1) != 1:
@@ -138,7 +138,7 @@ def _to_batchnorm(bn: Any) -> nn.Module | None:
         return from_sync(bn, torch_ok=False)
     if isinstance(bn, _NormBase):
         return None
-    if isinstance(bn, _FrozenBatchNorm) or is_frozen_like(bn):
+    if isinstance(bn, FrozenBatchNorm) or is_frozen_like(bn):
         rank = _rank(bn)
         kw = _factory(bn)
         c = num_features(bn)
@@ -176,12 +176,12 @@ def _rank_cls(cls: type) -> int | None:
 
 
 def _to_frozen(bn: nn.Module) -> nn.Module | None:
-    if isinstance(bn, _FrozenBatchNorm) or not (isinstance(bn, (_NormBase, TorchBatchNorm)) or is_frozen_like(bn)):
+    if isinstance(bn, FrozenBatchNorm) or not (isinstance(bn, (_NormBase, TorchBatchNorm)) or is_frozen_like(bn)):
         return None
     rank = _rank(bn)
     if rank is None and isinstance(bn, SyncBatchNorm) and getattr(bn, "_converted_from", None) is not None:
         rank = _rank_cls(bn._converted_from)  # type: ignore[arg-type]
-    cls = _FROZEN[rank] if rank else _FrozenBatchNorm
+    cls = _FROZEN[rank] if rank else FrozenBatchNorm
     new = cls.from_module(bn)
     new.train(bn.training)
     return new

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..nn.frozen import _FrozenBatchNorm
+from ..nn.frozen import FrozenBatchNorm
 from ._common import bn_layers, channel_first, has_running_stats, is_frozen, preserved_state, run_batch, take
 
 TINY_BATCH = 16  # values per channel below which batch statistics are noisy
@@ -184,7 +184,7 @@ def diagnose(
         # the same batches with the BN layers normalizing with batch statistics (buffers restored on exit)
         try:
             for _, bn in layers:
-                if has_running_stats(bn) and not isinstance(bn, _FrozenBatchNorm):
+                if has_running_stats(bn) and not isinstance(bn, FrozenBatchNorm):
                     bn.train()
             train_out = [run_batch(model, b, forward_fn) for b in batches]
             if all(isinstance(o, Tensor) for o in (*eval_out, *train_out)):

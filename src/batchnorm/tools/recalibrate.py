@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..nn.frozen import _FrozenBatchNorm
+from ..nn.frozen import FrozenBatchNorm
 from ..nn.modules import _NormBase
 from ._common import bn_layers, channel_first, has_running_stats, is_frozen, preserved_state, run_batch, take
 
@@ -115,7 +115,7 @@ def recalibrate(
     targets: list[tuple[str, Any]] = []
     result = Recalibration()
     for name, bn in layers:
-        if isinstance(bn, _FrozenBatchNorm) or is_frozen(bn):
+        if isinstance(bn, FrozenBatchNorm) or is_frozen(bn):
             result.skipped[name] = "frozen"
         elif not has_running_stats(bn):
             result.skipped[name] = "no running statistics (track_running_stats=False)"
