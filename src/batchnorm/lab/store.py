@@ -122,21 +122,26 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot create the directory of the store {self.path} ({exc.strerror or exc}); "
                              "choose another --out/--store") from None
-        self._conn = None
+        try:
+            self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        except sqlite3.DatabaseError as exc:  # OperationalError included
+            raise self._unusable(exc) from None
         try:
             self._open(check)
-        except sqlite3.DatabaseError as exc:  # OperationalError included
-            if self._conn is not None:
-                self._conn.close()
-            if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
-                raise StoreError(f"cannot open the store {self.path} ({exc}): check that its directory exists and "
-                                 "is writable, or choose another --out/--store") from None
-            raise StoreError(f"{self.path} is not a usable lab store ({exc}): it is corrupt, truncated or another "
-                             "program's database. Move it aside and run the command again (its runs are lost), "
-                             "or choose another --out/--store") from None
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise self._unusable(exc) from None
+
+    def _unusable(self, exc: sqlite3.DatabaseError) -> StoreError:
+        if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+            return StoreError(f"cannot open the store {self.path} ({exc}): check that its directory exists and "
+                              "is writable, or choose another --out/--store")
+        return StoreError(f"{self.path} is not a usable lab store ({exc}): it is corrupt, truncated or another "
+                          "program's database. Move it aside and run the command again (its runs are lost), "
+                          "or choose another --out/--store")
 
     def _open(self, check: bool) -> None:
-        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        """Configure the new connection and create or check the tables."""
         self._conn.execute("PRAGMA busy_timeout=60000")
         if check:
             rows = self._conn.execute("PRAGMA quick_check").fetchall()
