@@ -24,13 +24,14 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 
 from . import stats
-from .train import RunConfig, config_key, unpack_correct, with_recipe
+from .train import RunConfig, config_key, recipe_fields, unpack_correct, with_recipe
 
-__all__ = ["Claim", "Condition", "SeedRuns", "analyze_claims", "plan_claims", "tune_lr"]
+__all__ = ["Budget", "Claim", "Condition", "SeedRuns", "analyze_claims", "plan_claims", "tune_lr"]
 
 #: Seeds (the first ones of a run) whose validation accuracy selects each arm's learning rate, unless the
 #: mode's budget says otherwise (``tune_seeds``).
@@ -39,6 +40,28 @@ TUNE_SEEDS = 2
 LR_GRIDS = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
             "sgd": (0.01, 0.03, 0.1, 0.3, 1.0), "momentum": (0.003, 0.01, 0.03, 0.1, 0.3)}
 LR_BOUNDS = (1e-5, 30.0)
+
+
+class _BudgetKeys(TypedDict):
+    seeds: int
+    steps: int
+    short: int
+    depth: int
+    deep_steps: int
+    lstm_steps: int
+    ics_depth: int
+    lr_extensions: int
+    limit: int | None
+    small_batches: tuple[int, ...]
+    full_conditions: bool
+
+
+class Budget(_BudgetKeys, total=False):
+    """The size of a mode's experiments (``experiments.BUDGET``); the keys below are optional."""
+
+    tune_points: int  # try only this many learning rates, in the middle of the grid
+    tune_seeds: int  # tune on this many seeds (default TUNE_SEEDS)
+    probe_steps: int  # steps of the ICS/smoothness probe runs (default: steps)
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -123,26 +146,35 @@ def tune_lr(base: RunConfig, seeds: list[int], get_run: Callable[[RunConfig], di
     Returns ``(lr, needed, info)``: ``needed`` lists the runs to train before a choice can be made (then
     ``lr`` is None); ``info`` has the grid, each LR's mean best validation accuracy and whether the best
     one is interior."""
-    opt = with_recipe(base).optimizer or "adam"
-    grid = list(grid or LR_GRIDS.get(opt, LR_GRIDS["adam"]))
+    opt = recipe_fields(base).optimizer or "adam"
+    lrs = list(grid or LR_GRIDS.get(opt, LR_GRIDS["adam"]))
     extended = 0
     while True:
-        cfgs = {lr: [base.replace(lr=lr, seed=s) for s in seeds] for lr in grid}
-        runs = {lr: [get_run(c) for c in cs] for lr, cs in cfgs.items()}
-        needed = [c for lr in grid for c, r in zip(cfgs[lr], runs[lr]) if r is None]
+        cfgs = {lr: [base.replace(lr=lr, seed=s) for s in seeds] for lr in lrs}
+        found = {lr: [get_run(c) for c in cs] for lr, cs in cfgs.items()}
+        needed = [c for lr in lrs for c, r in zip(cfgs[lr], found[lr]) if r is None]
         if needed:
             return None, needed, {}
+        runs = {lr: [r for r in rs if r is not None] for lr, rs in found.items()}  # all of them: none is needed
         score = {lr: float(np.mean([_val_score(r) for r in rs])) for lr, rs in runs.items()}
-        best = max(grid, key=lambda lr: (score[lr], -lr))
-        i = grid.index(best)
-        if extended < max_extensions and i == 0 and _ladder(grid[0], False) >= LR_BOUNDS[0]:
-            grid.insert(0, _ladder(grid[0], False))
-        elif extended < max_extensions and i == len(grid) - 1 and _ladder(grid[-1], True) <= LR_BOUNDS[1]:
-            grid.append(_ladder(grid[-1], True))
+        best = max(lrs, key=lambda lr: (score[lr], -lr))
+        i = lrs.index(best)
+        if extended < max_extensions and i == 0 and _ladder(lrs[0], False) >= LR_BOUNDS[0]:
+            lrs.insert(0, _ladder(lrs[0], False))
+        elif extended < max_extensions and i == len(lrs) - 1 and _ladder(lrs[-1], True) <= LR_BOUNDS[1]:
+            lrs.append(_ladder(lrs[-1], True))
         else:
-            return best, [], {"grid": grid, "val_accuracy": score, "interior": 0 < i < len(grid) - 1,
+            return best, [], {"grid": lrs, "val_accuracy": score, "interior": 0 < i < len(lrs) - 1,
                               "seeds": list(seeds)}
         extended += 1
+
+
+def _found(get_run: Callable[[RunConfig], dict | None], cfg: RunConfig) -> dict:
+    """The run of ``cfg``, which :func:`_resolve` found stored."""
+    run = get_run(cfg)
+    if run is None:  # pragma: no cover - a run vanished from the store while the claims were analyzed
+        raise LookupError(f"run {config_key(cfg)} is no longer stored")
+    return run
 
 
 def _val_score(run: dict) -> float:
@@ -161,7 +193,7 @@ def _expand(cond: Condition) -> list[Condition]:
     return [cond, twin]
 
 
-def _resolve(cond: Condition, seeds: list[int], get_run, budget: dict):
+def _resolve(cond: Condition, seeds: list[int], get_run, budget: Budget):
     """(runs still needed, {seed: {arm: [configs]}} or None, {arm: lr info})."""
     needed: list[RunConfig] = []
     chosen: dict[str, float] = {}
@@ -201,7 +233,7 @@ def _select(claims: list[str] | None) -> list[Claim]:
     return [known[k] for k in claims]
 
 
-def _budget(mode: str) -> dict:
+def _budget(mode: str) -> Budget:
     from .experiments import BUDGET
 
     return BUDGET[mode]
@@ -269,7 +301,7 @@ def plan_claims(mode: str = "quick", datasets: list[str] | str = "mnist1d", clai
 
 def _lr_of(cond: Condition, per_seed: dict, info: dict) -> dict:
     first = next(iter(per_seed.values()))
-    lrs = {arm: sorted({with_recipe(c).lr for c in cfgs}) for arm, cfgs in first.items()}
+    lrs = {arm: sorted({recipe_fields(c).lr for c in cfgs}) for arm, cfgs in first.items()}
     out: dict = {arm: (v[0] if len(v) == 1 else v) for arm, v in lrs.items()}
     if cond.tune:
         out["selected_on"] = "validation"
@@ -300,7 +332,8 @@ def analyze_claims(get_run: Callable[[RunConfig], dict | None], mode: str = "qui
                        p_against=1.0, censored=0, lr={}, details=[], missing_runs=len(missing))
             rows.append((claim, row))
             continue
-        runs = {s: {arm: [get_run(c) for c in cfgs] for arm, cfgs in arms.items()} for s, arms in per_seed.items()}
+        runs = {s: {arm: [_found(get_run, c) for c in cfgs] for arm, cfgs in arms.items()}
+                for s, arms in per_seed.items()}
         n_test = None
         if cond.reads_test:
             any_run = next(iter(next(iter(runs.values())).values()))[0]

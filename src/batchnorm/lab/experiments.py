@@ -12,13 +12,13 @@ import math
 
 import numpy as np
 
-from .claims import Claim, Condition, SeedRuns
+from .claims import Budget, Claim, Condition, SeedRuns
 from .stats import Censored
 from .train import RunConfig, steps_to
 
 __all__ = ["BUDGET", "CLAIMS", "LR_GRID"]
 
-BUDGET = {
+BUDGET: dict[str, Budget] = {
     "tiny": {"seeds": 2, "steps": 30, "short": 20, "depth": 6, "deep_steps": 20, "lstm_steps": 10, "ics_depth": 10,
              "lr_extensions": 0, "tune_points": 2, "limit": 600, "small_batches": (2, 32), "full_conditions": False},
     "quick": {"seeds": 5, "steps": 1000, "short": 300, "depth": 20, "deep_steps": 200, "lstm_steps": 1000,

@@ -39,7 +39,7 @@ import torch
 
 from .data import Dataset
 from .store import Store, environment
-from .train import RunConfig, config_hash, load_data, train, with_recipe
+from .train import RunConfig, config_hash, load_data, recipe_fields, train, with_recipe
 
 __all__ = ["EXECUTORS", "ExecutorUnavailable", "SweepError", "check_executor",
            "default_workers", "executor_options", "run_sweep"]
@@ -164,7 +164,7 @@ def estimated_cost(cfg: RunConfig) -> float:
         layers = 40
     norm = 1.0 if full.norm == "none" else 3.0
     probes = 1.0 + 0.5 * len(full.probes)
-    return (full.steps + 50) * layers * norm * probes * (3.0 if full.model in ("cnn", "cnn2d") else 1.0)
+    return (recipe_fields(full).steps + 50) * layers * norm * probes * (3.0 if full.model in ("cnn", "cnn2d") else 1.0)
 
 
 def run_sweep(
@@ -194,7 +194,7 @@ def run_sweep(
     for c, h in zip(configs, hashes):
         if store.has(h):
             if on_done:
-                on_done(c, store.get(h)["result"], True)
+                on_done(c, _stored(store, h)["result"], True)
         elif h not in todo:
             todo[h] = c
     if todo and executor == "ray":
@@ -235,13 +235,15 @@ def run_sweep(
                     f"a worker process died; {done} of {len(todo)} new runs are stored. "
                     "Run the same command again to train the missing ones."
                 ) from exc
-    out = []
-    for h in hashes:
-        run = store.get(h)
-        if run is None:  # pragma: no cover - a run vanished between put and get
-            raise SweepError(f"run {h} missing from {store.path}")
-        out.append(run)
-    return out
+    return [_stored(store, h) for h in hashes]
+
+
+def _stored(store: Store, h: str) -> dict:
+    """The stored run ``h``, which the sweep found or put there."""
+    run = store.get(h)
+    if run is None:  # pragma: no cover - a run vanished between put and get
+        raise SweepError(f"run {h} missing from {store.path}")
+    return run
 
 
 # --------------------------------------------------------------------------------------------- Ray

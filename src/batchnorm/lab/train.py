@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ from .byo import FILE_KINDS, ModelError, is_user_model, load_user_data, model_id
 from .data import Dataset, load_dataset
 from .models import build_model, norm_name, recipe
 
-__all__ = ["RunConfig", "config_hash", "config_key", "evaluate", "load_data", "resolve_data", "train", "with_data",
-           "with_recipe"]
+__all__ = ["RunConfig", "config_hash", "config_key", "evaluate", "load_data", "resolve_data", "recipe_fields", "train",
+           "with_data", "with_recipe"]
 
 # lab-2: the run key includes the data identity (``data_id``); runs of lab-1 stores are not reused
 # lab-3: the test accuracy is taken at the best validation checkpoint, 40 evaluations per run
@@ -114,19 +115,33 @@ class RunConfig:
         return f"{self.model}/{self.norm}"
 
 
-def with_recipe(cfg: RunConfig) -> RunConfig:
-    """Fill the fields left ``None`` from the model's default recipe."""
+class RecipeFields(NamedTuple):
+    """The training fields of a :class:`RunConfig` with the model's recipe filling those left ``None``."""
+
+    optimizer: str
+    lr: float
+    batch_size: int
+    steps: int
+    eval_every: int
+
+
+def recipe_fields(cfg: RunConfig) -> RecipeFields:
+    """``cfg``'s optimizer, learning rate, batch size, steps and evaluation interval, the ones left ``None``
+    (or 0) taken from the model's default recipe; the values :func:`with_recipe` writes into the config."""
     r = recipe(cfg.model)
     steps = cfg.steps if cfg.steps is not None else r.steps
-    return dataclasses.replace(
-        cfg,
+    return RecipeFields(
         optimizer=cfg.optimizer or r.optimizer,
         lr=cfg.lr if cfg.lr is not None else r.lr,
         batch_size=cfg.batch_size or r.batch_size,
         steps=steps,
         eval_every=cfg.eval_every or max(1, steps // EVALS),
-        norm=norm_name(cfg.norm),
     )
+
+
+def with_recipe(cfg: RunConfig) -> RunConfig:
+    """Fill the fields left ``None`` from the model's default recipe."""
+    return dataclasses.replace(cfg, **recipe_fields(cfg)._asdict(), norm=norm_name(cfg.norm))
 
 
 def with_data(cfg: RunConfig, limit: int | None = None, data_dir: str | None = None) -> RunConfig:
@@ -293,6 +308,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     ``progress(step, total, last_eval)`` is called at every evaluation (for progress bars).
     """
     cfg = with_recipe(cfg)
+    rf = recipe_fields(cfg)  # the same values, typed as filled in
     t0 = time.perf_counter()
     data = data or load_data(cfg)
     if is_user_model(cfg.model):
@@ -314,7 +330,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         cfg.model, data.input_shape, data.num_classes, norm=cfg.norm, weight_scale=cfg.weight_scale,
         norm_kw=dict(cfg.norm_kw), **dict(cfg.model_kw)
     )
-    opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt = _optimizer(rf.optimizer, model.parameters(), rf.lr, cfg.momentum, cfg.weight_decay)
     if cfg.schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; choose constant or cosine")
     regression = cfg.task == "regression"
@@ -327,7 +343,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     n_train_eval = min(len(ytr), 2000)
     gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     n = len(ytr)
-    bs = min(cfg.batch_size, n)
+    bs = min(rf.batch_size, n)
 
     want = set(cfg.probes)
     pre = preactivation_probe_or_none(model, cfg) if "percentiles" in want else None
@@ -359,7 +375,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
             cfg.model, data.input_shape, data.num_classes, norm=cfg.norm, weight_scale=cfg.weight_scale,
             norm_kw=dict(cfg.norm_kw), **dict(cfg.model_kw)
         )
-        opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        opt = _optimizer(rf.optimizer, model.parameters(), rf.lr, cfg.momentum, cfg.weight_decay)
         if pre:
             pre.remove()
             pre = preactivation_probe_or_none(model, cfg)
@@ -394,9 +410,9 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         curves["test_loss"].append(te_loss)
         curves["seconds"].append(time.perf_counter() - t0)
         if progress:
-            progress(step, cfg.steps, {"test_acc": te_acc, "train_loss": curves["train_loss"][-1]})
+            progress(step, rf.steps, {"test_acc": te_acc, "train_loss": curves["train_loss"][-1]})
 
-    record(0, [], final=cfg.steps == 0)
+    record(0, [], final=rf.steps == 0)
     window: list[float] = []
     diverged = False
     diverged_at = None
@@ -405,7 +421,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
     order = torch.randperm(n, generator=gen)
     pos = 0
     model.train()
-    while step < cfg.steps:
+    while step < rf.steps:
         if deadline is not None and time.time() > deadline:
             break
         if pos + bs > n:
@@ -425,15 +441,15 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         step += 1
-        is_eval = step % cfg.eval_every == 0 or step == cfg.steps
+        is_eval = step % rf.eval_every == 0 or step == rf.steps
         if is_eval and "grad_norms" in want:
             curves["grad_norms"].append(P.grad_norms(model))
         probing = (is_eval and ("ics" in want or "smoothness" in want)
-                   and ((step // cfg.eval_every) % PROBE_EVERY == 0 or step == cfg.steps))
+                   and ((step // rf.eval_every) % PROBE_EVERY == 0 or step == rf.steps))
         before = {k: p.detach().clone() for k, p in model.named_parameters()} if probing else None
         if cfg.schedule == "cosine":
             for group in opt.param_groups:
-                group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - 1) / max(1, cfg.steps)))
+                group["lr"] = 0.5 * rf.lr * (1 + math.cos(math.pi * (step - 1) / max(1, rf.steps)))
         opt.step()
         window.append(lv)
         if before is not None and "smoothness" in want:
@@ -448,9 +464,9 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
             for k2 in ("ics_diff", "ics_rel", "ics_cos"):
                 curves[k2].append(m[k2])
         if is_eval:
-            record(step, window, final=step == cfg.steps)
+            record(step, window, final=step == rf.steps)
             window = []
-    if diverged or (0 < step < cfg.steps):  # diverged or stopped by the deadline: a final full evaluation
+    if diverged or (0 < step < rf.steps):  # diverged or stopped by the deadline: a final full evaluation
         record(step, window, final=True)
     if pre:
         pre.remove()
@@ -480,7 +496,7 @@ def train(cfg: RunConfig, data: Dataset | None = None, progress: Callable[[int, 
         "train_accuracy": best["train_acc"],
         "train_loss": _finite_or_none(curves["train_loss"][-1]),
         "best_val_accuracy": float(np.nanmax(curves["val_acc"])) if len(yva) else None,
-        "eval_every": cfg.eval_every,
+        "eval_every": rf.eval_every,
         "steps": step,
         "diverged": diverged,
         "diverged_at": diverged_at,
