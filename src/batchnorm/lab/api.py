@@ -75,7 +75,8 @@ def _data_fields(data, out: Path, task: str, label: str | None) -> tuple[dict, s
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.part.npz")
-        np.savez(tmp, **arrays)
+        # numpy's stub matches **kwds against allow_pickle too; the keys were checked above
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(path)
     return {"dataset": "npz", "data_dir": str(path.resolve()), "task": task, "data_kw": {}}, "arrays"
 

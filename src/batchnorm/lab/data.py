@@ -185,7 +185,8 @@ def _mnist1d_raw_id(seed: int, num_samples: int) -> tuple[dict[str, np.ndarray],
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-", suffix=".npz")
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **raw)
+            # numpy's stub matches **kwds against allow_pickle too; the keys here are array names
+            np.savez(fh, **raw)  # type: ignore[arg-type]
         os.replace(tmp, path)
     except OSError:  # read-only home: work without a cache
         pass
