@@ -167,12 +167,12 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
     for name, training in (("train", True), ("eval", False)):
         if name not in passes:
             continue
-        fns = {
-            "ours": lambda t=training: F.batch_norm(x, rm_ours, rv_ours, w, b, t, 0.1, eps),
-            "torch": lambda t=training: TF.batch_norm(x, rm_t, rv_t, w, b, t, 0.1, eps),
+        fns: dict[str, Callable[[], Any]] = {
+            "ours": partial(F.batch_norm, x, rm_ours, rv_ours, w, b, training, 0.1, eps),
+            "torch": partial(TF.batch_norm, x, rm_t, rv_t, w, b, training, 0.1, eps),
         }
         if compiled is not None:
-            fns["compile"] = lambda t=training: compiled(x, rm_t, rv_t, w, b, t, 0.1, eps)
+            fns["compile"] = partial(compiled, x, rm_t, rv_t, w, b, training, 0.1, eps)
         cases.append((name, fns))
     if "backward" in passes:
         _, mean, var, count = torch.ops.batchnorm.train_forward(x, w, b, None, eps, 0)

@@ -30,12 +30,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from batchnorm_cli import dataset_kind  # the command line's front decides it without torch
 
 from .data import DataError, Dataset, DataUnavailable, _array_digest, _identity
+
+if TYPE_CHECKING:  # torch is imported only when a model is built
+    from torch import nn
 
 __all__ = ["FILE_KINDS", "TASKS", "ModelError", "build_user_model", "dataset_kind", "is_user_model",
            "load_user_data", "model_identity", "register_factory", "resolve_factory", "user_data_identity"]
@@ -171,7 +175,7 @@ def _layer_factory(norm: str, norm_kw: dict):
 
 
 def build_user_model(name: str, input_shape, num_outputs: int, norm: str = "none",
-                     norm_kw: dict | None = None) -> object:
+                     norm_kw: dict | None = None) -> nn.Module:
     """Build the user's model for ``norm`` (see the module's docstring)."""
     from torch import nn
 

@@ -187,7 +187,9 @@ def _finish(args, console, payload: dict, rebuild: bool = True, runs: list[dict]
 def _store_path(args) -> str:
     if getattr(args, "store", None):
         return str(args.store)
-    return str(Path(getattr(args, "out", None) or getattr(args, "dir", DEFAULT_OUT)) / "lab.sqlite")
+    out: str | None = getattr(args, "out", None)  # lab commands name the folder --out, `report` names it DIR
+    folder: str = getattr(args, "dir", DEFAULT_OUT)
+    return str(Path(out or folder) / "lab.sqlite")
 
 
 def _guard(fn):

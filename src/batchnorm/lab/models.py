@@ -17,6 +17,7 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ def resolve_norm(norm) -> str | type | None:
     """Turn ``"pkg.mod:Class"`` into the class; leave names and classes alone."""
     if isinstance(norm, str) and ":" in norm:
         mod, _, qual = norm.partition(":")
-        obj = importlib.import_module(mod)
+        obj: Any = importlib.import_module(mod)
         for part in qual.split("."):
             obj = getattr(obj, part)
         return obj

@@ -132,8 +132,8 @@ def smoothness(model: nn.Module, x, y, base: dict[str, torch.Tensor] | None = No
     params = {n: src[n].detach().clone().requires_grad_(True) for n in src}
     names = list(params)
     loss0 = _loss_fn(model, params, _cloned_buffers(model), x, y)
-    g = torch.autograd.grad(loss0, [params[n] for n in names], allow_unused=True)
-    g = [torch.zeros_like(params[n]) if gi is None else gi.detach() for n, gi in zip(names, g)]
+    grads0 = torch.autograd.grad(loss0, [params[n] for n in names], allow_unused=True)
+    g = [torch.zeros_like(params[n]) if gi is None else gi.detach() for n, gi in zip(names, grads0)]
     d = [(-gi if direction is None else direction[n].detach()) for n, gi in zip(names, g)]
     dnorm = math.sqrt(sum(float(di.double().pow(2).sum()) for di in d))
     losses = [float(loss0.detach())]
@@ -162,8 +162,11 @@ def residual_variance(model: nn.Module, x: torch.Tensor) -> list[float]:
     2020, Fig. 2): for ``model.blocks`` (an ``nn.Sequential`` of residual blocks), the mean over
     channels of the per-channel variance over the batch of the block's output."""
     out: list[float] = []
+    blocks = model.blocks
+    if not isinstance(blocks, nn.Module):
+        raise TypeError(f"model.blocks is a {type(blocks).__name__}, not an nn.Sequential of residual blocks")
     hooks = [b.register_forward_hook(lambda m, a, o: out.append(float(o.detach().double().var(0).mean())))
-             for b in model.blocks]
+             for b in blocks.children()]
     try:
         with torch.no_grad():
             model(x)

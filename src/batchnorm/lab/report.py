@@ -531,8 +531,7 @@ def build_report(store: Store, out_dir: str | Path, title: str = "batchnorm lab 
     kinds_order = {"figure1": 0, "compare": 1, "claims": 2, "train": 3}
     trains: list[tuple[dict, dict]] = []
     for exp in sorted(store.experiments(), key=lambda e: (kinds_order.get(e["kind"], 9), e["created"])):
-        runs = [store.get(h) for h in exp["hashes"]]
-        runs = [r for r in runs if r is not None]
+        runs = [r for r in (store.get(h) for h in exp["hashes"]) if r is not None]
         if exp["kind"] != "claims" and not runs:
             continue
         if exp["kind"] == "figure1":
