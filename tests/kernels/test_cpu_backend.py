@@ -128,7 +128,7 @@ def test_small_planes_run_on_the_rows_kernels():
         x = torch.empty(shape)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        return cpu._view(x, cpu._layout(x))[1]
+        return cpu._view(x, cpu._shape_kind(x))[1]
 
     assert rep(8, 4, 3, 5) == 15
     assert rep(8, 4, 4, 4) == 0  # L = 16: planes
@@ -141,9 +141,9 @@ def test_small_planes_run_on_the_rows_kernels():
 def test_tiled_per_channel_columns(channels, rep, dtype):
     """The rows kernels' per-channel operand: channel c at columns c*rep .. c*rep+rep-1, repeated
     past the last column so that W lanes from any column read on (entry k is entry k % P)."""
-    cpu = pytest.importorskip("batchnorm.kernels.cpu")
+    base = pytest.importorskip("batchnorm.kernels.cpu.base")
     v = np.random.default_rng(0).standard_normal(channels)
-    got = cpu._tiled(v, np.empty(0, dtype), rep)
+    got = base._tiled(v, np.empty(0, dtype), rep)
     p = channels * rep
     lanes = 32 // np.dtype(dtype).itemsize
     expected = np.array([v[(k % p) // rep] for k in range(p + lanes)], dtype=dtype)
@@ -162,7 +162,7 @@ def test_streaming_needs_size_and_planes_of_whole_lines(monkeypatch):
         x = torch.empty(shape, dtype=dtype)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        dims, rep, _ = cpu._view(x, cpu._layout(x))
+        dims, rep, _ = cpu._view(x, cpu._shape_kind(x))
         return cpu._stream(x, dims, rep), cpu._stream(x, dims, rep, backward=True)
 
     assert stream(128, 64, 7, 7) == (False, False)  # 196-byte planes

@@ -1,4 +1,4 @@
-"""The numba vector primitives of ``batchnorm.kernels._simd`` against numpy and Python semantics.
+"""The numba vector primitives of ``batchnorm.kernels.cpu.simd`` against numpy and Python semantics.
 
 The kernels' tests cover these through the batch-norm formulas; these check the primitives one by
 one, including what the kernels do not use today (mixed scalar types, NaN in a select)."""
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba")
-simd = pytest.importorskip("batchnorm.kernels._simd")
+simd = pytest.importorskip("batchnorm.kernels.cpu.simd")
 
 
 @numba.njit
