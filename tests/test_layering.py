@@ -1,8 +1,8 @@
-"""The package's layers import downwards only: kernels <- ops (the operators) <- functional (with
-its argument checks, _checks) <- nn (layers) <- tools <- lab and command line; and only kernels,
-ops and functional reach into the reference backends (kernels.reference, kernels.reference_act):
-everything above goes through batchnorm.functional. Checked on the source (every import
-statement, at any depth, so a function-local import counts too)."""
+"""The package's layers import downwards only: kernels <- ops (the operators) <- functional (with its
+argument checks, _checks, and the layers' lean eager paths, _lean) <- nn (layers) <- tools <- lab and
+command line; and only kernels, ops and functional reach into the reference backends (kernels.reference,
+kernels.reference_act): everything above goes through batchnorm.functional. Checked on the source (every
+import statement, at any depth, so a function-local import counts too)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "batchnorm"
 # package part -> the parts it must never import
 ABOVE_FUNCTIONAL = ("nn", "tools", "lab", "cli", "bench")
 FORBIDDEN = {
-    "kernels": (*ABOVE_FUNCTIONAL, "functional", "_checks", "ops", "_ops", "_act_ops"),
-    "ops": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_ops", "_act_ops"),
-    "_ops": (*ABOVE_FUNCTIONAL, "functional", "_checks"),
-    "_act_ops": (*ABOVE_FUNCTIONAL, "functional", "_checks"),
-    "_checks": (*ABOVE_FUNCTIONAL, "functional"),
-    "functional": ABOVE_FUNCTIONAL,
+    "kernels": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean", "ops", "_ops", "_act_ops"),
+    "ops": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean", "_ops", "_act_ops"),
+    "_ops": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean"),
+    "_act_ops": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean"),
+    "_checks": (*ABOVE_FUNCTIONAL, "functional", "_lean"),
+    "functional": (*ABOVE_FUNCTIONAL, "_lean"),
+    "_lean": ABOVE_FUNCTIONAL,
     "nn": ("tools", "lab", "cli", "bench"),
     "tools": ("lab", "cli", "bench"),
 }
@@ -82,7 +83,7 @@ def test_the_check_sees_relative_imports():
 
 # the reference backends, reached only from these parts (the others call batchnorm.functional)
 REFERENCE = (("kernels", "reference"), ("kernels", "reference_act"))
-REFERENCE_USERS = ("kernels", "ops", "functional", "_checks")
+REFERENCE_USERS = ("kernels", "ops", "functional", "_checks", "_lean")
 ALL_FILES = sorted(SRC.rglob("*.py"))
 
 

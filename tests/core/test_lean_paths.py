@@ -1,4 +1,4 @@
-"""The layers' lean eager paths (batchnorm.functional.layer_call_lean) against torch's layers:
+"""The layers' lean eager paths (batchnorm._lean.layer_call_lean) against torch's layers:
 the cpu backend's one-call training forward and its backward, and ATen's kernel for small
 inference calls (the ``aten`` backend), with the dispatcher choosing as in normal use."""
 

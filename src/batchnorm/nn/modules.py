@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from .. import _lean
 from .. import functional as F
 
 
@@ -291,12 +292,12 @@ class _NormBase(_TorchBatchNorm):
         self._check_input_dim(input)
         if not self.training and mask is None and self._axis == 1 and type(self)._normalize is _NormBase._normalize:
             # inference with the running statistics on small CPU tensors: ATen's kernel (see
-            # functional.eval_lean), with the fewest Python steps
+            # _lean.eval_lean), with the fewest Python steps
             buffers = self._buffers
             rm, rv = buffers.get("running_mean"), buffers.get("running_var")
             if rm is not None and rv is not None:
                 weight, bias = self._affine()
-                y = F.eval_lean(input, rm, rv, weight, bias, self.eps)
+                y = _lean.eval_lean(input, rm, rv, weight, bias, self.eps)
                 if y is not None:
                     return y
         axis = self._axis % input.dim()
@@ -306,7 +307,7 @@ class _NormBase(_TorchBatchNorm):
         if (mask is None and type(self)._normalize is _NormBase._normalize
                 and not (normalize_with_batch and self.virtual_batch_size)):
             weight, bias = self._affine()
-            lean = F.layer_call_lean(x, self.running_mean, self.running_var, weight, bias,
+            lean = _lean.layer_call_lean(x, self.running_mean, self.running_var, weight, bias,
                                      normalize_with_batch=normalize_with_batch, update=update,
                                      momentum=self._momentum_factor() if update else 0.0, eps=self.eps,
                                      nonfinite=self.nonfinite)
