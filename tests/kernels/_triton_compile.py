@@ -16,7 +16,7 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, not the interpreter's
 
-import torch  # noqa: E402
+import torch
 
 torch.cuda.is_available = lambda: True  # type: ignore[assignment]  # the backend imports only with a device
 

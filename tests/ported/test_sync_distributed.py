@@ -40,7 +40,7 @@ import tempfile
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (see below)
+import torch._dynamo  # (see below)
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn

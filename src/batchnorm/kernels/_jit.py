@@ -217,7 +217,7 @@ class Kernels:
                         proc = self._spawn(dtype, [e for e in order if (e, dtype) not in self._ready])
                         self._procs[dtype] = proc
                 time.sleep(POLL_S)
-        except BaseException as exc:  # noqa: BLE001 -- reported to every waiter, then on stderr
+        except BaseException as exc:  # reported to every waiter, then on stderr
             with self._cond:
                 self._failed[dtype] = f"{type(exc).__name__}: {exc}"
                 self._cond.notify_all()

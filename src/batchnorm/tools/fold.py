@@ -415,7 +415,7 @@ def fold(model: nn.Module, report: bool = False, example: Any = None, *,
     planner = _Planner(out, reference, clone_shared)
     try:
         graph = _Tracer().trace(out)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means "use the fallback"
+    except Exception as e:  # any tracing failure means "use the fallback"
         planner.report.traced = False
         planner.report.trace_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         planner.plan_sequential()
