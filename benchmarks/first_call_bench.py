@@ -177,7 +177,7 @@ def mlp(repeats: int) -> dict[str, Any]:
 
 def large(repeats: int) -> list[dict[str, Any]]:
     import batchnorm.functional as F
-    from batchnorm import _ops
+    from batchnorm.ops.plain import _train_backward_impl
 
     out = []
     shape = (32, 64, 56, 56)
@@ -194,7 +194,7 @@ def large(repeats: int) -> list[dict[str, Any]]:
         _, smean, sinv, reserve, impl = torch.ops.aten._batch_norm_impl_index(x, w, b, rm_t, rv_t, True, 0.1, eps, True)
         out.append(_pair(
             f"{shape} float32 {layout} backward",
-            lambda x=x, dy=dy, w=w, mean=mean, var=var, count=count: _ops._train_backward_impl(
+            lambda x=x, dy=dy, w=w, mean=mean, var=var, count=count: _train_backward_impl(
                 dy, x, mean, var, w, None, count, eps, 0, True),
             lambda x=x, dy=dy, w=w, smean=smean, sinv=sinv, reserve=reserve, impl=impl:
                 torch.ops.aten._batch_norm_impl_index_backward(impl, x, dy, w, None, None, smean, sinv, True, eps,

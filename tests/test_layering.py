@@ -16,10 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "batchnorm"
 # package part -> the parts it must never import
 ABOVE_FUNCTIONAL = ("nn", "tools", "lab", "cli", "bench")
 FORBIDDEN = {
-    "kernels": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean", "ops", "_ops", "_act_ops"),
-    "ops": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean", "_ops", "_act_ops"),
-    "_ops": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean"),
-    "_act_ops": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean"),
+    "kernels": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean", "ops"),
+    "ops": (*ABOVE_FUNCTIONAL, "functional", "_checks", "_lean"),
     "_checks": (*ABOVE_FUNCTIONAL, "functional", "_lean"),
     "functional": (*ABOVE_FUNCTIONAL, "_lean"),
     "_lean": ABOVE_FUNCTIONAL,

@@ -146,7 +146,8 @@ def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 30) -> floa
 def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: torch.device,
                 passes: tuple[str, ...], with_compile: bool) -> list[tuple[str, dict[str, Callable[[], Any]]]]:
     import batchnorm.functional as F
-    from batchnorm import _act_ops, _ops
+    from batchnorm.ops import act_train
+    from batchnorm.ops.plain import _train_backward_impl
 
     c = shape[1]
     x = torch.randn(shape, dtype=dtype, device=device)
@@ -182,7 +183,7 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
             x, w, b, rm_t, rv_t, True, 0.1, eps, True)
         mask3 = [True, True, True]
         cases.append(("backward", {
-            "ours": lambda: _ops._train_backward_impl(dy, x, mean, var, w, None, count, eps, 0, True),
+            "ours": lambda: _train_backward_impl(dy, x, mean, var, w, None, count, eps, 0, True),
             "torch": lambda: torch.ops.aten._batch_norm_impl_index_backward(
                 impl, x, dy, w, None, None, smean, sinv, True, eps, mask3, reserve),
         }))
@@ -195,7 +196,7 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
         # torch.autograd.grad: the gradients are returned, not accumulated into .grad (which would
         # add a full-tensor add_ to every call after the first)
         def ours_act() -> None:
-            y = _act_ops.act_train(xg, wg, bg, None, None, eps, 0, "relu", 0.0)[0]
+            y = act_train(xg, wg, bg, None, None, eps, 0, "relu", 0.0)[0]
             torch.autograd.grad(y, leaves, dy)
 
         def torch_act() -> None:

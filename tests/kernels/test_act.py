@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as TF
 
 import batchnorm
-from batchnorm import _act_ops  # noqa: F401
 from batchnorm.kernels import reference_act as ra
 
 from .conftest import configure_cpu
