@@ -63,7 +63,8 @@ def test_eval_planes_2_threads_resnet_layer3_shapes(two_threads, shape):
 
 _POINTER_CALLS = {"pointers", "_ptr"}
 # calls whose result carries pointers of their arguments (a pointer stays one through them)
-_CARRIERS = _POINTER_CALLS | {"_grad", "_plane_gate"}
+_CARRIERS = _POINTER_CALLS | {"_grad", "_plane_gate", "_forward_operands", "_gate_operands", "_with_input_grad",
+                               "_row_forward", "_row_gate", "_at_channel"}
 
 
 def _called(node: ast.AST) -> str | None:

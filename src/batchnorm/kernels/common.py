@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import protocol
+
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
 
-#: The ops a backend module implements (see :mod:`batchnorm.kernels`).
-OPS = frozenset({"forward_train", "forward_apply", "backward_train", "backward_apply", "forward_train_act",
-                 "forward_apply_act", "backward_train_act", "backward_apply_act"})
+#: The ops a backend's ``supports`` is asked about (:data:`batchnorm.kernels.protocol.OPS`), as a set.
+OPS = frozenset(protocol.OPS)
 
 
 def channels_last_format(x: Tensor) -> torch.memory_format | None:

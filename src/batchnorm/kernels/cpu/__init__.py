@@ -12,8 +12,10 @@ its element loops (like BN + ReLU's) are compiled separately with the activation
 
 The modules, from the element up:
 
-* :mod:`.simd` -- a 32-byte vector type and non-temporal stores; :mod:`.base` -- numba options
-  and the array functions every kernel uses;
+* :mod:`.primitives` -- what the kernels are written in: by default :mod:`.simd` (a 32-byte
+  vector type, :mod:`.vector`, and non-temporal stores), with ``BATCHNORM_CPU_SIMD=0``
+  :mod:`.plain` (scalar loops, numba's public API only); raw pointers in :mod:`.pointers`;
+  :mod:`.base` -- numba options and the array functions every kernel uses;
 * :mod:`.formulas` -- the element formulas (forward, gradient at the pre-activation, input
   gradient), written once and compiled to scalar and vector code, and the loops that run them;
   outputs of at least :data:`STREAM_MIN_BYTES` (backward: :data:`STREAM_MIN_BYTES_BACKWARD`) are
@@ -63,8 +65,9 @@ from .entries import (
     entry_signature,
     launch_pool,
 )
+from .primitives import LINE_BYTES
+from .primitives import SIMD as SIMD  # whether the kernels use 32-byte vectors (BATCHNORM_CPU_SIMD)
 from .rows import _row_blocks
-from .simd import LINE_BYTES
 
 name = "cpu"
 
@@ -358,7 +361,6 @@ def backward_apply_act(dy, x, residual, mean, var, eps, weight, bias, act, slope
     """Backward of :func:`forward_apply_act` (statistics constant): ``(dx, dweight, dbias, dresidual)``."""
     return _backward_act(dy, x, residual, mean, var, eps, weight, bias, act, slope, False,
                          need_input_grad, need_residual_grad)
-
 
 
 _DTYPES = (torch.float32, torch.float64)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .simd import pointers
+from .primitives import CACHE, decorating, pointers
+
+decorating()  # the first kernel module: numba's cache directory for this mode (see .primitives)
 
 # Reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN/inf must propagate
 # (the layers detect non-finite batches from the statistics).
 _FM = {"reassoc", "contract", "arcp", "nsz"}
 # Numpy's error model: a division by zero gives inf/NaN as in torch (IEEE), not Python's
 # ZeroDivisionError (``eps = 0`` with a zero variance); it also drops the divisor checks.
-_NJ = {"cache": True, "error_model": "numpy"}
+_NJ = {"cache": CACHE, "error_model": "numpy"}
 _JIT = {**_NJ, "parallel": True, "fastmath": _FM, "nogil": True}
 # Planes: values summed in input-dtype vectors before they are added to float64 ones (a multiple
 # of two vectors of float32); rows: rows summed in the input dtype before a float64 flush.
@@ -56,7 +58,7 @@ def _ptr(t):
     and no reference count per plane (a plane's views cost more than its arithmetic when it is
     small: (128, 64, 8, 8) normalized in 3x the time of the flat loop). ``t`` must outlive the
     pointer: an argument of the compiled kernel, or an array it passes to ``keep`` after the
-    pointer's last use (the lifetime rule of :func:`~batchnorm.kernels._simd.pointers`)."""
+    pointer's last use (the lifetime rule of :func:`~.pointers.pointers`)."""
     return pointers((_flat(t),))[0]
 
 

@@ -39,33 +39,33 @@ def _inverse_std(var, eps):
 
 @njit(**_NJ)
 def _coefficients(x, mean, invstd, w, b):
-    """Per channel ``(mr, scale, shift)``: ``mr`` = the mean rounded to ``x``'s dtype (the kernels
-    subtract it in that dtype, exactly near the mean), ``scale = w * invstd``, and
-    ``shift = b - (mean - mr) * scale`` so that ``(x - mr) * scale + shift`` is the normalization
-    with the exact mean."""
+    """Per channel ``(center, scale, shift)``: ``center`` = the mean rounded to ``x``'s dtype (the
+    kernels subtract it in that dtype, exactly near the mean), ``scale = w * invstd``, and
+    ``shift = b - (mean - center) * scale`` so that ``(x - center) * scale + shift`` is the
+    normalization with the exact mean."""
     C = mean.shape[0]
-    mr, scale, shift = np.empty(C), np.empty(C), np.empty(C)
+    center, scale, shift = np.empty(C), np.empty(C), np.empty(C)
     for c in range(C):
         m = np.float64(mean[c])
-        rm = np.float64(_as(x, m))
+        rounded = np.float64(_as(x, m))
         a = np.float64(invstd[c]) * np.float64(w[c])
-        mr[c] = rm
+        center[c] = rounded
         scale[c] = a
         # (not 0 * a: an infinite scale, eps = 0 and a zero variance, gives +-inf like torch, not NaN)
-        shift[c] = np.float64(b[c]) - (m - rm) * a if m != rm else np.float64(b[c])
-    return mr, scale, shift
+        shift[c] = np.float64(b[c]) - (m - rounded) * a if m != rounded else np.float64(b[c])
+    return center, scale, shift
 
 
 @njit(**_NJ)
 def _apply_planes(x, r, has_r, mean, invstd, w, b, code, slope, y, stream):
-    mr, scale, shift = _coefficients(x, mean, invstd, w, b)
-    _act_apply_planes(x, r, has_r, mr, scale, shift, code, slope, y, stream)
+    center, scale, shift = _coefficients(x, mean, invstd, w, b)
+    _act_apply_planes(x, r, has_r, center, scale, shift, code, slope, y, stream)
 
 
 @njit(**_NJ)
 def _apply_rows(x, r, has_r, mean, invstd, w, b, code, slope, y, stream, rep):
-    mr, scale, shift = _coefficients(x, mean, invstd, w, b)
-    _act_apply_rows(x, r, has_r, mr, scale, shift, code, slope, y, stream, rep)
+    center, scale, shift = _coefficients(x, mean, invstd, w, b)
+    _act_apply_rows(x, r, has_r, center, scale, shift, code, slope, y, stream, rep)
 
 
 @njit(**_NJ)
@@ -133,10 +133,10 @@ def _rows_stats(x, pilot, nb, rep):
         for j in range(nb):
             sd += psum[j, c]
             sq += psq[j, c]
-        md = sd / cnt
-        mean[c] = pilot[c] + md
-        var[c] = max(sq / cnt - md * md, 0.0)
-        far = far or md * md > 4.0 * var[c]
+        offset = sd / cnt
+        mean[c] = pilot[c] + offset
+        var[c] = max(sq / cnt - offset * offset, 0.0)
+        far = far or offset * offset > 4.0 * var[c]
     return mean, var, far
 
 
@@ -163,10 +163,10 @@ def _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, u
 
 
 @njit(**_NJ)
-def _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, cnt, train, kb, kc, sum_dy, sum_dot):
-    """From the partial sums over ``mr``: ``sum_dy = sum(g)``, ``sum_dot = sum(g * xhat)`` and
-    the input-gradient coefficients ``dx = g * scale + (x - mr) * kb + kc``."""
-    for c in range(mr.shape[0]):
+def _bwd_coefficients(psum, pdot, mean, invstd, center, scale, cnt, train, x_scale, dx_shift, sum_dy, sum_dot):
+    """From the partial sums over ``center``: ``sum_dy = sum(g)``, ``sum_dot = sum(g * xhat)`` and
+    the input-gradient coefficients ``dx = g * scale + (x - center) * x_scale + dx_shift``."""
+    for c in range(center.shape[0]):
         s = 0.0
         t = 0.0
         for j in range(psum.shape[0]):
@@ -174,15 +174,15 @@ def _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, cnt, train, kb, kc, s
             t += pdot[j, c]
         m = np.float64(mean[c])
         inv = np.float64(invstd[c])
-        t -= (m - mr[c]) * s  # sum(g * (x - mean)) with the exact mean
+        t -= (m - center[c]) * s  # sum(g * (x - mean)) with the exact mean
         sum_dy[c] = s
         sum_dot[c] = t * inv
         if train:
-            kb[c] = -scale[c] * inv * inv * t / cnt
-            kc[c] = -scale[c] * s / cnt + kb[c] * (mr[c] - m)
+            x_scale[c] = -scale[c] * inv * inv * t / cnt
+            dx_shift[c] = -scale[c] * s / cnt + x_scale[c] * (center[c] - m)
         else:
-            kb[c] = 0.0
-            kc[c] = 0.0
+            x_scale[c] = 0.0
+            dx_shift[c] = 0.0
 
 
 @njit(**_NJ)
@@ -195,14 +195,14 @@ def _bwd_planes(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx
                         dx, dr, sum_dy, sum_dot, stream)
         return
     N, C, L = x.shape
-    mr, scale, shift = _coefficients(x, mean, invstd, w, b)
+    center, scale, shift = _coefficients(x, mean, invstd, w, b)
     psum = np.empty((N, C))
     pdot = np.empty((N, C))
-    _act_bwd_reduce_planes(dy, x, r, has_r, mr, scale, shift, code, slope, psum, pdot)
-    kb, kc = np.empty(C), np.empty(C)
-    _bwd_coefficients(psum, pdot, mean, invstd, mr, scale, N * L, train, kb, kc, sum_dy, sum_dot)
+    _act_bwd_reduce_planes(dy, x, r, has_r, center, scale, shift, code, slope, psum, pdot)
+    x_scale, dx_shift = np.empty(C), np.empty(C)
+    _bwd_coefficients(psum, pdot, mean, invstd, center, scale, N * L, train, x_scale, dx_shift, sum_dy, sum_dot)
     if need_dx or need_dr:
-        _act_bwd_elemt_planes(dy, x, r, has_r, mr, scale, shift, code, slope, scale, kb, kc, need_dx,
+        _act_bwd_elemt_planes(dy, x, r, has_r, center, scale, shift, code, slope, scale, x_scale, dx_shift, need_dx,
                               need_dr, dx, dr, stream)
 
 
@@ -212,15 +212,15 @@ def _bwd_rows(dy, x, r, has_r, mean, invstd, w, b, code, slope, train, need_dx, 
     """Backward on rows: block reductions, their merge, then the elementwise gradients."""
     M, P = x.shape
     C = P // rep
-    mr, scale, shift = _coefficients(x, mean, invstd, w, b)
+    center, scale, shift = _coefficients(x, mean, invstd, w, b)
     psum = np.zeros((nb, P))
     pdot = np.zeros((nb, P))
-    _act_bwd_reduce_rows(dy, x, r, has_r, mr, scale, shift, code, slope, nb, psum, pdot, rep)
-    kb, kc = np.empty(C), np.empty(C)
-    _bwd_coefficients(_fold(psum, rep), _fold(pdot, rep), mean, invstd, mr, scale, M * rep, train, kb, kc, sum_dy,
-                      sum_dot)
+    _act_bwd_reduce_rows(dy, x, r, has_r, center, scale, shift, code, slope, nb, psum, pdot, rep)
+    x_scale, dx_shift = np.empty(C), np.empty(C)
+    _bwd_coefficients(_fold(psum, rep), _fold(pdot, rep), mean, invstd, center, scale, M * rep, train, x_scale,
+                      dx_shift, sum_dy, sum_dot)
     if need_dx or need_dr:
-        _act_bwd_elemt_rows(dy, x, r, has_r, mr, scale, shift, code, slope, scale, kb, kc, need_dx,
+        _act_bwd_elemt_rows(dy, x, r, has_r, center, scale, shift, code, slope, scale, x_scale, dx_shift, need_dx,
                             need_dr, dx, dr, stream, rep)
 
 

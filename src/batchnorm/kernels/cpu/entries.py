@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .base import _INL, _NJ
 from .drivers import _apply_planes, _apply_rows, _bwd_planes, _bwd_rows, _inverse_std, _train_planes, _train_rows
-from .simd import voidptr
+from .primitives import decorated, voidptr
 
 # ========================================================== entries: tensors by address
 #
@@ -19,7 +19,7 @@ from .simd import voidptr
 # and the reshapes around it cost tens of microseconds each in Python, ``data_ptr()`` a few.
 # ``a``: one int64 array of the addresses followed by ``N, C, L`` (numba types an array in C; a
 # tuple of ints and a dtype class cost ~12 us of Python typing per call); ``rep = 0``: planes
-# ``(N, C, L)``, else rows ``(N * L / rep, C * rep)`` (see "rows" above); ``proto`` an empty array
+# ``(N, C, L)``, else rows ``(N * L / rep, C * rep)`` (see :mod:`.rows`); ``proto`` an empty array
 # of the dtype of every tensor (input, outputs, per-channel vectors, statistics); address 0 =
 # no such vector.
 
@@ -40,21 +40,21 @@ def _channel(addr, c, dt, fill):
 @njit(**_NJ)
 def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, skip, stream, fused, nb):
     """Training forward; ``a = (x, r, y, weight, bias, out, running_mean, running_var, N, C, L)``
-    (see :func:`_finish` for ``out``, ``skip`` and the result; without ``update`` the running
-    statistics' addresses are unused)."""
+    (see :func:`~.drivers._finish` for ``out``, ``skip`` and the result; without ``update`` the
+    running statistics' addresses are unused)."""
+    x_at, r_at, y_at, w_at, b_at, out_at, rm_at, rv_at, N, C, L = a
     dt = proto.dtype
-    N, C, L = a[8], a[9], a[10]
-    dims = (N, C, L)
-    w, b = _channel(a[3], C, dt, 1.0), _channel(a[4], C, dt, 0.0)
-    out = _tensor(a[5], (3, 1, C), dt)
-    rm, rv = _tensor(a[6], C, dt), _tensor(a[7], C, dt)
+    w, b = _channel(w_at, C, dt, 1.0), _channel(b_at, C, dt, 0.0)
+    out = _tensor(out_at, (3, 1, C), dt)
+    rm, rv = _tensor(rm_at, C, dt), _tensor(rv_at, C, dt)
     if rep:
         s = (N * L // rep, C * rep)
-        x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
+        x, r, y = _tensor(x_at, s, dt), _tensor(r_at, s, dt), _tensor(y_at, s, dt)
         return _train_rows(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, skip, stream, nb,
                            rep)
     else:
-        x, r, y = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
+        dims = (N, C, L)
+        x, r, y = _tensor(x_at, dims, dt), _tensor(r_at, dims, dt), _tensor(y_at, dims, dt)
         return _train_planes(x, r, has_r, w, b, eps, code, slope, y, out, rm, rv, momentum, update, skip, stream,
                              fused)
 
@@ -62,18 +62,18 @@ def _train(a, proto, rep, has_r, eps, code, slope, momentum, update, skip, strea
 @njit(**_NJ)
 def _apply(a, proto, rep, has_r, eps, code, slope, stream):
     """Normalization with given statistics; ``a = (x, r, y, mean, var, weight, bias, N, C, L)``
-    (``invstd`` from ``var`` and ``eps`` by :func:`_inverse_std`)."""
+    (``invstd`` from ``var`` and ``eps`` by :func:`~.drivers._inverse_std`)."""
+    x_at, r_at, y_at, mean_at, var_at, w_at, b_at, N, C, L = a
     dt = proto.dtype
-    N, C, L = a[7], a[8], a[9]
-    dims = (N, C, L)
-    mean, inv = _channel(a[3], C, dt, 0.0), _inverse_std(_channel(a[4], C, dt, 1.0), eps)
-    w, b = _channel(a[5], C, dt, 1.0), _channel(a[6], C, dt, 0.0)
+    mean, inv = _channel(mean_at, C, dt, 0.0), _inverse_std(_channel(var_at, C, dt, 1.0), eps)
+    w, b = _channel(w_at, C, dt, 1.0), _channel(b_at, C, dt, 0.0)
     if rep:
         s = (N * L // rep, C * rep)
-        x, r, y = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
+        x, r, y = _tensor(x_at, s, dt), _tensor(r_at, s, dt), _tensor(y_at, s, dt)
         _apply_rows(x, r, has_r, mean, inv, w, b, code, slope, y, stream, rep)
     else:
-        x, r, y = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
+        dims = (N, C, L)
+        x, r, y = _tensor(x_at, dims, dt), _tensor(r_at, dims, dt), _tensor(y_at, dims, dt)
         _apply_planes(x, r, has_r, mean, inv, w, b, code, slope, y, stream)
 
 
@@ -82,21 +82,21 @@ def _bwd(a, proto, rep, has_r, code, slope, eps, train, need_dx, need_dr, stream
     """Backward; ``a = (dy, x, r, dx, dr, mean, var, weight, bias, sums, N, C, L)``: ``var`` the
     training forward's batch variance (``train``) or the given one; ``sums`` = ``(2, C)``
     (``sum(g)``, ``sum(g * xhat)``); absent outputs' addresses are unused."""
+    dy_at, x_at, r_at, dx_at, dr_at, mean_at, var_at, w_at, b_at, sums_at, N, C, L = a
     dt = proto.dtype
-    N, C, L = a[10], a[11], a[12]
-    dims = (N, C, L)
-    mean, inv = _channel(a[5], C, dt, 0.0), _inverse_std(_channel(a[6], C, dt, 1.0), eps)
-    w, b = _channel(a[7], C, dt, 1.0), _channel(a[8], C, dt, 0.0)
-    sums = _tensor(a[9], (2, C), dt)
+    mean, inv = _channel(mean_at, C, dt, 0.0), _inverse_std(_channel(var_at, C, dt, 1.0), eps)
+    w, b = _channel(w_at, C, dt, 1.0), _channel(b_at, C, dt, 0.0)
+    sums = _tensor(sums_at, (2, C), dt)
     if rep:
         s = (N * L // rep, C * rep)
-        dy, x, r = _tensor(a[0], s, dt), _tensor(a[1], s, dt), _tensor(a[2], s, dt)
-        dx, dr = _tensor(a[3], s, dt), _tensor(a[4], s, dt)
+        dy, x, r = _tensor(dy_at, s, dt), _tensor(x_at, s, dt), _tensor(r_at, s, dt)
+        dx, dr = _tensor(dx_at, s, dt), _tensor(dr_at, s, dt)
         _bwd_rows(dy, x, r, has_r, mean, inv, w, b, code, slope, train, need_dx, need_dr, dx, dr, sums[0], sums[1],
                   stream, nb, rep)
     else:
-        dy, x, r = _tensor(a[0], dims, dt), _tensor(a[1], dims, dt), _tensor(a[2], dims, dt)
-        dx, dr = _tensor(a[3], dims, dt), _tensor(a[4], dims, dt)
+        dims = (N, C, L)
+        dy, x, r = _tensor(dy_at, dims, dt), _tensor(x_at, dims, dt), _tensor(r_at, dims, dt)
+        dx, dr = _tensor(dx_at, dims, dt), _tensor(dr_at, dims, dt)
         _bwd_planes(dy, x, r, has_r, mean, inv, w, b, code, slope, train, need_dx, need_dr, dx, dr, sums[0],
                     sums[1], stream, fused)
 
@@ -144,7 +144,6 @@ def channel_vector(t: Tensor | None, x: Tensor) -> Tensor | None:
     return t.to(x.dtype).contiguous()
 
 
-
 def address(t: Tensor | None, absent: int = 0) -> int:
     """``t``'s data address, ``absent`` for ``None``."""
     return absent if t is None else t.data_ptr()
@@ -152,8 +151,8 @@ def address(t: Tensor | None, absent: int = 0) -> int:
 
 #: The compiled driver each op calls.
 ENTRY_OF = {"forward_train": "_train", "forward_train_act": "_train", "forward_apply": "_apply",
-             "forward_apply_act": "_apply", "backward_train": "_bwd", "backward_apply": "_bwd",
-             "backward_train_act": "_bwd", "backward_apply_act": "_bwd"}
+            "forward_apply_act": "_apply", "backward_train": "_bwd", "backward_apply": "_bwd",
+            "backward_train_act": "_bwd", "backward_apply_act": "_bwd"}
 ENTRIES = {"_train": _train, "_bwd": _bwd, "_apply": _apply}
 
 
@@ -168,9 +167,10 @@ def sample_args(entry: str, dtype: str) -> tuple:
     return a, proto, 0, False, 0, 0.0, 1e-5, True, True, False, False, False, 1
 
 
-
-
 def entry_signature(entry: str, dtype: str) -> tuple:
     """The numba types of :func:`sample_args`: the signature ``entry`` is compiled with."""
     disp = ENTRIES[entry]
     return tuple(disp.typeof_pyval(v) for v in sample_args(entry, dtype))
+
+
+decorated()  # the last kernel module: numba's cache directory back (see .primitives)

@@ -36,7 +36,12 @@ def pointers(typingctx, tup):
     if any(isinstance(t, types.Array) and t.layout != "C" for t in tup.types):
         return None  # flat indexing through the pointer needs C-contiguous arrays
     outs = [types.CPointer(t.dtype) if isinstance(t, types.Array) else t for t in tup.types]
-    retty = types.Tuple(outs)
+    if isinstance(tup, types.BaseNamedTuple):  # a named tuple stays one, with the same fields
+        same = all(t == outs[0] for t in outs)
+        retty = (types.NamedUniTuple(outs[0], len(outs), tup.instance_class) if same
+                 else types.NamedTuple(outs, tup.instance_class))
+    else:
+        retty = types.Tuple(outs)
 
     def codegen(context, builder, sig, args):
         vals = []

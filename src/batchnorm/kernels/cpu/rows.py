@@ -1,21 +1,23 @@
-"""The rows kernels."""
+"""The rows kernels.
+
+They see the tensors as ``M`` rows of ``P`` columns, each channel ``rep`` consecutive columns:
+channels_last ``(N, *S, C)`` and 2D ``(N, C)`` are ``(N * L, C)`` with ``rep = 1``; contiguous
+``(N, C, *S)`` with small planes is ``(N, C * L)`` with ``rep = L`` (a plane is then too short for
+the planes kernels' per-plane loop, see ``ROWS_MAX_PLANE`` in :mod:`batchnorm.kernels.cpu`). They
+index the flat tensors ``(m * P + j, j)``; per-channel values are tiled to ``P + W`` column
+entries (:func:`~.base._tiled`) so that a vector of ``W`` lanes starting at any column reads
+consecutive entries. Threads take blocks of rows and keep per-block partial sums (shifted by a
+per-channel pilot mean, so the one-pass variance has no cancellation; summed in the input dtype
+over :data:`~.base._RBLK` rows, then in float64), merged in float64.
+"""
 
 from __future__ import annotations
 
 from numba import njit, prange
 
 from .base import _INL, _JIT, _RBLK, _as, _eblocks, _flat, _tiled
-from .formulas import _dx_rows, _g_rows, _y_rows
-from .simd import keep, pointers
-from .sums import _g_block_sums, _rows_block_sums
-
-#
-# The row kernels see the tensors as ``M`` rows of ``P`` columns, each channel ``rep`` consecutive
-# columns: channels_last ``(N, *S, C)`` and 2D ``(N, C)`` are ``(N * L, C)`` with ``rep = 1``;
-# contiguous ``(N, C, *S)`` with small planes is ``(N, C * L)`` with ``rep = L`` (a plane is then
-# too short for the planes kernels' per-plane loop, see :data:`ROWS_MAX_PLANE`). They index the
-# flat tensors ``(m * P + j, j)``; per-channel values are tiled to ``P + W`` column entries
-# (:func:`_tiled`) so that a vector of ``W`` lanes starting at any column reads consecutive entries.
+from .formulas import _dx_rows, _forward_operands, _g_rows, _gate_operands, _with_input_grad, _y_rows
+from .sums import _g_block_sums, _moment_block_sums
 
 
 def _row_blocks(m: int, threads: int) -> int:
@@ -25,29 +27,27 @@ def _row_blocks(m: int, threads: int) -> int:
     return max(1, min(m // 32, 8 * threads))
 
 
-
 @njit(**_INL)
-def _row_norm(x, r, has_r, mean, scale, shift, code, slope, rep):
-    """The :func:`_fy` parameters for flat rows (per-channel values tiled, see :func:`_tiled`)."""
-    return (_flat(x), _flat(r), has_r, _tiled(mean, x, rep), _tiled(scale, x, rep), _tiled(shift, x, rep), code,
-            _as(x, slope), _as(x, 0))
+def _row_forward(x, r, has_r, mean, scale, shift, code, slope, rep):
+    """The forward's :class:`~.formulas.Operands` for flat rows (per-channel values tiled)."""
+    return _forward_operands(_flat(x), _flat(r), has_r, _tiled(mean, x, rep), _tiled(scale, x, rep),
+                             _tiled(shift, x, rep), code, _as(x, slope), _as(x, 0))
 
 
 @njit(**_INL)
 def _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep):
-    """The :func:`_fg` parameters for flat rows: ``dy`` and those of :func:`_row_norm`."""
-    return (_flat(dy),) + _row_norm(x, r, has_r, mean, scale, shift, code, slope, rep)
+    """The gradient's :class:`~.formulas.Operands` for flat rows (per-channel values tiled)."""
+    return _gate_operands(_flat(dy), _flat(x), _flat(r), has_r, _tiled(mean, x, rep), _tiled(scale, x, rep),
+                          _tiled(shift, x, rep), code, _as(x, slope), _as(x, 0))
 
 
 @njit(**_JIT)
 def _rows_moments(x, pilot, nb, psum, psq, rep):
     """Per block of rows: float64 per-column sums of ``x - pilot`` and ``(x - pilot)**2``."""
     M, P = x.shape
-    gp = _row_gate(x, x, x, False, pilot, pilot, pilot, 0, 0.0, rep)
-    q = pointers(gp)
+    gate = _row_gate(x, x, x, False, pilot, pilot, pilot, 0, 0.0, rep)
     for bi in prange(nb):
-        _rows_block_sums(q, True, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
-    keep(gp)  # the tiled pilot: q points into it
+        _moment_block_sums(gate, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, psq)
 
 
 @njit(**_JIT)
@@ -55,10 +55,10 @@ def _act_apply_rows(x, r, has_r, mean, scale, shift, code, slope, y, stream, rep
     """``y = act((x - mean) * scale + shift [+ r])`` on ``(M, P)`` rows."""
     M, P = x.shape
     nb = _eblocks(M, P)
-    p = _row_norm(x, r, has_r, mean, scale, shift, code, slope, rep)
+    ops = _row_forward(x, r, has_r, mean, scale, shift, code, slope, rep)
     yf = _flat(y)
     for bi in prange(nb):
-        _y_rows(yf, bi * M // nb, (bi + 1) * M // nb, P, stream, p)
+        _y_rows(yf, bi * M // nb, (bi + 1) * M // nb, P, stream, ops)
 
 
 @njit(**_JIT)
@@ -66,19 +66,19 @@ def _act_bwd_reduce_rows(dy, x, r, has_r, mean, scale, shift, code, slope, nb, p
     """Per block of rows: float64 per-column ``sum(g)`` and ``sum(g * (x - mean))``,
     ``g = dy * act'(z)``."""
     M, P = x.shape
-    gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep)
+    gate = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep)
     for bi in prange(nb):
-        _g_block_sums(gp, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, pdot)
+        _g_block_sums(gate, P, bi * M // nb, (bi + 1) * M // nb, bi, psum, pdot)
 
 
 @njit(**_JIT)
-def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb, kc,
+def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, g_scale, x_scale, dx_shift,
                         need_dx, need_dr, dx, dr, stream, rep):
-    """``dx = g * ka + (x - mean) * kb + kc`` and ``dr = g`` on ``(M, P)`` rows."""
+    """``dx = g * g_scale + (x - mean) * x_scale + dx_shift`` and ``dr = g`` on ``(M, P)`` rows."""
     M, P = x.shape
     nb = _eblocks(M, P)
-    gp = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep)
-    p = gp + (_tiled(ka, x, rep), _tiled(kb, x, rep), _tiled(kc, x, rep))
+    gate = _row_gate(dy, x, r, has_r, mean, scale, shift, code, slope, rep)
+    dx_ops = _with_input_grad(gate, _tiled(g_scale, x, rep), _tiled(x_scale, x, rep), _tiled(dx_shift, x, rep))
     dxf = _flat(dx)
     drf = _flat(dr)
     for bi in prange(nb):
@@ -87,7 +87,6 @@ def _act_bwd_elemt_rows(dy, x, r, has_r, mean, scale, shift, code, slope, ka, kb
         step = _RBLK if need_dx and need_dr else M
         for m0 in range(bi * M // nb, m1, step):
             if need_dx:
-                _dx_rows(dxf, m0, min(m0 + step, m1), P, stream, p)
+                _dx_rows(dxf, m0, min(m0 + step, m1), P, stream, dx_ops)
             if need_dr:
-                _g_rows(drf, m0, min(m0 + step, m1), P, stream, gp)
-
+                _g_rows(drf, m0, min(m0 + step, m1), P, stream, gate)

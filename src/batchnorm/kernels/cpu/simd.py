@@ -28,8 +28,8 @@ normalize) 2.4-2.7 -> 1.8-2.0 ms; the backward's two sweeps 3.35-3.67 -> 2.8-2.9
 The vector type and its arithmetic are in :mod:`.vector`, the pointers in :mod:`.pointers`; this
 module holds the loads and stores and gives the kernels every name in one place.
 
-Numba's on-disk cache keys a kernel on its own source file only: after editing a module of this
-package, delete ``src/batchnorm/kernels/cpu/__pycache__/*.nb[ic]`` so that the kernels recompile.
+Editing any module of this package but ``__init__.py`` recompiles every kernel (see
+:func:`.primitives.decorated`).
 """
 
 from __future__ import annotations

@@ -73,7 +73,6 @@ def vpos(typingctx, i):
     return pos_type(i), codegen
 
 
-
 @intrinsic
 def widen(typingctx, v):
     """The lanes of the vector ``v`` in float64 (a float32 vector gives twice its 32 bytes): a
@@ -88,7 +87,6 @@ def widen(typingctx, v):
         return builder.fpext(args[0], ir.VectorType(ir.DoubleType(), wt.count))
 
     return wt(v), codegen
-
 
 
 def _splat(context, builder, val, fromty, vecty: Vec):  # type: ignore[no-untyped-def]
