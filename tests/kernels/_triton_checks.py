@@ -15,6 +15,7 @@ assert DEVICE == "cuda" or (os.environ.get("TRITON_INTERPRET") == "1" and os.env
 import batchnorm  # noqa: E402
 from batchnorm.kernels import reference_act as ra  # noqa: E402
 from batchnorm.kernels import triton_gpu as tg  # noqa: E402
+from batchnorm.kernels.common import dense  # noqa: E402
 from batchnorm.kernels.reference import Running  # noqa: E402
 
 torch.manual_seed(0)
@@ -63,7 +64,7 @@ def check_case(shape, layout, acts=ACTS, dtypes=(torch.float32, torch.bfloat16),
             close(f"fwd mean {tag}", m, m64)
             close(f"fwd var {tag}", v, v64, atol=1e-4, rtol=1e-3)
             close(f"fwd count {tag}", n, n64)
-            assert y.dtype == dtype and y.shape == xs.shape and y.stride() == tg._dense(xs).stride()
+            assert y.dtype == dtype and y.shape == xs.shape and y.stride() == dense(xs).stride()
             got = tg.backward_train_act(dy.to(dtype), xs, res, m64, v64, 1e-5, w, b, None, n64, 0, act, 0.1, True,
                                         True)
             exp = ra.backward_train_act(dy.to(dtype).double(), xs64, res64, m64, v64, 1e-5, w, b, None, n64, 0, act,
