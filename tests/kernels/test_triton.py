@@ -28,7 +28,7 @@ def test_gpu_scripts_dry_run(script, args, done):
     the interpreter, so that a short GPU lease is not spent on a script the last API change broke."""
     path = Path(__file__).parents[2] / "benchmarks" / script
     env = dict(os.environ, TRITON_INTERPRET="1", BATCHNORM_TRITON="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(path), "--device", "cpu", "--dtype", "bfloat16", "--json", "", *args],
+    proc = subprocess.run([sys.executable, str(path), "--device", "cpu", "--dtype", "bfloat16", *args],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == done, proc.stdout[-2000:]
