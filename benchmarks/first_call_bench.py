@@ -190,12 +190,12 @@ def large(repeats: int) -> list[dict[str, Any]]:
         w, b = torch.rand(c) + 0.5, torch.randn(c)
         dy = torch.randn_like(x)
         rm, rv, rm_t, rv_t = torch.zeros(c), torch.ones(c), torch.zeros(c), torch.ones(c)
-        _, mean, var, count = torch.ops.batchnorm.train_forward(x, w, b, None, eps, 0)
+        _, mean, var, count = torch.ops.batchnorm.train_forward(x, eps, w, b, None, 0)
         _, smean, sinv, reserve, impl = torch.ops.aten._batch_norm_impl_index(x, w, b, rm_t, rv_t, True, 0.1, eps, True)
         out.append(_pair(
             f"{shape} float32 {layout} backward",
             lambda x=x, dy=dy, w=w, mean=mean, var=var, count=count: _train_backward_impl(
-                dy, x, mean, var, w, None, count, eps, 0, True),
+                dy, x, mean, var, eps, w, None, count, 0, True),
             lambda x=x, dy=dy, w=w, smean=smean, sinv=sinv, reserve=reserve, impl=impl:
                 torch.ops.aten._batch_norm_impl_index_backward(impl, x, dy, w, None, None, smean, sinv, True, eps,
                                                                [True, True, True], reserve),

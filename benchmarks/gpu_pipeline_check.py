@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for pipelined in (False, True):
         tg._PIPELINE = pipelined
-        y, m, v, _ = tg.forward_train(x, w, b, None, 1e-5, 0)
+        y, m, v, _ = tg.forward_train(x, 1e-5, w, b, None, 0)
         dx, dw, db = tg.backward_train(dy, x, mean, var, 1e-5, w, None, n, 0)
         bench._sync(dev)
         results[pipelined] = (y, dx, dw, db)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return call
 
     cases, passes = {}, {}
-    for pas, fn in (("train", lambda: tg.forward_train(x, w, b, None, 1e-5, 0)),
+    for pas, fn in (("train", lambda: tg.forward_train(x, 1e-5, w, b, None, 0)),
                     ("backward", lambda: tg.backward_train(dy, x, mean, var, 1e-5, w, None, n, 0))):
         for pipelined, label in ((False, "three launches"), (True, "pipelined")):
             cases[f"{pas} {label}"] = run(pipelined, fn)

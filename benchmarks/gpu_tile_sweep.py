@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         c = shape[1]
         w, b = torch.rand(c, device=dev) + 0.5, torch.randn(c, device=dev)
         dy = torch.randn_like(x)
-        _, m, v, n = tg.forward_train(x, w, b, None, 1e-5, 0)
+        _, m, v, n = tg.forward_train(x, 1e-5, w, b, None, 0)
         for act in ("identity", "relu"):
             cases[f"{layout} train {act}"] = (
-                lambda x=x, w=w, b=b, act=act: tg.forward_train_act(x, w, b, None, None, 1e-5, 0, act, 0.0))
+                lambda x=x, w=w, b=b, act=act: tg.forward_train_act(x, None, 1e-5, w, b, None, 0, act, 0.0))
             cases[f"{layout} backward {act}"] = (
                 lambda x=x, w=w, b=b, dy=dy, m=m, v=v, n=n, act=act:
                 tg.backward_train_act(dy, x, None, m, v, 1e-5, w, b, None, n, 0, act, 0.0))

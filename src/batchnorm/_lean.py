@@ -55,10 +55,10 @@ def layer_call_lean(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
         if not hasattr(backend, "train_lean"):
             return None
         if not update:
-            return ops.train_lean(x, weight, bias, eps, backend, None), None
+            return ops.train_lean(x=x, eps=eps, weight=weight, bias=bias, backend=backend, running=None), None
         running = _ref.Running(running_mean, running_var, momentum,  # type: ignore[arg-type]
                                skip_nonfinite=nonfinite != "propagate")
-        y = ops.train_lean(x, weight, bias, eps, backend, running)
+        y = ops.train_lean(x=x, eps=eps, weight=weight, bias=bias, backend=backend, running=running)
         if not running.accepted:
             _report_nonfinite(nonfinite, stacklevel=3)  # the layer's forward, as the general path
         return y, running.accepted

@@ -176,14 +176,14 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
             fns["compile"] = partial(compiled, x, rm_t, rv_t, w, b, training, 0.1, eps)
         cases.append((name, fns))
     if "backward" in passes:
-        _, mean, var, count = torch.ops.batchnorm.train_forward(x, w, b, None, eps, 0)
+        _, mean, var, count = torch.ops.batchnorm.train_forward(x, eps, w, b, None, 0)
         # torch's side is the backward autograd would run after this forward (native, or cuDNN on
         # a GPU); the running statistics are unused by a training backward
         _, smean, sinv, reserve, impl = torch.ops.aten._batch_norm_impl_index(
             x, w, b, rm_t, rv_t, True, 0.1, eps, True)
         mask3 = [True, True, True]
         cases.append(("backward", {
-            "ours": lambda: _train_backward_impl(dy, x, mean, var, w, None, count, eps, 0, True),
+            "ours": lambda: _train_backward_impl(dy, x, mean, var, eps, w, None, count, 0, True),
             "torch": lambda: torch.ops.aten._batch_norm_impl_index_backward(
                 impl, x, dy, w, None, None, smean, sinv, True, eps, mask3, reserve),
         }))
@@ -196,7 +196,7 @@ def _make_cases(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device:
         # torch.autograd.grad: the gradients are returned, not accumulated into .grad (which would
         # add a full-tensor add_ to every call after the first)
         def ours_act() -> None:
-            y = act_train(xg, wg, bg, None, None, eps, 0, "relu", 0.0)[0]
+            y = act_train(xg, None, eps, wg, bg, None, 0, "relu", 0.0)[0]
             torch.autograd.grad(y, leaves, dy)
 
         def torch_act() -> None:

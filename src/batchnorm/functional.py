@@ -331,11 +331,11 @@ def batch_norm_with_update(
         op: Any
         args: tuple
         if not fused:
-            op, args = ops.train, (input, weight, bias, kmask, eps, vbs)
+            op, args = ops.train, (input, eps, weight, bias, kmask, vbs)
         elif inplace_abn:
-            op, args = ops.act_inplace_train, (input, weight, bias, kmask, eps, act, negative_slope)
+            op, args = ops.act_inplace_train, (input, eps, weight, bias, kmask, act, negative_slope)
         else:
-            op, args = ops.act_train, (input, weight, bias, residual, kmask, eps, vbs, act, negative_slope)
+            op, args = ops.act_train, (input, residual, eps, weight, bias, kmask, vbs, act, negative_slope)
         if input.numel() == 0:  # through the op (gamma and beta get zero gradients), no update
             return op(*args)[0], (empty_batch_update(accepted_tensor) if update else None)
         y, accepted = train_with_update(op, args, running_mean, running_var, update=update, momentum=momentum,
@@ -354,8 +354,9 @@ def batch_norm_with_update(
     if not fused:
         return apply_stats(input, running_mean, running_var, weight, bias, eps), accepted
     acc = _ref.acc_dtype(input.dtype)
-    return ops.act_apply(input, running_mean.detach().to(acc), running_var.detach().to(acc), eps, weight, bias,
-                          residual, act, negative_slope), accepted
+    return ops.act_apply(x=input, residual=residual, mean=running_mean.detach().to(acc),
+                         var=running_var.detach().to(acc), eps=eps, weight=weight, bias=bias, act=act,
+                         slope=negative_slope), accepted
 
 
 def _collective_train(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -365,7 +366,8 @@ def _collective_train(input: Tensor, running_mean: Tensor | None, running_var: T
     """Training with the statistics of every process's batch (checks on the global count)."""
     if eps <= 0:
         raise InputError(f"batch_norm eps must be positive during training, but got {eps}; use e.g. eps=1e-5")
-    y, mean, var, count = ops.collective_train(input, weight, bias, kmask, eps, collective)
+    y, mean, var, count = ops.collective_train(x=input, eps=eps, weight=weight, bias=bias, mask=kmask,
+                                               collective=collective)
     n = float(count)
     if n == 1:
         raise InputError(
@@ -394,8 +396,8 @@ def apply_stats(
         )
     acc = _ref.acc_dtype(input.dtype)
     mean, var = mean.detach(), var.detach()
-    return ops.apply(input, mean if mean.dtype == acc else mean.to(acc), var if var.dtype == acc else var.to(acc),
-                      eps, weight, bias)
+    return ops.apply(x=input, mean=mean if mean.dtype == acc else mean.to(acc),
+                     var=var if var.dtype == acc else var.to(acc), eps=eps, weight=weight, bias=bias)
 
 
 def _tangent(t: Tensor) -> bool:
@@ -465,9 +467,8 @@ def batch_renorm(
     check_input(input, running_mean, running_var, weight, bias, training=True, eps=eps, mask=mask,
                 virtual_batch_size=virtual_batch_size)
     vbs = virtual_batch_size or 0
-    xhat, mean, var, count = ops.train(
-        input, None, None, mask_for_kernels(mask, input), eps, vbs
-    )
+    xhat, mean, var, count = ops.train(x=input, eps=eps, weight=None, bias=None, mask=mask_for_kernels(mask, input),
+                                       vbs=vbs)
     acc = mean.dtype
     sigma = torch.sqrt(running_var.detach().to(acc) + eps)
     rmax_t = torch.as_tensor(rmax, dtype=acc, device=mean.device)

@@ -55,6 +55,6 @@ def test_export_eval_and_train():
 def test_custom_ops_pass_opcheck():
     x = torch.randn(4, 3, 5)
     w, b = torch.rand(3) + 0.5, torch.randn(3)
-    torch.library.opcheck(torch.ops.batchnorm.train_forward.default, (x, w, b, None, 1e-5, 0))
+    torch.library.opcheck(torch.ops.batchnorm.train_forward.default, (x, 1e-5, w, b, None, 0))
     mean, var = torch.randn(3), torch.rand(3) + 0.5
     torch.library.opcheck(torch.ops.batchnorm.apply_forward.default, (x, mean, var, 1e-5, w, b))

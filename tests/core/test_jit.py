@@ -201,10 +201,10 @@ def test_loaded_signatures_are_the_ones_the_calls_use(cpu_kernels, dtype):
         from batchnorm.kernels.reference import Running
 
         running = Running(torch.zeros(8, dtype=dtype), torch.ones(8, dtype=dtype), 0.1, skip_nonfinite=True)
-        y, mean, var, count = cpu.forward_train(x, w, b, None, 1e-5, 0, running)
-        cpu.forward_train_act(x, None, None, r, None, 1e-5, 0, "leaky_relu", 0.1)
+        y, mean, var, count = cpu.forward_train(x, 1e-5, w, b, None, 0, running)
+        cpu.forward_train_act(x, r, 1e-5, None, None, None, 0, "leaky_relu", 0.1)
         cpu.forward_apply(x, mean[0], var[0], 1e-5, w, b)
-        cpu.forward_apply_act(x, mean[0], var[0], 1e-5, None, b, r, "relu", 0.0)
+        cpu.forward_apply_act(x, r, mean[0], var[0], 1e-5, None, b, "relu", 0.0)
         cpu.backward_train(y, x, mean, var, 1e-5, w, None, count, 0, 1)
         cpu.backward_apply(y, x, mean[0], var[0], 1e-5, None, False)
         cpu.backward_train_act(y, x, r, mean, var, 1e-5, w, b, None, count, 0, "silu", 0.0, True, True)

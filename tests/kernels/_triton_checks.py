@@ -58,8 +58,8 @@ def check_case(shape, layout, acts=ACTS, dtypes=(torch.float32, torch.bfloat16),
             res64 = res.double() if res is not None else None
             xs64 = xs.double()
             tag = f"{label}{shape} {layout} {dtype} {act}"
-            y, m, v, n = tg.forward_train_act(xs, w, b, res, None, 1e-5, 0, act, 0.1)
-            y64, m64, v64, n64 = ra.forward_train_act(xs64, w, b, res64, None, 1e-5, 0, act, 0.1)
+            y, m, v, n = tg.forward_train_act(xs, res, 1e-5, w, b, None, 0, act, 0.1)
+            y64, m64, v64, n64 = ra.forward_train_act(xs64, res64, 1e-5, w, b, None, 0, act, 0.1)
             close(f"fwd y {tag}", y, y64, **tol)
             close(f"fwd mean {tag}", m, m64)
             close(f"fwd var {tag}", v, v64, atol=1e-4, rtol=1e-3)
@@ -71,8 +71,8 @@ def check_case(shape, layout, acts=ACTS, dtypes=(torch.float32, torch.bfloat16),
                                         0.1, True, True)
             for part, a_, e_ in zip(("dx", "dw", "db", "dr"), got, exp):
                 close(f"bwd {part} {tag}", a_, e_, **({"atol": 2e-3, "rtol": 2e-3} if not tol else tol))
-            ya = tg.forward_apply_act(xs, m64[0], v64[0], 1e-5, w, b, res, act, 0.1)
-            close(f"apply {tag}", ya, ra.forward_apply_act(xs64, m64[0], v64[0], 1e-5, w, b, res64, act, 0.1), **tol)
+            ya = tg.forward_apply_act(xs, res, m64[0], v64[0], 1e-5, w, b, act, 0.1)
+            close(f"apply {tag}", ya, ra.forward_apply_act(xs64, res64, m64[0], v64[0], 1e-5, w, b, act, 0.1), **tol)
             got = tg.backward_apply_act(dy.to(dtype), xs, res, m64[0], v64[0], 1e-5, w, b, act, 0.1, True, True)
             exp = ra.backward_apply_act(dy.to(dtype).double(), xs64, res64, m64[0], v64[0], 1e-5, w, b, act, 0.1, True,
                                         True)
@@ -104,8 +104,8 @@ for shape in ((200, 40), (1, 1, 60, 60)):
     w, b = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
     dy = torch.randn_like(x)
     assert tg._geometry(x).G > 2, tg._geometry(x).G
-    y, m, v, n = tg.forward_train(x, w, b, None, 1e-5, 0)
-    y64, m64, v64, n64 = ra.forward_train_act(x.double(), w.double(), b.double(), None, None, 1e-5, 0, "identity", 0.0)
+    y, m, v, n = tg.forward_train(x, 1e-5, w, b, None, 0)
+    y64, m64, v64, n64 = ra.forward_train_act(x.double(), None, 1e-5, w.double(), b.double(), None, 0, "identity", 0.0)
     close(f"merged fwd y {shape}", y, y64)
     close(f"merged fwd var {shape}", v, v64, atol=1e-4, rtol=1e-4)
     got = tg.backward_train(dy, x, m64, v64, 1e-5, w, None, n64, 0)
@@ -119,8 +119,8 @@ tg._FINISH_CHUNKS = finish_chunks
 x = torch.randn(5, 6, 7, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
 dy = torch.randn_like(x)
 x16 = x.half()
-y, m, v, n = tg.forward_train(x16, None, None, None, 1e-5, 0)
-y64, m64, v64, n64 = ra.forward_train_act(x16.double(), None, None, None, None, 1e-5, 0, "identity", 0.0)
+y, m, v, n = tg.forward_train(x16, 1e-5, None, None, None, 0)
+y64, m64, v64, n64 = ra.forward_train_act(x16.double(), None, 1e-5, None, None, None, 0, "identity", 0.0)
 close("fp16 fwd y", y, y64, atol=5e-3, rtol=5e-3)
 assert y.dtype == torch.float16 and m.dtype == torch.float32
 dx, dw, db = tg.backward_train(dy.half(), x16, m64, v64, 1e-5, None, None, n64, 0, need_input_grad=False)
@@ -131,7 +131,7 @@ close("fp16 bwd dw", dw, exp[1], atol=5e-3, rtol=5e-3)
 close("fp16 bwd db", db, exp[2], atol=5e-3, rtol=5e-3)
 rm, rv = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
 versions = rm._version, rv._version
-tg.forward_train(x, None, None, None, 1e-5, 0, running=Running(rm, rv, 0.25))
+tg.forward_train(x, 1e-5, None, None, None, 0, running=Running(rm, rv, 0.25))
 cnt = x.numel() // 6
 m64 = x.double().mean((0, 2, 3))
 v64 = x.double().var((0, 2, 3), unbiased=False)
@@ -139,7 +139,7 @@ close("running mean moved in the call", rm, 0.25 * m64, atol=1e-6, rtol=1e-5)
 close("running var moved in the call", rv, 0.75 + 0.25 * v64 * cnt / (cnt - 1), atol=1e-6, rtol=1e-5)
 assert rm._version > versions[0] and rv._version > versions[1], "the in-kernel update must bump the versions"
 rm64, rv64 = torch.zeros(6, device=DEVICE, dtype=torch.float64), torch.ones(6, device=DEVICE, dtype=torch.float64)
-tg.forward_train(x, None, None, None, 1e-5, 0, running=Running(rm64, rv64, 0.25))  # torch's update (float64)
+tg.forward_train(x, 1e-5, None, None, None, 0, running=Running(rm64, rv64, 0.25))  # torch's update (float64)
 close("running mean, float64 buffers", rm64, 0.25 * m64, atol=1e-6, rtol=1e-5)
 
 # through the public layer, the dispatcher choosing triton

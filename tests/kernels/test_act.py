@@ -58,7 +58,7 @@ def test_train_forward_backward(backend, act, residual, shape, layout):
     r = torch.randn(shape, dtype=torch.float64) if residual else None
     leaves = [t.clone().requires_grad_() for t in (x, w, b)] + ([r.clone().requires_grad_()] if residual else [])
     y, mean, var, _ = torch.ops.batchnorm.act_train_forward(
-        leaves[0], leaves[1], leaves[2], leaves[3] if residual else None, None, 1e-5, 0, act, 0.01)
+        leaves[0], leaves[3] if residual else None, 1e-5, leaves[1], leaves[2], None, 0, act, 0.01)
     leaves2 = [t.clone().requires_grad_() for t in (x, w, b)] + ([r.clone().requires_grad_()] if residual else [])
     y2 = torch_bn_act(leaves2[0], leaves2[1], leaves2[2], leaves2[3] if residual else None, act)
     torch.testing.assert_close(y, y2)
@@ -78,7 +78,7 @@ def test_apply_forward_backward(backend, act):
     r = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     rm = torch.randn(4, dtype=torch.float64)
     rv = torch.rand(4, dtype=torch.float64) + 0.5
-    y = torch.ops.batchnorm.act_apply_forward(x, rm, rv, 1e-5, w, b, r, act, 0.01)
+    y = torch.ops.batchnorm.act_apply_forward(x, r, rm, rv, 1e-5, w, b, act, 0.01)
     y2 = torch_bn_act(x, w, b, r, act, training=False, rm=rm, rv=rv)
     torch.testing.assert_close(y, y2)
     dy = torch.randn(shape, dtype=torch.float64)
@@ -93,7 +93,7 @@ def test_gradcheck(backend, act):
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     r = torch.randn(3, 2, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w, b, r: torch.ops.batchnorm.act_train_forward(x, w, b, r, None, 1e-5, 0, act, 0.01)[0],
+        lambda x, w, b, r: torch.ops.batchnorm.act_train_forward(x, r, 1e-5, w, b, None, 0, act, 0.01)[0],
         (x, w, b, r),
     )
 
@@ -106,8 +106,8 @@ def test_cpu_float32_close_to_float64(dtype, monkeypatch):
     r = torch.randn_like(x)
     w, b = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
     for act in ACTS:
-        y, mean, var, count = cpu.forward_train_act(x.to(dtype), w, b, r.to(dtype), None, 1e-5, 0, act, 0.1)
-        y64, m64, v64, c64 = ra.forward_train_act(x, w, b, r, None, 1e-5, 0, act, 0.1)
+        y, mean, var, count = cpu.forward_train_act(x.to(dtype), r.to(dtype), 1e-5, w, b, None, 0, act, 0.1)
+        y64, m64, v64, c64 = ra.forward_train_act(x, r, 1e-5, w, b, None, 0, act, 0.1)
         torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-4)
         dy = torch.randn_like(x)
         got = cpu.backward_train_act(dy.to(dtype), x.to(dtype), r.to(dtype), m64, v64, 1e-5, w, b, None, c64, 0,

@@ -51,8 +51,8 @@ def test_forward_backward_vs_reference(cpu_backend, shape, layout, dtype):
     w = torch.randn(c, dtype=dtype)
     b = torch.randn(c, dtype=dtype)
     eps = 1e-5
-    y, mean, var, count = cpu.forward_train(x, w, b, None, eps, 0)
-    y64, mean64, var64, count64 = ref.forward_train(x.double(), w.double(), b.double(), None, eps, 0)
+    y, mean, var, count = cpu.forward_train(x, eps, w, b, None, 0)
+    y64, mean64, var64, count64 = ref.forward_train(x.double(), eps, w.double(), b.double(), None, 0)
     t = tol(dtype)
     assert y.dtype == dtype and y.shape == x.shape
     assert mean.shape == (1, c) and var.shape == (1, c) and count.shape == (1,)
@@ -89,8 +89,8 @@ def test_no_affine_and_large_mean(cpu_backend):
     cpu = cpu_backend
     x = torch.randn(8, 3, 20, 20) * 0.01 + 1000.0
     for xx in (x, x.contiguous(memory_format=torch.channels_last)):
-        y, mean, var, _ = cpu.forward_train(xx, None, None, None, 1e-5, 0)
-        _, mean64, var64, _ = ref.forward_train(xx.double(), None, None, None, 1e-5, 0)
+        y, mean, var, _ = cpu.forward_train(xx, 1e-5, None, None, None, 0)
+        _, mean64, var64, _ = ref.forward_train(xx.double(), 1e-5, None, None, None, 0)
         torch.testing.assert_close(var.double(), var64, rtol=1e-3, atol=1e-9)
         torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-4)
 
@@ -109,12 +109,12 @@ def test_variance_with_misleading_first_values(cpu_backend, shape, first, offset
     the rows' pilot was the first 16 rows and the mean added back the pilot unrounded)."""
     x = torch.randn(shape) * 0.01 + 3.0
     x[:first] += offset
-    _, mean, var, _ = cpu_backend.forward_train(x, None, None, None, 1e-5, 0)
-    _, mean64, var64, _ = ref.forward_train(x.double(), None, None, None, 1e-5, 0)
+    _, mean, var, _ = cpu_backend.forward_train(x, 1e-5, None, None, None, 0)
+    _, mean64, var64, _ = ref.forward_train(x.double(), 1e-5, None, None, None, 0)
     torch.testing.assert_close(var.double(), var64, rtol=2e-7, atol=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=2e-7, atol=0)
-    _, mean, var, _ = cpu_backend.forward_train(x.contiguous(memory_format=torch.channels_last), None, None, None,
-                                                1e-5, 0)
+    _, mean, var, _ = cpu_backend.forward_train(x.contiguous(memory_format=torch.channels_last), 1e-5, None, None,
+                                                None, 0)
     torch.testing.assert_close(var.double(), var64, rtol=2e-6, atol=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=0)
 
@@ -178,7 +178,7 @@ def test_streaming_needs_size_and_planes_of_whole_lines(monkeypatch):
 def test_nan_propagates(cpu_backend):
     x = torch.randn(4, 3, 8, 8)
     x[1, 2, 3, 4] = float("nan")
-    _, mean, var, _ = cpu_backend.forward_train(x, None, None, None, 1e-5, 0)
+    _, mean, var, _ = cpu_backend.forward_train(x, 1e-5, None, None, None, 0)
     assert torch.isnan(mean[0, 2]) and torch.isnan(var[0, 2])
     assert torch.isfinite(mean[0, :2]).all()
 
@@ -238,7 +238,7 @@ def test_gradcheck_through_cpu_backend(cpu_backend):
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     with batchnorm.use_backend("cpu"):
         assert torch.autograd.gradcheck(
-            lambda x, w, b: torch.ops.batchnorm.train_forward(x, w, b, None, 1e-5, 0)[0], (x, w, b)
+            lambda x, w, b: torch.ops.batchnorm.train_forward(x, 1e-5, w, b, None, 0)[0], (x, w, b)
         )
         mean = torch.randn(2, dtype=torch.float64)
         var = torch.rand(2, dtype=torch.float64) + 0.5
@@ -252,7 +252,7 @@ def test_calls_leave_torch_thread_count_alone():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        cpu.forward_train(torch.randn(8, 16, 32, 32), None, None, None, 1e-5, 0)
+        cpu.forward_train(torch.randn(8, 16, 32, 32), 1e-5, None, None, None, 0)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -271,8 +271,8 @@ def test_split_and_fused_channel_paths(cpu_backend, monkeypatch, shape, layout, 
     w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
     dy = torch.randn(x.shape, dtype=dtype)
     t = tol(dtype)
-    y, mean, var, count = cpu.forward_train(x, w, b, None, 1e-5, 0)
-    y64, mean64, var64, count64 = ref.forward_train(x.double(), w.double(), b.double(), None, 1e-5, 0)
+    y, mean, var, count = cpu.forward_train(x, 1e-5, w, b, None, 0)
+    y64, mean64, var64, count64 = ref.forward_train(x.double(), 1e-5, w.double(), b.double(), None, 0)
     torch.testing.assert_close(y.double(), y64, **t)
     torch.testing.assert_close(var.double(), var64, **t)
     got = cpu.backward_train(dy, x, mean64, var64, 1e-5, w, None, count64, 0, True)
@@ -288,9 +288,9 @@ def test_split_and_fused_channel_paths(cpu_backend, monkeypatch, shape, layout, 
     r = make(shape, layout, dtype)
     for act in ("identity", "relu", "leaky_relu", "silu"):
         for res in (None, r):
-            ya = cpu.forward_train_act(x, w, b, res, None, 1e-5, 0, act, 0.1)[0]
-            ya64 = ra.forward_train_act(x.double(), w.double(), b.double(), None if res is None else res.double(),
-                                        None, 1e-5, 0, act, 0.1)[0]
+            ya = cpu.forward_train_act(x, res, 1e-5, w, b, None, 0, act, 0.1)[0]
+            ya64 = ra.forward_train_act(x.double(), None if res is None else res.double(), 1e-5, w.double(),
+                                        b.double(), None, 0, act, 0.1)[0]
             torch.testing.assert_close(ya.double(), ya64, **t)
             for train, fn in ((True, cpu.backward_train_act), (False, cpu.backward_apply_act)):
                 rr = None if res is None else res.double()
@@ -327,17 +327,17 @@ def test_training_forward_moves_running_statistics(cpu_backend, monkeypatch, sha
     rm, rv = torch.randn(c, dtype=bdt), torch.rand(c, dtype=bdt) + 0.5
     rm0, rv0 = rm.double().clone(), rv.double().clone()
     versions = rm._version, rv._version
-    got = cpu.forward_train(x, w, b, None, 1e-5, 0, ref.Running(rm, rv, 0.3))
-    plain = cpu.forward_train(x, w, b, None, 1e-5, 0)
+    got = cpu.forward_train(x, 1e-5, w, b, None, 0, ref.Running(rm, rv, 0.3))
+    plain = cpu.forward_train(x, 1e-5, w, b, None, 0)
     for a, e in zip(got, plain):
         assert torch.equal(a, e)
-    _, mean64, var64, count64 = ref.forward_train(x.double(), w.double(), b.double(), None, 1e-5, 0)
+    _, mean64, var64, count64 = ref.forward_train(x.double(), 1e-5, w.double(), b.double(), None, 0)
     n = count64.item()
     t = tol(dtype)
     torch.testing.assert_close(rm.double(), rm0 + 0.3 * (mean64[0] - rm0), **t)
     torch.testing.assert_close(rv.double(), rv0 + 0.3 * (var64[0] * n / (n - 1) - rv0), **t)
     assert rm._version > versions[0] and rv._version > versions[1]
-    ya = cpu.forward_train_act(x, w, b, None, None, 1e-5, 0, "relu", 0.0, ref.Running(rm, rv, 1.0))[0]
+    ya = cpu.forward_train_act(x, None, 1e-5, w, b, None, 0, "relu", 0.0, ref.Running(rm, rv, 1.0))[0]
     torch.testing.assert_close(ya, plain[0].clamp_min(0))
     torch.testing.assert_close(rm.double(), mean64[0], **t)  # momentum 1: the batch's statistics
     torch.testing.assert_close(rv.double(), var64[0] * n / (n - 1), **t)
@@ -354,9 +354,9 @@ def test_skip_nonfinite_leaves_running_statistics_alone(cpu_backend, layout, bad
     x = make((6, 3, 4, 5), layout, torch.float32)
     rm, rv = torch.randn(3), torch.rand(3) + 0.5
     moved = ref.Running(rm.clone(), rv.clone(), 0.3)
-    cpu.forward_train(x, None, None, None, 1e-5, 0, moved)
+    cpu.forward_train(x, 1e-5, None, None, None, 0, moved)
     skipping = ref.Running(rm.clone(), rv.clone(), 0.3, skip_nonfinite=True)
-    cpu.forward_train(x, None, None, None, 1e-5, 0, skipping)
+    cpu.forward_train(x, 1e-5, None, None, None, 0, skipping)
     assert skipping.accepted and moved.accepted
     assert torch.equal(skipping.mean, moved.mean) and torch.equal(skipping.var, moved.var)
 
@@ -365,9 +365,9 @@ def test_skip_nonfinite_leaves_running_statistics_alone(cpu_backend, layout, bad
         x[3, 1, 0, 0] = -bad
     running = ref.Running(rm.clone(), rv.clone(), 0.3, skip_nonfinite=True)
     versions = running.mean._version, running.var._version
-    got = cpu.forward_train(x, None, None, None, 1e-5, 0, running)
+    got = cpu.forward_train(x, 1e-5, None, None, None, 0, running)
     assert not running.accepted
     assert torch.equal(running.mean, rm) and torch.equal(running.var, rv)
     assert (running.mean._version, running.var._version) == versions
-    for a, e in zip(got, cpu.forward_train(x, None, None, None, 1e-5, 0)):
+    for a, e in zip(got, cpu.forward_train(x, 1e-5, None, None, None, 0)):
         torch.testing.assert_close(a, e, equal_nan=True, rtol=0, atol=0)

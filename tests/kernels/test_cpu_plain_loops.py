@@ -47,8 +47,8 @@ for shape in [(64, 257), (50, 3), (6, 3, 2, 2), (4, 3, 9, 11), (2, 257, 5, 7)]:
     c = shape[1]
     w = torch.rand(c, dtype=torch.float64) + 0.5
     b = torch.randn(c, dtype=torch.float64)
-    y, mean, var, count = cpu.forward_train(x, w, b, None, 1e-5, 0)
-    y0, mean0, var0, count0 = ref.forward_train(x, w, b, None, 1e-5, 0)
+    y, mean, var, count = cpu.forward_train(x, 1e-5, w, b, None, 0)
+    y0, mean0, var0, count0 = ref.forward_train(x, 1e-5, w, b, None, 0)
     for got, want in zip((y, mean, var), (y0, mean0, var0)):
         close(got, want, ("forward_train", shape))
     got = cpu.backward_train(dy, x, mean0, var0, 1e-5, w, None, count0, 0, True)
@@ -58,8 +58,8 @@ for shape in [(64, 257), (50, 3), (6, 3, 2, 2), (4, 3, 9, 11), (2, 257, 5, 7)]:
     r = torch.randn_like(x)
     for act in ("relu", "leaky_relu", "silu", "gelu"):
         for res in (None, r):
-            y, mean, var, count = cpu.forward_train_act(x, w, b, res, None, 1e-5, 0, act, 0.1)
-            want = ra.forward_train_act(x, w, b, res, None, 1e-5, 0, act, 0.1)
+            y, mean, var, count = cpu.forward_train_act(x, res, 1e-5, w, b, None, 0, act, 0.1)
+            want = ra.forward_train_act(x, res, 1e-5, w, b, None, 0, act, 0.1)
             for g, e in zip((y, mean, var), want):
                 close(g, e, ("forward_train_act", shape, act, res is None))
             got = cpu.backward_train_act(dy, x, res, want[1], want[2], 1e-5, w, b, None, want[3], 0, act, 0.1, True,

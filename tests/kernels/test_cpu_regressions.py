@@ -210,13 +210,13 @@ def _compare_all_passes(shape, cl, act, res, label):
     w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
     rm, rv = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
     d = [t.double() if t is not None else None for t in (x, dy, r, w, b, rm, rv)]
-    y, mean, var, count = cpu.forward_train_act(x, w, b, r, None, 1e-5, 0, act, 0.1)
+    y, mean, var, count = cpu.forward_train_act(x, r, 1e-5, w, b, None, 0, act, 0.1)
     mean64, var64, count64 = ref.stats(d[0])
-    got = [y, mean, var, cpu.forward_apply_act(x, rm, rv, 1e-5, w, b, r, act, 0.1),
+    got = [y, mean, var, cpu.forward_apply_act(x, r, rm, rv, 1e-5, w, b, act, 0.1),
            *cpu.backward_train_act(dy, x, r, mean64, var64, 1e-5, w, b, None, count64, 0, act, 0.1, True, res),
            *cpu.backward_apply_act(dy, x, r, rm, rv, 1e-5, w, b, act, 0.1, True, res)]
-    want = [*ra.forward_train_act(d[0], d[3], d[4], d[2], None, 1e-5, 0, act, 0.1)[:3],
-            ra.forward_apply_act(d[0], d[5], d[6], 1e-5, d[3], d[4], d[2], act, 0.1),
+    want = [*ra.forward_train_act(d[0], d[2], 1e-5, d[3], d[4], None, 0, act, 0.1)[:3],
+            ra.forward_apply_act(d[0], d[2], d[5], d[6], 1e-5, d[3], d[4], act, 0.1),
             *ra.backward_train_act(d[1], d[0], d[2], mean64, var64, 1e-5, d[3], d[4], None, count64, 0, act, 0.1,
                                    True, res),
             *ra.backward_apply_act(d[1], d[0], d[2], d[5], d[6], 1e-5, d[3], d[4], act, 0.1, True, res)]
@@ -259,7 +259,7 @@ def test_variance_precision_large_planes(two_threads, layout, side):
         x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
     xm = x.double().transpose(0, 1).reshape(2, -1)
     dym = dy.double().transpose(0, 1).reshape(2, -1)
-    _, mean, var, count = cpu.forward_train(x, None, None, None, 1e-5, 0)
+    _, mean, var, count = cpu.forward_train(x, 1e-5, None, None, None, 0)
     assert _rel(var[0], xm.var(1, unbiased=False)) < 4e-7
     assert _rel(mean[0], xm.mean(1)) < 4e-7
     # the sums with the kernel's own statistics and 1 / sqrt(var + eps) as it rounds it
@@ -314,7 +314,7 @@ def test_eval_eps0_zero_var_ieee(two_threads, shape, cl):
     # training: a constant channel has variance 0, so its output is 0 * inf = NaN (in torch too)
     xc = x.clone()
     xc[:, 2] = 1.5
-    y, mean, var, count = cpu.forward_train(xc, None, None, None, 0.0, 0)
+    y, mean, var, count = cpu.forward_train(xc, 0.0, None, None, None, 0)
     assert var[0, 2] == 0 and torch.isnan(y[:, 2]).all() and torch.isfinite(y[:, :2]).all()
     got = cpu.backward_train(dy, xc, mean, var, 0.0, w, None, count, 0)
     want = ref.backward_train(dy, xc, mean, var, 0.0, w, None, count, 0)

@@ -27,8 +27,8 @@ def test_lean_calls_equal_the_general_ones(cpu_backend, shape, fmt, dtype, affin
     b = torch.randn(c, dtype=dtype) if affine else None
     run_a = Running(torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype), 0.1, skip_nonfinite=True)
     run_b = Running(torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype), 0.1, skip_nonfinite=True)
-    y, mean, var, count = cpu.forward_train(x, w, b, None, 1e-5, 0, run_a)
-    y_lean, stats = cpu.train_lean(x, w, b, 1e-5, run_b)
+    y, mean, var, count = cpu.forward_train(x, 1e-5, w, b, None, 0, run_a)
+    y_lean, stats = cpu.train_lean(x, 1e-5, w, b, run_b)
     assert torch.equal(y_lean, y) and y_lean.stride() == y.stride()
     lm, lv, lc = cpu.lean_stats(stats)
     assert torch.equal(lm, mean) and torch.equal(lv, var) and torch.equal(lc, count)
@@ -52,6 +52,6 @@ def test_lean_forward_skips_a_nonfinite_batch(cpu_backend):
     x = torch.randn(32, 4)
     x[5, 1] = float("inf")
     run = Running(torch.zeros(4), torch.ones(4), 0.1, skip_nonfinite=True)
-    cpu_backend.train_lean(x, None, None, 1e-5, run)
+    cpu_backend.train_lean(x, 1e-5, None, None, run)
     assert not run.accepted
     assert torch.equal(run.mean, torch.zeros(4)) and torch.equal(run.var, torch.ones(4))

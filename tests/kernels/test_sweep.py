@@ -251,13 +251,13 @@ def _check(backend: str, t: Truth, layout: str, setting: str, variant: str) -> l
     cnt = torch.tensor([t.count], dtype=torch.float64)
     with threads(setting, variant):
         if t.act is None:
-            y, mean, var, count = be.forward_train(x, t.w, t.b, None, EPS, 0)
+            y, mean, var, count = be.forward_train(x, EPS, t.w, t.b, None, 0)
             ya = be.forward_apply(x, t.rm, t.rv, EPS, t.w, t.b)
             dtrain = be.backward_train(dy, x, mean_in, var_in, EPS, t.w, None, cnt, 0, True)
             dapply = be.backward_apply(dy, x, t.rm, t.rv, EPS, t.w, True)
         else:
-            y, mean, var, count = be.forward_train_act(x, t.w, t.b, r, None, EPS, 0, t.act, SLOPE)
-            ya = be.forward_apply_act(x, t.rm, t.rv, EPS, t.w, t.b, r, t.act, SLOPE)
+            y, mean, var, count = be.forward_train_act(x, r, EPS, t.w, t.b, None, 0, t.act, SLOPE)
+            ya = be.forward_apply_act(x, r, t.rm, t.rv, EPS, t.w, t.b, t.act, SLOPE)
             dtrain = be.backward_train_act(dy, x, r, mean_in, var_in, EPS, t.w, t.b, None, cnt, 0, t.act, SLOPE,
                                            True, t.has_r)
             dapply = be.backward_apply_act(dy, x, r, t.rm, t.rv, EPS, t.w, t.b, t.act, SLOPE, True, t.has_r)

@@ -3,7 +3,7 @@
 Every backend is a module with the same functions (see :mod:`batchnorm.kernels.reference`
 for the conventions and the exact semantics):
 
-* ``forward_train(x, weight, bias, mask, eps, vbs, running=None) -> (y, mean, var, count)``;
+* ``forward_train(x, eps, weight, bias, mask, vbs, running=None) -> (y, mean, var, count)``;
   with ``running`` (a :class:`~batchnorm.kernels.reference.Running`: the running buffers and a
   float momentum; eager mode, one group, no mask) the call also moves the running statistics
   (``forward_train_act`` likewise): the cpu backend inside its compiled driver, the triton one

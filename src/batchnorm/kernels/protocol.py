@@ -12,11 +12,11 @@ never ``1 / sqrt(var + eps)``. Gradients come back as ``(dx, dweight, dbias)`` (
 when not ``need_input_grad``), the parameter gradients in the statistics' dtype.
 
 Argument order: the arguments the functions share come in one order,
-``dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope`` and then the
-flags, each function taking the ones it needs, with two exceptions kept for the operators'
-published schemas and the callers outside the package: the training forwards take
-``(x, weight, bias[, residual], mask, eps, vbs, ...)`` and ``forward_apply_act`` takes the
-residual after ``bias``.
+``dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope`` (:data:`ARGUMENT_ORDER`), then the
+flags (``need_input_grad``, ``need_residual_grad``) and ``running``, each function taking the
+ones it needs. The same order holds for the operators of :mod:`batchnorm.ops` (their schemas and
+eager entry points) and for the lean calls of :class:`LeanBackend`, whose own argument
+(``stats``, the backend's statistics object) comes where the statistics would.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import Tensor
+
+#: the order of the arguments the entry points share (the flags and ``running`` come after them)
+ARGUMENT_ORDER = ("dy", "x", "residual", "mean", "var", "eps", "weight", "bias", "mask", "count", "vbs", "act",
+                  "slope")
 
 #: the ops a backend's ``supports``/``prepared`` are asked about
 OPS = ("forward_train", "forward_apply", "backward_train", "backward_apply",
@@ -56,8 +60,8 @@ class Backend(Protocol):
 
     name: str
 
-    def forward_train(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None,
-                      eps: float, vbs: int, running: Running | None = None) -> TrainOut:
+    def forward_train(self, x: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None,
+                      mask: Tensor | None, vbs: int, running: Running | None = None) -> TrainOut:
         """Normalize with the batch's statistics (per group); with ``running`` (one group, no mask,
         eager mode) also move the running statistics."""
         ...
@@ -88,12 +92,12 @@ class FusedOps(Protocol):
     ``reference_act`` has them all, a backend may (:class:`FusedBackend`); for a backend without
     them the operators use ``reference_act``."""
 
-    def forward_train_act(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-                          mask: Tensor | None, eps: float, vbs: int, act: str, slope: float,
+    def forward_train_act(self, x: Tensor, residual: Tensor | None, eps: float, weight: Tensor | None,
+                          bias: Tensor | None, mask: Tensor | None, vbs: int, act: str, slope: float,
                           running: Running | None = None) -> TrainOut: ...
 
-    def forward_apply_act(self, x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None,
-                          bias: Tensor | None, residual: Tensor | None, act: str, slope: float) -> Tensor: ...
+    def forward_apply_act(self, x: Tensor, residual: Tensor | None, mean: Tensor, var: Tensor, eps: float,
+                          weight: Tensor | None, bias: Tensor | None, act: str, slope: float) -> Tensor: ...
 
     def backward_train_act(self, dy: Tensor, x: Tensor, residual: Tensor | None, mean: Tensor, var: Tensor,
                            eps: float, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None,
@@ -115,7 +119,7 @@ class LeanBackend(Backend, Protocol):
     """A backend with the layers' lean training route (one group, no mask, eager mode): the
     statistics stay in the backend's own object between forward and backward."""
 
-    def train_lean(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    def train_lean(self, x: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None,
                    running: Running | None) -> tuple[Tensor, Any]:
         """``(y, stats)``: the training forward, ``running`` moved by the same call."""
         ...
@@ -135,5 +139,5 @@ class PreparedBackend(Backend, Protocol):
     def prepared(self, op: str, x: Tensor, wait: bool = False) -> bool: ...
 
 
-__all__ = ["OPS", "Backend", "FusedBackend", "FusedOps", "Grads", "LeanBackend", "PreparedBackend", "Running",
-           "TrainOut"]
+__all__ = ["ARGUMENT_ORDER", "OPS", "Backend", "FusedBackend", "FusedOps", "Grads", "LeanBackend", "PreparedBackend",
+           "Running", "TrainOut"]

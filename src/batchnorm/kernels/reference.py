@@ -251,10 +251,10 @@ def backward_elemt(
 
 def forward_train(
     x: Tensor,
+    eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
     mask: Tensor | None,
-    eps: float,
     vbs: int,
     running: Running | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

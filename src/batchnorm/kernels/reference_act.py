@@ -88,7 +88,7 @@ def _pre_activation(x, mean, invstd, weight, bias, residual, vbs):
     return z
 
 
-def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
+def forward_train_act(x, residual, eps, weight, bias, mask, vbs, act, slope, running=None):
     """Training forward: ``(act(bn(x) + residual), mean, var, count)`` (statistics as the
     reference); ``running`` as :func:`batchnorm.kernels.reference.forward_train`."""
     mean, var, count = ref.stats(x, mask, vbs)
@@ -99,7 +99,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     return y, mean, var, count
 
 
-def forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope):
+def forward_apply_act(x, residual, mean, var, eps, weight, bias, act, slope):
     """With given ``(C,)`` statistics: ``act(bn(x) + residual)``."""
     z = _pre_activation(x, mean.unsqueeze(0), ref.inverse_std(var, eps).unsqueeze(0), weight, bias, residual, 0)
     return ref._match_layout(activation(z, act, slope).to(x.dtype), x)

@@ -203,7 +203,7 @@ def _residual(r: Tensor | None, x: Tensor) -> Tensor | None:
 # ---------------------------------------------------------------------------- entry points
 
 
-def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
+def forward_train_act(x, residual, eps, weight, bias, mask, vbs, act, slope, running=None):
     """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``; ``running``
     (:class:`~batchnorm.kernels.reference.Running`) moves in the same call."""
     x = dense(x)
@@ -248,11 +248,11 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     return y, mean, var, count
 
 
-def forward_train(x, weight, bias, mask, eps, vbs, running=None):
-    return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0, running)
+def forward_train(x, eps, weight, bias, mask, vbs, running=None):
+    return forward_train_act(x, None, eps, weight, bias, mask, vbs, "identity", 0.0, running)
 
 
-def forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope):
+def forward_apply_act(x, residual, mean, var, eps, weight, bias, act, slope):
     """``y = act(bn(x; mean, var) [+ residual])`` with given ``(C,)`` statistics."""
     x = dense(x)
     geo = _geometry(x)
@@ -267,7 +267,7 @@ def forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope):
 
 
 def forward_apply(x, mean, var, eps, weight, bias):
-    return forward_apply_act(x, mean, var, eps, weight, bias, None, "identity", 0.0)
+    return forward_apply_act(x, None, mean, var, eps, weight, bias, "identity", 0.0)
 
 
 def _backward(dy, x, residual, mean, var, eps, weight, bias, act, slope, train, need_dx, need_dr):

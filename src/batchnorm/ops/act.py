@@ -1,10 +1,10 @@
 """Batch norm fused with an activation and an optional residual, as ``torch.library`` custom ops.
 
-* ``batchnorm::act_train_forward(x, weight, bias, residual, mask, eps, vbs, act, slope)
+* ``batchnorm::act_train_forward(x, residual, eps, weight, bias, mask, vbs, act, slope)
   -> (y, mean, var, count)``: ``y = act(bn(x) + residual)`` with the batch's statistics;
-* ``batchnorm::act_apply_forward(x, mean, var, eps, weight, bias, residual, act, slope) -> y``:
+* ``batchnorm::act_apply_forward(x, residual, mean, var, eps, weight, bias, act, slope) -> y``:
   with given statistics (inference, frozen statistics);
-* ``batchnorm::act_inplace_train_forward(x, weight, bias, mask, eps, act, slope)``: the
+* ``batchnorm::act_inplace_train_forward(x, eps, weight, bias, mask, act, slope)``: the
   in-place activated mode (Rota Bulo et al. 2018): autograd saves only the output ``y``, not
   ``x``, and the backward recovers ``xhat`` from ``y`` (invertible activations only).
 
@@ -42,26 +42,27 @@ from .base import out as _out
 @torch.library.custom_op("batchnorm::act_train_forward", mutates_args=())
 def act_train_forward(
     x: Tensor,
+    residual: Tensor | None,
+    eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
-    residual: Tensor | None,
     mask: Tensor | None,
-    eps: float,
     vbs: int,
     act: str,
     slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _train_forward_impl(x, weight, bias, residual, mask, eps, vbs, act, slope)
+    return _train_forward_impl(x, residual, eps, weight, bias, mask, vbs, act, slope)
 
 
-def _train_forward_impl(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):  # type: ignore[no-untyped-def]
+def _train_forward_impl(x, residual, eps, weight, bias, mask, vbs, act, slope, running=None):  # type: ignore[no-untyped-def]
     backend = backend_for("forward_train_act", x, mask, vbs)
-    y, mean, var, count = backend.forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running)
+    y, mean, var, count = backend.forward_train_act(x=x, residual=residual, eps=eps, weight=weight, bias=bias,
+                                                    mask=mask, vbs=vbs, act=act, slope=slope, running=running)
     return _out(y, x), mean, var, count
 
 
 @act_train_forward.register_fake
-def _(x, weight, bias, residual, mask, eps, vbs, act, slope):
+def _(x, residual, eps, weight, bias, mask, vbs, act, slope):
     return fake_forward_outputs(x, vbs)
 
 
@@ -72,38 +73,39 @@ def act_train_backward(
     residual: Tensor | None,
     mean: Tensor,
     var: Tensor,
+    eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
     mask: Tensor | None,
     count: Tensor,
-    eps: float,
     vbs: int,
     act: str,
     slope: float,
     need_input_grad: bool,
     need_residual_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _train_backward_impl(dy, x, residual, mean, var, weight, bias, mask, count, eps, vbs, act, slope,
+    return _train_backward_impl(dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,
                                 need_input_grad, need_residual_grad)
 
 
-def _train_backward_impl(dy, x, residual, mean, var, weight, bias, mask, count, eps, vbs, act, slope,  # type: ignore[no-untyped-def]
+def _train_backward_impl(dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,  # type: ignore[no-untyped-def]
                          need_input_grad, need_residual_grad):
     backend = backend_for("backward_train_act", x, mask, vbs)
     dx, dw, db, dr = backend.backward_train_act(
-        dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope,
-        need_input_grad, need_residual_grad,
+        dy=dy, x=x, residual=residual, mean=mean, var=var, eps=eps, weight=weight, bias=bias, mask=mask,
+        count=count, vbs=vbs, act=act, slope=slope, need_input_grad=need_input_grad,
+        need_residual_grad=need_residual_grad,
     )
     return _out(dx, x), dw, db, _out(dr, x)
 
 
 @act_train_backward.register_fake
-def _(dy, x, residual, mean, var, weight, bias, mask, count, eps, vbs, act, slope, need_x, need_r):
+def _(dy, x, residual, mean, var, eps, weight, bias, mask, count, vbs, act, slope, need_x, need_r):
     return (*fake_backward_outputs(x, need_x), _grad_or_empty(x, need_r))
 
 
 def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, weight, bias, residual, mask, eps, vbs, act, slope = inputs
+    x, residual, eps, weight, bias, mask, vbs, act, slope = inputs
     _, mean, var, count = output
     ctx.save_for_backward(x, weight, bias, residual, mask, mean, var, count)
     ctx.eps, ctx.vbs, ctx.act, ctx.slope = eps, vbs, act, slope
@@ -113,22 +115,21 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, bias, residual, mask, mean, var, count = ctx.saved_tensors
-    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    need_x, need_r, _, need_w, need_b = ctx.needs_input_grad[:5]
     if graph_backward(dy):  # differentiable: the closed form with the statistics recomputed from x
         mean, var, count = reference.stats(x, mask, ctx.vbs)
-        dx, dw, db, dr = reference_act.backward_train_act(dy, x, residual, mean, var, ctx.eps, weight, bias, mask,
-                                                          count, ctx.vbs, ctx.act, ctx.slope, need_x, need_r)
+        backward = reference_act.backward_train_act
     else:
-        dx, dw, db, dr = impl_or_op("act_train_backward", _train_backward_impl)(
-            dy, x, residual, mean, var, weight, bias, mask, count, ctx.eps, ctx.vbs, ctx.act, ctx.slope,
-            need_x, need_r,
-        )
+        backward = impl_or_op("act_train_backward", _train_backward_impl)
+    dx, dw, db, dr = backward(dy, x, residual, mean, var, ctx.eps, weight, bias, mask, count, ctx.vbs, ctx.act,
+                              ctx.slope, need_x, need_r)
     return (
         dx if need_x else None,
+        dr.to(ctx.res_dtype) if need_r else None,
+        None,
         dw.to(weight.dtype) if need_w else None,
         db.to(ctx.bias_dtype) if need_b else None,
-        dr.to(ctx.res_dtype) if need_r else None,
-        None, None, None, None, None,
+        None, None, None, None,
     )
 
 
@@ -141,26 +142,27 @@ torch.library.register_autograd("batchnorm::act_train_forward", _train_grad, set
 @torch.library.custom_op("batchnorm::act_apply_forward", mutates_args=())
 def act_apply_forward(
     x: Tensor,
+    residual: Tensor | None,
     mean: Tensor,
     var: Tensor,
     eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
-    residual: Tensor | None,
     act: str,
     slope: float,
 ) -> Tensor:
-    return _apply_forward_impl(x, mean, var, eps, weight, bias, residual, act, slope)
+    return _apply_forward_impl(x, residual, mean, var, eps, weight, bias, act, slope)
 
 
-def _apply_forward_impl(x, mean, var, eps, weight, bias, residual, act, slope):  # type: ignore[no-untyped-def]
+def _apply_forward_impl(x, residual, mean, var, eps, weight, bias, act, slope):  # type: ignore[no-untyped-def]
     backend = backend_for("forward_apply_act", x)
-    y = backend.forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope)
+    y = backend.forward_apply_act(x=x, residual=residual, mean=mean, var=var, eps=eps, weight=weight, bias=bias,
+                                  act=act, slope=slope)
     return _out(y, x)
 
 
 @act_apply_forward.register_fake
-def _(x, mean, var, eps, weight, bias, residual, act, slope):
+def _(x, residual, mean, var, eps, weight, bias, act, slope):
     return _empty_like(x)
 
 
@@ -187,7 +189,8 @@ def _apply_backward_impl(dy, x, residual, mean, var, eps, weight, bias, act, slo
                          need_residual_grad):
     backend = backend_for("backward_apply_act", x)
     dx, dw, db, dr = backend.backward_apply_act(
-        dy, x, residual, mean, var, eps, weight, bias, act, slope, need_input_grad, need_residual_grad
+        dy=dy, x=x, residual=residual, mean=mean, var=var, eps=eps, weight=weight, bias=bias, act=act, slope=slope,
+        need_input_grad=need_input_grad, need_residual_grad=need_residual_grad,
     )
     return _out(dx, x), dw, db, _out(dr, x)
 
@@ -198,7 +201,7 @@ def _(dy, x, residual, mean, var, eps, weight, bias, act, slope, need_x, need_r)
 
 
 def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, mean, var, eps, weight, bias, residual, act, slope = inputs
+    x, residual, mean, var, eps, weight, bias, act, slope = inputs
     ctx.save_for_backward(x, mean, var, weight, bias, residual)
     ctx.eps, ctx.act, ctx.slope = eps, act, slope
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -207,18 +210,18 @@ def _apply_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 
 def _apply_grad(ctx: Any, dy: Tensor) -> tuple:
     x, mean, var, weight, bias, residual = ctx.saved_tensors
-    need_x, _, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:7]
+    need_x, need_r, _, _, _, need_w, need_b = ctx.needs_input_grad[:7]
     backward = reference_act.backward_apply_act if graph_backward(dy) else \
         impl_or_op("act_apply_backward", _apply_backward_impl)
     dx, dw, db, dr = backward(dy, x, residual, mean, var, ctx.eps, weight, bias, ctx.act, ctx.slope, need_x, need_r)
     return (
         dx if need_x else None,
+        dr.to(ctx.res_dtype) if need_r else None,
         None,
         None,
         None,
         dw.to(weight.dtype) if need_w else None,
         db.to(ctx.bias_dtype) if need_b else None,
-        dr.to(ctx.res_dtype) if need_r else None,
         None,
         None,
     )
@@ -233,25 +236,26 @@ torch.library.register_autograd("batchnorm::act_apply_forward", _apply_grad, set
 @torch.library.custom_op("batchnorm::act_inplace_train_forward", mutates_args=())
 def act_inplace_train_forward(
     x: Tensor,
+    eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
     mask: Tensor | None,
-    eps: float,
     act: str,
     slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _inplace_forward_impl(x, weight, bias, mask, eps, act, slope)
+    return _inplace_forward_impl(x, eps, weight, bias, mask, act, slope)
 
 
-def _inplace_forward_impl(x, weight, bias, mask, eps, act, slope):  # type: ignore[no-untyped-def]
+def _inplace_forward_impl(x, eps, weight, bias, mask, act, slope):  # type: ignore[no-untyped-def]
     reference_act.inverse(x.new_zeros(()), act, slope)  # raises for a non-invertible activation
     backend = backend_for("forward_train_act", x, mask, 0)
-    y, mean, var, count = backend.forward_train_act(x, weight, bias, None, mask, eps, 0, act, slope)
+    y, mean, var, count = backend.forward_train_act(x=x, residual=None, eps=eps, weight=weight, bias=bias, mask=mask,
+                                                    vbs=0, act=act, slope=slope)
     return _out(y, x), mean, var, count
 
 
 @act_inplace_train_forward.register_fake
-def _(x, weight, bias, mask, eps, act, slope):
+def _(x, eps, weight, bias, mask, act, slope):
     return fake_forward_outputs(x, 0)
 
 
@@ -260,19 +264,19 @@ def act_inplace_train_backward(
     dy: Tensor,
     y: Tensor,
     var: Tensor,
+    eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
     mask: Tensor | None,
     count: Tensor,
-    eps: float,
     act: str,
     slope: float,
     need_input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _inplace_backward_impl(dy, y, var, weight, bias, mask, count, eps, act, slope, need_input_grad)
+    return _inplace_backward_impl(dy, y, var, eps, weight, bias, mask, count, act, slope, need_input_grad)
 
 
-def _inplace_backward_impl(dy, y, var, weight, bias, mask, count, eps, act, slope, need_input_grad):  # type: ignore[no-untyped-def]
+def _inplace_backward_impl(dy, y, var, eps, weight, bias, mask, count, act, slope, need_input_grad):  # type: ignore[no-untyped-def]
     acc = acc_dtype(y.dtype)
     invstd = inverse_std(var.to(acc), eps)  # (1, C)
     xhat, dact = reference_act.recover(y, weight, bias, act, slope)
@@ -283,18 +287,19 @@ def _inplace_backward_impl(dy, y, var, weight, bias, mask, count, eps, act, slop
     # with xhat as the input, mean 0 and variance 1 (eps 0: invstd exactly 1), the plain backward
     # gives exactly the gradients of the layer when its weight is gamma * invstd
     dx, dw, db = backend.backward_train(
-        g, xhat, torch.zeros_like(invstd), torch.ones_like(invstd), 0.0, scale, mask, count, 0, need_input_grad
+        dy=g, x=xhat, mean=torch.zeros_like(invstd), var=torch.ones_like(invstd), eps=0.0, weight=scale, mask=mask,
+        count=count, vbs=0, need_input_grad=need_input_grad,
     )
     return _out(dx, y), dw, db
 
 
 @act_inplace_train_backward.register_fake
-def _(dy, y, var, weight, bias, mask, count, eps, act, slope, need_x):
+def _(dy, y, var, eps, weight, bias, mask, count, act, slope, need_x):
     return fake_backward_outputs(y, need_x)
 
 
 def _inplace_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, weight, bias, mask, eps, act, slope = inputs
+    x, eps, weight, bias, mask, act, slope = inputs
     y, _, var, count = output
     ctx.save_for_backward(y, weight, bias, mask, var, count)  # not x: the point of the mode
     ctx.eps, ctx.act, ctx.slope = eps, act, slope
@@ -303,7 +308,7 @@ def _inplace_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _inplace_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     y, weight, bias, mask, var, count = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
     if graph_backward(dy):
         raise RuntimeError(
             "in-place activated batch norm (inplace_abn=True) keeps only its output, which has no "
@@ -311,13 +316,14 @@ def _inplace_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
             "need inplace_abn=False"
         )
     dx, dw, db = impl_or_op("act_inplace_train_backward", _inplace_backward_impl)(
-        dy, y, var, weight, bias, mask, count, ctx.eps, ctx.act, ctx.slope, need_x
+        dy, y, var, ctx.eps, weight, bias, mask, count, ctx.act, ctx.slope, need_x
     )
     return (
         dx if need_x else None,
+        None,
         dw.to(weight.dtype) if need_w else None,
         db.to(ctx.bias_dtype) if need_b else None,
-        None, None, None, None,
+        None, None, None,
     )
 
 
@@ -328,21 +334,22 @@ torch.library.register_autograd(
 
 # ------------------------------------------------------------------ eager entry points (see base.eager_entry)
 
-#: ``act_train(x, weight, bias, residual, mask, eps, vbs, act, slope, [running=]) -> (y, mean, var,
+#: ``act_train(x, residual, eps, weight, bias, mask, vbs, act, slope, [running=]) -> (y, mean, var,
 #: count)``; ``running`` as :data:`batchnorm.ops.plain.train`
 act_train = eager_entry("act_train_forward", _train_forward_impl, _train_setup, _train_grad,
                         reference_act.forward_train_act)
-#: ``act_apply(x, mean, var, eps, weight, bias, residual, act, slope) -> y``
+#: ``act_apply(x, residual, mean, var, eps, weight, bias, act, slope) -> y``
 act_apply = eager_entry("act_apply_forward", _apply_forward_impl, _apply_setup, _apply_grad,
                         reference_act.forward_apply_act)
 
 
-def _inplace_composite(x, weight, bias, mask, eps, act, slope):  # type: ignore[no-untyped-def]
+def _inplace_composite(x, eps, weight, bias, mask, act, slope):  # type: ignore[no-untyped-def]
     """The in-place mode's math as torch ops (its memory saving does not apply under a transform)."""
     reference_act.inverse(x.new_zeros(()), act, slope)  # raises for a non-invertible activation
-    return reference_act.forward_train_act(x, weight, bias, None, mask, eps, 0, act, slope)
+    return reference_act.forward_train_act(x=x, residual=None, eps=eps, weight=weight, bias=bias, mask=mask, vbs=0,
+                                           act=act, slope=slope)
 
 
-#: ``act_inplace_train(x, weight, bias, mask, eps, act, slope) -> (y, mean, var, count)``
+#: ``act_inplace_train(x, eps, weight, bias, mask, act, slope) -> (y, mean, var, count)``
 act_inplace_train = eager_entry("act_inplace_train_forward", _inplace_forward_impl, _inplace_setup,
                                 _inplace_grad, _inplace_composite)

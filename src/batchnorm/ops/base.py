@@ -3,6 +3,7 @@ output layout, the fake outputs, and the eager entry points (:func:`eager_entry`
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
 from typing import Any
 
@@ -119,9 +120,13 @@ def eager_entry(name: str, impl: Any, setup: Any, grad: Any, composite: Any) -> 
     autograd.Function with the op's ``setup``/``grad``, or bare ``impl`` when no argument needs
     a gradient.
 
-    Keyword arguments go to ``impl`` only, in eager mode (the training ops' ``running``: the
-    running statistics moved by the same kernel call); the registered op has no such argument,
-    so a caller passes them only when not tracing."""
+    The op's own arguments may be passed by name too (in the op's order, that of
+    :mod:`batchnorm.kernels.protocol`); they are bound to their positions first. The other keyword
+    arguments go to ``impl`` only, in eager mode (the training ops' ``running``: the running
+    statistics moved by the same kernel call); the registered op has no such argument, so a caller
+    passes them only when not tracing."""
+    params = inspect.signature(impl).parameters.values()
+    op_args = tuple(p.name for p in params if p.default is inspect.Parameter.empty)
 
     # forward(ctx, ...) style: a separate setup_context makes autograd bind arguments with inspect
     def forward(ctx, *inputs_extra):  # type: ignore[no-untyped-def]
@@ -136,7 +141,18 @@ def eager_entry(name: str, impl: Any, setup: Any, grad: Any, composite: Any) -> 
     function: Any = type(f"_{name}", (torch.autograd.Function,),
                          {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
+    def bind(args: tuple, extra: dict[str, Any]) -> tuple:
+        """``args`` completed by the op's arguments passed by name (removed from ``extra``)."""
+        given = [n for n in op_args[:len(args)] if n in extra]
+        missing = [n for n in op_args[len(args):] if n not in extra]
+        if given or missing:
+            raise TypeError(f"{name}() takes ({', '.join(op_args)}): "
+                            + (f"{given} given twice" if given else f"{missing} missing"))
+        return (*args, *(extra.pop(n) for n in op_args[len(args):]))
+
     def entry(*args: Any, **extra: Any) -> Any:
+        if extra and (len(args) < len(op_args) or not extra.keys().isdisjoint(op_args)):
+            args = bind(args, extra)
         if _tracing():
             if extra:
                 raise RuntimeError(f"batchnorm::{name} takes {sorted(extra)} in eager mode only")

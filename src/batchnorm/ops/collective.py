@@ -33,8 +33,8 @@ class Collective(Protocol):
 
 class _CollectiveTrain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None,
-                eps: float, collective: Collective) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, x: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None,
+                mask: Tensor | None, collective: Collective) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         acc = _ref.acc_dtype(x.dtype)
         mean, var, count = _ref.stats(x, mask, 0)  # (1, C), (1, C), (1,)
         has = count > 0  # an empty process contributes count 0 (its mean/var are NaN: drop them)
@@ -63,13 +63,13 @@ class _CollectiveTrain(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _ref.backward_elemt(dy, x, mean, invstd, weight, g_dy, g_dy_xhat, count.reshape(1), mask, 0)
-        dweight = sum_dy_xhat[0].to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
-        dbias = sum_dy[0].to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None
+        dweight = sum_dy_xhat[0].to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[2] else None
+        dbias = sum_dy[0].to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return dx, None, dweight, dbias, None, None
 
 
-def collective_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, eps: float,
+def collective_train(x: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None,
                      collective: Collective) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, count)``: ``x`` normalized with the statistics of the batch of every
     process (``mean``/``var`` ``(C,)`` float64, ``count`` 0-d); ``mask`` in the kernels' form."""
-    return _CollectiveTrain.apply(x, weight, bias, mask, eps, collective)  # type: ignore[no-any-return]
+    return _CollectiveTrain.apply(x, eps, weight, bias, mask, collective)  # type: ignore[no-any-return]

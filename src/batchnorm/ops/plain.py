@@ -1,6 +1,6 @@
 """Plain batch norm as ``torch.library`` custom operators: two forward ops and their closed-form backward ops:
 
-* ``batchnorm::train_forward(x, weight, bias, mask, eps, vbs) -> (y, mean, var, count)``
+* ``batchnorm::train_forward(x, eps, weight, bias, mask, vbs) -> (y, mean, var, count)``
   normalizes with the batch's own statistics (per ghost group), Algorithm 1.
 * ``batchnorm::apply_forward(x, mean, var, eps, weight, bias) -> y`` normalizes with given
   per-channel statistics (running statistics at inference, Algorithm 2; frozen layers).
@@ -36,23 +36,24 @@ from .base import (
 @torch.library.custom_op("batchnorm::train_forward", mutates_args=())
 def train_forward(
     x: Tensor,
+    eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
     mask: Tensor | None,
-    eps: float,
     vbs: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _train_forward_impl(x, weight, bias, mask, eps, vbs)
+    return _train_forward_impl(x, eps, weight, bias, mask, vbs)
 
 
-def _train_forward_impl(x, weight, bias, mask, eps, vbs, running=None):  # type: ignore[no-untyped-def]
+def _train_forward_impl(x, eps, weight, bias, mask, vbs, running=None):  # type: ignore[no-untyped-def]
     backend = kernels.select("forward_train", x, mask, vbs)
-    y, mean, var, count = backend.forward_train(x, weight, bias, mask, eps, vbs, running)
+    y, mean, var, count = backend.forward_train(x=x, eps=eps, weight=weight, bias=bias, mask=mask, vbs=vbs,
+                                                running=running)
     return owned(y.contiguous(memory_format=_layout(x))), mean, var, count
 
 
 @train_forward.register_fake
-def _(x, weight, bias, mask, eps, vbs):
+def _(x, eps, weight, bias, mask, vbs):
     return fake_forward_outputs(x, vbs)
 
 
@@ -62,30 +63,31 @@ def train_backward(
     x: Tensor,
     mean: Tensor,
     var: Tensor,
+    eps: float,
     weight: Tensor | None,
     mask: Tensor | None,
     count: Tensor,
-    eps: float,
     vbs: int,
     need_input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _train_backward_impl(dy, x, mean, var, weight, mask, count, eps, vbs, need_input_grad)
+    return _train_backward_impl(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad)
 
 
-def _train_backward_impl(dy, x, mean, var, weight, mask, count, eps, vbs, need_input_grad):  # type: ignore[no-untyped-def]
+def _train_backward_impl(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad):  # type: ignore[no-untyped-def]
     backend = kernels.select("backward_train", x, mask, vbs)
-    dx, dw, db = backend.backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad)
+    dx, dw, db = backend.backward_train(dy=dy, x=x, mean=mean, var=var, eps=eps, weight=weight, mask=mask,
+                                        count=count, vbs=vbs, need_input_grad=need_input_grad)
     dx = dx.contiguous(memory_format=_layout(x)) if dx is not None else x.new_empty(0)
     return dx, dw, db
 
 
 @train_backward.register_fake
-def _(dy, x, mean, var, weight, mask, count, eps, vbs, need_input_grad):
+def _(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad):
     return fake_backward_outputs(x, need_input_grad)
 
 
 def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, weight, bias, mask, eps, vbs = inputs
+    x, eps, weight, bias, mask, vbs = inputs
     _, mean, var, count = output
     ctx.save_for_backward(x, weight, mask, mean, var, count)
     ctx.mark_non_differentiable(mean, var, count)
@@ -95,17 +97,17 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
     x, weight, mask, mean, var, count = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
     if graph_backward(dy):
         dx, dw, db = reference.backward_train_graph(dy, x, ctx.eps, weight, mask, ctx.vbs, need_x)
     else:
         backward = impl_or_op("train_backward", _train_backward_impl)
-        dx, dw, db = backward(dy, x, mean, var, weight, mask, count, ctx.eps, ctx.vbs, need_x)
+        dx, dw, db = backward(dy, x, mean, var, ctx.eps, weight, mask, count, ctx.vbs, need_x)
     return (
         dx if need_x else None,
+        None,
         dw.to(weight.dtype) if need_w else None,
         db.to(ctx.bias_dtype) if need_b else None,
-        None,
         None,
         None,
     )
@@ -126,7 +128,8 @@ def apply_forward(
 
 def _apply_forward_impl(x, mean, var, eps, weight, bias):  # type: ignore[no-untyped-def]
     backend = kernels.select("forward_apply", x)
-    return owned(backend.forward_apply(x, mean, var, eps, weight, bias).contiguous(memory_format=_layout(x)))
+    y = backend.forward_apply(x=x, mean=mean, var=var, eps=eps, weight=weight, bias=bias)
+    return owned(y.contiguous(memory_format=_layout(x)))
 
 
 @apply_forward.register_fake
@@ -143,7 +146,8 @@ def apply_backward(
 
 def _apply_backward_impl(dy, x, mean, var, eps, weight, need_input_grad):  # type: ignore[no-untyped-def]
     backend = kernels.select("backward_apply", x)
-    dx, dw, db = backend.backward_apply(dy, x, mean, var, eps, weight, need_input_grad)
+    dx, dw, db = backend.backward_apply(dy=dy, x=x, mean=mean, var=var, eps=eps, weight=weight,
+                                        need_input_grad=need_input_grad)
     dx = dx.contiguous(memory_format=_layout(x)) if dx is not None else x.new_empty(0)
     return dx, dw, db
 
@@ -192,8 +196,8 @@ class _TrainLean(torch.autograd.Function):
     tensors."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, backend, running):  # type: ignore[no-untyped-def]
-        y, stats = backend.train_lean(x, weight, bias, eps, running)
+    def forward(ctx, x, eps, weight, bias, backend, running):  # type: ignore[no-untyped-def]
+        y, stats = backend.train_lean(x=x, eps=eps, weight=weight, bias=bias, running=running)
         ctx.save_for_backward(x, weight)
         ctx.stats, ctx.backend, ctx.eps, ctx.vbs = stats, backend, eps, 0
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -202,19 +206,20 @@ class _TrainLean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # type: ignore[no-untyped-def]
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
         backend = ctx.backend
         forced = kernels.get_backend()  # in "auto" mode the forward's backend is still the one picked
         if (graph_backward(dy) or backend.name in kernels._disabled
                 or (forced != "auto" and kernels.select("backward_train", x) is not backend)):
             mean, var, count = backend.lean_stats(ctx.stats)
-            return (*_train_grad(_Saved(ctx, (x, weight, None, mean, var, count)), dy)[:3], None, None, None)
-        dx, dw, db = backend.backward_lean(dy, x, ctx.stats, ctx.eps, weight, need_x)
+            return (*_train_grad(_Saved(ctx, (x, weight, None, mean, var, count)), dy)[:4], None, None)
+        dx, dw, db = backend.backward_lean(dy=dy, x=x, stats=ctx.stats, eps=ctx.eps, weight=weight,
+                                           need_input_grad=need_x)
         if need_w and dw.dtype != weight.dtype:
             dw = dw.to(weight.dtype)
         if need_b and db.dtype != ctx.bias_dtype:
             db = db.to(ctx.bias_dtype)
-        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
+        return dx if need_x else None, None, dw if need_w else None, db if need_b else None, None, None
 
 
 class _Saved:
@@ -225,7 +230,7 @@ class _Saved:
         self.eps, self.vbs, self.bias_dtype = ctx.eps, ctx.vbs, ctx.bias_dtype
 
 
-def train_lean(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: Any,
+def train_lean(x: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None, backend: Any,
                running: reference.Running | None) -> Tensor:
     """The normalized output of :data:`train` (no mask, one group) computed by ``backend`` (the
     module the dispatcher selected for ``forward_train`` on ``x``; it has ``train_lean``), in
@@ -233,11 +238,11 @@ def train_lean(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     call (``running.accepted`` tells). The output is a tensor of its own in ``x``'s memory layout."""
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _TrainLean.apply(x, weight, bias, eps, backend, running)
-    return backend.train_lean(x, weight, bias, eps, running)[0]
+        return _TrainLean.apply(x, eps, weight, bias, backend, running)
+    return backend.train_lean(x=x, eps=eps, weight=weight, bias=bias, running=running)[0]
 
 
-#: ``train(x, weight, bias, mask, eps, vbs, [running=]) -> (y, mean, var, count)``: training-mode
+#: ``train(x, eps, weight, bias, mask, vbs, [running=]) -> (y, mean, var, count)``: training-mode
 #: normalization; with ``running`` (:class:`~batchnorm.kernels.reference.Running`, eager mode, one
 #: group, no mask) the backend moves the running statistics in the same call.
 train = eager_entry("train_forward", _train_forward_impl, _train_setup, _train_grad, reference.forward_train)

@@ -177,14 +177,14 @@ def _fused_channels(c: int, threads: int) -> bool:
 # --------------------------------------------------------- plain batch norm: the identity activation
 
 
-def forward_train(x, weight, bias, mask, eps, vbs, running=None):
+def forward_train(x, eps, weight, bias, mask, vbs, running=None):
     """Training forward on the whole batch (one group): ``(y, mean, var, count)``."""
-    return forward_train_act(x, weight, bias, None, mask, eps, vbs, "identity", 0.0, running)
+    return forward_train_act(x, None, eps, weight, bias, mask, vbs, "identity", 0.0, running)
 
 
 def forward_apply(x, mean, var, eps, weight, bias):
     """``y = (x - mean) / sqrt(var + eps) * weight + bias`` with given ``(C,)`` statistics."""
-    return forward_apply_act(x, mean, var, eps, weight, bias, None, "identity", 0.0)
+    return forward_apply_act(x, None, mean, var, eps, weight, bias, "identity", 0.0)
 
 
 def backward_train(dy, x, mean, var, eps, weight, mask, count, vbs, need_input_grad=True):
@@ -227,7 +227,7 @@ def _plan(x: Tensor, threads: int) -> tuple:
     return (x if same else _prepare(x, x, kind), *rest)
 
 
-def train_lean(x, weight, bias, eps, running):
+def train_lean(x, eps, weight, bias, running):
     """:func:`forward_train` of the whole batch, plain batch norm: ``(y, stats)`` with ``stats``
     the ``(3, 1, C)`` numpy array of mean, variance and count (:func:`_finish`) that
     :func:`backward_lean` takes; ``running`` (or ``None``) as :func:`forward_train_act`'s."""
@@ -283,7 +283,7 @@ def _residual(r: Tensor | None, x: Tensor, kind: str) -> Tensor | None:
     return None if r is None else _prepare(r.to(x.dtype), x, kind)
 
 
-def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, running=None):
+def forward_train_act(x, residual, eps, weight, bias, mask, vbs, act, slope, running=None):
     """``y = act(bn(x) [+ residual])`` in training mode: ``(y, mean, var, count)``; ``running``
     (:class:`~batchnorm.kernels.reference.Running`) is moved by the same call."""
     threads = _threads(x.numel())
@@ -312,7 +312,7 @@ def forward_train_act(x, weight, bias, residual, mask, eps, vbs, act, slope, run
     return y, mean, var, count
 
 
-def forward_apply_act(x, mean, var, eps, weight, bias, residual, act, slope):
+def forward_apply_act(x, residual, mean, var, eps, weight, bias, act, slope):
     """``y = act(bn(x; mean, var) [+ residual])`` with given ``(C,)`` statistics."""
     _threads(x.numel())
     kind = _shape_kind(x)
