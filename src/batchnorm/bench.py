@@ -314,11 +314,12 @@ def _handle(args: argparse.Namespace) -> int:
         print(f"error: unknown passes {sorted(unknown)}; choose from {PASSES}", file=sys.stderr)
         return 2
     shapes = [s if isinstance(s, tuple) else parse_shape(s) for s in args.shape]
-    log = partial(print, file=sys.stderr if args.json else sys.stdout)
+    as_json = bool(getattr(args, "json", False))  # the JSON line alone on stdout: the rest goes to stderr
+    log = partial(print, file=sys.stderr if as_json else sys.stdout)
     result = run(shapes, args.layouts.split(","), dtypes, passes, device,
                  args.repeats, args.compile, log=(lambda s: None) if args.quiet else log)
     result["machine"]["malloc_reuse"] = malloc_reuse
-    render(result, stderr=bool(getattr(args, "json", False)))
+    render(result, stderr=as_json)
     out = getattr(args, "out", None)
     if out:
         tmp = f"{out}.tmp"
@@ -332,8 +333,8 @@ def _handle(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
-        print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
-    if getattr(args, "json", False):
+        print(f"wrote {out}", file=sys.stderr if as_json else sys.stdout)
+    if as_json:
         print(json.dumps(result), flush=True)
     return 0
 
