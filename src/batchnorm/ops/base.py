@@ -15,16 +15,16 @@ from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedte
 
 from .. import kernels
 from ..kernels import reference_act
+from ..kernels.common import channels_last_format
 from ..kernels.reference import acc_dtype, num_groups
 
 
 def _layout(x: Tensor) -> torch.memory_format:
-    """Memory format of every output of these ops: channels_last for channels_last input."""
-    if x.dim() in (4, 5) and not _functorch_active() and not x.is_contiguous():
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=fmt):
-            return fmt
-    return torch.contiguous_format
+    """Memory format of every output of these ops: channels_last for (non-contiguous) channels_last
+    input outside ``torch.func`` transforms, else contiguous."""
+    if _functorch_active() or x.is_contiguous():
+        return torch.contiguous_format
+    return channels_last_format(x) or torch.contiguous_format
 
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch < 2.5 lacks it
