@@ -138,6 +138,40 @@ def test_the_compiler_finishes_after_its_parent_exits(probe, tmp_path):
     assert "batchnorm: compiling" not in err
 
 
+def _stat(pid: int) -> dict[str, int]:
+    """Process group, session and niceness of ``pid`` (proc(5): fields 5, 6 and 19 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {"pgrp": int(fields[2]), "session": int(fields[3]), "nice": int(fields[16])}
+
+
+def test_the_compiler_yields_to_the_processes_waiting_for_it(probe):
+    """The compiler runs at the lowest priority in its caller's session, in a process group of its
+    own. Under autogroup scheduling (Linux's default for desktop and many server kernels) every
+    session is one scheduling group with an equal share of the machine: a compiler started in a
+    session of its own took a whole core from the two demo workers computing on the reference
+    backend meanwhile, whatever its niceness (`batchnorm demo` from an empty cache on 2 cores:
+    208 s, against 59 s with the compiler in the workers' session). Its own process group keeps
+    the terminal's Ctrl-C, sent to the foreground group, from interrupting it."""
+    asker = 'import bn_jit_probe as p, time, os\nprint(p.KERNELS.ready("_f", "float64"))\n'
+    asker += 'for _ in range(400):\n    if "float64" in p.KERNELS._procs: break\n    time.sleep(0.05)\n'
+    asker += 'print(p.KERNELS._procs["float64"].pid, os.getsid(0), flush=True)\n'
+    asker += 'p.KERNELS.ready("_g", "float64", wait=True)\n'
+    p = _run(asker, {**probe, "BN_PROBE_SLOW": "3"})
+    try:
+        assert p.stdout.readline().strip() == "False"
+        pid, session = map(int, p.stdout.readline().split())
+        seen = _stat(pid)  # the compiler sleeps 3 s in its signature function: alive a while
+        deadline = time.monotonic() + 60
+        while seen["nice"] != 19 and time.monotonic() < deadline:  # it lowers its priority once started
+            time.sleep(0.05)
+            seen = _stat(pid)
+    finally:
+        out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err
+    assert seen == {"pgrp": pid, "session": session, "nice": 19}, seen
+    assert session == os.getsid(0)
+
+
 @pytest.mark.skipif("cpu" not in bn.available_backends(), reason="numba is not installed")
 def test_first_call_computes_on_reference_while_the_kernels_compile(tmp_path):
     """With an empty numba cache the first training forward+backward runs on the reference
