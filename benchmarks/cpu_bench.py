@@ -1,4 +1,4 @@
-"""CPU benchmark of the numba backend against ATen, at issue 3's target shape.
+"""CPU benchmark of the numba backend against ATen, at the target shape.
 
 Targets ((32, 64, 56, 56) float32, 2 threads, ATen time / ours): training forward >= 2.0x,
 channels_last training forward >= 1.25x, backward >= 1.2x, eval >= 0.9x, fused BN+ReLU

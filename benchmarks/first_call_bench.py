@@ -1,4 +1,4 @@
-"""Issue 21's targets, each as a ratio against torch measured in the same run.
+"""The first-use and small-tensor performance targets, each as a ratio against torch measured in the same run.
 
 * ``first_call``: the first ``BatchNorm2d`` training forward+backward in a fresh process with an
   empty numba cache (a new ``NUMBA_CACHE_DIR`` per run), against torch's ``nn.BatchNorm2d`` first

@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton backend (rerun it on any machine with a CUDA GPU).
 
-Issue 3's targets: (256, 64, 56, 56) bfloat16 forward+backward at >= 80% of the measured copy
+The targets: (256, 64, 56, 56) bfloat16 forward+backward at >= 80% of the measured copy
 bandwidth; >= 2x ATen on NCHW bfloat16; fused BN+ReLU >= 1.45x eager BN then ReLU.
 
     python benchmarks/gpu_bench.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 50] [--out gpu.json]

@@ -37,7 +37,7 @@ from batchnorm.lab.store import Store
 TINY = ["--steps", "2", "--limit", "40"]
 
 CASES = [
-    # ---- train: option values out of range (issue 13)
+    # ---- train: option values out of range
     (["train", "--steps", "-5"], 2, "argument --steps: -5 is out of range; expected an integer >= 1"),
     (["train", "--steps", "0"], 2, "argument --steps: 0 is out of range"),
     (["train", "--steps", "abc"], 2, "argument --steps: 'abc' is not an integer"),
@@ -54,20 +54,20 @@ CASES = [
     (["train", "--depth", "0"], 2, "argument --depth: 0 is out of range"),
     (["train", "--model", "nope"], 2, "argument --model: unknown model 'nope'"),
     (["train", "--dataset", "cifar"], 2, "argument --dataset: unknown dataset 'cifar'"),
-    # ---- train: norms (issue 14)
+    # ---- train: norms
     (["train", "--norm", "nosuchmod:X"], 2, "argument --norm: cannot import 'nosuchmod:X'"),
     (["train", "--norm", "evilnorm:<img src=x onerror=alert(2)>"], 2, "argument --norm: cannot import"),
     (["train", "--norm", "torch.nn:NoSuchLayer"], 2, "cannot import 'torch.nn:NoSuchLayer'"),
     (["train", "--norm", "torch.nn:Linear"], 2, "cannot be built as a norm layer: Linear(num_features) failed"),
     (["train", "--norm", "torch.nn.functional:relu"], 2, "is a function, not a class"),
     (["train", "--norm", "nope"], 2, "argument --norm: unknown norm 'nope'"),
-    # ---- paths of the wrong kind (issue 14)
+    # ---- paths of the wrong kind
     (["train", "--out", "{file}"], 2, "argument --out: {file} exists and is not a directory"),
     (["train", "--out", "{file}/sub"], 2, "argument --out: {file} is a file"),
     (["train", "--store", "{tmp}"], 2, "argument --store: {tmp} is a directory; the store is a file"),
     (["train", "--data-dir", "{tmp}/nowhere"], 2, "argument --data-dir: {tmp}/nowhere is not a directory"),
     (["train", "--dataset", "idx"], 2, "--dataset idx (your own IDX files) needs --data-dir DIR"),
-    # ---- data files that are not the named dataset, or broken (issues 9 and 14)
+    # ---- data files that are not the named dataset, or broken
     (["train", "--dataset", "fashion-mnist", "--data-dir", "{small}", *TINY], 1,
      "has shape 60x10x10; fashion-mnist's is 60000x28x28"),
     (["train", "--dataset", "fashion-mnist", "--data-dir", "{labels12}", *TINY], 1,
@@ -77,7 +77,7 @@ CASES = [
     (["compare", "--dataset", "fashion-mnist", "--data-dir", "{fake}", "--seeds", "0", *TINY], 1,
      "is not the official fashion-mnist file"),
     (["train", "--dataset", "idx", "--data-dir", "{truncgz}", *TINY], 1, "truncated or corrupt"),
-    # ---- unusable stores (issue 14)
+    # ---- unusable stores
     (["train", "--out", "{corrupt}", *TINY], 1, "{corrupt}/lab.sqlite is not a usable lab store"),
     (["train", "--out", "{truncated}", *TINY], 1, "{truncated}/lab.sqlite is not a usable lab store"),
     (["compare", "--out", "{corrupt}", "--seeds", "0", *TINY], 1, "is not a usable lab store"),
@@ -87,7 +87,7 @@ CASES = [
     (["report", "{file}"], 2, "exists and is not a directory"),
     (["report", "{tmp}/empty"], 2, "no lab store at {tmp}/empty/lab.sqlite"),
     (["report", "{out}", "--store", "{tmp}"], 2, "argument --store: {tmp} is a directory"),
-    # ---- compare (issues 13 and 14)
+    # ---- compare
     (["compare", "--model", "nope"], 2, "argument --model: models: unknown model 'nope'"),
     (["compare", "--model", "mlp,nope"], 2, "unknown model 'nope'"),
     (["compare", "--seeds", ""], 2, "argument --seeds: empty list"),

@@ -159,7 +159,7 @@ def test_unknown_dataset():
 
 
 # ------------------------------------------------------------------ data identity and checked local files
-# (issue 9: local IDX files were never checked, and runs on other data were reused as the real dataset)
+# (local IDX files must be checked, and runs on other data never reused as the real dataset)
 
 FASHION_ID = "sha256:17ab7fb6d77d6a8863aac2f8bb416e6c"  # identity of the official Fashion-MNIST content
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")

@@ -1,6 +1,6 @@
-"""What the store guarantees: a run is keyed by its configuration *and* the identity of its data (issue 9),
-experiments with different parameters coexist in one --out (issue 12), and the report escapes every
-string that comes from the store or the command line (issue 10)."""
+"""What the store guarantees: a run is keyed by its configuration *and* the identity of its data,
+experiments with different parameters coexist in one --out, and the report escapes every
+string that comes from the store or the command line."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def official_fashion(tmp_path, monkeypatch):
 
 
 def test_runs_on_other_files_are_never_reused_as_the_real_dataset(tmp_path, capsys, official_fashion):
-    """Issue 9: `train --dataset fashion-mnist --data-dir FAKE` then the same without --data-dir used to
-    answer "reused": true with the fake accuracy."""
+    """`train --dataset fashion-mnist --data-dir FAKE` then the same without --data-dir must
+    train anew, not answer "reused": true with the fake accuracy."""
     out = str(tmp_path / "out")
     fake = _write_set(tmp_path / "fake", seed=2)  # same shapes and names, other content
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(fake), *TINY, "--out", out]) == 1
@@ -95,8 +95,8 @@ def test_the_key_covers_the_data(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Debian's dataset-fashion-mnist not installed")
-def test_issue_9_with_debian_files(tmp_path, capsys):
-    """The reproduction of issue 9 on the real files: 10x10 "fashion-mnist" refused, the real set trained."""
+def test_a_mislabelled_fashion_mnist_is_refused_and_the_real_one_trains(tmp_path, capsys):
+    """On the real files: 10x10 "fashion-mnist" refused, the real set trained."""
     fake = _write_set(tmp_path / "fake", seed=2, side=10)
     out = str(tmp_path / "out")
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(fake), *TINY, "--out", out]) == 1

@@ -137,7 +137,7 @@ def _alive(pid: int) -> bool:
 
 def test_workers_exit_when_the_parent_is_killed(tmp_path):
     """kill -9 of the main process of a 2-worker sweep: its workers and the multiprocessing resource tracker
-    exit within seconds (they used to keep running, and writing runs, for good). Issue 11."""
+    exit within seconds (they used to keep running, and writing runs, for good)."""
     cmd = [sys.executable, "-m", "batchnorm.cli", "compare", "--model", "mlp", "--lrs", "0.01,0.1", "--seeds", "0",
            "--steps", "100000", "--limit", "100", "--workers", "2", "--no-report", "--out", str(tmp_path / "o")]
     env = {**os.environ, "BATCHNORM_BACKEND": "reference"}
