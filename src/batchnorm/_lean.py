@@ -1,11 +1,14 @@
 """The layers' lean eager paths: a layer's common call with the fewest Python steps.
 
+:func:`layer_call_aten` (small inputs on ATen's kernel, read straight from the layer's state),
 :func:`layer_call_lean` (training and inference) and :func:`eval_lean` (inference) return ``None`` where they
 do not apply, and the layer then runs :func:`batchnorm.functional.batch_norm_with_update`, which computes the
-same; ``tests/core/test_lean_paths.py`` checks both against torch's layers.
+same; ``tests/core/test_lean_paths.py`` checks them against torch's layers.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,13 +18,69 @@ from .functional import _report_nonfinite
 from .kernels import aten as _aten
 from .kernels import reference as _ref
 
-__all__ = ["eval_lean", "layer_call_lean"]
+__all__ = ["eval_lean", "layer_call_aten", "layer_call_lean"]
 
 _LEAN_DTYPES = (torch.float32, torch.float64)
 
 
 def _sizes_fit(c: int, *tensors: Tensor | None) -> bool:
     return all(t is None or t.numel() == c for t in tensors)
+
+
+def layer_call_aten(layer: Any, x: Tensor) -> Tensor | None:
+    """A layer's call on a small CPU input by ATen's kernel, or ``None`` (the layer then takes its
+    other paths, which compute the same and raise the errors).
+
+    The caller (``_NormBase.forward``) has checked that the layer is plain batch norm on axis 1
+    with no mask; the rest is read from the layer's dictionaries, not through ``nn.Module``'s
+    attribute lookup, because at these sizes every microsecond of Python counts (torch's own
+    layer spends ~10 us around a ~45 us kernel at (256, 100)). It applies in eager mode with no
+    transform and no forced backend, to a ``torch.Tensor`` of a rank the layer takes with
+    ``num_features`` channels, whose per-channel tensors are in its dtype, with ``eps > 0``:
+
+    * training (batch statistics; no ghost batches, no frozen statistics, gamma/beta trained, a
+      number for momentum) when :func:`batchnorm.kernels.aten.trains` says so: a 2-D ``(N, C)``
+      input up to ``TRAIN_MAX_NUMEL`` values. The running statistics move in the same call, a
+      non-finite batch leaves them unchanged unless ``nonfinite="propagate"``
+      (:func:`batchnorm.kernels.aten.train`), and ``num_batches_tracked`` counts accepted batches;
+    * inference with the running statistics (no update) when the dispatcher would pick the ``aten``
+      backend for ``forward_apply``.
+    """
+    if type(x) is not Tensor or x.device.type != "cpu" or x.dtype not in _LEAN_DTYPES:
+        return None
+    d, params, buffers = layer.__dict__, layer._parameters, layer._buffers
+    dims, rank = layer._valid_dims, x.dim()
+    eps = d["eps"]
+    if ((dims and rank not in dims) or rank < 2 or x.shape[1] != d["num_features"] or not d["_train_affine"]
+            or not eps > 0 or kernels._forced is not None or "aten" in kernels._disabled):
+        return None
+    weight, bias = params["weight"], params["bias"]
+    rm, rv = buffers["running_mean"], buffers["running_var"]
+    if d["training"]:
+        if d["virtual_batch_size"] or d["use_running_stats"] or not _aten.trains(x):
+            return None
+        update = rm is not None and rv is not None and d["track_running_stats"] and d["update_running_stats"]
+        momentum = d["momentum"] if update else 0.0
+        if (momentum is None or not _aten.params_fit(x, weight, bias, *((rm, rv) if update else ()))
+                or (update and (rm.requires_grad or rv.requires_grad))
+                or kernels._env_backend() or ops.tracing() or ops.transformed()):
+            return None
+        nonfinite = d["nonfinite"]
+        y, accepted = _aten.train(x, weight, bias, rm if update else None, rv if update else None, momentum, eps,
+                                  guard=nonfinite != "propagate")
+        if update:
+            if accepted:
+                nbt = buffers["num_batches_tracked"]
+                if nbt is not None:
+                    nbt.add_(1)
+            else:
+                _report_nonfinite(nonfinite, stacklevel=3)  # the layer's forward, as the general path
+        return y
+    if (rm is None or rv is None or not 0 < x.numel() <= _aten.MAX_NUMEL or rm.requires_grad or rv.requires_grad
+            or not _aten.params_fit(x, rm, rv, weight, bias) or kernels._env_backend() or ops.tracing()
+            or ops.transformed()):
+        return None
+    return torch.batch_norm(x, weight, bias, rm, rv, False, 0.0, eps, False)  # as eval_lean
 
 
 def layer_call_lean(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,

@@ -1,6 +1,6 @@
-"""The layers' lean eager paths (batchnorm._lean.layer_call_lean) against torch's layers:
-the cpu backend's one-call training forward and its backward, and ATen's kernel for small
-inference calls (the ``aten`` backend), with the dispatcher choosing as in normal use."""
+"""The layers' lean eager paths (batchnorm._lean) against torch's layers: the cpu backend's
+one-call training forward and its backward, ATen's kernel for small (N, C) training calls and
+small inference calls (the ``aten`` backend), with the dispatcher choosing as in normal use."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def test_training_steps_and_eval_equal_torch(cpu_ready, shape, fmt, dtype, kw):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = ours(xa), theirs(xb)
         assert kernels.select("forward_train", x).name == "cpu"
-        assert type(ya.grad_fn).__name__ == "_TrainLeanBackward"
+        lean = "NativeBatchNormBackward0" if kernels.aten.trains(x) else "_TrainLeanBackward"
+        assert type(ya.grad_fn).__name__ == lean
         assert ya.is_contiguous(memory_format=fmt)
         dy = torch.randn_like(yb)
         ya.backward(dy)
@@ -162,3 +163,122 @@ def test_backend_variable_is_read_at_each_call(monkeypatch):
     monkeypatch.delenv("BATCHNORM_BACKEND")
     assert kernels.get_backend() == "auto"
     assert kernels.select("forward_apply", x).name == "aten"
+
+
+ROWS = [(2, 1), (2, 255), (3, 256), (64, 257), (256, 100), (128, 1024), (1024, 256), (1025, 256)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ROWS)
+def test_small_rows_train_on_aten_up_to_the_limit(cpu_ready, shape, dtype):
+    """(N, C) training calls up to aten.TRAIN_MAX_NUMEL values (1024 x 256 is the last, 1025 x 256
+    the first beyond) run on ATen's kernel and autograd; outputs, gradients (first and second
+    order), running statistics and batch count equal torch's layer's over three steps."""
+    assert kernels.aten.TRAIN_MAX_NUMEL == 1024 * 256, "ROWS brackets the limit: move its last two shapes with it"
+    ours, theirs = _pair(shape, dtype)
+    on_aten = shape[0] * shape[1] <= kernels.aten.TRAIN_MAX_NUMEL
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for step in range(3):
+        x = torch.randn(shape, dtype=dtype) * (step + 2) - step
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        assert type(ya.grad_fn).__name__ == ("NativeBatchNormBackward0" if on_aten else "_TrainLeanBackward")
+        dy = torch.randn_like(yb)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(ya, yb, **tol)
+        torch.testing.assert_close(xa.grad, xb.grad, **tol)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=tol["rtol"], atol=tol["atol"] * 100)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+        assert int(ours.num_batches_tracked) == step + 1
+    if dtype == torch.float64 and shape[0] * shape[1] <= 1024:
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        assert torch.autograd.gradcheck(ours, (x,)) and torch.autograd.gradgradcheck(ours, (x,))
+
+
+OPTIONS = [{"momentum": None}, {"track_running_stats": False}, {"affine": False}, {"momentum": 0.5, "eps": 1e-3},
+           {"bias": False}, {"update_running_stats": False}, {"use_running_stats": True}, {"train_affine": False},
+           {"virtual_batch_size": 8}]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+def test_small_rows_with_every_option_keep_their_meaning(cpu_ready, options):
+    """Each layer option the ATen shortcut does not take (cumulative momentum, frozen statistics,
+    frozen gamma/beta, ghost batches) sends the call down our path, and each it takes keeps its
+    meaning: the result equals the same layer computed on the reference backend (forced, so no
+    shortcut), step by step, including running statistics and batch count."""
+    torch.manual_seed(0)
+    ctor = {k: v for k, v in options.items() if k not in ("update_running_stats", "use_running_stats", "train_affine")}
+    knobs = {k: v for k, v in options.items() if k not in ctor}
+    layers = [bn.BatchNorm1d(16, **ctor) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    for layer in layers:
+        for k, v in knobs.items():
+            setattr(layer, k, v)
+    for step in range(3):
+        x = torch.randn(32, 16, dtype=torch.float64).float() * (step + 1)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = layers[0](xa)
+        with bn.use_backend("reference"):
+            yb = layers[1](xb)
+        dy = torch.randn_like(ya)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        for name, t in layers[0].state_dict().items():
+            torch.testing.assert_close(t, layers[1].state_dict()[name], rtol=1e-5, atol=1e-6)
+        for pa, pb in zip(layers[0].parameters(), layers[1].parameters()):
+            assert (pa.grad is None) == (pb.grad is None)
+            if pa.grad is not None:
+                torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_small_rows_nonfinite_batch_on_aten(bad):
+    """The guard around ATen's update: a NaN or +-inf in a small (N, C) batch leaves the running
+    statistics and the batch count as they were (a warning with 'skip', an error with 'raise'),
+    while 'propagate' writes what torch's layer writes."""
+    x = torch.randn(64, 10)
+    x[5, 3] = bad
+    assert kernels.aten.trains(x)
+    for mode in ("skip", "raise"):
+        layer = bn.BatchNorm1d(10, nonfinite=mode)
+        layer(torch.randn(64, 10) * 3 + 1)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        if mode == "skip":
+            with pytest.warns(RuntimeWarning, match="running statistics keep their last good values"):
+                y = layer(x)
+            assert torch.isfinite(y[:, :3]).all() and not torch.isfinite(y[:, 3]).all()
+        else:
+            with pytest.raises(FloatingPointError, match="running statistics were left unchanged"):
+                layer(x)
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    ours, theirs = bn.BatchNorm1d(10, nonfinite="propagate"), nn.BatchNorm1d(10)
+    torch.testing.assert_close(ours(x), theirs(x), equal_nan=True)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, equal_nan=True)
+    assert not torch.isfinite(ours.running_var[3]) and int(ours.num_batches_tracked) == 1
+
+
+def test_forced_backends_and_transforms_skip_the_aten_training_shortcut(cpu_ready):
+    """A forced backend computes training itself, and torch.func transforms take the composite
+    path: the ATen shortcut runs only in plain eager mode with the dispatcher choosing."""
+    x = torch.randn(32, 8, requires_grad=True)
+    layer = bn.BatchNorm1d(8)
+    assert type(layer(x).grad_fn).__name__ == "NativeBatchNormBackward0"
+    with bn.use_backend("cpu"):
+        assert type(layer(x).grad_fn).__name__ == "_TrainLeanBackward"
+    with bn.use_backend("reference"):
+        assert type(layer(x).grad_fn).__name__ != "NativeBatchNormBackward0"
+    import torch.autograd.forward_ad as fwad
+
+    ours, theirs = _pair((32, 8), torch.float64)
+    xd, t = torch.randn(32, 8, dtype=torch.float64), torch.randn(32, 8, dtype=torch.float64)
+    with fwad.dual_level():
+        ya, ja = fwad.unpack_dual(ours(fwad.make_dual(xd, t)))
+        yb, jb = fwad.unpack_dual(theirs(fwad.make_dual(xd, t)))
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(ja, jb)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)

@@ -1,4 +1,5 @@
-"""ATen backend: torch's own batch-norm kernel for small CPU inference calls.
+"""ATen backend: torch's own batch-norm kernel for small CPU inference calls, and for small
+``(N, C)`` training calls of the layers' lean path.
 
 Normalizing a small tensor with given statistics costs less in ATen's single C++ call than in
 any of our backends, whose fixed cost (a numba call, or the reference path's ~5 torch calls) is
@@ -7,7 +8,14 @@ larger than the arithmetic below :data:`MAX_NUMEL` values. Measured on the 2-cor
 the cpu backend's ``forward_apply`` in one process, interleaved: 14.4 vs 21.5 us (1 thread),
 13.0 vs 23.7 us (2 threads).
 
-Only ``forward_apply`` (inference, frozen statistics) runs here; the dispatcher passes every
+Training: for a 2-D ``(N, C)`` input of at most :data:`TRAIN_MAX_NUMEL` values (the common
+``Linear -> BatchNorm1d`` of an MLP) a layer's eager call costs more in the Python around our
+kernels (an ``autograd.Function``, a numba call of ~20 arguments, ~100 us at (256, 100)) than in
+the arithmetic; there the layers call :func:`train` (``torch.batch_norm`` with ATen's own autograd,
+the running statistics moved in the same call) from :func:`batchnorm._lean.layer_call_aten`,
+with our non-finite guard around it. The operators and every other path are unchanged.
+
+Only ``forward_apply`` (inference, frozen statistics) runs here as an operator; the dispatcher passes every
 other op, and larger tensors, to the next backend (the other entry points of the backend
 contract, :class:`batchnorm.kernels.protocol.Backend`, are the reference backend's).
 ``torch.batch_norm`` with ``training=False`` computes
@@ -17,6 +25,7 @@ as :func:`batchnorm.kernels.reference.forward_apply` does.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,6 +51,46 @@ def forward_apply(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tens
 forward_train = reference.forward_train
 backward_train = reference.backward_train
 backward_apply = reference.backward_apply
+
+
+#: Largest 2-D ``(N, C)`` training input that the layers' lean path gives ATen (see :func:`trains`).
+#: Layer forward+backward, torch's time / ours, ATen route vs our numba route, EPYC-2 idle,
+#: 2026-12-04: 2 threads (512, 256) 0.87x vs 0.59x, (1024, 256) 0.90x vs 0.77x, (2048, 256) 0.90x
+#: vs 0.80x, (8192, 512) 0.86x vs 1.15x; 1 thread (2048, 256) 1.12x vs 1.26x: ATen's route wins
+#: below ~2^18-2^21 values depending on the threads, ours above.
+TRAIN_MAX_NUMEL = 1 << 18
+
+
+def trains(x: Tensor) -> bool:
+    """Whether the layers' lean path trains on ``x`` with :func:`train`: a 2-D ``(N, C)``
+    float32/float64 CPU tensor of at least 2 rows and at most :data:`TRAIN_MAX_NUMEL` values."""
+    return (x.dim() == 2 and x.device.type == "cpu" and x.dtype in _DTYPES and x.shape[0] >= 2
+            and x.numel() <= TRAIN_MAX_NUMEL)
+
+
+def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+          running_var: Tensor | None, momentum: float, eps: float, guard: bool) -> tuple[Tensor, bool]:
+    """Training-mode batch norm by ``torch.batch_norm`` (ATen's kernel and autograd): ``(y, accepted)``.
+
+    The running statistics (both or neither; ``x``'s dtype, ``C`` values: :func:`params_fit`; not
+    requiring grad) move
+    in the same call, ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    batch variance, as :func:`batchnorm.kernels.reference.update_running`. With ``guard``, a batch
+    whose statistics are not finite leaves them as they were (``accepted`` False): ATen's variance
+    is NaN or inf whenever its mean is (an inf value gives ``inf - inf``), so the updated running
+    variance tells, and the values kept before the call are put back."""
+    if running_mean is None or running_var is None or not guard:
+        return torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps, False), True
+    # numpy views and copies of the C values: a third of what torch.cat and torch.isfinite(...).all() cost
+    mean_now, var_now = running_mean.numpy(), running_var.numpy()  # buffers: no grad to detach from
+    kept = mean_now.copy(), var_now.copy()
+    y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps, False)
+    if np.isfinite(var_now).all():
+        return y, True
+    with torch.no_grad():
+        running_mean.copy_(torch.from_numpy(kept[0]))
+        running_var.copy_(torch.from_numpy(kept[1]))
+    return y, False
 
 
 def params_fit(x: Tensor, *tensors: Tensor | None) -> bool:

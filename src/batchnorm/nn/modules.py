@@ -289,17 +289,12 @@ class _NormBase(_TorchBatchNorm):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (optional) marks the valid positions, shape as ``input``
         without its features axis (e.g. ``(N, L)`` for ``(N, C, L)``)."""
+        if mask is None and self._axis == 1 and type(self)._normalize is _NormBase._normalize:
+            # small CPU inputs: ATen's kernel, with the fewest Python steps (see _lean.layer_call_aten)
+            y = _lean.layer_call_aten(self, input)
+            if y is not None:
+                return y
         self._check_input_dim(input)
-        if not self.training and mask is None and self._axis == 1 and type(self)._normalize is _NormBase._normalize:
-            # inference with the running statistics on small CPU tensors: ATen's kernel (see
-            # _lean.eval_lean), with the fewest Python steps
-            buffers = self._buffers
-            rm, rv = buffers.get("running_mean"), buffers.get("running_var")
-            if rm is not None and rv is not None:
-                weight, bias = self._affine()
-                y = _lean.eval_lean(input, rm, rv, weight, bias, self.eps)
-                if y is not None:
-                    return y
         axis = self._axis % input.dim()
         x = input if axis == 1 else input.movedim(axis, 1)
         normalize_with_batch, update = self._modes()

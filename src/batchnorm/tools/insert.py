@@ -65,9 +65,10 @@ def fastest_layer(producer: nn.Module) -> str:
     on the CPU, as measured by ``batchnorm bench`` and ``benchmarks/core_bench.py`` (docs/performance.md).
 
     A layer without spatial output (``nn.Linear``: BN over ``(N, features)``) gets torch's: there the
-    tensors are small and the cost is the call path, where ours is 0.5-0.9x torch's per training call
-    at (256, 100) and an MLP step 0.8x. A convolution gets ours: its training forward is 2-4x torch's
-    from 4x4 planes up and forward+backward 1.3-1.7x at (64, 64, 8, 8).
+    tensors are small and the cost is the call path; ours runs ATen's kernel there with its non-finite
+    guard around it and is 0.81-0.87x torch's per training call at (256, 100), an MLP step 0.95-0.96x.
+    A convolution gets ours: its training forward is 2-4x torch's from 4x4 planes up and
+    forward+backward 1.3-1.7x at (64, 64, 8, 8).
     """
     return "batchnorm" if hasattr(producer, "out_channels") else "torch"
 
@@ -250,7 +251,7 @@ def insert(
     * ``layer``: which BN to insert. ``"auto"`` (default) picks, per producing layer, the one that
       trains fastest on the CPU for its kind of output (:func:`fastest_layer`): torch's
       ``nn.BatchNorm1d`` after an ``nn.Linear`` (small ``(N, features)`` tensors, where the Python
-      call path dominates and ours measures 0.5-0.9x torch's), ours after a convolution (training
+      call path dominates and ours measures 0.81-0.87x torch's), ours after a convolution (training
       forward 2-4x, forward+backward 1.3-1.7x torch's at late-stage plane sizes). ``"batchnorm"``
       (ours everywhere: masks, ghost batches, the non-finite guard, fused variants), ``"torch"``
       (``torch.nn.BatchNorm*`` everywhere) or a callable ``(num_features, producing_layer) ->
