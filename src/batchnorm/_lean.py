@@ -76,11 +76,9 @@ def layer_call_aten(layer: Any, x: Tensor) -> Tensor | None:
             else:
                 _report_nonfinite(nonfinite, stacklevel=3)  # the layer's forward, as the general path
         return y
-    if (rm is None or rv is None or not 0 < x.numel() <= _aten.MAX_NUMEL or rm.requires_grad or rv.requires_grad
-            or not _aten.params_fit(x, rm, rv, weight, bias) or kernels._env_backend() or ops.tracing()
-            or ops.transformed()):
+    if rm is None or rv is None:
         return None
-    return torch.batch_norm(x, weight, bias, rm, rv, False, 0.0, eps, False)  # as eval_lean
+    return eval_lean(x, rm, rv, weight, bias, eps)
 
 
 def layer_call_lean(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,

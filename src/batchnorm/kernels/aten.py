@@ -73,8 +73,7 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     """Training-mode batch norm by ``torch.batch_norm`` (ATen's kernel and autograd): ``(y, accepted)``.
 
     The running statistics (both or neither; ``x``'s dtype, ``C`` values: :func:`params_fit`; not
-    requiring grad) move
-    in the same call, ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    requiring grad) move in the same call, ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
     batch variance, as :func:`batchnorm.kernels.reference.update_running`. With ``guard``, a batch
     whose statistics are not finite leaves them as they were (``accepted`` False): ATen's variance
     is NaN or inf whenever its mean is (an inf value gives ``inf - inf``), so the updated running
