@@ -241,7 +241,7 @@ class Kernels:
         return subprocess.Popen(
             [sys.executable, "-m", "batchnorm.kernels._compile", self.module, dtype, str(os.getpid()), *entries],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            # not a session of its own: see _run_in_background
+            # not a Unix session of its own: see _run_in_background
         )
 
     def _after_fork(self) -> None:
@@ -296,12 +296,12 @@ def _run_in_background() -> None:
     kernels exist its callers compute on the reference backend, and a compiler that takes a core
     from them slows them more than the kernels, once there, speed them up. It stays in its caller's
     session: with the kernel's autogroup scheduling each session is one scheduling group with an
-    equal share of the CPUs, and a compiler in a session of its own took a whole core from the
+    equal share of the CPUs, and a compiler in a Unix session of its own took a whole core from the
     workers waiting for it whatever its niceness (``batchnorm demo`` from an empty cache on 2 cores:
     208 s that way, 59 s this way)."""
     try:
         os.setpgid(0, 0)
-    except OSError:  # not permitted here (a session leader): stay in the caller's group
+    except OSError:  # not permitted (it leads its Unix session): stay in the caller's group
         pass
     try:
         os.nice(NICE - os.nice(0))
