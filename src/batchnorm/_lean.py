@@ -52,7 +52,7 @@ def layer_call_aten(layer: Any, x: Tensor) -> Tensor | None:
     dims, rank = layer._valid_dims, x.dim()
     eps = d["eps"]
     if ((dims and rank not in dims) or rank < 2 or x.shape[1] != d["num_features"] or not d["_train_affine"]
-            or not eps > 0 or kernels._forced is not None or "aten" in kernels._disabled):
+            or not eps > 0 or "aten" in kernels._disabled):
         return None
     weight, bias = params["weight"], params["bias"]
     rm, rv = buffers["running_mean"], buffers["running_var"]
@@ -63,7 +63,7 @@ def layer_call_aten(layer: Any, x: Tensor) -> Tensor | None:
         momentum = d["momentum"] if update else 0.0
         if (momentum is None or not _aten.params_fit(x, weight, bias, *((rm, rv) if update else ()))
                 or (update and (rm.requires_grad or rv.requires_grad))
-                or kernels._env_backend() or ops.tracing() or ops.transformed()):
+                or kernels.get_backend() != "auto" or ops.tracing() or ops.transformed()):
             return None
         nonfinite = d["nonfinite"]
         y, accepted = _aten.train(x, weight, bias, rm if update else None, rv if update else None, momentum, eps,
