@@ -10,6 +10,10 @@
   entropy, Adam) with our ``BatchNorm1d`` against the same model with torch's (>= 0.95x).
 * ``large``: (32, 64, 56, 56) float32 backward (>= 1.2x) and training forward, NCHW and
   channels_last, as ``batchnorm bench`` times them (our backward op against ATen's).
+* ``rows``: where ATen's route beats ours for ``(N, C)`` training (what
+  ``kernels.aten.TRAIN_MAX_NUMEL`` is set from): our ``BatchNorm1d`` forward+backward on the ATen
+  route (the limit lifted for the call) and on our numba route (the cpu backend forced), each
+  against torch's layer, from (512, 256) to (8192, 512). No target; not in the default set.
 
 Ratios are medians over interleaved repeats (ours, torch, ours, torch, ...), ``--threads``
 intra-op threads (default 2). Our layers run the backend the dispatcher picks; the compiled cpu
@@ -38,7 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
-TARGETS = ("first_call", "small", "mlp", "large")
+TARGETS = ("first_call", "small", "mlp", "large", "rows")
+DEFAULT = ("first_call", "small", "mlp", "large")
+ROWS = [(512, 256), (1024, 256), (2048, 256), (4096, 512), (8192, 512)]
 
 _FIRST_CALL = r"""
 import sys, time
@@ -208,6 +214,36 @@ def large(repeats: int) -> list[dict[str, Any]]:
     return out
 
 
+def rows(repeats: int) -> list[dict[str, Any]]:
+    import batchnorm as bn
+    from batchnorm import kernels
+    from batchnorm.kernels import aten
+
+    out = []
+    for shape in ROWS:
+        x, dy = torch.randn(*shape, requires_grad=True), torch.randn(*shape)
+        step = _layer_fwd_bwd(bn.BatchNorm1d(shape[1]), x, dy)
+        limit = aten.TRAIN_MAX_NUMEL
+
+        def on_aten(step=step, limit=limit) -> None:
+            aten.TRAIN_MAX_NUMEL = 1 << 62
+            try:
+                step()
+            finally:
+                aten.TRAIN_MAX_NUMEL = limit
+
+        def on_numba(step=step) -> None:
+            with kernels.use_backend("cpu"):
+                step()
+
+        inner = max(1, int(3e6 // (x.numel() + 20_000)))
+        t = _interleaved({"torch": _layer_fwd_bwd(nn.BatchNorm1d(shape[1]), x, dy), "aten": on_aten,
+                          "numba": on_numba}, repeats, inner, warmup=5)
+        out += [{"what": f"BatchNorm1d {shape} training forward+backward, {route} route", "ours_s": t[route],
+                 "torch_s": t["torch"], "ratio": t["torch"] / t[route], "goal": None} for route in ("aten", "numba")]
+    return out
+
+
 def _ready_kernels() -> str:
     """Make the cpu backend's float32 kernels ready (compiled or loaded) before timing."""
     import batchnorm as bn
@@ -223,8 +259,8 @@ def _ready_kernels() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(TARGETS),
-                        help=f"comma-separated subset of {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--only", default=",".join(DEFAULT),
+                        help=f"comma-separated subset of {', '.join(TARGETS)} (default: {', '.join(DEFAULT)})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=200, help="interleaved repeats (small, mlp; large: a fifth)")
     parser.add_argument("--first-call-runs", type=int, default=5)
@@ -256,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         result["results"].append({"target": "mlp", **mlp(args.repeats)})
     if "large" in only:
         result["results"] += [{"target": "large", **r} for r in large(max(10, args.repeats // 5))]
+    if "rows" in only:
+        result["results"] += [{"target": "rows", **r} for r in rows(max(10, args.repeats // 8))]
     result["machine"]["load_after"] = os.getloadavg()
     for r in result["results"]:
         print(f"{r['target']:>10}  {r['ratio']:6.2f}x  ours {r['ours_s'] * 1e3:9.3f} ms  "

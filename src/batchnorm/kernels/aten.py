@@ -55,9 +55,10 @@ backward_apply = reference.backward_apply
 
 #: Largest 2-D ``(N, C)`` training input that the layers' lean path gives ATen (see :func:`trains`).
 #: Layer forward+backward, torch's time / ours, ATen route vs our numba route, EPYC-2 idle,
-#: 2026-12-04: 2 threads (512, 256) 0.87x vs 0.59x, (1024, 256) 0.90x vs 0.77x, (2048, 256) 0.90x
-#: vs 0.80x, (8192, 512) 0.86x vs 1.15x; 1 thread (2048, 256) 1.12x vs 1.26x: ATen's route wins
-#: below ~2^18-2^21 values depending on the threads, ours above.
+#: 2026-12-04 (``python benchmarks/first_call_bench.py --only rows``): 2 threads (512, 256) 0.87x
+#: vs 0.59x, (1024, 256) 0.90x vs 0.77x, (2048, 256) 0.90x vs 0.80x, (8192, 512) 0.86x vs 1.15x;
+#: 1 thread (2048, 256) 1.12x vs 1.26x: ATen's route wins below ~2^18-2^21 values depending on
+#: the threads, ours above.
 TRAIN_MAX_NUMEL = 1 << 18
 
 
