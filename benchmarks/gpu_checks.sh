@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh                        # run 1: pipeline bench (~5 minutes)
 #   bash benchmarks/gpu_checks.sh checks sweep small     # run 2 (~7 minutes, compiles the most)
+#   bash benchmarks/gpu_checks.sh pipeline fp32 sweep32  # float32 channels_last (~8 minutes)
 #
 # Two runs because a device command may take at most 10 minutes; the first holds what matters
 # most (is the pipelined launch right and faster?). Steps, each under a timeout, with its log and
@@ -13,6 +14,8 @@
 #   checks    tests/kernels/_triton_checks.py: CI's interpreter checks, compiled for the GPU (300 s;
 #             it compiles every kernel variant it uses, one after another)
 #   sweep     benchmarks/gpu_tile_sweep.py (240 s)
+#   fp32      benchmarks/gpu_bench.py, float32, both layouts, default and --pipeline (120 s each)
+#   sweep32   benchmarks/gpu_tile_sweep.py --dtype float32 (150 s; channels_last rows per setting)
 #   small     batchnorm bench on small shapes with the triton backend, then forced to the reference
 #             backend (torch ops): whether the dispatcher should route small GPU tensors elsewhere
 set -u
@@ -47,6 +50,12 @@ for s in $STEPS; do
             step bench 120 python benchmarks/gpu_bench.py --dtype bfloat16 --out "$OUT/bench.json"
             step bench_pipelined 120 python benchmarks/gpu_bench.py --dtype bfloat16 --pipeline \
                 --out "$OUT/bench_pipelined.json" ;;
+        fp32)
+            step fp32 120 python benchmarks/gpu_bench.py --dtype float32 --out "$OUT/bench_fp32.json"
+            step fp32_pipelined 120 python benchmarks/gpu_bench.py --dtype float32 --layouts contiguous \
+                --pipeline --out "$OUT/bench_fp32_pipelined.json" ;;
+        sweep32) step sweep32 150 python benchmarks/gpu_tile_sweep.py --dtype float32 --repeats 30 \
+            --out "$OUT/sweep_fp32.json" ;;
         sweep) step sweep 240 python benchmarks/gpu_tile_sweep.py --repeats 40 --out "$OUT/sweep.json" ;;
         small)
             step small_triton 120 python -c "import sys; from batchnorm.cli import main; sys.exit(main())" \
@@ -54,6 +63,6 @@ for s in $STEPS; do
             BATCHNORM_BACKEND=reference step small_reference 120 python -c \
                 "import sys; from batchnorm.cli import main; sys.exit(main())" \
                 bench --device cuda $SMALL --out "$OUT/small_reference.json" ;;
-        *) echo "unknown step $s (pipeline, checks, bench, sweep, small)"; exit 2 ;;
+        *) echo "unknown step $s (pipeline, checks, bench, fp32, sweep, sweep32, small)"; exit 2 ;;
     esac
 done
