@@ -4,7 +4,6 @@ The targets: (256, 64, 56, 56) bfloat16 forward+backward at >= 80% of the measur
 bandwidth; >= 2x ATen on NCHW bfloat16; fused BN+ReLU >= 1.45x eager BN then ReLU.
 
     python benchmarks/gpu_bench.py [--shape 256,64,56,56] [--dtype bfloat16] [--repeats 50] [--out gpu.json]
-    python benchmarks/gpu_bench.py --pipeline   # NCHW training passes as the pipelined single launch
 
 It is ``batchnorm bench --device cuda`` with the issue's defaults (same table and JSON); measured
 on an H200 on 2026-11-30: docs/results/2026-11-30-gpu-h200.md. Correctness on the same machine:
@@ -29,21 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", default=",".join(bench.PASSES))
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--pipeline", action="store_true",
-                   help="run NCHW training forwards/backwards as the pipelined single launch "
-                        "(BATCHNORM_TRITON_PIPELINE=1; default file gpu_bench_pipelined.json)")
-    p.add_argument("--out", default=None, metavar="FILE")
+    p.add_argument("--out", default="gpu_bench.json", metavar="FILE")
     args = p.parse_args(argv)
-    if args.out is None:
-        args.out = "gpu_bench_pipelined.json" if args.pipeline else "gpu_bench.json"
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to measure (the Triton kernels are tested on the CPU under "
               "TRITON_INTERPRET=1 by tests/kernels/test_triton.py)")
         return 0
-    if args.pipeline:
-        from batchnorm.kernels import triton_gpu
-
-        triton_gpu._PIPELINE = True
     ns = argparse.Namespace(shape=args.shape or ["256,64,56,56"], layouts=args.layouts, dtype=args.dtype,
                             passes=args.passes, repeats=args.repeats, threads=0, device="cuda",
                             compile=args.compile, out=args.out, json=False, quiet=False)

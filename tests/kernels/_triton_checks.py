@@ -83,19 +83,6 @@ def check_case(shape, layout, acts=ACTS, dtypes=(torch.float32, torch.bfloat16),
 for shape, layout in CASES:
     check_case(shape, layout)
 
-# the pipelined single launch (planes only; rows keep the three launches), its channel groups
-# forced small: one channel per group, several (the last padded), all channels in one group
-tg._PIPELINE = True
-x = torch.randn(3, 5, 4, 7, device=DEVICE)  # a channel of float32 input: 3 * 28 * 4 = 336 bytes
-for group_bytes, cg, groups in ((0, 1, 5), (672, 2, 3), (10 ** 9, 8, 1)):
-    tg._GROUP_BYTES = group_bytes
-    plan = tg._geometry(x).pipeline(4)  # the training forward's plan (the backward reads dy too)
-    assert (plan.cg, plan.K) == (cg, groups), (group_bytes, plan.cg, plan.K)
-    for shape in ((3, 5, 4, 7), (1, 2, 40, 50), (2, 6, 9)):
-        check_case(shape, "nchw", acts=("identity", "gelu"), label=f"pipelined {group_bytes} ",
-                   dtypes=(torch.float32, torch.bfloat16) if cg == 2 else (torch.float32,))
-tg._PIPELINE, tg._GROUP_BYTES = False, None
-
 # the finish kernels merging the chunks' partial sums in several steps
 finish_chunks, tg._FINISH_CHUNKS = tg._FINISH_CHUNKS, 2
 for shape in ((200, 40), (1, 1, 60, 60)):

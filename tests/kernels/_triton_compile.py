@@ -41,8 +41,6 @@ def compile_variant(fn, dtype: str, consts: dict) -> triton.compiler.CompiledKer
             signature[n] = "constexpr"
         elif n in TENSORS:
             signature[n] = f"*{dtype}"
-        elif n == "ws_ptr":
-            signature[n] = "*i32"
         elif n.endswith("_ptr"):
             signature[n] = "*fp32"
         else:
@@ -65,11 +63,6 @@ def variants():
                                                    BLOCK_Q=q, **flags)
             yield "_apply", tg._apply, dtype, dict(ROWS=rows, BACKWARD=backward, TRAIN=True, ACT=act, NEED_DX=True,
                                                    NEED_DR=backward, BLOCK_P=2048 // q, BLOCK_Q=q, **flags)
-        for backward in (False, True):
-            yield "_pipelined", tg._pipelined, dtype, dict(
-                BACKWARD=backward, TRAIN=True, UPDATE=not backward, ACT=act, NEED_DX=backward, NEED_DR=backward,
-                CG=4, BLOCK_G=128, BLOCK_PS=4, BLOCK_PA=2, BLOCK_Q=1024, KEEP="evict_last", DROP="evict_first",
-                **flags)
     yield "_finish_fwd", tg._finish_fwd, "fp32", dict(UPDATE=True, BLOCK=16, BLOCK_G=128)
     yield "_finish_bwd", tg._finish_bwd, "fp32", dict(TRAIN=True, HAS_W=True, BLOCK=16, BLOCK_G=128)
 

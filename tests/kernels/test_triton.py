@@ -20,7 +20,7 @@ def test_triton_kernels_under_interpreter():
 
 
 @pytest.mark.parametrize("script, args, done", [
-    ("gpu_pipeline_check.py", ["--shape", "3,5,7,9", "--repeats", "1"], "correct"),
+    ("gpu_profile.py", ["--shape", "3,5,7,9", "--calls", "1", "--pass", "train"], "profiled"),
     ("gpu_tile_sweep.py", ["--shape", "2,3,4,5"], "dry run: every setting ran"),
 ])
 def test_gpu_scripts_dry_run(script, args, done):

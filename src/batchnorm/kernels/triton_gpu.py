@@ -34,12 +34,12 @@ A training forward is three launches (statistics, finish, apply), a backward thr
 inference forward one; nothing else runs on the GPU.
 
 Between the statistics and the elementwise pass the input leaves L2 when the tensor is larger
-than L2, so those three launches read it twice from memory. ``_pipelined`` (planes only, opt-in
-with ``BATCHNORM_TRITON_PIPELINE=1`` or ``_PIPELINE``, until a GPU has measured it) runs a whole
-training forward or backward as one launch over groups of channels each small enough to stay in
-L2: the group's statistics chunks, then, when the last of them has merged the group's sums, its
-elementwise tiles, while the next group is being read. Programs take tickets in the order they
-start and only wait for lower tickets, so no program waits for one that has not started.
+than L2, so those three launches read it twice from memory (the elementwise pass walks the tensor
+backwards so that what is still in L2 is used). A single launch that keeps groups of channels in
+L2 between the two passes (tickets, per-group counters and flags) was built and measured on an
+H200 on 2026-12-04: 2.5x slower forward and 1.9x slower backward than these three launches at
+(256, 64, 56, 56) bfloat16, at every group size, occupancy and L2 policy tried, so it was removed
+(docs/results/2026-12-04-gpu-h200.md).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ if not torch.cuda.is_available() and not _INTERPRET:
 from . import reference as ref  # noqa: E402
 from . import register_backend  # noqa: E402
 from .common import ACT_CODES, OPS, dense, strided_like  # noqa: E402
-from .triton_kernels import _apply, _finish_bwd, _finish_fwd, _pipelined, _stats  # noqa: E402
+from .triton_kernels import _apply, _finish_bwd, _finish_fwd, _stats  # noqa: E402
 
 name = "triton"
 
@@ -65,27 +65,12 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ------------------------------------------------------------------------------- geometry
 
-#: Elements per tile of the statistics and elementwise kernels; channels and chunks per finish step.
-_STATS_TILE, _APPLY_TILE, _FINISH_BLOCK, _FINISH_CHUNKS = 4096, 2048, 16, 128
+#: Bytes of input per statistics tile (4096 bfloat16 or 2048 float32 values: the H200 tile sweeps of
+#: 2026-11-30 and 2026-12-04 chose 4096 and 2048 values); elements per elementwise tile; channels
+#: and chunks per finish step.
+_STATS_TILE_BYTES, _APPLY_TILE, _FINISH_BLOCK, _FINISH_CHUNKS = 8192, 2048, 16, 128
 #: Statistics programs per SM (the chunk count ``G`` per channel follows from it).
 _PROGRAMS_PER_SM = 8
-#: Whether training forwards and backwards on planes run as one pipelined launch (:func:`_pipelined`)
-#: instead of three: ``BATCHNORM_TRITON_PIPELINE=1``. Off by default until a GPU has measured it
-#: (docs/performance.md, "How the GPU kernels work").
-_PIPELINE = os.environ.get("BATCHNORM_TRITON_PIPELINE") == "1"
-#: A pipelined channel group's data fills at most ``1 / _GROUP_L2_SHARE`` of L2 (the group being
-#: normalized shares L2 with the next group being read and the outputs being written).
-_GROUP_L2_SHARE = 4
-#: Bytes of one channel group, ``None``: from the device's L2 (the checks set it to force groups).
-_GROUP_BYTES: int | None = None
-#: L2 eviction policies of the pipelined launch: its statistics loads ``evict_last`` (the group is
-#: read again soon), the elementwise pass's loads and stores ``evict_first`` (last use; outputs
-#: should not push the next group out). ``False``: the hardware's default policy.
-_PIPELINE_HINTS = True
-
-
-def _pipeline_policies() -> dict[str, str]:
-    return {"KEEP": "evict_last", "DROP": "evict_first"} if _PIPELINE_HINTS else {"KEEP": "", "DROP": ""}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -110,35 +95,16 @@ def _plane_chunks(N: int, C: int, L: int, q: int, target: int) -> tuple[int, int
     return nb, lseg, gl, gn * gl
 
 
-class _Pipeline:
-    """The plan of :func:`_pipelined` for planes: ``K`` groups of ``cg`` channels (a power of two),
-    each small enough to stay in L2 between its statistics and its elementwise pass; ``S``
-    statistics chunks (``G`` per channel) and ``A`` elementwise tiles per group. Small groups
-    give chunks of a few samples, so the statistics tile is no taller than a chunk (``p_stats``)."""
-
-    def __init__(self, geo: _Geometry, channel_bytes: int, group_bytes: int, target: int) -> None:
-        cg = 1
-        while cg < geo.C and 2 * cg * channel_bytes <= group_bytes:
-            cg *= 2
-        self.cg, self.K = cg, _cdiv(geo.C, cg)
-        self.nb, self.lseg, self.gl, self.G = _plane_chunks(geo.N, cg, geo.L, geo.q, target)
-        self.p_stats = min(geo.p_stats, _pow2(self.nb, 1, geo.p_stats))
-        self.S = self.G * cg
-        self.A = _cdiv(geo.N * cg, geo.p_apply) * _cdiv(geo.L, geo.q)
-        self.grid = (self.K * (self.S + self.A),)
-
-
 class _Geometry:
     """How a dense ``x`` is tiled: rows (channel stride 1) or planes, and the launch grids."""
 
-    def __init__(self, N: int, C: int, L: int, rows: bool, target: int, l2_bytes: int) -> None:
+    def __init__(self, N: int, C: int, L: int, rows: bool, target: int, itemsize: int) -> None:
         self.N, self.C, self.L, self.rows = N, C, L, rows
-        self.target, self.l2_bytes = target, l2_bytes
-        self._pipelines: dict[tuple[int, int], _Pipeline] = {}
         M = self.count = N * L
+        stats_tile = _STATS_TILE_BYTES // itemsize
         if rows:
             self.q = _pow2(C, 16, 128)
-            self.p_stats = max(1, _STATS_TILE // self.q)
+            self.p_stats = max(1, stats_tile // self.q)
             self.p_apply = max(1, _APPLY_TILE // self.q)
             cblocks = _cdiv(C, self.q)
             chunks = max(1, min(_cdiv(target, cblocks), _cdiv(M, self.p_stats)))
@@ -149,21 +115,11 @@ class _Geometry:
             self.apply_grid = (_cdiv(M, self.p_apply) * cblocks,)
         else:
             self.q = _pow2(L, 16, 1024)
-            self.p_stats = max(1, _STATS_TILE // self.q)
+            self.p_stats = max(1, stats_tile // self.q)
             self.p_apply = max(1, _APPLY_TILE // self.q)
             self.nb, self.lseg, self.gl, self.G = _plane_chunks(N, C, L, self.q, target)
             self.stats_grid = (self.G * C,)
             self.apply_grid = (_cdiv(N * C, self.p_apply) * _cdiv(L, self.q),)
-
-    def pipeline(self, bytes_per_value: int) -> _Pipeline:
-        """The (cached) :class:`_Pipeline` for planes when each position of a channel brings
-        ``bytes_per_value`` bytes into the statistics pass (the input's, plus ``dy``'s, ...)."""
-        group = _GROUP_BYTES if _GROUP_BYTES is not None else self.l2_bytes // _GROUP_L2_SHARE
-        key = (bytes_per_value, group)
-        plan = self._pipelines.get(key)
-        if plan is None:
-            plan = self._pipelines[key] = _Pipeline(self, self.N * self.L * bytes_per_value, group, self.target)
-        return plan
 
 
 _GEOMETRIES: dict[tuple, _Geometry] = {}
@@ -174,17 +130,16 @@ def _geometry(x: Tensor) -> _Geometry:
     n, c = x.shape[0], x.shape[1]
     L = x.numel() // (n * c)
     rows = L == 1 or x.stride(1) == 1
-    key = (n, c, L, rows, x.device, _STATS_TILE, _APPLY_TILE, _PROGRAMS_PER_SM)
+    key = (n, c, L, rows, x.element_size(), x.device, _STATS_TILE_BYTES, _APPLY_TILE, _PROGRAMS_PER_SM)
     geo = _GEOMETRIES.get(key)
     if geo is None:
         if x.device.type == "cuda":
-            props = torch.cuda.get_device_properties(x.device)
-            sms, l2 = props.multi_processor_count, props.L2_cache_size
-        else:  # the interpreter: one "SM", no L2
-            sms, l2 = 1, 0
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        else:  # the interpreter: one "SM"
+            sms = 1
         if len(_GEOMETRIES) >= 4096:  # many shapes (varying batch sizes): start over
             _GEOMETRIES.clear()
-        geo = _GEOMETRIES[key] = _Geometry(n, c, L, rows, _PROGRAMS_PER_SM * sms, l2)
+        geo = _GEOMETRIES[key] = _Geometry(n, c, L, rows, _PROGRAMS_PER_SM * sms, x.element_size())
     return geo
 
 
@@ -220,18 +175,6 @@ def forward_train_act(x, residual, eps, weight, bias, mask, vbs, act, slope, run
     y = torch.empty_like(x)
     wx, bx, rx = (w if w is not None else x), (b if b is not None else x), (r if r is not None else x)
     flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=ACT_CODES[act])
-    if _PIPELINE and not geo.rows:
-        plan = geo.pipeline(x.element_size() * (1 if r is None else 2))
-        scratch = torch.empty(C + 2 * plan.G * C, dtype=torch.float32, device=dev)
-        _pipelined[plan.grid](
-            x, y, x, rx, x, mean, var, scratch[:C], count, rm, rv, wx, bx, x, x, x, scratch[C:],
-            torch.zeros(1 + 2 * plan.K, dtype=torch.int32, device=dev), geo.N, C, geo.L, plan.nb, plan.lseg,
-            plan.gl, plan.G, plan.K, plan.S, plan.A, float(M), float(eps), momentum, unbias, float(slope),
-            BACKWARD=False, TRAIN=False, UPDATE=update, NEED_DX=False, NEED_DR=False, CG=plan.cg,
-            BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS), BLOCK_PS=plan.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q,
-            **_pipeline_policies(), **flags)
-        ref.finish_running(running, update, mean, var, M)
-        return y, mean, var, count
     scratch = torch.empty(C + 2 * geo.G * C, dtype=torch.float32, device=dev)
     invstd, part = scratch[:C], scratch[C:]
     _stats[geo.stats_grid](
@@ -285,17 +228,6 @@ def _backward(dy, x, residual, mean, var, eps, weight, bias, act, slope, train, 
     dxx, drx = (dx if dx is not None else x), (dr if dr is not None else x)
     flags = dict(HAS_R=r is not None, HAS_W=w is not None, HAS_B=b is not None, ACT=ACT_CODES[act])
     outs = dict(TRAIN=train, NEED_DX=need_dx, NEED_DR=need_dr)
-    if _PIPELINE and not geo.rows and (need_dx or need_dr):
-        plan = geo.pipeline(x.element_size() * (2 if r is None else 3))
-        scratch = torch.empty(2 * C + 2 * plan.G * C, dtype=torch.float32, device=dev)
-        _pipelined[plan.grid](
-            x, dxx, dy, rx, drx, m, x, inv, x, x, x, wx, bx, dw, db, scratch[:2 * C], scratch[2 * C:],
-            torch.zeros(1 + 2 * plan.K, dtype=torch.int32, device=dev), geo.N, C, geo.L, plan.nb, plan.lseg,
-            plan.gl, plan.G, plan.K, plan.S, plan.A, float(geo.count), 0.0, 0.0, 0.0, float(slope),
-            BACKWARD=True, UPDATE=False, CG=plan.cg, BLOCK_G=_pow2(plan.G, 1, _FINISH_CHUNKS),
-            BLOCK_PS=plan.p_stats, BLOCK_PA=geo.p_apply, BLOCK_Q=geo.q, **_pipeline_policies(), **flags,
-            **outs)
-        return dx, dw, db, dr
     scratch = torch.empty(2 * C + 2 * geo.G * C, dtype=torch.float32, device=dev)
     kbc, part = scratch[:2 * C], scratch[2 * C:]
     _stats[geo.stats_grid](

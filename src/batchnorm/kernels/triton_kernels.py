@@ -1,6 +1,6 @@
 """The Triton kernels of the GPU backend (:mod:`batchnorm.kernels.triton_gpu` launches them and
 describes the design): the activation and its derivative, the statistics pass, the per-channel
-finish steps, the elementwise pass and the pipelined one-launch training ops."""
+finish steps and the elementwise pass."""
 
 from __future__ import annotations
 
@@ -38,12 +38,10 @@ def _dact(z, slope, ACT: tl.constexpr):
 
 
 @triton.jit
-def _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-            CM: tl.constexpr):
-    """Per-channel ``(mean, invstd * weight, bias)`` in float32 for channel index(es) ``c``
-    (``CM=".cg"``: read from L2, for values another program of the same launch wrote)."""
-    m = tl.load(mean_ptr + c, mask=cmask, other=0.0, cache_modifier=CM).to(tl.float32)
-    a = tl.load(invstd_ptr + c, mask=cmask, other=0.0, cache_modifier=CM).to(tl.float32)
+def _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Per-channel ``(mean, invstd * weight, bias)`` in float32 for channel index(es) ``c``."""
+    m = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    a = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_W:
         a = a * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_B:
@@ -70,7 +68,7 @@ def _shift(x_ptr, pilot_off, c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
     """``(k, a, b)`` for :func:`_accumulate`: backward the channel's mean, ``invstd * weight``, bias;
     forward the pilot (the channel's first value, at ``pilot_off``) and placeholders."""
     if BACKWARD:
-        k, a, b = _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B, "")
+        k, a, b = _params(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
     else:
         k = tl.load(x_ptr + pilot_off, mask=cmask, other=0.0).to(tl.float32)
         a = k
@@ -80,15 +78,15 @@ def _shift(x_ptr, pilot_off, c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
 
 @triton.jit
 def _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2,
-                BACKWARD: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr, EVICT: tl.constexpr):
+                BACKWARD: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr):
     """One tile's contribution: forward ``x - k`` and its square (``k`` the pilot); backward
     ``g`` and ``g * (x - k)`` (``k`` the mean, ``a``/``b`` scale and shift for ``act'``)."""
-    d = tl.load(x_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32) - k
+    d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - k
     if BACKWARD:
         r = 0.0
         if HAS_R:
-            r = tl.load(r_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
-        g = tl.load(dy_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
+            r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
         g = tl.where(msk, _grad_out(g, d, r, a, b, slope, HAS_R, ACT), 0.0)
         acc1 += g
         acc2 += g * d
@@ -103,7 +101,7 @@ def _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2,
 def _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, c, g,
                  N, C, L, NB, LSEG, GL, G, slope, BACKWARD: tl.constexpr, HAS_R: tl.constexpr,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_Q: tl.constexpr, EVICT: tl.constexpr):
+                 BLOCK_Q: tl.constexpr):
     """Partial sums of chunk ``g`` of channel ``c`` on planes: samples ``[gn * NB, gn * NB + NB)``
     and positions ``[gl * LSEG, gl * LSEG + LSEG)`` (``gn, gl = divmod(g, GL)``) in
     ``[BLOCK_P samples, BLOCK_Q positions]`` tiles, into ``part[0, g, c]`` and ``part[1, g, c]``."""
@@ -124,7 +122,7 @@ def _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_
             msk = (n < n_hi)[:, None] & (pos < l_hi)[None, :]
             off = base[:, None] + pos[None, :]
             acc1, acc2 = _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k, a, b, slope, acc1, acc2, BACKWARD,
-                                     HAS_R, ACT, EVICT)
+                                     HAS_R, ACT)
     tl.store(part_ptr + g * C + c, tl.sum(tl.sum(acc1, 1), 0))
     tl.store(part_ptr + (G + g) * C + c, tl.sum(tl.sum(acc2, 1), 0))
 
@@ -156,16 +154,16 @@ def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
             msk = (rows < hi)[:, None] & cmask[None, :]
             off = rows.to(tl.int64)[:, None] * C + cs[None, :]
             acc1, acc2 = _accumulate(x_ptr, dy_ptr, r_ptr, off, msk, k[None, :], a[None, :], b[None, :], slope,
-                                     acc1, acc2, BACKWARD, HAS_R, ACT, "")
+                                     acc1, acc2, BACKWARD, HAS_R, ACT)
         tl.store(part_ptr + g * C + cs, tl.sum(acc1, 0), mask=cmask)
         tl.store(part_ptr + (G + g) * C + cs, tl.sum(acc2, 0), mask=cmask)
     else:
         _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, pid % C, pid // C,
-                     N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_P, BLOCK_Q, "")
+                     N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_P, BLOCK_Q)
 
 
 @triton.jit
-def _merge(part_ptr, G, C, cs, cmask, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, CM: tl.constexpr):
+def _merge(part_ptr, G, C, cs, cmask, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
     """Float64 sums over the ``G`` chunks of ``part[0]`` and ``part[1]`` for channels ``cs``
     (``[BLOCK_G, channels]`` tiles: a thousand chunks take 16 steps, not a thousand)."""
     s = tl.zeros([BLOCK_G, BLOCK], dtype=tl.float64)
@@ -175,17 +173,17 @@ def _merge(part_ptr, G, C, cs, cmask, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr
         g = g0 + gs
         msk = (g < G)[:, None] & cmask[None, :]
         off = g[:, None] * C + cs[None, :]
-        s += tl.load(part_ptr + off, mask=msk, other=0.0, cache_modifier=CM).to(tl.float64)
-        q += tl.load(part_ptr + G * C + off, mask=msk, other=0.0, cache_modifier=CM).to(tl.float64)
+        s += tl.load(part_ptr + off, mask=msk, other=0.0).to(tl.float64)
+        q += tl.load(part_ptr + G * C + off, mask=msk, other=0.0).to(tl.float64)
     return tl.sum(s, 0), tl.sum(q, 0)
 
 
 @triton.jit
 def _fwd_channels(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, cs, cmask, G, C,
                   k_stride, count, eps, momentum, unbias, UPDATE: tl.constexpr, BLOCK: tl.constexpr,
-                  BLOCK_G: tl.constexpr, CM: tl.constexpr):
+                  BLOCK_G: tl.constexpr):
     """Mean, biased variance, ``1/sqrt(var + eps)`` (and the running statistics) of channels ``cs``."""
-    s, q = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK, CM)
+    s, q = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK)
     k = tl.load(x_ptr + cs * k_stride, mask=cmask, other=0.0).to(tl.float64)
     md = s / count
     var = tl.maximum(q / count - md * md, 0.0)
@@ -203,10 +201,9 @@ def _fwd_channels(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_
 
 @triton.jit
 def _bwd_channels(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, cs, cmask, G, C, count,
-                  TRAIN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
-                  CM: tl.constexpr):
+                  TRAIN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
     """``dweight = sum(g * xhat)``, ``dbias = sum(g)`` of channels ``cs``; training: ``kb``, ``kc`` of ``dx``."""
-    s, t = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK, CM)
+    s, t = _merge(part_ptr, G, C, cs, cmask, BLOCK_G, BLOCK)
     inv = tl.load(invstd_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
     tl.store(dw_ptr + cs, (t * inv).to(tl.float32), mask=cmask)
     tl.store(db_ptr + cs, s.to(tl.float32), mask=cmask)
@@ -224,7 +221,7 @@ def _finish_fwd(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_pt
     """:func:`_fwd_channels` for one block of ``BLOCK`` channels per program."""
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     _fwd_channels(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, cs, cs < C, G, C,
-                  k_stride, count, eps, momentum, unbias, UPDATE, BLOCK, BLOCK_G, "")
+                  k_stride, count, eps, momentum, unbias, UPDATE, BLOCK, BLOCK_G)
 
 
 @triton.jit
@@ -233,51 +230,51 @@ def _finish_bwd(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, G, C, count,
     """:func:`_bwd_channels` for one block of ``BLOCK`` channels per program."""
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     _bwd_channels(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, cs, cs < C, G, C, count, TRAIN, HAS_W,
-                  BLOCK, BLOCK_G, "")
+                  BLOCK, BLOCK_G)
 
 
 @triton.jit
 def _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m, a, b, kb, kc, slope,
           BACKWARD: tl.constexpr, TRAIN: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
-          NEED_DX: tl.constexpr, NEED_DR: tl.constexpr, EVICT: tl.constexpr):
-    """The elementwise formulas on one tile (``EVICT``: L2 policy of its loads and stores)."""
-    d = tl.load(x_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32) - m
+          NEED_DX: tl.constexpr, NEED_DR: tl.constexpr):
+    """The elementwise formulas on one tile."""
+    d = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32) - m
     r = 0.0
     if HAS_R:
-        r = tl.load(r_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        r = tl.load(r_ptr + off, mask=msk, other=0.0).to(tl.float32)
     if BACKWARD:
-        dy = tl.load(dy_ptr + off, mask=msk, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        dy = tl.load(dy_ptr + off, mask=msk, other=0.0).to(tl.float32)
         g = _grad_out(dy, d, r, a, b, slope, HAS_R, ACT)
         if NEED_DX:
             dx = g * a
             if TRAIN:
                 dx += d * kb + kc
-            tl.store(y_ptr + off, dx.to(y_ptr.dtype.element_ty), mask=msk, eviction_policy=EVICT)
+            tl.store(y_ptr + off, dx.to(y_ptr.dtype.element_ty), mask=msk)
         if NEED_DR:
-            tl.store(dr_ptr + off, g.to(dr_ptr.dtype.element_ty), mask=msk, eviction_policy=EVICT)
+            tl.store(dr_ptr + off, g.to(dr_ptr.dtype.element_ty), mask=msk)
     else:
         z = d * a + b
         if HAS_R:
             z += r
-        tl.store(y_ptr + off, _act(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=msk, eviction_policy=EVICT)
+        tl.store(y_ptr + off, _act(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
 def _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, n, c, pmask, pos,
                 C, L, slope, BACKWARD: tl.constexpr, TRAIN: tl.constexpr, HAS_R: tl.constexpr,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
-                NEED_DR: tl.constexpr, CM: tl.constexpr, EVICT: tl.constexpr):
+                NEED_DR: tl.constexpr):
     """The elementwise pass on planes ``(n, c)`` (vectors, ``pmask`` the valid ones) at positions ``pos``."""
-    m, a, b = _params(c, pmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B, CM)
+    m, a, b = _params(c, pmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
     kb = 0.0
     kc = 0.0
     if TRAIN:
-        kb = tl.load(k_ptr + c, mask=pmask, other=0.0, cache_modifier=CM)[:, None]
-        kc = tl.load(k_ptr + C + c, mask=pmask, other=0.0, cache_modifier=CM)[:, None]
+        kb = tl.load(k_ptr + c, mask=pmask, other=0.0)[:, None]
+        kc = tl.load(k_ptr + C + c, mask=pmask, other=0.0)[:, None]
     off = (n.to(tl.int64) * C + c)[:, None] * L + pos[None, :]
     msk = pmask[:, None] & (pos < L)[None, :]
     _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m[:, None], a[:, None], b[:, None], kb, kc, slope,
-          BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR, EVICT)
+          BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR)
 
 
 @triton.jit
@@ -294,7 +291,7 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
         rows = (pid // nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
         cs = (pid % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         cmask = cs < C
-        m, a, b = _params(cs, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B, "")
+        m, a, b = _params(cs, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
         kb = 0.0
         kc = 0.0
         if TRAIN:
@@ -303,73 +300,11 @@ def _apply(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
         off = rows.to(tl.int64)[:, None] * C + cs[None, :]
         msk = (rows < N * L)[:, None] & cmask[None, :]
         _tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, off, msk, m[None, :], a[None, :], b[None, :], kb, kc, slope,
-              BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR, "")
+              BACKWARD, TRAIN, HAS_R, ACT, NEED_DX, NEED_DR)
     else:
         nblk = tl.cdiv(L, BLOCK_Q)
         planes = (pid // nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
         pos = (pid % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, planes // C,
                     planes % C, planes < N * C, pos, C, L, slope, BACKWARD, TRAIN, HAS_R, HAS_W, HAS_B, ACT,
-                    NEED_DX, NEED_DR, "", "")
-
-
-@triton.jit
-def _pipelined(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr,
-               w_ptr, b_ptr, dw_ptr, db_ptr, k_ptr, part_ptr, ws_ptr,
-               N, C, L, NB, LSEG, GL, G, K, S, A, count, eps, momentum, unbias, slope,
-               BACKWARD: tl.constexpr, TRAIN: tl.constexpr, UPDATE: tl.constexpr, HAS_R: tl.constexpr,
-               HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr,
-               NEED_DR: tl.constexpr, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PS: tl.constexpr,
-               BLOCK_PA: tl.constexpr, BLOCK_Q: tl.constexpr, KEEP: tl.constexpr, DROP: tl.constexpr):
-    """A whole training forward or backward on planes in one launch, ``K`` groups of ``CG``
-    channels in a pipeline (see :class:`batchnorm.kernels.triton_gpu._Pipeline`).
-
-    Each program first takes a ticket (``ws[0]``): the order in which programs started. Tickets
-    ``S_0, S_1, A_0, S_2, A_1, ..., A_(K-1)`` (``S`` statistics chunks then ``A`` elementwise
-    tiles per group) mean that while group ``k`` is normalized, group ``k + 1`` is being read, and
-    that a program only ever waits for programs holding lower tickets, which have started and never
-    wait themselves: no deadlock, whatever order the hardware starts programs in. The last
-    statistics program of a group (counter ``ws[1 + k]``) merges the group's partial sums, writes
-    its per-channel outputs and raises the group's flag ``ws[1 + K + k]``; the group's elementwise
-    programs wait for it. A group's data is sized to stay in L2 until its elementwise pass reads it
-    again, so the tensor comes from memory once instead of twice; ``KEEP`` and ``DROP`` are the L2
-    eviction policies of the statistics loads and of the elementwise loads and stores (see
-    :data:`batchnorm.kernels.triton_gpu._PIPELINE_HINTS`).
-    """
-    t = tl.atomic_add(ws_ptr, 1)
-    # after S_0, units of S + A tickets: S_(unit + 1) then A_unit; the last unit is A_(K-1) alone
-    unit = (t - S) // (S + A)
-    rem = (t - S) - unit * (S + A)
-    is_stats = (t < S) | ((unit < K - 1) & (rem < S))
-    grp = tl.where(t < S, 0, tl.where(is_stats, unit + 1, unit))
-    loc = tl.where(t < S, t, tl.where(is_stats | (unit == K - 1), rem, rem - S))
-    if is_stats:
-        c = grp * CG + loc % CG
-        if c < C:
-            _plane_chunk(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, c, loc // CG,
-                         N, C, L, NB, LSEG, GL, G, slope, BACKWARD, HAS_R, HAS_W, HAS_B, ACT, BLOCK_PS, BLOCK_Q,
-                         KEEP)
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        if tl.atomic_add(ws_ptr + 1 + grp, 1, sem="acq_rel") == S - 1:  # the group's last chunk
-            cs = grp * CG + tl.arange(0, CG)
-            if BACKWARD:
-                _bwd_channels(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k_ptr, cs, cs < C, G, C, count, TRAIN,
-                              HAS_W, CG, BLOCK_G, ".cg")
-            else:
-                _fwd_channels(part_ptr, x_ptr, mean_ptr, var_ptr, invstd_ptr, count_ptr, rm_ptr, rv_ptr, cs,
-                              cs < C, G, C, L, count, eps, momentum, unbias, UPDATE, CG, BLOCK_G, ".cg")
-            tl.debug_barrier()
-            tl.atomic_xchg(ws_ptr + 1 + K + grp, 1, sem="release")
-    else:
-        while tl.load(ws_ptr + 1 + K + grp, volatile=True) == 0:
-            pass
-        tl.atomic_add(ws_ptr + 1 + K + grp, 0, sem="acquire")
-        tl.debug_barrier()
-        nblk = tl.cdiv(L, BLOCK_Q)
-        lp = (loc // nblk) * BLOCK_PA + tl.arange(0, BLOCK_PA)  # planes of the group: (n, c) n-major
-        pos = (loc % nblk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        n = lp // CG
-        ch = grp * CG + lp % CG
-        _plane_tile(x_ptr, y_ptr, dy_ptr, r_ptr, dr_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, k_ptr, n, ch,
-                    (n < N) & (ch < C), pos, C, L, slope, BACKWARD, TRAIN, HAS_R, HAS_W, HAS_B, ACT, NEED_DX,
-                    NEED_DR, ".cg", DROP)
+                    NEED_DX, NEED_DR)

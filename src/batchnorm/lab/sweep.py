@@ -49,7 +49,7 @@ from batchnorm_cli import EXECUTORS, RAY_INSTALL  # one list of executors, share
 
 #: Settings of the driver that change how a run computes; a Ray cluster's workers do not inherit the
 #: driver's environment, so these travel with the tasks (``runtime_env``) when the cluster is not ours.
-FORWARDED_ENV = ("BATCHNORM_BACKEND", "BATCHNORM_TRITON", "BATCHNORM_TRITON_PIPELINE")
+FORWARDED_ENV = ("BATCHNORM_BACKEND", "BATCHNORM_TRITON")
 
 
 class SweepError(RuntimeError):
