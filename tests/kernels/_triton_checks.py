@@ -4,6 +4,7 @@ the interpreter must be chosen before triton is imported). Exit code 0 when ever
 On a machine with a CUDA GPU, ``python tests/kernels/_triton_checks.py`` runs the same checks on
 the GPU (compiled kernels instead of the interpreter)."""
 
+import itertools
 import os
 import sys
 
@@ -83,9 +84,12 @@ def check_case(shape, layout, acts=ACTS, dtypes=(torch.float32, torch.bfloat16),
 for shape, layout in CASES:
     check_case(shape, layout)
 
-# the finish kernels merging the chunks' partial sums in several steps
-finish_chunks, tg._FINISH_CHUNKS = tg._FINISH_CHUNKS, 2
-for shape in ((200, 40), (1, 1, 60, 60)):
+# the finish kernels merging the chunks' partial sums in several steps, 16 channels per program
+# and 2 (the last program of (200, 41) padded)
+finish = tg._FINISH_CHUNKS, tg._FINISH_TILE
+for (tg._FINISH_CHUNKS, tg._FINISH_TILE), shape in itertools.product(
+        ((2, 2048), (2, 4)), ((200, 40), (200, 41), (1, 1, 60, 60))):
+    assert tg._finish_grid(tg._geometry(torch.empty(shape)).G, shape[1])[1] == (16 if tg._FINISH_TILE > 4 else 2)
     x = torch.randn(shape, device=DEVICE) * 3 + 2
     c = shape[1]
     w, b = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
@@ -100,7 +104,7 @@ for shape in ((200, 40), (1, 1, 60, 60)):
                                 "identity", 0.0)
     for part, a_, e_ in zip(("dx", "dw", "db"), got, exp):
         close(f"merged bwd {part} {shape}", a_, e_, atol=2e-3, rtol=2e-3)
-tg._FINISH_CHUNKS = finish_chunks
+tg._FINISH_CHUNKS, tg._FINISH_TILE = finish
 
 # float16, the input gradient not needed, no weight/bias, the running statistics moved in the call
 x = torch.randn(5, 6, 7, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)

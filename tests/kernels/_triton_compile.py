@@ -63,8 +63,9 @@ def variants():
                                                    BLOCK_Q=q, **flags)
             yield "_apply", tg._apply, dtype, dict(ROWS=rows, BACKWARD=backward, TRAIN=True, ACT=act, NEED_DX=True,
                                                    NEED_DR=backward, BLOCK_P=2048 // q, BLOCK_Q=q, **flags)
-    yield "_finish_fwd", tg._finish_fwd, "fp32", dict(UPDATE=True, BLOCK=16, BLOCK_G=128)
-    yield "_finish_bwd", tg._finish_bwd, "fp32", dict(TRAIN=True, HAS_W=True, BLOCK=16, BLOCK_G=128)
+    for block, block_g in ((16, 128), (2, 1024)):  # planes (few chunks), rows (~1000 chunks)
+        yield "_finish_fwd", tg._finish_fwd, "fp32", dict(UPDATE=True, BLOCK=block, BLOCK_G=block_g)
+        yield "_finish_bwd", tg._finish_bwd, "fp32", dict(TRAIN=True, HAS_W=True, BLOCK=block, BLOCK_G=block_g)
 
 
 failures = 0
