@@ -223,3 +223,31 @@ def test_replace_all_batch_norm_modules_then_vmap(backend):
         assert m.running_mean is None and m.running_var is None and not m.track_running_stats
     out = vmap(model, randomness="same")(torch.randn(3, 2, 3, 2, 2))
     assert out.shape == (3, 2, 16) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------- statistics outputs
+
+
+@pytest.mark.parametrize("op", ["plain", "relu"])
+def test_statistics_outputs_take_no_gradient_and_cost_the_backward_nothing(backend, op):
+    """The training ops also return the batch mean, variance and count; they are statistics, not
+    functions to differentiate. They must not require grad, and a backward must not make zero
+    gradients for them (autograd materialises one tensor per unused differentiable output: three
+    extra kernels per backward on a GPU). Fails if the op stops marking them non-differentiable."""
+    x = torch.randn(8, 6, 5, 5, requires_grad=True)
+    w, b = torch.rand(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    if op == "plain":
+        y, mean, var, count = torch.ops.batchnorm.train_forward(x, 1e-5, w, b, None, 0)
+    else:
+        y, mean, var, count = torch.ops.batchnorm.act_train_forward(x, None, 1e-5, w, b, None, 0, "relu", 0.0)
+    assert not (mean.requires_grad or var.requires_grad or count.requires_grad)
+    dy = torch.randn_like(y)
+    with torch.profiler.profile() as prof:
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    made = [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like")]
+    assert made == [], made
+    ref_y = TF.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    if op == "relu":
+        ref_y = ref_y.relu()
+    for got, exp in zip(grads, torch.autograd.grad(ref_y, (x, w, b), dy)):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)

@@ -108,12 +108,18 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, residual, eps, weight, bias, mask, vbs, act, slope = inputs
     _, mean, var, count = output
     ctx.save_for_backward(x, weight, bias, residual, mask, mean, var, count)
+    # no gradient flows through the statistics outputs, and none is made for them: autograd would
+    # otherwise build a zero tensor for each in every backward (three small kernels on a GPU)
+    ctx.mark_non_differentiable(mean, var, count)
+    ctx.set_materialize_grads(False)
     ctx.eps, ctx.vbs, ctx.act, ctx.slope = eps, vbs, act, slope
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.res_dtype = None if residual is None else residual.dtype
 
 
-def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
+def _train_grad(ctx: Any, dy: Tensor | None, *_stat_grads: Tensor | None) -> tuple:
+    if dy is None:  # the output was not used (grads are not materialised)
+        return (None,) * 9
     x, weight, bias, residual, mask, mean, var, count = ctx.saved_tensors
     need_x, need_r, _, need_w, need_b = ctx.needs_input_grad[:5]
     if graph_backward(dy):  # differentiable: the closed form with the statistics recomputed from x

@@ -90,12 +90,17 @@ def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, eps, weight, bias, mask, vbs = inputs
     _, mean, var, count = output
     ctx.save_for_backward(x, weight, mask, mean, var, count)
+    # no gradient flows through the statistics outputs, and none is made for them: autograd would
+    # otherwise build a zero tensor for each in every backward (three small kernels on a GPU)
     ctx.mark_non_differentiable(mean, var, count)
+    ctx.set_materialize_grads(False)
     ctx.eps, ctx.vbs = eps, vbs
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _train_grad(ctx: Any, dy: Tensor, *_stat_grads: Tensor) -> tuple:
+def _train_grad(ctx: Any, dy: Tensor | None, *_stat_grads: Tensor | None) -> tuple:
+    if dy is None:  # the output was not used (grads are not materialised)
+        return (None,) * 6
     x, weight, mask, mean, var, count = ctx.saved_tensors
     need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
     if graph_backward(dy):
