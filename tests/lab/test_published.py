@@ -63,9 +63,23 @@ def test_de_smith_residual_variance_at_init():
 
 
 # Measured 2026-12-04 on the 2-vCPU VM (`pytest -m slow tests/lab/test_published.py`): the MLP's five seeds
-# 64.9, 64.6, 66.9, 66.0, 66.6% (mean 65.8%): 2.2 pp below the published 68%. Kept as a known discrepancy
-# (strict: the test says so when it starts passing); logistic regression and the CNN are within 2 pp.
-_MLP_GAP = pytest.mark.xfail(strict=True, reason="our MLP reaches 65.8% (5 seeds), 2.2 pp below Greydanus' 68%")
+# 64.9, 64.6, 66.9, 66.0, 66.6% (mean 65.8%): 2.2 pp below the paper's 68%. The authors' own code does not
+# reach 68% either: the notebook mnist1d-classification.ipynb of github.com/greydanus/mnist1d records 65.1%
+# for its MLP (frozen data set, 6000 steps, seed 42), and that model and loop restated here on that data
+# give 65.7% over 5 seeds (benchmarks/mnist1d_reference_mlp.py). So the MLP is checked against the authors'
+# recorded run, and the paper's 68% stays a strict expected failure (the test says so if it starts passing).
+_MLP_GAP = pytest.mark.xfail(strict=True, reason="65.8% (5 seeds); the authors' own notebook records 65.1%")
+
+
+def _mnist1d_paper_split_accuracies(model):
+    data = load_dataset("mnist1d", val_fraction=0.0)
+    assert len(data.y_train) == 4000 and len(data.y_test) == 1000 and len(data.y_val) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [train(RunConfig(model=model, seed=s), data=data)["result"]["test_accuracy"] for s in range(5)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -75,15 +89,16 @@ def test_mnist1d_reference_table(model, published):
     """Greydanus (2020), Table 1: logistic regression 32%, MLP 68%, CNN 94% (Adam lr 1e-2, batch 100, 8000
     steps); ours over 5 seeds within 2 pp, with the paper's split: all 4000 training examples, no
     validation hold-out (so the reported accuracy is the last step's, as in the paper)."""
-    data = load_dataset("mnist1d", val_fraction=0.0)
-    assert len(data.y_train) == 4000 and len(data.y_test) == 1000 and len(data.y_val) == 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        accs = [train(RunConfig(model=model, seed=s), data=data)["result"]["test_accuracy"] for s in range(5)]
-    finally:
-        torch.set_num_threads(threads)
+    accs = _mnist1d_paper_split_accuracies(model)
     assert abs(float(np.mean(accs)) - published) <= 0.02, accs
+
+
+@pytest.mark.slow
+def test_mnist1d_mlp_against_the_authors_recorded_run():
+    """The MNIST-1D authors' notebook (github.com/greydanus/mnist1d, notebooks/mnist1d-classification.ipynb,
+    the output stored with it) records 65.1% for its MLP: ours within 2 pp over 5 seeds."""
+    accs = _mnist1d_paper_split_accuracies("mlp")
+    assert abs(float(np.mean(accs)) - 0.651) <= 0.02, accs
 
 
 @pytest.mark.slow

@@ -189,7 +189,9 @@ def seed_mlp(input_shape, num_classes, norm="batchnorm", norm_kw=None, **_):
 
 def mlp(input_shape, num_classes, norm="none", width=100, depth=2, act="relu", norm_kw=None, placement="before",
         dropout=0.0, **_):
-    """MNIST-1D reference MLP (Greydanus 2020): Linear(40,100) ReLU Linear(100,100) ReLU Linear(100,10);
+    """MNIST-1D MLP after Greydanus (2020): Linear(40,100) ReLU Linear(100,100) ReLU Linear(100,10), the
+    width and depth of the authors' ``MLPBase`` without its residual second layer (a plain stack, as
+    the seed articles' networks; both reach ~65-66% there: docs/lab.md, "Checked against the literature");
     BN between each Linear and its ReLU when enabled (``placement="before"`` the activation, as Ioffe &
     Szegedy; ``"after"`` it, as the seed articles' Keras example). ``dropout > 0`` adds dropout after each
     hidden activation, so that it feeds the next layer's norm (Li et al. 2019's variance shift)."""
