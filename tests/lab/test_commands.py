@@ -216,3 +216,19 @@ def test_demo_quick(tmp_path, capsys):
     names = {p.name for p in tmp_path.iterdir()}
     assert {"report.html", "summary.json", "lab.sqlite"} <= names
     assert any(n.startswith("figure1-mnist1d-") and n.endswith(".png") for n in names)
+
+
+def test_progress_lines_when_the_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """Under a log file, a pipe or CI, rich draws no bar: a sweep of hours would print nothing until it
+    ends. It prints plain progress lines instead (here one per run: the interval is set to 0) with the
+    count, the time so far and an estimate of the time left, the last one with the total."""
+    from batchnorm.lab import commands
+
+    monkeypatch.setattr(commands, "PLAIN_PROGRESS_EVERY", 0.0)
+    argv = ["compare", "--model", "mlp", "--seeds", "0,1", "--steps", "5", "--limit", "200", "--workers", "1",
+            "--out", str(tmp_path / "o"), "--no-report", "--json"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("compare: ")]
+    assert [ln.split(" runs")[0] for ln in lines] == [f"compare: {i}/4" for i in range(1, 5)], err
+    assert "eta" in lines[0] and "eta" not in lines[-1] and "mlp/" in lines[-1]

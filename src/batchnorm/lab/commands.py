@@ -107,6 +107,36 @@ def _model_label(model: str) -> str:
     return model.rpartition(":")[2].replace(".", "-") if ":" in model else model
 
 
+#: Seconds between two progress lines when the output is not a terminal.
+PLAIN_PROGRESS_EVERY = 10.0
+
+
+class _PlainProgress:
+    """Progress as plain lines where the console is not a terminal (a log file, a pipe, CI): rich
+    draws its bar only on a terminal, so a run of hours would otherwise print nothing until it ends.
+    One line per finished run, at most one every :data:`PLAIN_PROGRESS_EVERY` seconds, and the last."""
+
+    def __init__(self, console: Console, title: str, total: int) -> None:
+        self.console, self.title, self.total = console, title, total
+        self.count, self.start, self.last = 0, time.monotonic(), float("-inf")
+
+    def done(self, info: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.console.is_terminal or (now - self.last < PLAIN_PROGRESS_EVERY and self.count < self.total):
+            return
+        self.last = now
+        left = self.total - self.count  # at the mean pace so far (runs reused from the store count too)
+        eta = f", eta {_duration((now - self.start) / self.count * left)}" if left else ""
+        self.console.print(f"{self.title}: {self.count}/{self.total} runs, {_duration(now - self.start)}{eta}; "
+                           f"last {info}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def _run(args, configs, console: Console, title: str) -> list[dict]:
     """Sweep with a rich progress bar."""
     from .sweep import executor_options, run_sweep
@@ -129,11 +159,14 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
             step_task = prog.add_task("  current run", total=1, info="",
                                       visible=workers == 1 and todo > 0 and opts["executor"] == "local")
 
+            lines = _PlainProgress(console, title, len(configs))
+
             def on_done(cfg, result, reused):
                 prog.advance(total)
                 tag = "reused" if reused else f"{result['seconds']:.1f}s"
-                prog.update(total, info=escape(f"{cfg.model}/{cfg.norm} seed {cfg.seed}: "
-                                               f"{100 * result['test_accuracy']:.1f}% ({tag})"))
+                info = f"{cfg.model}/{cfg.norm} seed {cfg.seed}: {100 * result['test_accuracy']:.1f}% ({tag})"
+                prog.update(total, info=escape(info))
+                lines.done(info)
 
             def on_step(cfg, step, steps, last):
                 prog.update(step_task, total=max(1, steps), completed=step,
