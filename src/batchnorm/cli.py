@@ -12,7 +12,8 @@ Errors never show a traceback. Exit codes:
 * ``1``: runtime failure, something the command needed failed (data files missing, corrupt or not the
   official ones, an unreadable store, an I/O error, a run that crashed);
 * ``3``: a sweep stopped because a worker process died; the finished runs are stored, run it again;
-* ``130``: interrupted (Ctrl-C).
+* ``130``: interrupted (Ctrl-C); ``143``: terminated (SIGTERM). Either stops a sweep within seconds (its
+  workers end their runs in flight); the finished runs are stored, run it again to go on.
 
 Set ``BATCHNORM_TRACEBACK=1`` to see the traceback of an unexpected failure.
 """
@@ -22,8 +23,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
+from typing import Any
 
 __all__ = ["CommandError", "UsageError", "build_parser", "main", "run"]
 
@@ -70,13 +74,14 @@ def run(args: argparse.Namespace) -> int:
     """Run a parsed command: one ``error: ...`` line and an exit code for every failure (module docstring)."""
     from batchnorm_cli import COMMANDS
 
+    previous = _on_sigterm(_terminate)
     try:
         module, name = COMMANDS[args.command]
         func = getattr(importlib.import_module(module), name)
         return int(func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through _terminate
         print("interrupted; finished runs are stored and will be reused", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except CommandError as exc:
         _error(str(exc))
         return exc.code
@@ -86,6 +91,25 @@ def run(args: argparse.Namespace) -> int:
         _error(f"unexpected failure: {type(exc).__name__}: {exc} (set BATCHNORM_TRACEBACK=1 to see where; "
                "please report it)")
         return EXIT_RUNTIME
+    finally:
+        _on_sigterm(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, a container stopping), turned into the same orderly stop as
+    Ctrl-C: sweeps end their workers, finished runs stay stored, the exit code is 143 (128 + 15)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install ``handler`` for SIGTERM where a handler can be installed (the main thread); return the
+    previous one (``None`` where nothing was changed)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

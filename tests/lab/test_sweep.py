@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from batchnorm.lab.store import Store
 from batchnorm.lab.sweep import run_sweep
 from batchnorm.lab.train import RunConfig, config_hash
@@ -206,3 +208,29 @@ def test_watchdog_alone_ends_an_orphaned_worker():
             middle.kill()
         if leaf is not None and _alive(leaf):
             os.kill(leaf, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_a_parallel_sweep_at_once(tmp_path, sig, code):
+    """Ctrl-C (SIGINT) or ``kill`` (SIGTERM) stops a sweep with workers within seconds: the runs in
+    flight are ended, the queued ones dropped, the message says the finished ones are stored, and
+    the exit code says which signal. (Ctrl-C used to wait for every queued run to finish, and SIGTERM
+    killed the driver at once, leaving the pool's semaphores for the resource tracker to complain about.)"""
+    argv = [sys.executable, "-c", "import sys; from batchnorm.cli import main; sys.exit(main())", "compare",
+            "--model", "mlp", "--seeds", "0,1", "--steps", "500000", "--workers", "2", "--limit", "200",
+            "--out", str(tmp_path / "o"), "--no-report"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(10)  # both workers are training (each run would take many minutes)
+        assert proc.poll() is None, proc.communicate()
+        start = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert took < 10, took
+    assert "interrupted; finished runs are stored and will be reused" in err
+    assert "Traceback" not in err and "leaked" not in err, err

@@ -235,7 +235,22 @@ def run_sweep(
                     f"a worker process died; {done} of {len(todo)} new runs are stored. "
                     "Run the same command again to train the missing ones."
                 ) from exc
+            except BaseException:  # Ctrl-C, SIGTERM (see batchnorm.cli.run): stop now, not after the sweep
+                _stop_pool(pool, futures)
+                raise
     return [_stored(store, h) for h in hashes]
+
+
+def _stop_pool(pool: cf.ProcessPoolExecutor, futures: Iterable[cf.Future]) -> None:
+    """Cancel the queued runs and end the workers' runs in flight: leaving the ``with`` block would
+    otherwise wait for every queued run (a Ctrl-C used to let the whole sweep finish first). Finished
+    runs are in the store already; a run cut short leaves nothing there (each is one transaction)."""
+    for f in futures:
+        f.cancel()
+    procs = getattr(pool, "_processes", None) or {}  # no public way to end them before Python 3.14
+    for proc in list(procs.values()):
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _stored(store: Store, h: str) -> dict:
