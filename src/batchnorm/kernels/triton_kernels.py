@@ -165,7 +165,7 @@ def _stats(x_ptr, dy_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
 @triton.jit
 def _merge(part_ptr, G, C, cs, cmask, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
     """Float64 sums over the ``G`` chunks of ``part[0]`` and ``part[1]`` for channels ``cs``
-    (``[BLOCK_G, channels]`` tiles: a thousand chunks take 16 steps, not a thousand)."""
+    (``[BLOCK_G, channels]`` tiles: a thousand chunks take one or two steps, not a thousand)."""
     s = tl.zeros([BLOCK_G, BLOCK], dtype=tl.float64)
     q = tl.zeros([BLOCK_G, BLOCK], dtype=tl.float64)
     gs = tl.arange(0, BLOCK_G)

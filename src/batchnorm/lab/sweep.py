@@ -235,7 +235,7 @@ def run_sweep(
                     f"a worker process died; {done} of {len(todo)} new runs are stored. "
                     "Run the same command again to train the missing ones."
                 ) from exc
-            except BaseException:  # Ctrl-C, SIGTERM (see batchnorm.cli.run): stop now, not after the sweep
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (batchnorm.cli.run): stop now, not at the end
                 _stop_pool(pool, futures)
                 raise
     return [_stored(store, h) for h in hashes]
