@@ -86,6 +86,24 @@ def test_workers_compile_once_and_load_from_the_cache(probe, tmp_path):
     assert len(markers) == 2 and markers[0].endswith("-_f.ready") and markers[1].endswith("-_g.ready")
 
 
+def test_the_compiler_process_is_reaped_once_the_kernels_are_loaded(probe):
+    """The process that started the compiler waits for it once every kernel is loaded: a compiler
+    never waited for stays a zombie process next to a training run until that run exits."""
+    code = WORKER + """
+import time
+proc = p.KERNELS._procs["float64"]
+for _ in range(600):
+    if proc.returncode is not None:
+        break
+    time.sleep(0.05)
+print(proc.returncode)
+"""
+    proc = _run(code, probe)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.split()[-1] == "0", out
+
+
 def test_quiet_and_wait_modes(probe):
     """BATCHNORM_QUIET silences the messages; BATCHNORM_COMPILE=wait answers the first question
     only once compiled, in the calling process (a cache miss there, no compiler process)."""

@@ -204,6 +204,8 @@ class Kernels:
                     if self.marker(entry, dtype).exists():  # type: ignore[union-attr]
                         self._load_guarded(entry, dtype)
                 if all((e, dtype) in self._ready for e in order):
+                    if proc is not None:  # it exits after its last marker: reap it, so that no zombie
+                        proc.wait()       # stays beside a long-lived process (a training run, a notebook)
                     return
                 if proc is not None and proc.poll() is not None:
                     if any(not self.marker(e, dtype).exists() for e in order):  # type: ignore[union-attr]
