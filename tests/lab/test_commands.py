@@ -232,3 +232,24 @@ def test_progress_lines_when_the_output_is_not_a_terminal(tmp_path, capsys, monk
     lines = [ln for ln in err.splitlines() if ln.startswith("compare: ")]
     assert [ln.split(" runs")[0] for ln in lines] == [f"compare: {i}/4" for i in range(1, 5)], err
     assert "eta" in lines[0] and "eta" not in lines[-1] and "mlp/" in lines[-1]
+
+
+def test_plain_progress_estimates_the_time_left_by_cost_not_by_count(monkeypatch):
+    """Sweeps start with their longest runs: after one run of cost 3 out of a total of 6 (three more
+    runs of cost 1), the time left is the time so far, not three times it as a count would say; runs
+    reused from the store cost nothing."""
+    from rich.console import Console
+
+    from batchnorm.lab import commands
+
+    clock = iter([0.0, 60.0, 70.0, 80.0, 90.0])
+    monkeypatch.setattr(commands.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(commands, "PLAIN_PROGRESS_EVERY", 0.0)
+    console = Console(record=True, force_terminal=False, width=200)
+    progress = commands._PlainProgress(console, "claims", 5, cost=6.0)
+    for info, cost in (("long", 3.0), ("reused", 0.0), ("a", 1.0), ("b", 1.0)):
+        progress.done(info, cost)
+    lines = console.export_text().splitlines()
+    assert lines[0] == "claims: 1/5 runs, 1m00s, eta 1m00s; last long", lines
+    assert lines[1] == "claims: 2/5 runs, 1m10s, eta 1m10s; last reused", lines
+    assert lines[3] == "claims: 4/5 runs, 1m30s, eta 0m18s; last b", lines

@@ -116,18 +116,24 @@ class _PlainProgress:
     draws its bar only on a terminal, so a run of hours would otherwise print nothing until it ends.
     One line per finished run, at most one every :data:`PLAIN_PROGRESS_EVERY` seconds, and the last."""
 
-    def __init__(self, console: Console, title: str, total: int) -> None:
-        self.console, self.title, self.total = console, title, total
-        self.count, self.start, self.last = 0, time.monotonic(), float("-inf")
+    def __init__(self, console: Console, title: str, total: int, cost: float) -> None:
+        self.console, self.title, self.total, self.cost = console, title, total, cost
+        self.count, self.done_cost, self.start, self.last = 0, 0.0, time.monotonic(), float("-inf")
 
-    def done(self, info: str) -> None:
+    def done(self, info: str, cost: float) -> None:
+        """A run finished; ``cost``: its estimated cost (:func:`~batchnorm.lab.sweep.estimated_cost`;
+        0 for a run reused from the store)."""
         self.count += 1
+        self.done_cost += cost
         now = time.monotonic()
         if self.console.is_terminal or (now - self.last < PLAIN_PROGRESS_EVERY and self.count < self.total):
             return
         self.last = now
-        left = self.total - self.count  # at the mean pace so far (runs reused from the store count too)
-        eta = f", eta {_duration((now - self.start) / self.count * left)}" if left else ""
+        # the time left at the pace so far per unit of estimated cost: sweeps start with their longest
+        # runs, so a count of runs would overestimate it several times over at first
+        left = max(0.0, self.cost - self.done_cost)
+        eta = (f", eta {_duration((now - self.start) * left / self.done_cost)}"
+               if self.count < self.total and self.done_cost > 0 else "")
         self.console.print(f"{self.title}: {self.count}/{self.total} runs, {_duration(now - self.start)}{eta}; "
                            f"last {info}", markup=False, highlight=False, soft_wrap=True)
 
@@ -139,14 +145,15 @@ def _duration(seconds: float) -> str:
 
 def _run(args, configs, console: Console, title: str) -> list[dict]:
     """Sweep with a rich progress bar."""
-    from .sweep import executor_options, run_sweep
+    from .sweep import estimated_cost, executor_options, run_sweep
     from .train import config_hash
 
     opts = executor_options(args)  # a missing Ray is refused before the store or the data is touched
     configs = _resolved(args, configs)
     store = _store(args, check=True)
     try:
-        todo = len({config_hash(c) for c in configs if not store.has(config_hash(c))})
+        new = {config_hash(c): c for c in configs if not store.has(config_hash(c))}
+        todo = len(new)
         workers = _workers(args, todo)
         # at most ~76 columns (readable on an 80-column terminal): the run's label and info are cut, not the counts
         fixed = Column(no_wrap=True)
@@ -159,14 +166,14 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
             step_task = prog.add_task("  current run", total=1, info="",
                                       visible=workers == 1 and todo > 0 and opts["executor"] == "local")
 
-            lines = _PlainProgress(console, title, len(configs))
+            lines = _PlainProgress(console, title, len(configs), sum(map(estimated_cost, new.values())))
 
             def on_done(cfg, result, reused):
                 prog.advance(total)
                 tag = "reused" if reused else f"{result['seconds']:.1f}s"
                 info = f"{cfg.model}/{cfg.norm} seed {cfg.seed}: {100 * result['test_accuracy']:.1f}% ({tag})"
                 prog.update(total, info=escape(info))
-                lines.done(info)
+                lines.done(info, 0.0 if reused else estimated_cost(cfg))
 
             def on_step(cfg, step, steps, last):
                 prog.update(step_task, total=max(1, steps), completed=step,
