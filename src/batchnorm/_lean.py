@@ -57,7 +57,9 @@ def layer_call_aten(layer: Any, x: Tensor) -> Tensor | None:
     weight, bias = params["weight"], params["bias"]
     rm, rv = buffers["running_mean"], buffers["running_var"]
     if layer.training:
-        if layer.virtual_batch_size or layer.use_running_stats or not _aten.trains(x):
+        # _aten.trains(x), of which the checks above made the rest
+        if (layer.virtual_batch_size or layer.use_running_stats or rank != 2 or x.shape[0] < 2
+                or x.numel() > _aten.TRAIN_MAX_NUMEL):
             return None
         update = rm is not None and rv is not None and layer.track_running_stats and layer.update_running_stats
         momentum = layer.momentum if update else 0.0
@@ -66,8 +68,13 @@ def layer_call_aten(layer: Any, x: Tensor) -> Tensor | None:
                 or kernels.get_backend() != "auto" or ops.tracing() or ops.transformed()):
             return None
         nonfinite = layer.nonfinite
+        guard = None
+        if update and nonfinite != "propagate":
+            guard = layer.__dict__.get("_aten_guard")
+            if guard is None:
+                guard = layer.__dict__["_aten_guard"] = _aten.Guard()
         y, accepted = _aten.train(x, weight, bias, rm if update else None, rv if update else None, momentum, eps,
-                                  guard=nonfinite != "propagate")
+                                  guard)
         if update:
             if accepted:
                 nbt = buffers["num_batches_tracked"]

@@ -4,6 +4,8 @@ small inference calls (the ``aten`` backend), with the dispatcher choosing as in
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -282,3 +284,46 @@ def test_forced_backends_and_transforms_skip_the_aten_training_shortcut(cpu_read
     torch.testing.assert_close(ya, yb)
     torch.testing.assert_close(ja, jb)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def _replace_buffers(layer):
+    layer.running_var = torch.full((10,), 2.0)
+    layer.running_mean = torch.full((10,), 0.5)
+    return layer
+
+
+def _swap_storage(layer):
+    layer.running_var.data = torch.full((10,), 3.0)
+    layer.running_mean.set_(torch.full((10,), -1.0))
+    return layer
+
+
+@pytest.mark.parametrize("change", [
+    _replace_buffers, _swap_storage,
+    lambda layer: layer.double(),
+    lambda layer: copy.deepcopy(layer),
+    lambda layer: pickle.loads(pickle.dumps(layer)),
+    lambda layer: (layer.load_state_dict(bn.BatchNorm1d(10).state_dict()), layer)[1],
+], ids=["replaced", "storage", "double", "deepcopy", "pickle", "load_state_dict"])
+def test_small_rows_guard_follows_the_buffers_it_protects(change):
+    """The guard keeps numpy views of the running statistics between calls (kernels.aten.Guard);
+    after the buffers are replaced, moved to other storage or another dtype, or the layer is
+    copied, a NaN batch must still leave the *current* buffers as they were and a good batch
+    must still move them as torch's layer moves its own."""
+    layer = bn.BatchNorm1d(10)
+    layer(torch.randn(64, 10) * 2 + 1)  # the guard's views made for the first buffers
+    layer = change(layer)
+    dt = layer.running_var.dtype
+    bad = torch.randn(64, 10, dtype=dt)
+    bad[7, 4] = float("nan")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="running statistics keep their last good values"):
+        layer(bad)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    theirs = nn.BatchNorm1d(10).to(dt)
+    theirs.load_state_dict(layer.state_dict())
+    good = torch.randn(64, 10, dtype=dt) * 3 - 1
+    torch.testing.assert_close(layer(good), theirs(good))
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[k], v, rtol=1e-6, atol=1e-7)

@@ -25,6 +25,8 @@ as :func:`batchnorm.kernels.reference.forward_apply` does.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -69,27 +71,56 @@ def trains(x: Tensor) -> bool:
             and x.numel() <= TRAIN_MAX_NUMEL)
 
 
+class Guard:
+    """What :func:`train`'s non-finite guard keeps between one layer's calls: numpy views of its
+    running statistics, made again when a buffer is replaced or moved (another tensor, address or
+    dtype). At (256, 100) the guard is most of what the layer's call adds to torch's; views made
+    once, and a dot product with zeros (NaN whenever a value is NaN or infinite, and no overflow)
+    instead of ``isfinite(...).all()``, make it cheaper (docs/performance.md). Copying or pickling
+    a layer gives its copy an empty guard (the views belong to the original's buffers)."""
+
+    __slots__ = ("_mean", "_var", "_ptrs", "_dtype", "_views", "_zeros")
+
+    def __init__(self) -> None:
+        self._mean: Tensor | None = None
+
+    def __reduce__(self) -> tuple:
+        return (Guard, ())
+
+    def views(self, mean: Tensor, var: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Numpy views of ``mean`` and ``var`` (buffers: no grad to detach from)."""
+        if not (self._mean is mean and self._var is var and self._dtype is mean.dtype
+                and self._ptrs == (mean.data_ptr(), var.data_ptr())):
+            self._mean, self._var, self._dtype = mean, var, mean.dtype
+            self._ptrs = (mean.data_ptr(), var.data_ptr())
+            self._views = (mean.numpy(), var.numpy())
+            self._zeros = np.zeros_like(self._views[1])
+        return self._views
+
+    def finite(self, var_view: np.ndarray) -> bool:
+        """Whether every value of ``var_view`` (one of :meth:`views`) is finite."""
+        return math.isfinite(var_view.dot(self._zeros))
+
+
 def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-          running_var: Tensor | None, momentum: float, eps: float, guard: bool) -> tuple[Tensor, bool]:
+          running_var: Tensor | None, momentum: float, eps: float, guard: Guard | None) -> tuple[Tensor, bool]:
     """Training-mode batch norm by ``torch.batch_norm`` (ATen's kernel and autograd): ``(y, accepted)``.
 
     The running statistics (both or neither; ``x``'s dtype, ``C`` values: :func:`params_fit`; not
     requiring grad) move in the same call, ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
-    batch variance, as :func:`batchnorm.kernels.reference.update_running`. With ``guard``, a batch
+    batch variance, as :func:`batchnorm.kernels.reference.update_running`. With a ``guard``, a batch
     whose statistics are not finite leaves them as they were (``accepted`` False): ATen's variance
     is NaN or inf whenever its mean is (an inf value gives ``inf - inf``), so the updated running
     variance tells, and the values kept before the call are put back."""
-    if running_mean is None or running_var is None or not guard:
+    if running_mean is None or running_var is None or guard is None:
         return torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps, False), True
-    # numpy views and copies of the C values: a third of what torch.cat and torch.isfinite(...).all() cost
-    mean_now, var_now = running_mean.numpy(), running_var.numpy()  # buffers: no grad to detach from
+    mean_now, var_now = guard.views(running_mean, running_var)
     kept = mean_now.copy(), var_now.copy()
     y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps, False)
-    if np.isfinite(var_now).all():
+    if guard.finite(var_now):
         return y, True
-    with torch.no_grad():
-        running_mean.copy_(torch.from_numpy(kept[0]))
-        running_var.copy_(torch.from_numpy(kept[1]))
+    mean_now[:] = kept[0]
+    var_now[:] = kept[1]
     return y, False
 
 
