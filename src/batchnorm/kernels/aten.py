@@ -11,14 +11,15 @@ the cpu backend's ``forward_apply`` in one process, interleaved: 14.4 vs 21.5 us
 Training: for a 2-D ``(N, C)`` input of at most :data:`TRAIN_MAX_NUMEL` values (the common
 ``Linear -> BatchNorm1d`` of an MLP) a layer's eager call costs more in the Python around our
 kernels (an ``autograd.Function``, a numba call of ~20 arguments, ~100 us at (256, 100)) than in
-the arithmetic; there the layers call :func:`train` (``torch.batch_norm`` with ATen's own autograd,
+the arithmetic; there the layers call :func:`train` (ATen's kernel with its own autograd,
 the running statistics moved in the same call) from :func:`batchnorm._lean.layer_call_aten`,
 with our non-finite guard around it. The operators and every other path are unchanged.
 
 Only ``forward_apply`` (inference, frozen statistics) runs here as an operator; the dispatcher passes every
 other op, and larger tensors, to the next backend (the other entry points of the backend
 contract, :class:`batchnorm.kernels.protocol.Backend`, are the reference backend's).
-``torch.batch_norm`` with ``training=False`` computes
+ATen's kernel (``torch.native_batch_norm``: what ``torch.batch_norm`` runs on the CPU, without
+its dispatch through ``_batch_norm_impl_index``, 0.3-0.5 us a call) with ``training=False`` computes
 ``(x - mean) * (1 / sqrt(var + eps)) * weight + bias`` with the statistics as given,
 as :func:`batchnorm.kernels.reference.forward_apply` does.
 """
@@ -43,11 +44,11 @@ _DTYPES = (torch.float32, torch.float64)
 
 def forward_apply(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None,
                   bias: Tensor | None) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` by ``torch.batch_norm`` (by the reference
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` by ATen's kernel (by the reference
     backend when a per-channel tensor is not ``(C,)`` in ``x``'s dtype, which ATen does not take)."""
     if not params_fit(x, mean, var, weight, bias):
         return reference.forward_apply(x, mean, var, eps, weight, bias)
-    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+    return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
 
 
 forward_train = reference.forward_train
@@ -104,7 +105,8 @@ class Guard:
 
 def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
           running_var: Tensor | None, momentum: float, eps: float, guard: Guard | None) -> tuple[Tensor, bool]:
-    """Training-mode batch norm by ``torch.batch_norm`` (ATen's kernel and autograd): ``(y, accepted)``.
+    """Training-mode batch norm by ATen's kernel and autograd (``torch.native_batch_norm``, what
+    ``torch.batch_norm`` calls on the CPU after checks that :func:`params_fit` has made): ``(y, accepted)``.
 
     The running statistics (both or neither; ``x``'s dtype, ``C`` values: :func:`params_fit`; not
     requiring grad) move in the same call, ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
@@ -113,10 +115,10 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     is NaN or inf whenever its mean is (an inf value gives ``inf - inf``), so the updated running
     variance tells, and the values kept before the call are put back."""
     if running_mean is None or running_var is None or guard is None:
-        return torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps, False), True
+        return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)[0], True
     mean_now, var_now = guard.views(running_mean, running_var)
     kept = mean_now.copy(), var_now.copy()
-    y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps, False)
+    y = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)[0]
     if guard.finite(var_now):
         return y, True
     mean_now[:] = kept[0]
