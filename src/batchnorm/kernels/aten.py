@@ -84,6 +84,11 @@ class Guard:
 
     def __init__(self) -> None:
         self._mean: Tensor | None = None
+        self._var: Tensor | None = None
+        self._ptrs: tuple[int, int] = (0, 0)
+        self._dtype: torch.dtype | None = None
+        self._views: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
+        self._zeros: np.ndarray = np.zeros(0)
 
     def __reduce__(self) -> tuple:
         return (Guard, ())
