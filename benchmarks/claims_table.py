@@ -1,0 +1,68 @@
+"""The claims table of README.md and docs/lab.md, in Markdown, from the output of ``batchnorm claims --json``.
+
+``claims --json`` prints its result object as the last line of its output; this script reads that
+line from a file (or stdin) and prints one row per claim: the claim with its effect's unit and
+minimum, the claim's verdict, and every condition's effect, unadjusted 95% interval and verdict::
+
+    batchnorm claims --full --out claims-full --json > claims-full.log
+    python benchmarks/claims_table.py claims-full.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def last_json(text: str) -> dict:
+    """The last line of ``text`` that is a JSON object (the ``--json`` result)."""
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and "claims" in obj:
+                return obj
+    raise ValueError("no claims --json result line found (run `batchnorm claims ... --json`)")
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
+def condition_cell(c: dict) -> str:
+    lo, hi = c.get("ci95") or (None, None)
+    return (f"{c['dataset']}, {c['condition']}: {_num(c.get('effect'))} [{_num(lo)}, {_num(hi)}] "
+            f"{c['verdict']}")
+
+
+def markdown(payload: dict) -> str:
+    rows = ["| claim | verdict | conditions: effect [95% CI], verdict |", "|---|---|---|"]
+    for r in payload["claims"]:
+        claim = f"{r['claim']} ({r['unit']}; claimed ≥ {r['min_effect']:g})"
+        cells = "<br>".join(condition_cell(c) for c in r["conditions"])
+        rows.append(f"| {claim} | **{r['verdict']}** | {cells} |")
+    n = sum(len(r["conditions"]) for r in payload["claims"])
+    rows.append("")
+    rows.append(f"{len(payload['claims'])} claims, {n} conditions, `--{payload['mode']}`.")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("log", nargs="?", help="the output of `batchnorm claims --json` (default: stdin)")
+    args = ap.parse_args(argv)
+    text = open(args.log, encoding="utf-8").read() if args.log else sys.stdin.read()
+    try:
+        print(markdown(last_json(text)))
+    except (ValueError, KeyError) as exc:
+        print(f"claims_table: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
