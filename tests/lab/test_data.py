@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 import hashlib
 import struct
 from pathlib import Path
@@ -255,6 +258,26 @@ def test_mnist1d_cache_is_checked(tmp_path, monkeypatch):
     raw, ident2 = D._mnist1d_raw_id(42, 5000)
     assert calls == [42] and ident2 == ident
     np.testing.assert_array_equal(raw["y"], real["y"])
+
+
+def test_mnist1d_identity_is_the_same_without_numpy_avx512_kernels():
+    """MNIST-1D is generated on every machine, and its identity is in every run's key. numpy's AVX-512
+    kernels (``X86_V4``) give the generator's float64 values a few ulps away from its AVX2 ones, so on
+    an AVX-512 Xeon the identity differed from an AVX2-only EPYC's (this test's assertion failed, and
+    so did the known-identity check above). With those kernels disabled in a subprocess (what an
+    AVX2-only CPU runs), the data and identity must be the same as here."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:
+        pytest.skip("numpy < 2 names its CPU features differently")
+    if "X86_V4" not in __cpu_dispatch__ or not __cpu_features__.get("X86_V4"):
+        pytest.skip("needs numpy >= 2.4 on a CPU with AVX-512 (numpy's X86_V4 kernels)")
+    code = "from batchnorm.lab import data as D; print(D._raw_identity(D._generate_mnist1d(42, 5000)))"
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": "X86_V4"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    here = D._raw_identity(D._generate_mnist1d(42, 5000))
+    assert out.stdout.strip() == here == D.MNIST1D_IDENTITY[(42, 5000)]
 
 
 @pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
