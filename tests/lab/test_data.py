@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import struct
 import subprocess
 import sys
-import hashlib
-import struct
 from pathlib import Path
 
 import numpy as np
