@@ -152,7 +152,7 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
     configs = _resolved(args, configs)
     store = _store(args, check=True)
     try:
-        new = {config_hash(c): c for c in configs if not store.has(config_hash(c))}
+        new = {h: c for c in configs if not store.has(h := config_hash(c))}  # each key computed once
         todo = len(new)
         workers = _workers(args, todo)
         # at most ~76 columns (readable on an 80-column terminal): the run's label and info are cut, not the counts
