@@ -135,10 +135,26 @@ def _layer_eval(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return step
 
 
+def _python_guard(step: Callable[[], Any]) -> Callable[[], Any]:
+    """``step`` with the native training call hidden: the layer runs the Python guard."""
+    from batchnorm.kernels.native import NATIVE
+
+    def run() -> None:
+        call, NATIVE.train = NATIVE.train, None
+        try:
+            step()
+        finally:
+            NATIVE.train = call
+
+    return run
+
+
 def small(repeats: int) -> list[dict[str, Any]]:
     import batchnorm as bn
+    from batchnorm.kernels.native import NATIVE
 
     out = []
+    native = NATIVE.wait() is not None  # built once per machine (kernels/native.py)
     for shape, ours_cls, torch_cls in (((256, 100), bn.BatchNorm1d, nn.BatchNorm1d),
                                       ((64, 64, 8, 8), bn.BatchNorm2d, nn.BatchNorm2d)):
         x = torch.randn(shape, requires_grad=True)
@@ -146,13 +162,21 @@ def small(repeats: int) -> list[dict[str, Any]]:
         name = f"{torch_cls.__name__} {shape} training forward+backward"
         # a third contender in the same interleaving: our layer without its non-finite guard, whose
         # cost is the rest of the gap at (256, 100)
-        t = _interleaved({"ours": _layer_fwd_bwd(ours_cls(shape[1]), x, dy),
-                          "unguarded": _layer_fwd_bwd(ours_cls(shape[1], nonfinite="propagate"), x, dy),
-                          "torch": _layer_fwd_bwd(torch_cls(shape[1]), x, dy)}, repeats, 10)
+        # more contenders in the same interleaving, not targets: our layer without its non-finite guard,
+        # and (where the guard runs natively) with the guard in Python, as before the native call is loaded
+        steps = {"ours": _layer_fwd_bwd(ours_cls(shape[1]), x, dy),
+                 "unguarded": _layer_fwd_bwd(ours_cls(shape[1], nonfinite="propagate"), x, dy),
+                 "torch": _layer_fwd_bwd(torch_cls(shape[1]), x, dy)}
+        if native and len(shape) == 2:
+            steps["python_guard"] = _python_guard(_layer_fwd_bwd(ours_cls(shape[1]), x, dy))
+        t = _interleaved(steps, repeats, 10)
         out.append({"what": name, "ours_s": t["ours"], "torch_s": t["torch"], "ratio": t["torch"] / t["ours"],
-                    "goal": 1.0})
+                    "goal": 1.0, "native_guard": native})
         out.append({"what": name + ", nonfinite='propagate' (no guard; not a target)", "ours_s": t["unguarded"],
                     "torch_s": t["torch"], "ratio": t["torch"] / t["unguarded"], "goal": None})
+        if "python_guard" in t:
+            out.append({"what": name + ", guard in Python (not a target)", "ours_s": t["python_guard"],
+                        "torch_s": t["torch"], "ratio": t["torch"] / t["python_guard"], "goal": None})
     x = torch.randn(256, 100)
     ours, theirs = bn.BatchNorm1d(100).eval(), nn.BatchNorm1d(100).eval()
     out.append(_pair("BatchNorm1d (256, 100) eval forward", _layer_eval(ours, x), _layer_eval(theirs, x),

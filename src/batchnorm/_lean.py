@@ -74,14 +74,9 @@ def layer_call_aten(layer: Any, x: Tensor) -> Tensor | None:
             if guard is None:
                 guard = layer.__dict__["_aten_guard"] = _aten.Guard()
         y, accepted = _aten.train(x, weight, bias, rm if update else None, rv if update else None, momentum, eps,
-                                  guard)
-        if update:
-            if accepted:
-                nbt = buffers["num_batches_tracked"]
-                if nbt is not None:
-                    nbt.add_(1)
-            else:
-                _report_nonfinite(nonfinite, stacklevel=3)  # the layer's forward, as the general path
+                                  guard, buffers.get("num_batches_tracked") if update else None)
+        if not accepted:
+            _report_nonfinite(nonfinite, stacklevel=3)  # the layer's forward, as the general path
         return y
     if rm is None or rv is None:
         return None

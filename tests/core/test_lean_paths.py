@@ -27,6 +27,22 @@ def cpu_ready():
             cpu.KERNELS.ready(entry, dtype, wait=True)
 
 
+@pytest.fixture(params=["native", "python"])
+def guard(request, monkeypatch):
+    """Each guarded small-row test runs twice: with the guard inside the native training call
+    (kernels/native.py, built here if this machine has not built it) and with the guard in Python
+    (what runs until it is loaded, or where it cannot be built)."""
+    from batchnorm.kernels.native import NATIVE
+
+    if request.param == "native":
+        if NATIVE.wait(timeout=600) is None:
+            pytest.fail(f"the native training call is not available: {NATIVE.state} ({NATIVE.reason})")
+    else:
+        monkeypatch.setattr(NATIVE, "train", None)
+        monkeypatch.setattr(NATIVE, "state", "off")
+    return request.param
+
+
 def _pair(shape, dtype, **kw):
     torch.manual_seed(0)
     cls_ours = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d, 5: bn.BatchNorm3d}[len(shape)]
@@ -172,7 +188,7 @@ ROWS = [(2, 1), (2, 255), (3, 256), (64, 257), (256, 100), (128, 1024), (1024, 2
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", ROWS)
-def test_small_rows_train_on_aten_up_to_the_limit(cpu_ready, shape, dtype):
+def test_small_rows_train_on_aten_up_to_the_limit(cpu_ready, guard, shape, dtype):
     """(N, C) training calls up to aten.TRAIN_MAX_NUMEL values (1024 x 256 is the last, 1025 x 256
     the first beyond) run on ATen's kernel and autograd; outputs, gradients (first and second
     order), running statistics and batch count equal torch's layer's over three steps."""
@@ -205,7 +221,7 @@ OPTIONS = [{"momentum": None}, {"track_running_stats": False}, {"affine": False}
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
-def test_small_rows_with_every_option_keep_their_meaning(cpu_ready, options):
+def test_small_rows_with_every_option_keep_their_meaning(cpu_ready, guard, options):
     """Each layer option the ATen shortcut does not take (cumulative momentum, frozen statistics,
     frozen gamma/beta, ghost batches) sends the call down our path, and each it takes keeps its
     meaning: the result equals the same layer computed on the reference backend (forced, so no
@@ -238,7 +254,7 @@ def test_small_rows_with_every_option_keep_their_meaning(cpu_ready, options):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_small_rows_nonfinite_batch_on_aten(bad):
+def test_small_rows_nonfinite_batch_on_aten(guard, bad):
     """The guard around ATen's update: a NaN or +-inf in a small (N, C) batch leaves the running
     statistics and the batch count as they were (a warning with 'skip', an error with 'raise'),
     while 'propagate' writes what torch's layer writes."""
@@ -298,15 +314,22 @@ def _swap_storage(layer):
     return layer
 
 
+def _strided_buffers(layer):
+    """Buffers that are views with a stride of 2 (the native call keeps and restores them as tensors)."""
+    layer.running_mean = torch.zeros(20)[::2]
+    layer.running_var = torch.ones(20)[::2]
+    return layer
+
+
 @pytest.mark.parametrize("change", [
-    _replace_buffers, _swap_storage,
+    _replace_buffers, _swap_storage, _strided_buffers,
     lambda layer: layer.double(),
     lambda layer: copy.deepcopy(layer),
     lambda layer: pickle.loads(pickle.dumps(layer)),
     lambda layer: (layer.load_state_dict(bn.BatchNorm1d(10).state_dict()), layer)[1],
-], ids=["replaced", "storage", "double", "deepcopy", "pickle", "load_state_dict"])
-def test_small_rows_guard_follows_the_buffers_it_protects(change):
-    """The guard keeps numpy views of the running statistics between calls (kernels.aten.Guard);
+], ids=["replaced", "storage", "strided", "double", "deepcopy", "pickle", "load_state_dict"])
+def test_small_rows_guard_follows_the_buffers_it_protects(guard, change):
+    """The Python guard keeps numpy views of the running statistics between calls (kernels.aten.Guard);
     after the buffers are replaced, moved to other storage or another dtype, or the layer is
     copied, a NaN batch must still leave the *current* buffers as they were and a good batch
     must still move them as torch's layer moves its own."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import reference, register_backend
+from . import native, reference, register_backend
 
 name = "aten"
 
@@ -109,26 +109,36 @@ class Guard:
 
 
 def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-          running_var: Tensor | None, momentum: float, eps: float, guard: Guard | None) -> tuple[Tensor, bool]:
+          running_var: Tensor | None, momentum: float, eps: float, guard: Guard | None,
+          num_batches_tracked: Tensor | None = None) -> tuple[Tensor, bool]:
     """Training-mode batch norm by ATen's kernel and autograd (``torch.native_batch_norm``, what
     ``torch.batch_norm`` calls on the CPU after checks that :func:`params_fit` has made): ``(y, accepted)``.
 
     The running statistics (both or neither; ``x``'s dtype, ``C`` values: :func:`params_fit`; not
     requiring grad) move in the same call, ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
-    batch variance, as :func:`batchnorm.kernels.reference.update_running`. With a ``guard``, a batch
-    whose statistics are not finite leaves them as they were (``accepted`` False): ATen's variance
-    is NaN or inf whenever its mean is (an inf value gives ``inf - inf``), so the updated running
-    variance tells, and the values kept before the call are put back."""
+    batch variance, as :func:`batchnorm.kernels.reference.update_running`, and ``num_batches_tracked`` (if given)
+    counts the accepted batches. With a ``guard``, a batch whose statistics are not finite leaves them as they were
+    (``accepted`` False): ATen's variance is NaN or inf whenever its mean is (an inf value gives ``inf - inf``), so
+    the updated running statistics tell, and the values kept before the call are put back. The guarded call is
+    :mod:`batchnorm.kernels.native`'s single C++ call once it is built and loaded, else the same steps here
+    (numpy views kept in ``guard``)."""
     if running_mean is None or running_var is None or guard is None:
-        return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)[0], True
-    mean_now, var_now = guard.views(running_mean, running_var)
-    kept = mean_now.copy(), var_now.copy()
-    y = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)[0]
-    if guard.finite(var_now):
-        return y, True
-    mean_now[:] = kept[0]
-    var_now[:] = kept[1]
-    return y, False
+        y = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)[0]
+        accepted = True
+    else:
+        call = native.NATIVE.request()
+        if call is not None:
+            return call(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+        mean_now, var_now = guard.views(running_mean, running_var)
+        kept = mean_now.copy(), var_now.copy()
+        y = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)[0]
+        accepted = guard.finite(var_now)
+        if not accepted:
+            mean_now[:] = kept[0]
+            var_now[:] = kept[1]
+    if accepted and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return y, accepted
 
 
 def params_fit(x: Tensor, *tensors: Tensor | None) -> bool:
