@@ -350,3 +350,18 @@ def test_small_rows_guard_follows_the_buffers_it_protects(guard, change):
     torch.testing.assert_close(layer(good), theirs(good))
     for k, v in theirs.state_dict().items():
         torch.testing.assert_close(layer.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["enable_grad", "no_grad", "inference_mode"])
+def test_small_rows_transposed_input_under_each_grad_mode(guard, mode):
+    """A transposed (non-contiguous) (N, C) batch under each grad mode takes the ATen route and
+    gives torch's layer's output, running statistics and batch count."""
+    ours, theirs = bn.BatchNorm1d(50), nn.BatchNorm1d(50)
+    x = torch.randn(50, 64).t()
+    assert not x.is_contiguous() and kernels.aten.trains(x)
+    with getattr(torch, mode)():
+        ya, yb = ours(x), theirs(x)
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == 1
