@@ -52,13 +52,16 @@ def _run(env):
                             text=True)
 
 
-def test_two_processes_build_once_past_a_stale_lock(env):
-    """Two processes start training at once on an empty extensions directory that holds a lock
-    file left by a killed build: neither waits at its first call (the Python guard runs), one
-    build runs (one pair of messages), the stale lock does not block it, and both load the call."""
+def test_two_processes_build_once_past_what_a_killed_build_left(env):
+    """Two processes start training at once on an extensions directory that holds what a killed
+    build left (torch's lock file, a half-written library): neither waits at its first call (the
+    Python guard runs), one build runs (one pair of messages), the stale lock does not block it,
+    the broken library is not loaded, and both load the call."""
     directory = _directory(env)
     os.makedirs(directory)
     open(os.path.join(directory, "lock"), "w").close()  # torch's FileBaton of a build that was killed
+    with open(os.path.join(directory, native.build_name() + ".so"), "wb") as f:
+        f.write(b"\x7fELF half-written")
     procs = [_run(env) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
@@ -67,7 +70,8 @@ def test_two_processes_build_once_past_a_stale_lock(env):
     assert messages.count("batchnorm: building the native training call for small inputs in the background") == 1, \
         messages
     assert messages.count("batchnorm: built the native training call") == 1, messages
-    assert os.path.exists(os.path.join(directory, native.build_name() + ".so"))
+    assert os.path.getsize(os.path.join(directory, native.build_name() + ".so")) > 10_000
+    assert os.path.exists(os.path.join(directory, "built"))
     assert not os.path.exists(os.path.join(directory, "lock"))
 
 

@@ -17,12 +17,13 @@ install ninja) into torch's extensions directory (``TORCH_EXTENSIONS_DIR``, defa
 ``~/.cache/torch_extensions``), under a directory named after the source's and torch's versions,
 and the thread then imports the library. One line on stderr says when a build starts and one
 when it ends (``BATCHNORM_QUIET=1`` silences them); about 20-40 s on 2 cores. A file lock makes
-other processes wait for that build instead of starting their own (once per machine), and a lock
-left by a killed build is cleared. A build that fails leaves a ``failed`` file with the compiler's
-message beside it, so later processes do not try again (delete the directory to retry), and
-says once which guard is used instead. ``BATCHNORM_COMPILE=wait`` makes the first guarded call
-wait for the build (its builder at normal priority), and ``BATCHNORM_NATIVE=0`` turns the native
-call off.
+other processes wait for that build instead of starting their own (once per machine); a library
+counts as built once a ``built`` marker beside it says so, and what a killed build left (torch's
+lock file, a half-linked library) is cleared before the next build. A build that fails leaves a
+``failed`` file with the compiler's message beside it, so later processes do not try again (delete
+the directory to retry), and says once which guard is used instead. ``BATCHNORM_COMPILE=wait``
+makes the first guarded call wait for the build (its builder at normal priority), and
+``BATCHNORM_NATIVE=0`` turns the native call off.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def _library(directory: Path, name: str) -> Path:
     return directory / f"{name}.so"
 
 
+def _built(directory: Path) -> Path:
+    """The marker written once a build has finished (a library without it may be half-linked)."""
+    return directory / "built"
+
+
 def _ninja_dirs() -> list[str]:
     try:
         import ninja  # the PyPI package: its binary sits in BIN_DIR
@@ -93,11 +99,13 @@ def build(directory: Path, name: str, background: bool = False) -> None:
         failed = directory / "failed"
         if failed.exists():
             raise RuntimeError(failed.read_text().strip())
-        if _library(directory, name).exists():
+        if _built(directory).exists():
             return
-        # torch's own lock file (its FileBaton): one left by a build that was killed would make
-        # every later load wait for ever; under our lock nobody of ours is building
+        # what a killed build left: torch's own lock file (its FileBaton), which would make every
+        # later load wait for ever, and perhaps a half-linked library, which ninja could take for
+        # up to date; under our lock nobody of ours is building
         (directory / "lock").unlink(missing_ok=True)
+        _library(directory, name).unlink(missing_ok=True)
         start = time.monotonic()
         _jit.say("building the native training call for small inputs" + (" in the background" if background else "")
                  + ", once per machine (about 20-40 s on 2 cores"
@@ -109,6 +117,7 @@ def build(directory: Path, name: str, background: bool = False) -> None:
             failed.write_text(f"building {SOURCE.name} failed (delete {directory} to try again): "
                               f"{type(exc).__name__}: {message}\n")
             raise
+        _built(directory).touch()
         _jit.say(f"built the native training call in {time.monotonic() - start:.0f} s")
 
 
@@ -157,7 +166,7 @@ class Native:
             if failed.exists():  # said by the process whose build failed; not tried again
                 self.state, self.reason = "failed", failed.read_text().strip()
                 return
-            if not _library(directory, name).exists():
+            if not _built(directory).exists():
                 self._build_elsewhere(directory, name, background=not in_process)
             module = self._import(directory, name)
             self.train = module.train
