@@ -160,8 +160,6 @@ def small(repeats: int) -> list[dict[str, Any]]:
         x = torch.randn(shape, requires_grad=True)
         dy = torch.randn(shape)
         name = f"{torch_cls.__name__} {shape} training forward+backward"
-        # a third contender in the same interleaving: our layer without its non-finite guard, whose
-        # cost is the rest of the gap at (256, 100)
         # more contenders in the same interleaving, not targets: our layer without its non-finite guard,
         # and (where the guard runs natively) with the guard in Python, as before the native call is loaded
         steps = {"ours": _layer_fwd_bwd(ours_cls(shape[1]), x, dy),
