@@ -365,3 +365,29 @@ def test_small_rows_transposed_input_under_each_grad_mode(guard, mode):
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
     assert int(ours.num_batches_tracked) == 1
+
+
+def test_native_and_python_guard_compute_the_same_bits(monkeypatch):
+    """A process switches from the Python guard to the native call when the build is loaded, in the
+    middle of a run: both must give the same bits (outputs, gradients, running statistics, count),
+    or a lab run's result would depend on when the build finished."""
+    from batchnorm.kernels.native import NATIVE
+
+    if NATIVE.wait(timeout=600) is None:
+        pytest.fail(f"the native training call is not available: {NATIVE.state} ({NATIVE.reason})")
+    torch.manual_seed(0)
+    layers = [bn.BatchNorm1d(100), bn.BatchNorm1d(100)]
+    for step in range(5):
+        x = torch.randn(256, 100) * (step + 1) + step
+        dy = torch.randn(256, 100)
+        results = []
+        for native, layer in zip((True, False), layers):
+            with monkeypatch.context() as m:
+                if not native:
+                    m.setattr(NATIVE, "train", None)
+                xi = x.clone().requires_grad_()
+                y = layer(xi)
+                y.backward(dy)
+            results.append([y, xi.grad, layer.weight.grad, layer.bias.grad, *layer.state_dict().values()])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
