@@ -121,7 +121,7 @@ class _PlainProgress:
         self.count, self.done_cost, self.start, self.last = 0, 0.0, time.monotonic(), float("-inf")
 
     def done(self, info: str, cost: float) -> None:
-        """A run finished; ``cost``: its estimated cost (:func:`~batchnorm.lab.sweep.estimated_cost`;
+        """A run finished; ``cost``: its estimated seconds (:class:`~batchnorm.lab.sweep.CostModel`;
         0 for a run reused from the store)."""
         self.count += 1
         self.done_cost += cost
@@ -145,7 +145,7 @@ def _duration(seconds: float) -> str:
 
 def _run(args, configs, console: Console, title: str) -> list[dict]:
     """Sweep with a rich progress bar."""
-    from .sweep import estimated_cost, executor_options, run_sweep
+    from .sweep import CostModel, executor_options, run_sweep
     from .train import config_hash
 
     opts = executor_options(args)  # a missing Ray is refused before the store or the data is touched
@@ -166,21 +166,22 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
             step_task = prog.add_task("  current run", total=1, info="",
                                       visible=workers == 1 and todo > 0 and opts["executor"] == "local")
 
-            lines = _PlainProgress(console, title, len(configs), sum(map(estimated_cost, new.values())))
+            cost = CostModel.of(store)  # seconds per run, from the stored runs most like it
+            lines = _PlainProgress(console, title, len(configs), sum(map(cost, new.values())))
 
             def on_done(cfg, result, reused):
                 prog.advance(total)
                 tag = "reused" if reused else f"{result['seconds']:.1f}s"
                 info = f"{cfg.model}/{cfg.norm} seed {cfg.seed}: {100 * result['test_accuracy']:.1f}% ({tag})"
                 prog.update(total, info=escape(info))
-                lines.done(info, 0.0 if reused else estimated_cost(cfg))
+                lines.done(info, 0.0 if reused else cost(cfg))
 
             def on_step(cfg, step, steps, last):
                 prog.update(step_task, total=max(1, steps), completed=step,
                             description=escape(f"  {cfg.model}/{cfg.norm} lr {cfg.lr:g} seed {cfg.seed}"),
                             info=f"test {100 * last['test_acc']:.1f}%")
 
-            runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step, **opts)
+            runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step, cost=cost, **opts)
     finally:
         store.close()
     return runs

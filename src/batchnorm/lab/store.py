@@ -211,6 +211,12 @@ class Store:
             "created": row[6],
         }
 
+    def timings(self) -> list[tuple[dict, float, int]]:
+        """Every stored run's configuration, seconds of training and steps trained (sweeps' cost estimates)."""
+        rows = self._conn.execute(
+            "SELECT config, json_extract(result, '$.seconds'), json_extract(result, '$.steps') FROM runs")
+        return [(json.loads(c), float(sec), int(n)) for c, sec, n in rows if sec is not None and n]
+
     def hashes(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT hash FROM runs ORDER BY created")]
 

@@ -24,6 +24,7 @@ import argparse
 import concurrent.futures as cf
 import ctypes
 import dataclasses
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -155,16 +156,71 @@ def _worker_run(cfg_dict: dict) -> tuple[str, dict]:
     return run["hash"], run["result"]
 
 
+#: Seconds per training step (evaluations included) of each built-in model at its recipe's batch size, on
+#: the reference data, one thread: medians of the runs of a `claims --full` store (2-vCPU Xeon VM,
+#: 2026-12-04; docs/lab.md). Only the fallback of :class:`CostModel` for runs unlike any stored one.
+STEP_SECONDS = {"logistic": 0.0005, "paper-mlp": 0.001, "seed-mlp": 0.001, "mlp": 0.002, "cnn": 0.008,
+                "cnn2d": 0.015, "deep-mlp": 0.015, "resnet-mlp": 0.02, "resnet": 0.15, "lstm": 0.012}
+
+
 def estimated_cost(cfg: RunConfig) -> float:
-    """Rough relative cost of a run (steps x layers x norm overhead), to schedule long runs first."""
+    """A run's seconds as guessed from its configuration alone (:data:`STEP_SECONDS` per step, a norm
+    costing 1.3x, 5x in the LSTM, where it normalizes every time step; probes 1.5x each; Fashion-MNIST's
+    784 inputs 1.5x MNIST-1D's 40): :class:`CostModel`'s fallback."""
     full = with_recipe(cfg)
-    kw = dict(full.model_kw)
-    layers = kw.get("depth", 3) if full.model in ("deep-mlp", "resnet-mlp") else 3
-    if full.model == "lstm":
-        layers = 40
-    norm = 1.0 if full.norm == "none" else 3.0
-    probes = 1.0 + 0.5 * len(full.probes)
-    return (recipe_fields(full).steps + 50) * layers * norm * probes * (3.0 if full.model in ("cnn", "cnn2d") else 1.0)
+    per_step = STEP_SECONDS.get(full.model, 0.005)
+    if full.norm != "none":
+        per_step *= 5.0 if full.model == "lstm" else 1.3
+    per_step *= (1.0 + 0.5 * len(full.probes)) * (1.5 if full.dataset == "fashion-mnist" else 1.0)
+    return per_step * recipe_fields(full).steps
+
+
+#: Configuration fields that do not change what a training step costs.
+_COST_NEUTRAL = ("seed", "lr", "steps", "eval_every", "weight_scale", "blowup")
+
+
+def _cost_keys(cfg: dict) -> tuple[str, str, str]:
+    """From the closest to the loosest: the configuration less its cost-neutral fields; model, data and
+    norm; the model."""
+    exact = json.dumps({k: v for k, v in cfg.items() if k not in _COST_NEUTRAL}, sort_keys=True, default=str)
+    return exact, f"{cfg.get('model')}|{cfg.get('dataset')}|{cfg.get('norm')}", str(cfg.get("model"))
+
+
+class CostModel:
+    """Seconds a run will take, from the stored runs most like it: the median seconds per step of the
+    runs that differ from it only in seed, learning rate, step count or other fields that do not change
+    a step's cost, else of those with its model, data and norm, else of its model, times its steps; for
+    a run unlike any stored one, :func:`estimated_cost` scaled by how the stored runs compared with it
+    on this store's machines. A sweep runs the longest first and its progress line tells the time left
+    with it (the heuristic alone was off by up to 90x: a small ResNet step costs 80x an MLP's)."""
+
+    def __init__(self, timings: Iterable[tuple[dict, float, int]] = ()) -> None:
+        per_step: dict[str, list[float]] = {}
+        ratios = []
+        for cfg, seconds, steps in timings:
+            if seconds <= 0 or steps <= 0:
+                continue
+            for key in _cost_keys(cfg):
+                per_step.setdefault(key, []).append(seconds / steps)
+            try:
+                guess = estimated_cost(RunConfig.from_dict(cfg))
+            except Exception:  # a run of an older configuration format: its timing still counts above
+                continue
+            planned = cfg.get("steps") or steps  # a run that diverged stopped early
+            ratios.append(seconds / (guess * steps / planned))
+        self._per_step = {k: float(np.median(v)) for k, v in per_step.items()}
+        self._scale = float(np.median(ratios)) if ratios else 1.0
+
+    @classmethod
+    def of(cls, store: Store) -> CostModel:
+        return cls(store.timings())
+
+    def __call__(self, cfg: RunConfig) -> float:
+        full = with_recipe(cfg)
+        for key in _cost_keys(full.to_dict()):
+            if key in self._per_step:
+                return self._per_step[key] * recipe_fields(full).steps
+        return self._scale * estimated_cost(full)
 
 
 def run_sweep(
@@ -176,8 +232,11 @@ def run_sweep(
     on_step: Callable[[RunConfig, int, int, dict], None] | None = None,
     executor: str = "local",
     address: str | None = None,
+    cost: Callable[[RunConfig], float] | None = None,
 ) -> list[dict]:
     """Make sure every configuration has a stored run; return the runs in the order given.
+
+    The missing runs start longest first by ``cost`` (seconds; default :class:`CostModel` of ``store``).
 
     ``on_done(cfg, result, reused)`` is called once per configuration; ``on_step`` forwards the training
     progress of in-process runs (``workers == 1``, local executor).
@@ -197,8 +256,10 @@ def run_sweep(
                 on_done(c, _stored(store, h)["result"], True)
         elif h not in todo:
             todo[h] = c
+    if todo and cost is None:
+        cost = CostModel.of(store)
     if todo and executor == "ray":
-        _run_ray(todo, store, workers, address, on_done)
+        _run_ray(todo, store, workers, address, on_done, cost)
     elif todo and (workers <= 1 or len(todo) == 1):
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -220,7 +281,7 @@ def run_sweep(
             initargs=(str(store.path), 1, os.getpid()),
         ) as pool:
             # longest runs first, so the last worker is not left alone with a long pole
-            ordered = sorted(todo.values(), key=estimated_cost, reverse=True)
+            ordered = sorted(todo.values(), key=cost, reverse=True)
             futures = {pool.submit(_worker_run, c.to_dict()): c for c in ordered}
             try:
                 for fut in cf.as_completed(futures):
@@ -424,10 +485,10 @@ def _ray_init(ray, address: str | None, workers: int):
 
 
 def _run_ray(todo: dict[str, RunConfig], store: Store, workers: int, address: str | None,
-             on_done: Callable[[RunConfig, dict, bool], None] | None) -> None:
+             on_done: Callable[[RunConfig, dict, bool], None] | None, cost: Callable[[RunConfig], float]) -> None:
     """Train ``todo`` as Ray tasks; store each returned run here, in the driver, as it arrives."""
     ray = _import_ray()
-    ordered = sorted(todo.values(), key=estimated_cost, reverse=True)  # longest first, as the local pool
+    ordered = sorted(todo.values(), key=cost, reverse=True)  # longest first, as the local pool
     # the driver loads (and checks) each dataset once, exactly as train() would, and ships it
     datasets: dict[tuple, Dataset] = {}
     for c in ordered:
