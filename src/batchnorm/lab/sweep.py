@@ -256,10 +256,9 @@ def run_sweep(
                 on_done(c, _stored(store, h)["result"], True)
         elif h not in todo:
             todo[h] = c
-    if todo and cost is None:
-        cost = CostModel.of(store)
+    order: Callable[[RunConfig], float] = cost or (CostModel.of(store) if todo else estimated_cost)
     if todo and executor == "ray":
-        _run_ray(todo, store, workers, address, on_done, cost)
+        _run_ray(todo, store, workers, address, on_done, order)
     elif todo and (workers <= 1 or len(todo) == 1):
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -281,7 +280,7 @@ def run_sweep(
             initargs=(str(store.path), 1, os.getpid()),
         ) as pool:
             # longest runs first, so the last worker is not left alone with a long pole
-            ordered = sorted(todo.values(), key=cost, reverse=True)
+            ordered = sorted(todo.values(), key=order, reverse=True)
             futures = {pool.submit(_worker_run, c.to_dict()): c for c in ordered}
             try:
                 for fut in cf.as_completed(futures):
