@@ -253,3 +253,29 @@ def test_plain_progress_estimates_the_time_left_by_cost_not_by_count(monkeypatch
     assert lines[0] == "claims: 1/5 runs, 1m00s, eta 1m00s; last long", lines
     assert lines[1] == "claims: 2/5 runs, 1m10s, eta 1m10s; last reused", lines
     assert lines[3] == "claims: 4/5 runs, 1m30s, eta 0m18s; last b", lines
+
+
+def test_plain_progress_says_a_long_sweep_still_runs(monkeypatch):
+    """A sweep's first runs are its longest (~10 minutes in claims --full): in plain output a line says
+    it still runs when no run has finished for a while, and none comes after stop()."""
+    import time
+
+    from rich.console import Console
+
+    from batchnorm.lab import commands
+
+    monkeypatch.setattr(commands, "PLAIN_HEARTBEAT", 0.05)
+    monkeypatch.setattr(commands, "PLAIN_PROGRESS_EVERY", 0.0)
+    console = Console(record=True, force_terminal=False, width=200)
+    progress = commands._PlainProgress(console, "claims", 3, cost=30.0)
+    progress.start()
+    time.sleep(0.5)
+    progress.done("first", 10.0)
+    progress.stop()
+    time.sleep(0.2)
+    lines = console.export_text().splitlines()
+    assert lines and lines[0] == "claims: 0/3 runs, 0m00s; running", lines
+    assert sum(line == "claims: 0/3 runs, 0m00s; running" for line in lines) >= 2, lines
+    assert any(line.startswith("claims: 1/3 runs") and line.endswith("; last first") for line in lines), lines
+    time.sleep(0.3)
+    assert console.export_text().splitlines() == [], "a line after stop()"

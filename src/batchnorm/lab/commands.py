@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -109,33 +110,60 @@ def _model_label(model: str) -> str:
 
 #: Seconds between two progress lines when the output is not a terminal.
 PLAIN_PROGRESS_EVERY = 10.0
+#: Seconds without a finished run after which a plain progress line says the sweep is still running.
+PLAIN_HEARTBEAT = 60.0
 
 
 class _PlainProgress:
     """Progress as plain lines where the console is not a terminal (a log file, a pipe, CI): rich
     draws its bar only on a terminal, so a run of hours would otherwise print nothing until it ends.
-    One line per finished run, at most one every :data:`PLAIN_PROGRESS_EVERY` seconds, and the last."""
+    One line per finished run, at most one every :data:`PLAIN_PROGRESS_EVERY` seconds, and the last;
+    between :meth:`start` and :meth:`stop`, a line every :data:`PLAIN_HEARTBEAT` seconds in which no
+    run finished (sweeps start with their longest runs, ~10 minutes each in ``claims --full``)."""
 
     def __init__(self, console: Console, title: str, total: int, cost: float) -> None:
         self.console, self.title, self.total, self.cost = console, title, total, cost
-        self.count, self.done_cost, self.start, self.last = 0, 0.0, time.monotonic(), float("-inf")
+        self.count, self.done_cost, self.start_time, self.last = 0, 0.0, time.monotonic(), float("-inf")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def done(self, info: str, cost: float) -> None:
         """A run finished; ``cost``: its estimated seconds (:class:`~batchnorm.lab.sweep.CostModel`;
         0 for a run reused from the store)."""
-        self.count += 1
-        self.done_cost += cost
-        now = time.monotonic()
-        if self.console.is_terminal or (now - self.last < PLAIN_PROGRESS_EVERY and self.count < self.total):
-            return
+        with self._lock:
+            self.count += 1
+            self.done_cost += cost
+            now = time.monotonic()
+            if self.console.is_terminal or (now - self.last < PLAIN_PROGRESS_EVERY and self.count < self.total):
+                return
+            self._line(now, f"last {info}")
+
+    def _line(self, now: float, tail: str) -> None:
         self.last = now
         # the time left at the pace so far per unit of estimated cost: sweeps start with their longest
         # runs, so a count of runs would overestimate it several times over at first
         left = max(0.0, self.cost - self.done_cost)
-        eta = (f", eta {_duration((now - self.start) * left / self.done_cost)}"
+        eta = (f", eta {_duration((now - self.start_time) * left / self.done_cost)}"
                if self.count < self.total and self.done_cost > 0 else "")
-        self.console.print(f"{self.title}: {self.count}/{self.total} runs, {_duration(now - self.start)}{eta}; "
-                           f"last {info}", markup=False, highlight=False, soft_wrap=True)
+        self.console.print(f"{self.title}: {self.count}/{self.total} runs, {_duration(now - self.start_time)}{eta}; "
+                           f"{tail}", markup=False, highlight=False, soft_wrap=True)
+
+    def start(self) -> None:
+        """Say every :data:`PLAIN_HEARTBEAT` seconds without a line that the sweep still runs (plain output only)."""
+        if self.console.is_terminal:
+            return
+        self.last = time.monotonic()
+        threading.Thread(target=self._beat, daemon=True, name="batchnorm-progress").start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(PLAIN_HEARTBEAT, 5.0)):
+            with self._lock:
+                now = time.monotonic()
+                if now - self.last >= PLAIN_HEARTBEAT and self.count < self.total:
+                    self._line(now, "running")
 
 
 def _duration(seconds: float) -> str:
@@ -181,7 +209,12 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
                             description=escape(f"  {cfg.model}/{cfg.norm} lr {cfg.lr:g} seed {cfg.seed}"),
                             info=f"test {100 * last['test_acc']:.1f}%")
 
-            runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step, cost=cost, **opts)
+            lines.start()
+            try:
+                runs = run_sweep(configs, store, workers=workers, on_done=on_done, on_step=on_step, cost=cost,
+                                 **opts)
+            finally:
+                lines.stop()
     finally:
         store.close()
     return runs
