@@ -236,15 +236,8 @@ class Kernels:
                 self._loading.discard(dtype)
 
     def _spawn(self, dtype: str, entries: list[str]) -> subprocess.Popen:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])  # the directory holding the package
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        env["BATCHNORM_COMPILE"] = "wait"
-        return subprocess.Popen(
-            [sys.executable, "-m", "batchnorm.kernels._compile", self.module, dtype, str(os.getpid()), *entries],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            # not a Unix session of its own: see _run_in_background
-        )
+        return spawn_module("batchnorm.kernels._compile", [self.module, dtype, str(os.getpid()), *entries],
+                            BATCHNORM_COMPILE="wait")
 
     def _after_fork(self) -> None:
         """In a forked child: no thread of the parent exists here."""
@@ -257,6 +250,21 @@ class Kernels:
                 self._jobs.pop(dtype)
         self._loading.clear()
         self._procs.clear()
+
+
+def spawn_module(module: str, args: list[str], path_first: list[str] | None = None,
+                 **env_extra: str) -> subprocess.Popen:
+    """Start ``python -m module *args`` with this package importable (its directory first on
+    ``PYTHONPATH``), ``path_first`` ahead of ``PATH``, ``env_extra`` set, no stdin and no stdout.
+    The child is not a Unix session of its own: see :func:`_run_in_background`."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the package
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    if path_first:
+        env["PATH"] = os.pathsep.join([*path_first, *filter(None, [env.get("PATH")])])
+    env.update(env_extra)
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
 def _watch_parent(pid: int) -> None:

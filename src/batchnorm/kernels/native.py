@@ -181,15 +181,11 @@ class Native:
     @staticmethod
     def _build_elsewhere(directory: Path, name: str, background: bool) -> None:
         """Run the builder process and wait for it (the lowest CPU priority when ``background``)."""
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])  # the directory holding the package
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         # torch runs `ninja` from PATH: the one pip installed beside this Python first (a virtual
         # environment's bin directory is on PATH only when it is activated)
-        env["PATH"] = os.pathsep.join([*_ninja_dirs(), *filter(None, [env.get("PATH")])])
-        proc = subprocess.Popen([sys.executable, "-m", "batchnorm.kernels._build_native", str(directory), name,
-                                 str(os.getpid()), "background" if background else "wait"],
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        proc = _jit.spawn_module("batchnorm.kernels._build_native",
+                                 [str(directory), name, str(os.getpid()), "background" if background else "wait"],
+                                 path_first=_ninja_dirs())
         try:
             code = proc.wait(BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
