@@ -355,6 +355,9 @@ def _add_common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OU
     p.add_argument("--limit", type=_int_at_least(2), default=None,
                    help="use at most this many training examples (>= 2; default: all)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument("--plan", action="store_true",
+                   help="show the runs still to train and their estimated time, then stop without training or "
+                        "writing anything (claims: the current round; later rounds depend on its results)")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the HTML report")
     p.add_argument("--csv", type=_out_dir, default=None, metavar="DIR",
                    help="also write the command's tables as CSV files into DIR, and curves.csv (one row per run "

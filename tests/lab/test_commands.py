@@ -279,3 +279,36 @@ def test_plain_progress_says_a_long_sweep_still_runs(monkeypatch):
     assert any(line.startswith("claims: 1/3 runs") and line.endswith("; last first") for line in lines), lines
     time.sleep(0.3)
     assert console.export_text().splitlines() == [], "a line after stop()"
+
+
+def test_plan_shows_what_is_left_and_changes_nothing(tmp_path, capsys):
+    """``--plan``: the runs still to train and their estimated time, exit 0, nothing trained or written
+    (no store created in a fresh directory; an existing store byte for byte as it was)."""
+    out = tmp_path / "lab"
+    common = ["--model", "mlp", "--norms", "none,batchnorm", "--seeds", "0,1", "--steps", "4", "--limit", "200",
+              "--workers", "1", "--out", str(out)]
+    assert main(["compare", *common, "--plan", "--json"]) == 0
+    plan = _last_json(capsys)["plan"]
+    assert (plan["runs"], plan["to_train"], plan["stored"]) == (4, 4, 0) and not out.exists()
+    assert plan["groups"] == [{"dataset": "mnist1d", "model": "mlp", "runs": 4, "cpu_seconds": plan["cpu_seconds"]}]
+    assert plan["cpu_seconds"] > 0 and plan["wall_seconds"] == pytest.approx(plan["cpu_seconds"])  # one worker
+    assert main(["compare", *common[:3], "none", *common[4:], "--seeds", "0", "--no-report"]) == 0  # 1 run stored
+    capsys.readouterr()
+    before = (out / "lab.sqlite").read_bytes()
+    assert main(["compare", *common, "--plan", "--json", "--workers", "2"]) == 0
+    plan = _last_json(capsys)["plan"]
+    assert (plan["to_train"], plan["stored"], plan["workers"]) == (3, 1, 2)
+    assert plan["wall_seconds"] < plan["cpu_seconds"]  # two workers share the three runs
+    assert (out / "lab.sqlite").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["lab.sqlite"]
+    assert main(["claims", "--tiny", "--only", "accuracy", "--dataset", "mnist1d", "--out", str(out), "--plan",
+                 "--json"]) == 0
+    plan = _last_json(capsys)["plan"]
+    assert plan["title"] == "claims (tiny), round 1" and plan["to_train"] > 0
+    assert (out / "lab.sqlite").read_bytes() == before
+
+
+def test_makespan_of_longest_first():
+    from batchnorm.lab.commands import _makespan
+
+    assert _makespan([3.0, 5.0, 3.0, 4.0, 3.0], 2) == 10.0  # 5 | 4, then 3 each to the less loaded: 5+3 | 4+3+3
+    assert _makespan([1.0, 1.0], 1) == 2.0 and _makespan([], 3) == 0.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from batchnorm.lab.store import Store
-from batchnorm.lab.sweep import CostModel, estimated_cost, run_sweep
+from batchnorm.lab.sweep import MIN_RUN_SECONDS, CostModel, estimated_cost, run_sweep
 from batchnorm.lab.train import RunConfig, with_recipe
 
 
@@ -37,6 +37,17 @@ def test_stored_runs_like_it_give_the_seconds():
     assert CostModel()(lstm) == estimated_cost(lstm)
 
 
+def test_a_run_of_no_training_step_costs_what_such_runs_took():
+    """Probes at initialization (``steps=0``: build, one gradient, evaluate) cost the seconds stored runs
+    like them took, not zero; with none stored, at least MIN_RUN_SECONDS."""
+    init = RunConfig(model="deep-mlp", norm="batchnorm", steps=0, probes=("grad_norms",), model_kw={"depth": 100})
+    trained = _timing(init.replace(steps=2000), 40.0)
+    assert CostModel([trained])(init) == MIN_RUN_SECONDS
+    cost = CostModel([trained, _timing(init, 2.5, steps=0), _timing(init.replace(seed=1), 3.5, steps=0)])
+    assert cost(init.replace(seed=5)) == pytest.approx(3.0)
+    assert cost(init.replace(steps=1000)) == pytest.approx(20.0)  # a trained run still at its pace per step
+
+
 def test_a_store_lists_its_timings_and_a_sweep_asks_the_cost(tmp_path):
     """Store.timings() returns each run's configuration, seconds and steps; a sweep with workers starts
     its missing runs in the order of the cost it is given."""
@@ -53,3 +64,6 @@ def test_a_store_lists_its_timings_and_a_sweep_asks_the_cost(tmp_path):
 
     run_sweep(cfgs, store, workers=2, cost=cost)
     assert sorted(asked) == [1, 2] and store.count() == 3
+    at_init = RunConfig(model="mlp", steps=0, data_limit=200, probes=("grad_norms",))
+    run_sweep([at_init], store)
+    assert [(s > 0, n) for c, s, n in store.timings() if c["steps"] == 0] == [(True, 0)]  # listed, for its cost

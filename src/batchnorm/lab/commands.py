@@ -43,9 +43,49 @@ def _console(args) -> Console:
 
 
 def _store(args, check: bool = False):
+    from .store import Store
     from .sweep import open_store
 
+    if getattr(args, "plan", False) and not Path(_store_path(args)).exists():
+        return Store(":memory:")  # a plan changes nothing: no store file is created
     return open_store(args.out, args.store, check=check)
+
+
+class _PlanShown(Exception):
+    """``--plan``: the runs still to train were shown; the command stops before training any."""
+
+    def __init__(self, payload: dict) -> None:
+        super().__init__("plan shown")
+        self.payload = payload
+
+
+def _makespan(costs: list[float], workers: int) -> float:
+    """Wall time of ``costs`` started longest first on ``workers`` (each run to the least loaded worker)."""
+    loads = [0.0] * max(1, workers)
+    for c in sorted(costs, reverse=True):
+        loads[loads.index(min(loads))] += c
+    return max(loads)
+
+
+def _show_plan(console: Console, title: str, configs: list, new: dict, cost, workers: int) -> dict:
+    """What ``--plan`` prints: the runs still to train by data set and model, with their estimated time."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for c in new.values():
+        groups.setdefault((c.dataset, c.model), []).append(cost(c))
+    stored = len(configs) - len(new)
+    table = new_table(f"{title}: {len(new)} runs to train" + (f" ({stored} more are stored)" if stored else ""),
+                      ["dataset", "model", "runs", "CPU time"])
+    rows: list[dict] = []
+    for (ds, model), secs in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        table.add_row(ds, model, str(len(secs)), _duration(sum(secs)))
+        rows.append({"dataset": ds, "model": model, "runs": len(secs), "cpu_seconds": sum(secs)})
+    cpu = sum(sum(v) for v in groups.values())
+    wall = _makespan([x for v in groups.values() for x in v], workers)
+    console.print(table)
+    console.print(f"about {_duration(cpu)} of CPU time: {_duration(wall)} on {workers} worker(s), longest first "
+                  "(each run's time from the stored runs most like it). Nothing was trained.")
+    return {"plan": {"title": title, "runs": len(configs), "to_train": len(new), "stored": stored,
+                     "cpu_seconds": cpu, "wall_seconds": wall, "workers": workers, "groups": rows}}
 
 
 def _workers(args, n_todo: int) -> int:
@@ -183,6 +223,9 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
         new = {h: c for c in configs if not store.has(h := config_hash(c))}  # each key computed once
         todo = len(new)
         workers = _workers(args, todo)
+        cost = CostModel.of(store)  # seconds per run, from the stored runs most like it
+        if getattr(args, "plan", False):
+            raise _PlanShown(_show_plan(console, title, configs, new, cost, workers))
         # at most ~76 columns (readable on an 80-column terminal): the run's label and info are cut, not the counts
         fixed = Column(no_wrap=True)
         cols = [TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, max_width=22)),
@@ -194,7 +237,6 @@ def _run(args, configs, console: Console, title: str) -> list[dict]:
             step_task = prog.add_task("  current run", total=1, info="",
                                       visible=workers == 1 and todo > 0 and opts["executor"] == "local")
 
-            cost = CostModel.of(store)  # seconds per run, from the stored runs most like it
             lines = _PlainProgress(console, title, len(configs), sum(map(cost, new.values())))
 
             def on_done(cfg, result, reused):
@@ -279,6 +321,12 @@ def _guard(fn):
 
                 executor_options(args)
             return fn(args)
+        except _PlanShown as shown:
+            if getattr(args, "json", False):
+                from .report import clean_json
+
+                print(json.dumps(clean_json(shown.payload)), flush=True)
+            return 0
         except (DataUnavailable, DataError, StoreError) as exc:
             raise CommandError(str(exc)) from None
         except SweepError as exc:
@@ -510,9 +558,11 @@ def cmd_claims(args) -> int:
 
     # tuning runs first, then the runs at each arm's selected learning rate (one round per step of the grid)
     for rnd in range(1, 20):
-        with open_store(args.out, args.store) as store:
+        with _store(args) as store:
             need = plan_claims(args.mode, datasets, only, lambda c: store.get(key(c)), subject=subject)
         if not need:
+            if getattr(args, "plan", False):
+                raise _PlanShown(_show_plan(console, f"claims ({args.mode})", [], {}, None, 1))
             break
         runs = _run(args, need, console, f"claims ({args.mode}), round {rnd}")
         hashes.update(r["hash"] for r in runs)

@@ -215,7 +215,7 @@ class Store:
         """Every stored run's configuration, seconds of training and steps trained (sweeps' cost estimates)."""
         rows = self._conn.execute(
             "SELECT config, json_extract(result, '$.seconds'), json_extract(result, '$.steps') FROM runs")
-        return [(json.loads(c), float(sec), int(n)) for c, sec, n in rows if sec is not None and n]
+        return [(json.loads(c), float(sec), int(n)) for c, sec, n in rows if sec is not None and n is not None]
 
     def hashes(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT hash FROM runs ORDER BY created")]

@@ -163,6 +163,10 @@ STEP_SECONDS = {"logistic": 0.0005, "paper-mlp": 0.001, "seed-mlp": 0.001, "mlp"
                 "cnn2d": 0.015, "deep-mlp": 0.015, "resnet-mlp": 0.02, "resnet": 0.15, "lstm": 0.012}
 
 
+#: :class:`CostModel`'s least guess for a run unlike any stored one (one of no training step included).
+MIN_RUN_SECONDS = 1.0
+
+
 def estimated_cost(cfg: RunConfig) -> float:
     """A run's seconds as guessed from its configuration alone (:data:`STEP_SECONDS` per step, a norm
     costing 1.3x, 5x in the LSTM, where it normalizes every time step; probes 1.5x each; Fashion-MNIST's
@@ -197,8 +201,12 @@ class CostModel:
 
     def __init__(self, timings: Iterable[tuple[dict, float, int]] = ()) -> None:
         per_step: dict[str, list[float]] = {}
+        at_init: dict[str, list[float]] = {}  # runs of no training step (probes at initialization)
         ratios = []
         for cfg, seconds, steps in timings:
+            if seconds > 0 and steps <= 0 and not cfg.get("steps"):
+                for key in _cost_keys(cfg):
+                    at_init.setdefault(key, []).append(seconds)
             if seconds <= 0 or steps <= 0:
                 continue
             for key in _cost_keys(cfg):
@@ -210,6 +218,7 @@ class CostModel:
             planned = cfg.get("steps") or steps  # a run that diverged stopped early
             ratios.append(seconds / (guess * steps / planned))
         self._per_step = {k: float(np.median(v)) for k, v in per_step.items()}
+        self._at_init = {k: float(np.median(v)) for k, v in at_init.items()}
         self._scale = float(np.median(ratios)) if ratios else 1.0
 
     @classmethod
@@ -218,10 +227,14 @@ class CostModel:
 
     def __call__(self, cfg: RunConfig) -> float:
         full = with_recipe(cfg)
+        steps = recipe_fields(full).steps
         for key in _cost_keys(full.to_dict()):
-            if key in self._per_step:
-                return self._per_step[key] * recipe_fields(full).steps
-        return self._scale * estimated_cost(full)
+            if steps == 0 and key in self._at_init:
+                return self._at_init[key]
+            if steps > 0 and key in self._per_step:
+                return self._per_step[key] * steps
+        # building the model and evaluating it cost something even without a training step
+        return max(self._scale * estimated_cost(full), MIN_RUN_SECONDS)
 
 
 def run_sweep(
