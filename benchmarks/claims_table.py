@@ -5,7 +5,8 @@ line from a file (or stdin) and prints one row per claim: the claim with its eff
 minimum, the claim's verdict, and every condition's effect, unadjusted 95% interval and verdict::
 
     batchnorm claims --full --out claims-full --json > claims-full.log
-    python benchmarks/claims_table.py claims-full.log
+    python benchmarks/claims_table.py claims-full.log             # every condition (docs/lab.md)
+    python benchmarks/claims_table.py --summary claims-full.log   # a row per claim (README.md)
 """
 
 from __future__ import annotations
@@ -51,13 +52,28 @@ def markdown(payload: dict) -> str:
     return "\n".join(rows)
 
 
+def summary(payload: dict) -> str:
+    """README's short form: per claim its verdict and how many of its conditions got each verdict."""
+    rows = ["| claim | verdict | conditions supported / contradicted / inconclusive |", "|---|---|---|"]
+    for r in payload["claims"]:
+        counts = [sum(c["verdict"] == v for c in r["conditions"])
+                  for v in ("supported", "contradicted", "inconclusive")]
+        rows.append(f"| {r['claim']} | **{r['verdict']}** | {' / '.join(map(str, counts))} |")
+    n = sum(len(r["conditions"]) for r in payload["claims"])
+    rows.append("")
+    rows.append(f"{len(payload['claims'])} claims, {n} conditions, `--{payload['mode']}`.")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("log", nargs="?", help="the output of `batchnorm claims --json` (default: stdin)")
+    ap.add_argument("--summary", action="store_true",
+                    help="one row per claim: its verdict and its conditions' verdicts counted (README's table)")
     args = ap.parse_args(argv)
     text = open(args.log, encoding="utf-8").read() if args.log else sys.stdin.read()
     try:
-        print(markdown(last_json(text)))
+        print((summary if args.summary else markdown)(last_json(text)))
     except (ValueError, KeyError) as exc:
         print(f"claims_table: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,16 @@ def test_the_table_has_a_row_per_claim_and_every_condition(tmp_path):
     assert lines[-1] == "1 claims, 2 conditions, `--full`."
 
 
+def test_the_summary_counts_each_claims_verdicts(tmp_path, capsys):
+    log = tmp_path / "claims.log"
+    log.write_text(json.dumps(_payload()) + "\n", encoding="utf-8")
+    assert claims_table.main(["--summary", str(log)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| claim | verdict | conditions supported / contradicted / inconclusive |"
+    assert lines[2] == "| BN improves accuracy | **depends** | 0 / 1 / 1 |"
+    assert lines[-1] == "1 claims, 2 conditions, `--full`."
+
+
 def test_no_result_line_is_an_error_not_a_traceback(tmp_path, capsys):
     log = tmp_path / "claims.log"
     log.write_text("claims (full), round 1: 3/1968 runs\n{not json\n", encoding="utf-8")
