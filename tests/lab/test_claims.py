@@ -111,6 +111,33 @@ def test_faster_claim_with_a_target_never_reached_is_censored_not_imputed():
     assert e.lo == pytest.approx(math.log2(100 / 20)) and e.hi == math.inf
 
 
+def test_steps_to_a_target_are_known_to_one_evaluation_interval():
+    """Without BN the target is first seen at step 40 (step 30 was below it), with BN at step 20 (step 10
+    below): the speed-up lies between log2(30/20) and log2(40/10), not at log2(40/20)."""
+    from batchnorm.lab.claims import SeedRuns
+    from batchnorm.lab.experiments import _speedup
+
+    none = _run(RunConfig(norm="none"), val=0.6, test=0.6, curve=[0.1, 0.2, 0.3, 0.4, 0.55] + [0.6] * 6)
+    bn = _run(RunConfig(norm="batchnorm"), val=0.6, test=0.6, curve=[0.1, 0.2, 0.55] + [0.6] * 8)
+    e = _speedup(SeedRuns({"none": [none], "batchnorm": [bn]}), 0.5)
+    assert (e.lo, e.hi) == (pytest.approx(math.log2(30 / 20)), pytest.approx(math.log2(40 / 10)))
+
+
+def test_both_arms_at_the_target_by_the_first_evaluation_is_inconclusive_not_contradicted():
+    """Both arms already at the target at the first evaluation, in every seed: the evaluations cannot
+    tell which was faster. On Fashion-MNIST (`claims --full`, shared lr 0.01) this read as an effect of
+    exactly 0 with a zero-width interval, "contradicted"; it is no evidence either way."""
+    def get(cfg):
+        if cfg.model != "mlp" or cfg.probes != ("inference", "recalibrate"):
+            return None
+        return _run(cfg, val=0.8, test=0.7, curve=[0.05] + [0.8] * 10, seed_noise=0.01)
+
+    res = C.analyze_claims(get, "quick", ["mnist1d"], ["faster"])[0]
+    for cond in res["conditions"]:
+        assert cond["n_seeds"] == 5 and cond["ci95"] == [-math.inf, math.inf], cond["condition"]
+        assert cond["verdict"] == "inconclusive"
+
+
 def test_holm_across_the_run():
     """The same marginal evidence is supported alone and not inside a run of many conditions."""
     def get(cfg):
@@ -130,15 +157,28 @@ def test_holm_across_the_run():
 
 
 def test_learning_rate_claim():
-    """Without BN runs diverge above lr 0.3, with BN above 3: effect log10(3/0.3) = 1 per seed."""
+    """Without BN runs diverge above lr 0.3, with BN above 3: on the grid (.., 0.3, 0.5, .., 3, 5, ..) the
+    largest stable LRs lie in [0.3, 0.5) and [3, 5), so the effect lies in [log10(3/0.5), log10(5/0.3)]
+    per seed; its lower end, 0.78, reaches the claimed 0.4."""
     def get(cfg):
         limit = 0.3 if cfg.norm == "none" else 3.0
         return _run(cfg, val=0.1 if cfg.lr > limit else 0.6, test=0.5, diverged=cfg.lr > limit)
 
     res = C.analyze_claims(get, "quick", ["mnist1d"], ["higher-lr"])[0]
     (c,) = res["conditions"]
-    assert c["effects"] == pytest.approx([1.0] * 5) and c["verdict"] == "supported"
+    assert c["effects"] == [[pytest.approx(math.log10(3 / 0.5)), pytest.approx(math.log10(5 / 0.3))]] * 5
+    assert c["effect"] == pytest.approx(math.log10(6)) and c["verdict"] == "supported"
     assert c["resampled"] == "seeds"
+
+
+def test_the_learning_rate_grid_resolves_the_claimed_effect():
+    """Neighbouring learning rates of the higher-LR grid at most 0.3 decades apart (the claimed effect is
+    0.4: equal largest stable LRs must be able to rule it out), from 0.01 to 1000."""
+    from batchnorm.lab.experiments import LR_GRID
+
+    steps = np.diff(np.log10(LR_GRID))
+    assert LR_GRID[0] == 0.01 and LR_GRID[-1] == 1000 and np.all(steps > 0) and steps.max() <= 0.302
+    assert {0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0} <= set(LR_GRID)  # runs stored at the old grid stay in use
 
 
 def test_plans_cover_every_claim_on_both_datasets():

@@ -29,8 +29,9 @@ BUDGET: dict[str, Budget] = {
              "full_conditions": True},
 }
 
-#: The learning rates of the higher-LR claim (SGD).
-LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+#: The learning rates of the higher-LR claim (SGD): 1, 2, 3, 5 per decade, so that the largest stable LR is
+#: known to within 0.3 decades, finer than the claimed effect (0.4), from 0.01 up to where BN diverges too.
+LR_GRID = tuple(round(m * 10.0**e, 10) for e in range(-2, 3) for m in (1, 2, 3, 5)) + (1000.0,)
 #: Models' probes that are cheap and read after training: every accuracy run carries them, so that the
 #: accuracy, convergence, regularization and inference claims share their runs.
 _AFTER = ("inference", "recalibrate")
@@ -62,27 +63,37 @@ def _acc_detail(*arms: str):
 # C1 faster convergence ---------------------------------------------------------------------------------
 
 
-def _reach(run: dict, target: float) -> tuple[float, float | None]:
-    """(steps, seconds) to ``target`` validation accuracy; steps is ``inf`` when not reached."""
+def _reach(run: dict, target: float) -> tuple[float, float, float | None]:
+    """``(after, by, seconds)``: the target validation accuracy was first reached after step ``after`` (the
+    last evaluation before, below it) and by step ``by`` (the first evaluation at or above it), ``seconds``
+    into training; ``(budget, inf, None)`` when it was never reached."""
+    steps = run["curves"]["step"]
     s = steps_to(run["curves"], "val_acc", target)
     if s is None:
-        return math.inf, None
-    i = run["curves"]["step"].index(s)
-    return float(s), float(run["curves"]["seconds"][i])
+        return float(run["result"]["steps"]), math.inf, None
+    i = steps.index(s)
+    return float(steps[i - 1]) if i > 0 else 0.0, float(s), float(run["curves"]["seconds"][i])
+
+
+def _bracketed_log_ratio(num: tuple[float, float], den: tuple[float, float], log=math.log2) -> float | Censored:
+    """``log(a / b)`` for ``a`` known only to lie in ``num = (lo, hi)`` and ``b`` in ``den``: the interval
+    of every ratio the brackets allow (an end is infinite where a bracket reaches 0 or infinity), a number
+    only when both are exact. A quantity measured on a grid (a step count at the evaluations, a learning
+    rate on the grid) is known to the grid's resolution, and the effect then says no more than that."""
+    lo = log(num[0] / den[1]) if num[0] > 0 and math.isfinite(den[1]) else -math.inf
+    hi = log(num[1] / den[0]) if den[0] > 0 and math.isfinite(num[1]) else math.inf
+    if num[0] == num[1] and den[0] == den[1] and math.isfinite(lo) and math.isfinite(hi):
+        return lo
+    return Censored(lo, hi)
 
 
 def _speedup(R: SeedRuns, target: float | None):
-    """log2(steps without BN / steps with BN) to the target; a target one arm never reached makes the effect
-    an interval (that arm's steps exceed its budget), never an imputed number."""
+    """log2(steps without BN / steps with BN) to the target, each arm's steps known to one evaluation
+    interval (a target reached at the first evaluation: in (0, first]; never reached: beyond the budget):
+    an interval, never an imputed number."""
     t = target if target is not None else _relative_target(R)
-    s0, _ = _reach(R.run("none"), t)
-    s1, _ = _reach(R.run("batchnorm"), t)
-    budget0, budget1 = R.result("none")["steps"], R.result("batchnorm")["steps"]
-    if math.isfinite(s0) and math.isfinite(s1):
-        return math.log2(max(s0, 1) / max(s1, 1))
-    lo = math.log2(max(budget0, 1) / max(s1, 1)) if math.isfinite(s1) else -math.inf
-    hi = math.log2(max(s0, 1) / max(budget1, 1)) if math.isfinite(s0) else math.inf
-    return Censored(lo, hi)
+    s0, s1 = _reach(R.run("none"), t)[:2], _reach(R.run("batchnorm"), t)[:2]
+    return _bracketed_log_ratio(s0, s1)
 
 
 def _relative_target(R: SeedRuns) -> float:
@@ -93,10 +104,10 @@ def _relative_target(R: SeedRuns) -> float:
 def _speed_detail(target: float | None):
     def det(R):
         t = target if target is not None else _relative_target(R)
-        (s0, w0), (s1, w1) = _reach(R.run("none"), t), _reach(R.run("batchnorm"), t)
+        (a0, s0, w0), (a1, s1, w1) = _reach(R.run("none"), t), _reach(R.run("batchnorm"), t)
         return {"target_val_acc": t, "steps_none": s0 if math.isfinite(s0) else None,
-                "steps_bn": s1 if math.isfinite(s1) else None, "seconds_none": w0, "seconds_bn": w1,
-                "resolution_steps": R.result("none")["eval_every"]}
+                "steps_bn": s1 if math.isfinite(s1) else None, "after_none": a0, "after_bn": a1,
+                "seconds_none": w0, "seconds_bn": w1, "resolution_steps": R.result("none")["eval_every"]}
     return det
 
 
@@ -123,6 +134,21 @@ def _max_stable_lr(R: SeedRuns, arm: str, chance: float = 0.1) -> float:
     return max(ok) if ok else min(LR_GRID) / 3.0
 
 
+def _stable_bracket(R: SeedRuns, arm: str) -> tuple[float, float]:
+    """Where the largest stable learning rate lies: from the largest stable one of the grid up to the next
+    value of the grid (0 to the grid's first value when none is stable, unbounded above its last)."""
+    m = _max_stable_lr(R, arm)
+    if m < min(LR_GRID):
+        return 0.0, min(LR_GRID)
+    above = [lr for lr in LR_GRID if lr > m]
+    return m, min(above) if above else math.inf
+
+
+def _lr_gain(R: SeedRuns) -> float | Censored:
+    """log10(largest stable LR with BN / without), each known to one step of the grid."""
+    return _bracketed_log_ratio(_stable_bracket(R, "batchnorm"), _stable_bracket(R, "none"), math.log10)
+
+
 def _c2(mode, ds):
     models = ("mlp", "paper-mlp") if BUDGET[mode]["full_conditions"] else ("mlp",)
     conds = []
@@ -131,7 +157,7 @@ def _c2(mode, ds):
         arms = {n: [cfg.replace(norm=n, lr=lr) for lr in LR_GRID] for n in ("none", "batchnorm")}
         conds.append(Condition(
             f"{model}, SGD, LR grid {LR_GRID[0]:g}..{LR_GRID[-1]:g}", ds, arms,
-            lambda R: math.log10(_max_stable_lr(R, "batchnorm") / _max_stable_lr(R, "none")),
+            _lr_gain,
             lambda R: {"max_lr_none": _max_stable_lr(R, "none"), "max_lr_bn": _max_stable_lr(R, "batchnorm")},
             reads_test=False, lr_note="the claim's grid, every LR for every arm"))
     return conds
