@@ -121,6 +121,9 @@ def test_steps_to_a_target_are_known_to_one_evaluation_interval():
     bn = _run(RunConfig(norm="batchnorm"), val=0.6, test=0.6, curve=[0.1, 0.2, 0.55] + [0.6] * 8)
     e = _speedup(SeedRuns({"none": [none], "batchnorm": [bn]}), 0.5)
     assert (e.lo, e.hi) == (pytest.approx(math.log2(30 / 20)), pytest.approx(math.log2(40 / 10)))
+    at_init = _run(RunConfig(norm="none"), val=0.6, test=0.6, curve=[0.6] * 11)  # at the target before training
+    e = _speedup(SeedRuns({"none": [at_init], "batchnorm": [bn]}), 0.5)
+    assert (e.lo, e.hi) == (-math.inf, pytest.approx(math.log2(1 / 10)))
 
 
 def test_both_arms_at_the_target_by_the_first_evaluation_is_inconclusive_not_contradicted():

@@ -66,13 +66,13 @@ def _acc_detail(*arms: str):
 def _reach(run: dict, target: float) -> tuple[float, float, float | None]:
     """``(after, by, seconds)``: the target validation accuracy was first reached after step ``after`` (the
     last evaluation before, below it) and by step ``by`` (the first evaluation at or above it), ``seconds``
-    into training; ``(budget, inf, None)`` when it was never reached."""
+    into training; ``(budget, inf, None)`` when it was never reached (at initialization: by step 1)."""
     steps = run["curves"]["step"]
     s = steps_to(run["curves"], "val_acc", target)
     if s is None:
         return float(run["result"]["steps"]), math.inf, None
     i = steps.index(s)
-    return float(steps[i - 1]) if i > 0 else 0.0, float(s), float(run["curves"]["seconds"][i])
+    return float(steps[i - 1]) if i > 0 else 0.0, max(float(s), 1.0), float(run["curves"]["seconds"][i])
 
 
 def _bracketed_log_ratio(num: tuple[float, float], den: tuple[float, float], log=math.log2) -> float | Censored:
