@@ -486,7 +486,7 @@ def _add_lab_commands(sub) -> dict[str, argparse.ArgumentParser]:
                          "batchnorm claims --only faster,accuracy --model mypkg.models:build --dataset data.npz"))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                   help="5 seeds, the main conditions (the default; about 20 min on 2 idle cores)")
+                   help="5 seeds, the main conditions (the default; 9-17 min on 2 idle cores)")
     g.add_argument("--full", dest="mode", action="store_const", const="full",
                    help="10 seeds, every condition, longer and deeper (hours)")
     g.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="smoke test (seconds)")
