@@ -40,29 +40,31 @@ def condition_cell(c: dict) -> str:
             f"{c['verdict']}")
 
 
-def markdown(payload: dict) -> str:
-    rows = ["| claim | verdict | conditions: effect [95% CI], verdict |", "|---|---|---|"]
+def _table(payload: dict, header: str, cell) -> str:
+    """A row per claim (its name from ``cell(claim)``, its verdict, the rest of the row), then a count line."""
+    rows = [f"| claim | verdict | {header} |", "|---|---|---|"]
     for r in payload["claims"]:
-        claim = f"{r['claim']} ({r['unit']}; claimed ≥ {r['min_effect']:g})"
-        cells = "<br>".join(condition_cell(c) for c in r["conditions"])
-        rows.append(f"| {claim} | **{r['verdict']}** | {cells} |")
+        name, rest = cell(r)
+        rows.append(f"| {name} | **{r['verdict']}** | {rest} |")
     n = sum(len(r["conditions"]) for r in payload["claims"])
-    rows.append("")
-    rows.append(f"{len(payload['claims'])} claims, {n} conditions, `--{payload['mode']}`.")
+    rows += ["", f"{len(payload['claims'])} claims, {n} conditions, `--{payload['mode']}`."]
     return "\n".join(rows)
+
+
+def markdown(payload: dict) -> str:
+    """Every condition's effect, interval and verdict (docs/lab.md's table)."""
+    return _table(payload, "conditions: effect [95% CI], verdict",
+                  lambda r: (f"{r['claim']} ({r['unit']}; claimed ≥ {r['min_effect']:g})",
+                             "<br>".join(condition_cell(c) for c in r["conditions"])))
 
 
 def summary(payload: dict) -> str:
     """README's short form: per claim its verdict and how many of its conditions got each verdict."""
-    rows = ["| claim | verdict | conditions supported / contradicted / inconclusive |", "|---|---|---|"]
-    for r in payload["claims"]:
-        counts = [sum(c["verdict"] == v for c in r["conditions"])
-                  for v in ("supported", "contradicted", "inconclusive")]
-        rows.append(f"| {r['claim']} | **{r['verdict']}** | {' / '.join(map(str, counts))} |")
-    n = sum(len(r["conditions"]) for r in payload["claims"])
-    rows.append("")
-    rows.append(f"{len(payload['claims'])} claims, {n} conditions, `--{payload['mode']}`.")
-    return "\n".join(rows)
+    def counts(r):
+        n = [sum(c["verdict"] == v for c in r["conditions"]) for v in ("supported", "contradicted", "inconclusive")]
+        return r["claim"], " / ".join(map(str, n))
+
+    return _table(payload, "conditions supported / contradicted / inconclusive", counts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,15 +75,13 @@ def _reach(run: dict, target: float) -> tuple[float, float, float | None]:
     return float(steps[i - 1]) if i > 0 else 0.0, max(float(s), 1.0), float(run["curves"]["seconds"][i])
 
 
-def _bracketed_log_ratio(num: tuple[float, float], den: tuple[float, float], log=math.log2) -> float | Censored:
+def _bracketed_log_ratio(num: tuple[float, float], den: tuple[float, float], log=math.log2) -> Censored:
     """``log(a / b)`` for ``a`` known only to lie in ``num = (lo, hi)`` and ``b`` in ``den``: the interval
-    of every ratio the brackets allow (an end is infinite where a bracket reaches 0 or infinity), a number
-    only when both are exact. A quantity measured on a grid (a step count at the evaluations, a learning
-    rate on the grid) is known to the grid's resolution, and the effect then says no more than that."""
+    of every ratio the brackets allow (an end is infinite where a bracket reaches 0 or infinity). A
+    quantity measured on a grid (a step count at the evaluations, a learning rate on the grid) is known
+    to the grid's resolution, and the effect then says no more than that."""
     lo = log(num[0] / den[1]) if num[0] > 0 and math.isfinite(den[1]) else -math.inf
     hi = log(num[1] / den[0]) if den[0] > 0 and math.isfinite(num[1]) else math.inf
-    if num[0] == num[1] and den[0] == den[1] and math.isfinite(lo) and math.isfinite(hi):
-        return lo
     return Censored(lo, hi)
 
 
@@ -144,7 +142,7 @@ def _stable_bracket(R: SeedRuns, arm: str) -> tuple[float, float]:
     return m, min(above) if above else math.inf
 
 
-def _lr_gain(R: SeedRuns) -> float | Censored:
+def _lr_gain(R: SeedRuns) -> Censored:
     """log10(largest stable LR with BN / without), each known to one step of the grid."""
     return _bracketed_log_ratio(_stable_bracket(R, "batchnorm"), _stable_bracket(R, "none"), math.log10)
 
